@@ -1,0 +1,196 @@
+"""Collapse curves: metrics tables -> one figure of panels (Papyan, Han & Donoho, PNAS 2020).
+
+Usage::
+
+    plot_runs([analyze("runs/a"), "runs/b/metrics.csv"], Path("collapse.png"))
+
+Plots read only the long-format tables that :func:`nctools.analysis.analyze` writes
+(columns ``run, dataset, arch, epoch, split, metric, value, tpt_onset_epoch``), never
+tensors. One panel per quantity of the paper's Figs. 1-7 plus the ETF distance of
+Zhu et al. (NeurIPS 2021); train solid, test dashed, one colour per run, a dotted
+vertical line at each run's onset of the terminal phase of training (TPT).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from nctools.errors import NctoolsError
+
+FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
+SPLIT_STYLES = {"train": "-", "test": "--"}
+# A panel switches to a log y-axis when its positive data span at least this ratio.
+LOG_SPAN = 10.0
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One subplot: a metric of the table, how to show it and which splits to draw."""
+
+    title: str
+    ylabel: str
+    metric: str
+    splits: tuple[str, ...] = ("train", "test")
+    transform: Callable[[np.ndarray], np.ndarray] | None = None
+
+
+# Classifier-only quantities are the same on both splits, so they are drawn once.
+_W = ("train",)
+PANELS: tuple[Panel, ...] = (
+    Panel("Training and test error", "error (1 − accuracy)", "accuracy",
+          transform=lambda v: 1.0 - v),
+    Panel("NC1: within-class variability Tr(Σ_W Σ_B⁺)/C", "Tr(Σ_W Σ_B⁺)/C", "nc1"),
+    Panel("NC2: equinorm of class means", "std‖μ_c − μ_G‖ / mean", "equinorm_means"),
+    Panel("NC2: equinorm of classifiers", "std‖w_c‖ / mean", "equinorm_weights", _W),
+    Panel("NC2: equiangularity of class means", "std cos(μ_c, μ_c′)", "equiangular_means"),
+    Panel("NC2: equiangularity of classifiers", "std cos(w_c, w_c′)", "equiangular_weights", _W),
+    Panel("NC2: max-angle of class means", "mean |cos(μ_c, μ_c′) + 1/(C−1)|",
+          "maxangle_means"),
+    Panel("NC2: max-angle of classifiers", "mean |cos(w_c, w_c′) + 1/(C−1)|",
+          "maxangle_weights", _W),
+    Panel("NC3: self-duality", "‖W/‖W‖ − M̃/‖M̃‖‖²", "self_duality"),
+    Panel("NC4: NCC mismatch", "fraction of samples", "ncc_mismatch"),
+    Panel("NC2: distance to simplex ETF, class means", "‖G/‖G‖ − ETF‖", "etf_means"),
+    Panel("NC2: distance to simplex ETF, classifiers", "‖G/‖G‖ − ETF‖", "etf_weights", _W),
+)
+NCOLS = 4
+
+
+def _read(table: pd.DataFrame | str | Path) -> pd.DataFrame:
+    if isinstance(table, pd.DataFrame):
+        return table
+    path = Path(table)
+    if not path.is_file():
+        raise NctoolsError(f"no metrics table at {path} (write one with `nctools analyze RUN`)")
+    return pd.read_csv(path, float_precision="round_trip")
+
+
+def _runs(tables: Sequence[pd.DataFrame | str | Path] | pd.DataFrame | str | Path):
+    """Split the input into one (label, frame) per run; labels say dataset / arch."""
+    if isinstance(tables, (pd.DataFrame, str, Path)):
+        tables = [tables]
+    groups: list[tuple[str, str, pd.DataFrame]] = []  # (dataset / arch, run, rows)
+    for i, table in enumerate(tables):
+        df = _read(table)
+        missing = {"epoch", "split", "metric", "value"} - set(df.columns)
+        if missing:
+            raise NctoolsError(f"metrics table {i} lacks the columns {sorted(missing)}")
+        runs = df["run"] if "run" in df.columns else pd.Series(f"run{i}", index=df.index)
+        for run, rows in df.groupby(runs.astype(str), sort=False):
+            first = rows.iloc[0]
+            label = f"{first.get('dataset', '?')} / {first.get('arch', '?')}"
+            groups.append((label, run, rows))
+    labels = [g[0] for g in groups]
+    # Two runs of the same dataset and network (seeds, settings) need their names too.
+    return [
+        (f"{label} ({run})" if labels.count(label) > 1 else label, rows)
+        for label, run, rows in groups
+    ]
+
+
+def _onset(rows: pd.DataFrame) -> float | None:
+    if "tpt_onset_epoch" not in rows.columns:
+        return None
+    onset = pd.to_numeric(rows["tpt_onset_epoch"], errors="coerce").dropna()
+    return float(onset.iloc[0]) if len(onset) else None
+
+
+def _draw_panel(ax, panel: Panel, runs, colors) -> None:
+    plotted: list[np.ndarray] = []
+    for (_label, rows), color in zip(runs, colors, strict=True):
+        for split in panel.splits:
+            sel = rows[(rows["metric"] == panel.metric) & (rows["split"] == split)]
+            sel = sel.sort_values("epoch")
+            if sel.empty:
+                continue
+            y = sel["value"].to_numpy(dtype=float)
+            if panel.transform is not None:
+                y = panel.transform(y)
+            ax.plot(sel["epoch"].to_numpy(), y, SPLIT_STYLES.get(split, "-."), color=color,
+                    marker="o", markersize=2.5, linewidth=1.2)
+            plotted.append(y)
+        onset = _onset(rows)
+        if onset is not None:
+            ax.axvline(onset, color=color, linestyle=":", linewidth=1.0)
+    ax.set_title(panel.title, fontsize=9)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(panel.ylabel, fontsize=8)
+    ax.grid(True, alpha=0.3)
+    if not plotted:
+        ax.text(0.5, 0.5, f"no `{panel.metric}` in the table", ha="center", va="center",
+                transform=ax.transAxes, fontsize=8, color="gray")
+        return
+    values = np.concatenate(plotted)
+    values = values[np.isfinite(values)]
+    if len(values) and values.min() > 0 and values.max() / values.min() >= LOG_SPAN:
+        ax.set_yscale("log")
+
+
+def collapse_figure(
+    tables: Sequence[pd.DataFrame | str | Path] | pd.DataFrame | str | Path,
+) -> Figure:
+    """The collapse curves of one or several runs as a Figure of ``len(PANELS)`` panels.
+
+    ``tables``: metrics tables (DataFrames or ``metrics.csv`` paths) in the long format of
+    :func:`nctools.analysis.analyze`; several runs may share one table (``run`` column).
+    """
+    runs = _runs(tables)
+    if not runs:
+        raise NctoolsError("nothing to plot: the metrics tables are empty")
+    colors = [matplotlib.colormaps["tab10"](i % 10) for i in range(len(runs))]
+    nrows = -(-len(PANELS) // NCOLS)
+    # A bare Figure on the Agg canvas, not pyplot: no display is needed, no window opens
+    # and nothing stays registered with pyplot after the figure is dropped.
+    fig = Figure(figsize=(4.2 * NCOLS, 3.3 * nrows + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, NCOLS, squeeze=False).ravel()
+    for ax, panel in zip(axes, PANELS, strict=False):
+        _draw_panel(ax, panel, runs, colors)
+    for ax in axes[len(PANELS):]:
+        ax.remove()
+    handles = [Line2D([], [], color=c, linewidth=2, label=label)
+               for (label, _), c in zip(runs, colors, strict=True)]
+    handles += [Line2D([], [], color="black", linestyle=SPLIT_STYLES["train"], label="train"),
+                Line2D([], [], color="black", linestyle=SPLIT_STYLES["test"], label="test"),
+                Line2D([], [], color="black", linestyle=":", label="TPT onset")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6),
+               fontsize=9)
+    return fig
+
+
+def figure_format(out: str | Path) -> str:
+    """The matplotlib format for ``out`` from its extension; an unknown one is an error."""
+    suffix = Path(out).suffix.lower()
+    if suffix not in FORMATS:
+        raise NctoolsError(
+            f"cannot save a figure as {out}: unknown extension {suffix or '(none)'!r}; "
+            f"use one of {', '.join(FORMATS)}"
+        )
+    return FORMATS[suffix]
+
+
+def plot_runs(
+    tables: Sequence[pd.DataFrame | str | Path] | pd.DataFrame | str | Path,
+    out: str | Path,
+) -> Path:
+    """Draw :func:`collapse_figure` and save it atomically to ``out`` (.png, .pdf or .svg)."""
+    from nctools.store import atomic_write_bytes
+
+    out = Path(out)
+    fmt = figure_format(out)  # fail before the (slow) drawing
+    fig = collapse_figure(tables)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=150)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, buf.getvalue())
+    return out
