@@ -11,7 +11,9 @@ Public API (stable names)::
 
 # Imported eagerly: ``nctools.measure`` and ``nctools.train`` are both a module and a
 # function, and only an eager ``from ... import`` makes the function win reliably.
+from nctools.measure import measure
+from nctools.stats import ClassStats
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["ClassStats", "__version__", "measure"]

@@ -1,0 +1,312 @@
+"""`measure`: every NC1-NC4 metric of METRICS.md from features, labels and a classifier.
+
+Usage::
+
+    from nctools import measure
+    metrics = measure(features, labels, weight, bias)   # dict of METRICS.md keys -> float
+
+Two streaming passes over the features, in float64 chunks so memory stays within about
+twice the features' own size: the first gathers class counts and means; the second
+re-centres every sample on its exact class mean, keeps Sigma_W only along the <= C - 1
+eigenvectors of Sigma_B (all NC1 needs; no D x D inverse), and tallies the classifier
+and nearest-class-centre decisions (NC4). The same passes run on chunks streamed from
+disk (`measure_chunks`) and across processes (``group``), where the statistics are
+summed with ``torch.distributed.all_reduce``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from nctools import metrics
+from nctools.stats import ClassStats
+
+F64 = torch.float64
+CHUNK_ELEMENTS = 1 << 22  # float64 elements per (rows, D + 2C) working block: 32 MiB
+
+METRIC_KEYS = (
+    "nc1", "nc1_ratio", "cdnv",
+    "equinorm_means", "equinorm_weights", "equiangular_means", "equiangular_weights",
+    "maxangle_means", "maxangle_weights", "etf_means", "etf_weights",
+    "self_duality",
+    "ncc_mismatch", "accuracy", "ncc_accuracy",
+)  # fmt: skip
+
+Chunks = Callable[[], Iterable[tuple[Tensor, Tensor]]]
+
+
+def measure(
+    features: Tensor | np.ndarray,
+    labels: Tensor | np.ndarray,
+    weight: Tensor | np.ndarray,
+    bias: Tensor | np.ndarray | None = None,
+    num_classes: int | None = None,
+    class_means: Tensor | np.ndarray | None = None,
+) -> dict[str, float]:
+    """Neural-collapse metrics (Papyan, Han & Donoho, PNAS 2020) of one set of features.
+
+    Args:
+        features: (N, D) penultimate-layer activations, float16/bfloat16/float32/float64,
+            CPU or CUDA (the computation runs on their device, in float64).
+        labels: (N,) integers in [0, C).
+        weight: (C, D) last-layer classifier rows w_c.
+        bias: (C,) classifier bias, zero if None.
+        num_classes: C; defaults to weight's row count and must agree with it.
+        class_means: optional (C, D) means from another split (e.g. the training set):
+            NC4 and ``ncc_accuracy`` then use them (METRICS.md, "On other data").
+
+    Returns:
+        dict with exactly the keys ``METRIC_KEYS`` (METRICS.md), as Python floats.
+
+    Raises:
+        ValueError naming the argument: mismatched lengths, labels outside [0, C), a
+        weight of the wrong shape, NaN or Inf, an empty class, C < 2, empty input.
+    """
+    features = _as_tensor("features", features)
+    labels = _as_tensor("labels", labels)
+    if features.ndim != 2:
+        raise ValueError(f"features must be 2-D (N, D), got shape {tuple(features.shape)}")
+    if features.shape[0] == 0 or features.shape[1] == 0:
+        raise ValueError(f"features is empty (shape {tuple(features.shape)})")
+    if labels.ndim != 1 or labels.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"labels has shape {tuple(labels.shape)} but features has {features.shape[0]} rows"
+        )
+    weight = _as_tensor("weight", weight)
+    if weight.ndim != 2 or weight.shape[1] != features.shape[1]:
+        raise ValueError(
+            f"weight must have shape (C, D) with D = {features.shape[1]} (the features' "
+            f"width), got {tuple(weight.shape)}"
+        )
+    rows = _chunk_rows(features.shape[1], weight.shape[0])
+
+    def chunks() -> Iterator[tuple[Tensor, Tensor]]:
+        for start in range(0, features.shape[0], rows):
+            yield features[start : start + rows], labels[start : start + rows]
+
+    return measure_chunks(chunks, weight, bias, num_classes, class_means, device=features.device)
+
+
+def measure_chunks(
+    chunks: Chunks,
+    weight: Tensor | np.ndarray,
+    bias: Tensor | np.ndarray | None = None,
+    num_classes: int | None = None,
+    class_means: Tensor | np.ndarray | None = None,
+    device: torch.device | str | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> dict[str, float]:
+    """`measure` over features that arrive in chunks, possibly sharded across processes.
+
+    Args:
+        chunks: a callable returning a fresh iterable of ``(features (n, D), labels (n,))``;
+            it is called twice (two passes). Under torch.distributed each process passes
+            the chunks of its own shard and every process gets the metrics of the union.
+        weight, bias, num_classes, class_means: as in :func:`measure`.
+        device: where the statistics live (default: the classifier's device).
+        group: the process group to reduce over when torch.distributed is initialised.
+    """
+    weight64, bias64, num_classes = _classifier(weight, bias, num_classes, device)
+    device = weight64.device
+    dim = weight64.shape[1]
+    ncc_means = None
+    if class_means is not None:
+        ncc_means = _as_tensor("class_means", class_means).to(device=device, dtype=F64)
+        if tuple(ncc_means.shape) != (num_classes, dim):
+            raise ValueError(
+                f"class_means must have shape (C, D) = {(num_classes, dim)}, "
+                f"got {tuple(ncc_means.shape)}"
+            )
+        _check_finite("class_means", ncc_means)
+
+    first = _accumulate(chunks, ClassStats(num_classes, dim, basis=weight64[:0].T, device=device))
+    first.all_reduce(group)
+    if first.num_samples == 0:
+        raise ValueError("features is empty (no samples in any chunk)")
+    if not bool(torch.isfinite(first.sums).all()):
+        raise ValueError("features contain NaN or Inf values")
+    first.check_nonempty()
+    means = first.class_means()
+    eigvals, eigvecs = metrics.between_class_eig(means - first.global_mean())
+    basis = eigvecs if eigvecs.shape[1] < dim // 2 else None
+
+    second = ClassStats(num_classes, dim, shift=means, basis=basis, device=device)
+    reference = first.global_mean()
+    ncc_centres = (ncc_means if ncc_means is not None else means) - reference
+    tallies = torch.zeros(3, dtype=F64, device=device)
+    for feats, labs in chunks():
+        h = feats.to(device=device, dtype=F64)
+        y = labs.to(device=device, dtype=torch.long)
+        second.update(h, y)
+        tallies += decision_tallies(h - reference, y, weight64, bias64, ncc_centres, reference)
+    second.all_reduce(group)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tallies, op=dist.ReduceOp.SUM, group=group)
+
+    result = collapse_metrics(second, weight64, eigvals, eigvecs)
+    total = float(second.counts.sum())
+    result["ncc_mismatch"] = float(tallies[0]) / total
+    result["accuracy"] = float(tallies[1]) / total
+    result["ncc_accuracy"] = float(tallies[2]) / total
+    return {key: result[key] for key in METRIC_KEYS}
+
+
+def collapse_metrics(
+    stats: ClassStats,
+    weight: Tensor,
+    eigvals: Tensor | None = None,
+    eigvecs: Tensor | None = None,
+) -> dict[str, float]:
+    """NC1, NC2 and NC3 metrics (METRICS.md) from class statistics and the classifier.
+
+    Args:
+        stats: accumulated statistics of all samples (every class non-empty).
+        weight: (C, D) classifier rows.
+        eigvals, eigvecs: Sigma_B's eigenpairs if already known (else computed here).
+    """
+    stats.check_nonempty()
+    num_classes = stats.num_classes
+    weight = weight.to(device=stats.device, dtype=F64)
+    centred = stats.class_means() - stats.global_mean()
+    if eigvals is None or eigvecs is None:
+        eigvals, eigvecs = metrics.between_class_eig(centred)
+    means_geometry = metrics.simplex_geometry(centred)
+    weights_geometry = metrics.simplex_geometry(weight)
+    return {
+        "nc1": metrics.nc1(stats.within_class_var_along(eigvecs), eigvals, num_classes),
+        "nc1_ratio": metrics.nc1_ratio(stats.within_class_trace(), centred),
+        "cdnv": metrics.cdnv(centred, stats.class_variances()),
+        "equinorm_means": metrics.equinorm(centred),
+        "equinorm_weights": metrics.equinorm(weight),
+        "equiangular_means": means_geometry["equiangular"],
+        "equiangular_weights": weights_geometry["equiangular"],
+        "maxangle_means": means_geometry["maxangle"],
+        "maxangle_weights": weights_geometry["maxangle"],
+        "etf_means": means_geometry["etf"],
+        "etf_weights": weights_geometry["etf"],
+        "self_duality": metrics.self_duality(weight, centred),
+    }
+
+
+def decision_tallies(
+    centred_features: Tensor,
+    labels: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    centred_ncc_means: Tensor,
+    reference: Tensor,
+) -> Tensor:
+    """Counts of NC4 events in one chunk (Papyan et al. 2020, Fig. 7).
+
+    Both rules are evaluated on features shifted by a common ``reference`` point (the
+    global mean) so the float64 dot products do not cancel against a large offset:
+    w_c.h + b_c = w_c.(h - r) + (w_c.r + b_c), and ||h - mu_c||^2 ranks classes as
+    ||mu_c - r||^2 - 2 (h - r).(mu_c - r).
+
+    Args:
+        centred_features: (n, D) float64 h - r.   labels: (n,).
+        weight: (C, D), bias: (C,) float64.   centred_ncc_means: (C, D) mu_c - r.
+        reference: (D,) r.
+
+    Returns:
+        (3,) float64: [#classifier != NCC, #classifier == label, #NCC == label].
+    """
+    logits = centred_features @ weight.T + (weight @ reference + bias)
+    predicted = logits.argmax(1)
+    distances = centred_ncc_means.square().sum(1) - 2.0 * (centred_features @ centred_ncc_means.T)
+    nearest = distances.argmin(1)
+    return torch.stack(
+        [
+            (predicted != nearest).sum(),
+            (predicted == labels).sum(),
+            (nearest == labels).sum(),
+        ]
+    ).to(F64)
+
+
+def class_means(
+    features: Tensor | np.ndarray, labels: Tensor | np.ndarray, num_classes: int
+) -> Tensor:
+    """(C, D) float64 class means of ``features`` (N, D) grouped by ``labels`` (N,)."""
+    features = _as_tensor("features", features)
+    labels = _as_tensor("labels", labels)
+    rows = _chunk_rows(features.shape[1], num_classes)
+    no_basis = torch.zeros(features.shape[1], 0)  # counts and means only
+    stats = ClassStats(num_classes, features.shape[1], basis=no_basis, device=features.device)
+    for start in range(0, features.shape[0], rows):
+        stats.update(features[start : start + rows], labels[start : start + rows])
+    stats.check_nonempty()
+    return stats.class_means()
+
+
+# --------------------------------------------------------------------------- helpers
+def _accumulate(chunks: Chunks, stats: ClassStats) -> ClassStats:
+    for feats, labs in chunks():
+        _check_labels(labs, stats.num_classes)
+        stats.update(feats, labs)
+    return stats
+
+
+def _chunk_rows(dim: int, num_classes: int) -> int:
+    return max(1, CHUNK_ELEMENTS // (dim + 2 * num_classes))
+
+
+def _as_tensor(name: str, value: Tensor | np.ndarray) -> Tensor:
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    raise ValueError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
+
+
+def _check_finite(name: str, value: Tensor) -> None:
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def _check_labels(labels: Tensor, num_classes: int) -> None:
+    labels = _as_tensor("labels", labels)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}) (C = {num_classes}), "
+            f"got values from {int(labels.min())} to {int(labels.max())}"
+        )
+
+
+def _classifier(
+    weight: Tensor | np.ndarray,
+    bias: Tensor | np.ndarray | None,
+    num_classes: int | None,
+    device: torch.device | str | None,
+) -> tuple[Tensor, Tensor, int]:
+    weight = _as_tensor("weight", weight)
+    if weight.ndim != 2:
+        raise ValueError(f"weight must have shape (C, D), got {tuple(weight.shape)}")
+    if num_classes is None:
+        num_classes = weight.shape[0]
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    if weight.shape[0] != num_classes:
+        raise ValueError(
+            f"weight must have shape (C, D) with C = num_classes = {num_classes}, "
+            f"got {tuple(weight.shape)}"
+        )
+    weight = weight.to(device=device if device is not None else weight.device, dtype=F64)
+    _check_finite("weight", weight)
+    if bias is None:
+        bias = torch.zeros(num_classes, dtype=F64, device=weight.device)
+    else:
+        bias = _as_tensor("bias", bias).to(device=weight.device, dtype=F64)
+        if tuple(bias.shape) != (num_classes,):
+            raise ValueError(
+                f"bias must have shape (C,) = ({num_classes},), got {tuple(bias.shape)}"
+            )
+        _check_finite("bias", bias)
+    return weight, bias, num_classes
