@@ -1,0 +1,362 @@
+"""The ``nctools`` command (also ``python -m nctools``).
+
+Usage::
+
+    nctools demo                                              # CPU minutes, embedded data
+    nctools train configs/papyan2020/mnist-convnet.yaml --set train.epochs=3
+    nctools analyze runs/mnist-convnet && nctools plot runs/mnist-convnet
+    nctools measure --arch resnet18 --checkpoint model.pt --dataset cifar10 --json
+
+Every user error (an :class:`~nctools.errors.NctoolsError`) ends the command with one
+line ``nctools: error: MESSAGE`` on stderr and exit status 2; Ctrl-C exits with 130.
+Heavy imports (torch, pandas, matplotlib) happen inside the subcommands so that
+``--help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from nctools.errors import NctoolsError, RunError
+
+# The rows of the short table `nctools analyze` prints (METRICS.md keys).
+SUMMARY_METRICS = (
+    "accuracy", "nc1", "equinorm_means", "equiangular_means", "maxangle_means",
+    "self_duality", "ncc_mismatch", "etf_means",
+)  # fmt: skip
+
+
+def _epilog(*lines: str) -> str:
+    return "example:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser: one subcommand per job, each with an example in its help."""
+    from nctools import __version__
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="nctools",
+        description="Measure neural collapse (Papyan, Han & Donoho, PNAS 2020).",
+        epilog=_epilog("nctools demo", "nctools train CONFIG && nctools analyze RUN"),
+        formatter_class=fmt,
+    )
+    parser.add_argument("--version", action="version", version=f"nctools {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "train", help="train a network past zero training error, saving snapshots",
+        formatter_class=fmt,
+        epilog=_epilog(
+            "nctools train configs/papyan2020/mnist-convnet.yaml --out runs/mnist "
+            "--set train.epochs=30 --set snapshot.epochs=all",
+            "nctools train --resume --out runs/mnist   # continue from runs/mnist/config.yaml",
+        ),
+    )
+    p.add_argument("config", nargs="?", metavar="CONFIG",
+                   help="YAML config (optional with --resume: RUN/config.yaml is used)")
+    p.add_argument("--out", metavar="RUN", help="run directory (default: runs/<config name>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. train.epochs=3 (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in RUN from its checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "analyze", help="compute the NC metrics of every snapshot -> RUN/metrics.csv",
+        formatter_class=fmt,
+        epilog=_epilog("nctools analyze runs/mnist runs/cifar10 --strict"),
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at a snapshot that fails its checksum (default: skip it)")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser(
+        "plot", help="draw the collapse curves of one or several runs",
+        formatter_class=fmt,
+        epilog=_epilog("nctools plot runs/mnist runs/cifar10 --out collapse.pdf"),
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    p.add_argument("--out", metavar="FILE", help=(
+        "figure file, .png/.pdf/.svg (default: RUN/figures/collapse.png for one run, "
+        "./collapse.png for several)"))
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser(
+        "demo", help="train, analyze and plot the packaged demo (embedded data, CPU minutes)",
+        formatter_class=fmt,
+        epilog=_epilog("nctools demo --out runs/demo"),
+    )
+    p.add_argument("--out", metavar="DIR", default="runs/demo",
+                   help="run directory (default: runs/demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the demo config, e.g. train.epochs=5")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "measure", help="NC metrics of a saved classifier on a data set split",
+        formatter_class=fmt,
+        epilog=_epilog(
+            "nctools measure --arch resnet18 --checkpoint runs/c10/checkpoint.pt "
+            "--dataset cifar10 --split test --json",
+        ),
+    )
+    p.add_argument("--arch", required=True, help="network architecture, e.g. resnet18")
+    p.add_argument("--checkpoint", required=True, metavar="FILE",
+                   help="nctools checkpoint.pt or a plain state_dict (torchvision names too)")
+    p.add_argument("--dataset", required=True, help="data set name, e.g. cifar10")
+    p.add_argument("--split", choices=("train", "test"), default="train")
+    p.add_argument("--layer", metavar="NAME",
+                   help="the nn.Linear whose input are the features (default: the last one)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--num-classes", type=int, metavar="C",
+                   help="classes of the network (default: the data set's)")
+    p.add_argument("--data-root", metavar="DIR", help="where torchvision data sets live")
+    p.add_argument("--batch-size", type=int, default=256, metavar="B")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.set_defaults(func=cmd_measure)
+    return parser
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from nctools.config import load_config
+    from nctools.train import train
+
+    if args.config is None and not args.resume:
+        raise NctoolsError("train: give a CONFIG file (or --resume --out RUN)")
+    if args.resume:
+        run = Path(args.out) if args.out else None
+        if args.config is not None and Path(args.config).is_dir():
+            run = run or Path(args.config)  # `nctools train RUN --resume`
+            args.config = None
+        if run is None:
+            raise NctoolsError("train --resume: give the run directory with --out RUN")
+        if not run.is_dir():
+            raise RunError(f"train --resume: no run directory at {run}")
+        config_path = Path(args.config) if args.config else run / "config.yaml"
+        cfg = load_config(config_path, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        run = Path(args.out) if args.out else Path("runs") / cfg.name
+    run_dir = train(cfg, run, resume=args.resume)
+    print(f"run saved in {run_dir}")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from nctools.analysis import analyze
+
+    for run in args.runs:
+        table = analyze(run, strict=args.strict)
+        print(f"wrote {Path(run) / 'metrics.csv'} ({len(table)} rows)")
+        print(summary(table))
+    return 0
+
+
+def summary(table) -> str:
+    """The main metrics of the last analysed epoch as a small text table (metric x split)."""
+    if table.empty:
+        return "(no epochs analysed)"
+    last = table[table["epoch"] == table["epoch"].max()]
+    last = last[last["metric"].isin(SUMMARY_METRICS)]
+    wide = last.pivot_table(index="metric", columns="split", values="value", aggfunc="first")
+    wide = wide.reindex([m for m in SUMMARY_METRICS if m in wide.index])
+    wide.columns.name = None
+    return f"epoch {int(table['epoch'].max())}:\n" + wide.to_string(float_format="{:.4g}".format)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from nctools.analysis import analyze
+    from nctools.plots import figure_format, plot_runs
+
+    runs = [Path(r) for r in args.runs]
+    if args.out:
+        out = Path(args.out)
+    else:
+        out = runs[0] / "figures" / "collapse.png" if len(runs) == 1 else Path("collapse.png")
+    figure_format(out)  # a bad extension fails before any analysis runs
+    tables = []
+    for run in runs:
+        csv = run / "metrics.csv"
+        tables.append(csv if csv.is_file() else analyze(run))
+    print(f"wrote {plot_runs(tables, out)}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from importlib.resources import as_file, files
+
+    from nctools.analysis import analyze
+    from nctools.config import load_config
+    from nctools.plots import plot_runs
+    from nctools.train import train
+
+    with as_file(files("nctools") / "configs" / "demo.yaml") as path:
+        cfg = load_config(path, args.overrides)
+    out = Path(args.out)
+    # A second `nctools demo` picks the run up where it stopped instead of refusing.
+    run = train(cfg, out, resume=(out / "checkpoint.pt").is_file())
+    table = analyze(run)
+    figure = plot_runs(table, run / "figures" / "collapse.png")
+    print(summary(table))
+    print(f"metrics table: {run / 'metrics.csv'}")
+    print(f"figure:        {figure}")
+    return 0
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    result = measure_checkpoint(
+        arch=args.arch, checkpoint=args.checkpoint, dataset=args.dataset, split=args.split,
+        layer=args.layer, num_classes=args.num_classes, data_root=args.data_root,
+        batch_size=args.batch_size, device=args.device,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        width = max(len(k) for k in result)
+        print("\n".join(f"{k:<{width}}  {v:.6g}" for k, v in result.items()))
+    return 0
+
+
+# ---------------------------------------------------------------------------- measure
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise NctoolsError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+
+
+def feature_layer(model, name: str | None):
+    """The nn.Linear whose input are the features: ``name``, else ``classifier``, else the last."""
+    from torch import nn
+
+    modules = dict(model.named_modules())
+    if name is not None:
+        if name not in modules:
+            linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+            raise NctoolsError(f"--layer {name!r}: no such module; nn.Linear layers: {linears}")
+        if not isinstance(modules[name], nn.Linear):
+            raise NctoolsError(
+                f"--layer {name!r} is a {type(modules[name]).__name__}, not an nn.Linear"
+            )
+        return modules[name]
+    if isinstance(getattr(model, "classifier", None), nn.Linear):
+        return model.classifier  # nctools networks name their last layer so
+    linears = [m for m in modules.values() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise NctoolsError(f"{type(model).__name__} has no nn.Linear layer to measure")
+    return linears[-1]
+
+
+def hooked_features(model, layer, split, batch_size: int, device):
+    """Inputs of ``layer`` over a whole split: features (N, D) float32, labels (N,) int64.
+
+    A forward hook, not ``model.features``, so that any Linear can be measured (``--layer``).
+    Eval mode, no gradients, the split's order, no augmentation (as in every snapshot).
+    """
+    import torch
+
+    from nctools.data import iterate_batches
+
+    captured = []
+    handle = layer.register_forward_hook(
+        lambda _mod, inputs, _out: captured.append(inputs[0].detach().flatten(1).float().cpu())
+    )
+    labels = []
+    model.eval()
+    try:
+        with torch.no_grad():
+            indices = torch.arange(len(split.labels))
+            for images, y in iterate_batches(split, indices, batch_size):
+                model(images.to(device))
+                labels.append(y)
+    finally:
+        handle.remove()
+    return torch.cat(captured), torch.cat(labels).long()
+
+
+def measure_checkpoint(
+    arch: str, checkpoint: str | Path, dataset: str, split: str = "train",
+    layer: str | None = None, num_classes: int | None = None, data_root: str | None = None,
+    batch_size: int = 256, device: str = "auto",
+) -> dict[str, float]:
+    """METRICS.md metrics of a saved network on ``split`` of ``dataset``.
+
+    The checkpoint is read only by :func:`nctools.store.load_checkpoint`
+    (``torch.load(weights_only=True)``), so it cannot run code. On the test split NC4 and
+    ``ncc_accuracy`` use the training class means (METRICS.md, "On other data").
+    """
+    from nctools import models, store
+    from nctools.config import DataConfig, ModelConfig
+    from nctools.data import load_dataset
+    from nctools.measure import class_means, measure
+
+    if arch not in models.ARCHS:
+        valid = ", ".join(models.ARCHS)
+        raise NctoolsError(f"--arch {arch!r}: unknown architecture; valid names: {valid}")
+    state = store.load_checkpoint(Path(checkpoint))
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # an nctools checkpoint.pt
+    data_cfg = DataConfig(dataset=dataset)
+    if data_root is not None:
+        data_cfg.root = data_root
+    data = load_dataset(data_cfg, seed=0)
+    classes = num_classes or data.num_classes
+    model = models.build_model(ModelConfig(arch=arch), classes, data.in_channels, data.image_size)
+    models.load_state_dict_compat(model, state)
+    dev = _device(device)
+    model.to(dev)
+    linear = feature_layer(model, layer)
+    weight, bias = linear.weight.detach().cpu(), None
+    if linear.bias is not None:
+        bias = linear.bias.detach().cpu()
+    features, labels = hooked_features(model, linear, getattr(data, split), batch_size, dev)
+    means = None
+    if split == "test":
+        train_features, train_labels = hooked_features(model, linear, data.train, batch_size, dev)
+        means = class_means(train_features, train_labels, weight.shape[0])
+    try:
+        return measure(features, labels, weight, bias, num_classes=weight.shape[0],
+                       class_means=means)
+    except ValueError as exc:  # e.g. labels beyond --num-classes
+        raise NctoolsError(f"measure --checkpoint {checkpoint}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # One readable line per warning (e.g. a skipped snapshot), not a source excerpt.
+    print(f"nctools: warning: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return args.func(args)
+        except NctoolsError as exc:
+            # One line, whatever the message holds.
+            message = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+            print(f"nctools: error: {message}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("nctools: interrupted", file=sys.stderr)
+            return 130
