@@ -1,0 +1,153 @@
+"""A run directory -> its neural-collapse metrics table (``RUN/metrics.csv``).
+
+Usage::
+
+    table = analyze("runs/demo")        # also: nctools analyze runs/demo
+
+Every complete snapshot is measured with :func:`nctools.measure.measure` on each saved
+split; on the test split NC4 and ``ncc_accuracy`` use the training class means
+(METRICS.md, "On other data"), as Papyan, Han & Donoho (PNAS 2020) report test-set
+collapse. The table is long ("tidy"): one row per run, epoch, split and metric, with the
+training history of that epoch joined as columns. Analysis is incremental: epochs
+already in ``metrics.csv`` are not measured again, so a run still training can be
+followed by calling :func:`analyze` again.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+from nctools import store
+from nctools.config import load_config
+from nctools.errors import RunError, SnapshotError
+from nctools.measure import METRIC_KEYS, class_means, measure
+
+METRICS_FILE = "metrics.csv"
+KEY_COLUMNS = ["run", "dataset", "arch", "epoch", "split", "metric", "value"]
+HISTORY_COLUMNS = ["lr", "train_loss", "train_acc", "test_loss", "test_acc"]
+COLUMNS = [*KEY_COLUMNS, *HISTORY_COLUMNS, "tpt_onset_epoch"]
+SPLIT_ORDER = ("train", "test")  # train first: the test split needs the train class means
+
+
+def analyze(run_dir: str | Path, strict: bool = False) -> pd.DataFrame:
+    """Measure every snapshot of ``run_dir`` not yet in ``RUN/metrics.csv`` and rewrite it.
+
+    Returns the whole table (old and new rows), columns :data:`COLUMNS`, sorted by epoch,
+    split and metric order. A snapshot whose files fail their sha256 is skipped with a
+    warning naming the file, or raises :class:`SnapshotError` when ``strict``.
+
+    Raises:
+        RunError: no run directory at ``run_dir``, or a run without snapshots.
+        SnapshotError: with ``strict``, a snapshot that fails verification.
+    """
+    run_dir = Path(run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise RunError(
+            f"no run directory at {run_dir} (make one with `nctools train CONFIG --out {run_dir}`)"
+        )
+    epochs = store.list_snapshots(run_dir)
+    if not epochs:
+        raise RunError(
+            f"{run_dir} has no snapshots to analyze; make some with "
+            f"`nctools train CONFIG --out {run_dir} --set snapshot.epochs=all`"
+        )
+    config = load_config(run_dir / "config.yaml")
+    ident = {"run": run_dir.name, "dataset": config.data.dataset, "arch": config.model.arch}
+
+    old = _read_table(run_dir / METRICS_FILE)
+    done = set(old["epoch"].astype(int)) if old is not None else set()
+    frames = [] if old is None else [old[KEY_COLUMNS]]
+    for epoch in epochs:
+        if epoch in done:
+            continue
+        try:
+            rows = measure_snapshot(run_dir, epoch)
+        except SnapshotError as exc:
+            if strict:
+                raise
+            warnings.warn(f"skipping the snapshot of epoch {epoch}: {exc}", stacklevel=2)
+            continue
+        frames.append(pd.DataFrame([{**ident, "epoch": epoch, **row} for row in rows]))
+    if not frames:  # every snapshot failed verification
+        table = pd.DataFrame(columns=KEY_COLUMNS)
+    else:
+        table = pd.concat(frames, ignore_index=True)
+    table = _join_history(run_dir, table)
+    store.atomic_write_text(run_dir / METRICS_FILE, table.to_csv(index=False))
+    return table
+
+
+def measure_snapshot(run_dir: Path, epoch: int) -> list[dict]:
+    """Rows ``{"split", "metric", "value"}`` of one snapshot, every METRICS.md key per split.
+
+    The files are verified once (sha256, :func:`nctools.store.verify_snapshot`) and then
+    read without a second hash.
+    """
+    store.verify_snapshot(run_dir, epoch)
+    weight, bias = store.load_classifier(run_dir, epoch, verify=False)
+    num_classes = weight.shape[0]
+    train_means = None
+    rows = []
+    for split in snapshot_splits(run_dir, epoch):
+        # features: (N, D), labels: (N,); the whole split in memory for now.
+        features, labels = store.load_split(run_dir, epoch, split, verify=False)
+        if split == "train":
+            train_means = class_means(features, labels, num_classes)
+        means = train_means if split != "train" else None
+        values = measure(features, labels, weight, bias, num_classes, class_means=means)
+        rows += [{"split": split, "metric": key, "value": values[key]} for key in METRIC_KEYS]
+    return rows
+
+
+def snapshot_splits(run_dir: Path, epoch: int) -> list[str]:
+    """The feature splits a snapshot holds, train first."""
+    names = store.read_meta(run_dir, epoch)["splits"]
+    return sorted(names, key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else 99, s))
+
+
+def _read_table(path: Path) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    # round_trip: the values read back are the very floats that were written.
+    table = pd.read_csv(path, float_precision="round_trip")
+    missing = set(KEY_COLUMNS) - set(table.columns)
+    if missing:
+        raise RunError(f"{path}: not a metrics table (lacks {sorted(missing)}); delete it")
+    return table
+
+
+def _join_history(run_dir: Path, table: pd.DataFrame) -> pd.DataFrame:
+    """Add the epoch's history row and the run's TPT onset; recomputed on every call, so
+    a table made while the run was training gets the onset once it is known."""
+    try:
+        history = store.read_history(run_dir)
+    except (FileNotFoundError, SnapshotError, RunError):
+        history = pd.DataFrame(columns=["epoch"])
+    history = history.reindex(columns=["epoch", *HISTORY_COLUMNS])
+    history = history.drop_duplicates("epoch", keep="last")
+    table = table[KEY_COLUMNS].astype({"epoch": int})
+    table = table.merge(history.astype({"epoch": int}), on="epoch", how="left")
+    table["tpt_onset_epoch"] = _tpt_onset(run_dir, history)
+    rank = {"split": {s: i for i, s in enumerate(SPLIT_ORDER)},
+            "metric": {m: i for i, m in enumerate(METRIC_KEYS)}}
+    table = table.sort_values(
+        ["epoch", "split", "metric"],
+        key=lambda col: col.map(rank[col.name]).fillna(len(rank[col.name]))
+        if col.name in rank else col,
+        kind="stable",
+    )
+    return table.reset_index(drop=True)[COLUMNS]
+
+
+def _tpt_onset(run_dir: Path, history: pd.DataFrame) -> float:
+    """First epoch with zero training error: run.json's ``tpt_onset_epoch``, else the
+    history's first ``train_acc == 1`` (runs without a manifest); NaN before the onset."""
+    manifest = store.read_manifest(run_dir) if (run_dir / "run.json").is_file() else {}
+    onset = manifest.get("tpt_onset_epoch")
+    if onset is None:
+        reached = history.loc[history["train_acc"] >= 1.0, "epoch"]
+        onset = reached.min() if len(reached) else None
+    return float("nan") if onset is None else float(onset)
