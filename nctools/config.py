@@ -177,8 +177,14 @@ def _all_keys(cls: type | None = None, prefix: str = "") -> list[str]:
 
 
 def _unknown_key(source: str, key: str, valid: Sequence[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.6)
-    hint = f" (did you mean '{close[0]}'?)" if close else f"; valid keys here: {', '.join(valid)}"
+    # a key known in another section (`seed` under train), else a near miss among its
+    # siblings (`train.epoch`); whole dotted keys would match on the section name alone
+    section, _, leaf = key.rpartition(".")
+    same_leaf = [k for k in _all_keys() if k.rsplit(".", 1)[-1] == leaf]
+    close = [f"{section}.{m}" if section else m
+             for m in difflib.get_close_matches(leaf, valid, n=1, cutoff=0.6)]
+    hint = (f" (did you mean '{(same_leaf or close)[0]}'?)" if same_leaf or close
+            else f"; valid keys here: {', '.join(valid)}")
     return ConfigError(f"{source}: {key}: unknown key{hint}")
 
 
@@ -246,16 +252,17 @@ def _apply_override(data: dict, item: str) -> str:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: {key}: cannot parse value {raw!r} ({exc})") from None
-    # `--set name=2024` or `--set data.root=/data/1` mean text, whatever YAML makes of them
-    if _field_type(key) is str and isinstance(value, (int, float, bool)):
+    # `--set name=2024` or `--set train.device=cuda:` mean text, whatever YAML makes of them
+    if _field_type(key) is str and not isinstance(value, str):
         value = raw.strip()
     parts = key.split(".")
     node = data
     for depth, part in enumerate(parts):
-        if not isinstance(node, dict) or part not in node:
-            # `name.x` (name is not a section) and `trian.epochs` are both unknown keys
-            valid = list(node) if isinstance(node, dict) else []
-            raise _unknown_key(source, ".".join(parts[: depth + 1]), valid)
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: {key}: unknown key ({'.'.join(parts[:depth])} "
+                              "is a value, not a section)")
+        if part not in node:
+            raise _unknown_key(source, ".".join(parts[: depth + 1]), list(node))
         if depth < len(parts) - 1:
             node = node[part]
     leaf = parts[-1]
@@ -393,13 +400,21 @@ def snapshot_schedule(spec: str | list[int], epochs: int) -> list[int]:
     chosen = {1, epochs}
     for i in range(1, count - 1):
         target = epochs ** (i / (count - 1))  # geomspace(1, epochs, count)[i]
-        # nearest unused epoch; count < epochs guarantees one exists, ties go to the earlier
-        best = min(
-            (e for e in range(1, epochs + 1) if e not in chosen),
-            key=lambda e, t=target: (abs(e - t), e),
-        )
-        chosen.add(best)
+        chosen.add(_nearest_unused(target, chosen, epochs))
     return sorted(chosen)
+
+
+def _nearest_unused(target: float, chosen: set[int], epochs: int) -> int:
+    """The epoch in [1, epochs] nearest ``target`` not in ``chosen``; ties go to the earlier."""
+    below = math.floor(target)
+    above = below + 1
+    while below in chosen:
+        below -= 1
+    while above in chosen:
+        above += 1
+    # len(chosen) < epochs, so at least one side is still inside [1, epochs]
+    options = [e for e in (below, above) if 1 <= e <= epochs]
+    return min(options, key=lambda e: (abs(e - target), e))
 
 
 def _check(ok: bool, key: str, rule: str, value: Any) -> None:

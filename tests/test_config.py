@@ -1,0 +1,347 @@
+"""Config loading, overrides, validation and snapshot schedules (nctools/config.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import numpy as np
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nctools.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    diff_configs,
+    load_config,
+    save_config,
+    snapshot_schedule,
+    validate,
+)
+
+
+def write(tmp_path, text: str, name: str = "cfg.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def error_of(tmp_path, text: str, overrides=()) -> str:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+# ---------------------------------------------------------------------------------------
+# Round trips
+
+
+def test_defaults_are_valid_and_round_trip(tmp_path):
+    cfg = Config()
+    validate(cfg)
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_changed_config_round_trips_exactly(tmp_path):
+    cfg = Config(name="grid-7", seed=3)
+    cfg.data.samples_per_class = 500
+    cfg.train.lr = 0.1 / 3  # not a short decimal: YAML must keep every bit
+    cfg.train.milestones = [0.25, 0.5, 0.75]
+    cfg.train.device = "cuda:1"
+    cfg.snapshot.epochs = [1, 2, 50, 150]
+    cfg.snapshot.dtype = "float16"
+    cfg.snapshot.splits = ["test"]
+    save_config(cfg, tmp_path / "config.yaml")
+    loaded = load_config(tmp_path / "config.yaml")
+    assert loaded == cfg
+    assert loaded.train.lr == 0.1 / 3
+    assert not list(tmp_path.glob(".*tmp*"))  # the atomic write left nothing behind
+
+
+def test_partial_file_keeps_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, "name: demo\ntrain: {epochs: 4}\nmodel:\n"))
+    expected = Config(name="demo")
+    expected.train.epochs = 4
+    assert cfg == expected
+
+
+def test_int_for_float_field_and_yaml11_exponent(tmp_path):
+    # PyYAML reads `5e-4` (no dot) as a string; it is clearly meant as a number
+    cfg = load_config(write(tmp_path, "train: {lr: 1, weight_decay: 5e-4}\n"))
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.train.weight_decay == 5e-4
+
+
+# ---------------------------------------------------------------------------------------
+# Overrides
+
+
+@pytest.mark.parametrize(
+    ("override", "section", "key", "value"),
+    [
+        ("train.epochs=3", "train", "epochs", 3),
+        ("snapshot.epochs=all", "snapshot", "epochs", "all"),
+        ("snapshot.epochs=log:5", "snapshot", "epochs", "log:5"),
+        ("snapshot.epochs=[1,5,10]", "snapshot", "epochs", [1, 5, 10]),
+        ("data.samples_per_class=null", "data", "samples_per_class", None),
+        ("data.samples_per_class=20", "data", "samples_per_class", 20),
+        ("train.lr=0.1", "train", "lr", 0.1),
+        ("train.device=cuda:0", "train", "device", "cuda:0"),
+        ("train.bf16=true", "train", "bf16", True),
+        ("name=2024", None, "name", "2024"),  # a str field keeps the text as typed
+        ("data.root=/data/1", "data", "root", "/data/1"),
+    ],
+)
+def test_override_sets_typed_value(tmp_path, override, section, key, value):
+    cfg = load_config(write(tmp_path, "train: {epochs: 20}\n"), [override])
+    got = getattr(cfg if section is None else getattr(cfg, section), key)
+    assert got == value and type(got) is type(value)
+
+
+def test_overrides_apply_in_order_and_section_mapping_merges(tmp_path):
+    path = write(tmp_path, "train: {epochs: 20, lr: 0.2}\n")
+    cfg = load_config(path, ["train.epochs=3", "train.epochs=4"])
+    assert (cfg.train.epochs, cfg.train.lr) == (4, 0.2)
+    cfg = load_config(path, ["train={epochs: 5}"])
+    assert (cfg.train.epochs, cfg.train.lr) == (5, 0.2)
+
+
+# ---------------------------------------------------------------------------------------
+# Errors name the file and the dotted key
+
+
+def test_unknown_key_suggests_closest(tmp_path):
+    path = write(tmp_path, "train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: train.epoch: unknown key (did you mean 'train.epochs'?)"
+
+
+def test_unknown_section_suggests_closest(tmp_path):
+    assert "trian: unknown key (did you mean 'train'?)" in error_of(tmp_path, "trian: {}\n")
+
+
+def test_key_in_wrong_section_suggests_right_one(tmp_path):
+    assert "lr: unknown key (did you mean 'train.lr'?)" in error_of(tmp_path, "lr: 0.1\n")
+
+
+def test_unknown_key_without_close_match_lists_valid_keys(tmp_path):
+    msg = error_of(tmp_path, "snapshot: {zzzzzz: 1}\n")
+    assert "snapshot.zzzzzz: unknown key; valid keys here: epochs, splits, dtype" in msg
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("train: {epochs: ten}", "train.epochs: expected int, got str 'ten'"),
+        ("train: {epochs: true}", "train.epochs: expected int, got bool True"),
+        ("train: {epochs: 2.5}", "train.epochs: expected int, got float 2.5"),
+        ("train: {lr: fast}", "train.lr: expected float, got str 'fast'"),
+        ("train: {lr: true}", "train.lr: expected float, got bool True"),
+        ("train: {bf16: 1}", "train.bf16: expected bool, got int 1"),
+        ("train: {milestones: 0.5}", "train.milestones: expected list of float, got float 0.5"),
+        ("train: {milestones: [0.5, x]}",
+         "train.milestones: expected list of float, got list [0.5, 'x']"),
+        ("data: {samples_per_class: 1.5}",
+         "data.samples_per_class: expected int or null, got float 1.5"),
+        ("name: null", "name: expected str, got null None"),
+        ("snapshot: {epochs: 5}", "snapshot.epochs: expected str or list of int, got int 5"),
+        ("train: 3", "train: expected a mapping, got int 3"),
+    ],
+)
+def test_wrong_type_names_key(tmp_path, text, message):
+    path = write(tmp_path, text + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: {message}"
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=r"nope\.yaml: config file not found"):
+        load_config(path)
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    msg = error_of(tmp_path, "name: demo\ntrain:\n  epochs: [1, 2\n  lr: 0.1\n")
+    assert msg.startswith(f"{tmp_path / 'cfg.yaml'}: line ")
+    assert "YAML syntax error" in msg
+    line = int(msg.split("line ")[1].split(":")[0])
+    assert 3 <= line <= 4  # the unclosed list
+
+
+@pytest.mark.parametrize(("text", "got"), [("- a\n- b\n", "list ['a', 'b']"),
+                                           ("", "an empty file"), ("42\n", "int 42")])
+def test_top_level_must_be_mapping(tmp_path, text, got):
+    msg = error_of(tmp_path, text)
+    assert msg.startswith(f"{tmp_path / 'cfg.yaml'}: top level must be a mapping")
+    assert msg.endswith(f"got {got}")
+
+
+@pytest.mark.parametrize("bad", ["train.epochs", "=3", "train.epochs 3"])
+def test_malformed_override(tmp_path, bad):
+    msg = error_of(tmp_path, "name: x\n", [bad])
+    assert msg == f"--set {bad!r}: expected KEY=VALUE, e.g. train.epochs=3"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epoch=3", "--set train.epoch=3: train.epoch: unknown key "
+                          "(did you mean 'train.epochs'?)"),
+        ("trian.epochs=3", "--set trian.epochs=3: trian: unknown key (did you mean 'train'?)"),
+        ("name.x=3", "--set name.x=3: name.x: unknown key (name is a value, not a section)"),
+        ("train.seed=3", "--set train.seed=3: train.seed: unknown key (did you mean 'seed'?)"),
+        ("train.epochs=three", "--set train.epochs=three: train.epochs: expected int, "
+                               "got str 'three'"),
+        ("train.epochs=[1", "--set train.epochs=[1: train.epochs: cannot parse value '[1'"),
+    ],
+)
+def test_override_errors_name_override_and_key(tmp_path, override, message):
+    assert error_of(tmp_path, "name: x\n", [override]).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train.epochs=0", "train.epochs"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.lr=0", "train.lr"),
+        ("train.lr=-0.1", "train.lr"),
+        ("train.lr=.nan", "train.lr"),
+        ("train.momentum=1", "train.momentum"),
+        ("train.momentum=-0.1", "train.momentum"),
+        ("train.weight_decay=-1e-4", "train.weight_decay"),
+        ("train.loss=hinge", "train.loss"),
+        ("train.schedule=step", "train.schedule"),
+        ("train.milestones=[0.5, 0.3]", "train.milestones"),
+        ("train.milestones=[0, 0.5]", "train.milestones"),
+        ("train.milestones=[0.5, 1.0]", "train.milestones"),
+        ("train.gamma=0", "train.gamma"),
+        ("train.device=gpu", "train.device"),
+        ("train.device=cuda:", "train.device"),
+        ("snapshot.dtype=bfloat16", "snapshot.dtype"),
+        ("snapshot.splits=[]", "snapshot.splits"),
+        ("snapshot.splits=[val]", "snapshot.splits"),
+        ("snapshot.splits=[train, train]", "snapshot.splits"),
+        ("data.samples_per_class=0", "data.samples_per_class"),
+        ("data.num_classes=1", "data.num_classes"),
+        ("data.train_per_class=0", "data.train_per_class"),
+        ("data.test_per_class=0", "data.test_per_class"),
+        ("data.channels=0", "data.channels"),
+        ("data.image_size=0", "data.image_size"),
+        ("model.width=0", "model.width"),
+        ("seed=-1", "seed"),
+        ("name=' '", "name"),
+        ("snapshot.epochs=[1, 99]", "snapshot.epochs"),
+        ("snapshot.epochs=log:1", "snapshot.epochs"),
+        ("snapshot.epochs=every:5", "snapshot.epochs"),
+    ],
+)
+def test_invalid_value_names_key(tmp_path, override, key):
+    path = write(tmp_path, "train: {epochs: 20}\n")
+    msg = error_of(tmp_path, "train: {epochs: 20}\n", [override])
+    assert msg.startswith(f"{path}: {key}: "), msg
+
+
+def test_validate_message_is_exact():
+    cfg = Config()
+    cfg.train.momentum = 1.0
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    assert str(info.value) == "train.momentum: must be in [0, 1), got 1.0"
+
+
+def test_valid_edge_values_pass():
+    cfg = Config()
+    cfg.train.momentum = 0.0
+    cfg.train.weight_decay = 0.0
+    cfg.train.milestones = []
+    cfg.train.epochs = 1
+    cfg.snapshot.epochs = "log:30"
+    cfg.snapshot.splits = ["test", "train"]
+    validate(cfg)
+
+
+# ---------------------------------------------------------------------------------------
+# Snapshot schedule
+
+
+def test_schedule_all_and_list():
+    assert snapshot_schedule("all", 4) == [1, 2, 3, 4]
+    assert snapshot_schedule([5, 1, 5, 3], 5) == [1, 3, 5]
+
+
+def test_schedule_log_decades():
+    assert snapshot_schedule("log:4", 1000) == [1, 10, 100, 1000]
+    assert snapshot_schedule("log:3", 10000) == [1, 100, 10000]
+
+
+@given(epochs=st.integers(1, 3000), count=st.integers(2, 200))
+@settings(max_examples=300, deadline=None)
+def test_schedule_log_properties(epochs, count):
+    sched = snapshot_schedule(f"log:{count}", epochs)
+    assert sched[0] == 1 and sched[-1] == epochs
+    assert len(sched) == min(count, epochs)
+    assert all(a < b for a, b in itertools.pairwise(sched))
+    # independent reference: where rounding a geomspace collides nothing, it is the schedule
+    ref = np.unique(np.rint(np.geomspace(1, epochs, count)).astype(int))
+    if len(ref) == count:
+        assert sched == ref.tolist()
+
+
+def test_schedule_log_fills_collisions_with_nearest_unused():
+    # geomspace(1, 10, 8) rounds to 1 1 2 3 4 5 7 10: one collision near 1
+    assert snapshot_schedule("log:8", 10) == [1, 2, 3, 4, 5, 6, 7, 10]
+    assert snapshot_schedule("log:50", 10) == list(range(1, 11))
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("log:1", "snapshot.epochs: log:K needs K >= 2"),
+        ("log:x", "snapshot.epochs: expected 'all', 'log:K' or a list of ints, got 'log:x'"),
+        ("every", "snapshot.epochs: expected 'all', 'log:K' or a list of ints, got 'every'"),
+        ([], "snapshot.epochs: empty list"),
+        ([0, 3], "snapshot.epochs: epoch 0 is outside [1, 10]"),
+        ([11], "snapshot.epochs: epoch 11 is outside [1, 10]"),
+        ([1, True], "snapshot.epochs: list items must be ints, got True"),
+        (3.5, "snapshot.epochs: expected 'all', 'log:K' or a list of ints, got 3.5"),
+    ],
+)
+def test_schedule_errors_name_key(spec, message):
+    with pytest.raises(ConfigError) as info:
+        snapshot_schedule(spec, 10)
+    assert str(info.value).startswith(message)
+
+
+# ---------------------------------------------------------------------------------------
+# Diff
+
+
+def test_diff_configs_lines_and_ignore():
+    a = Config()
+    b = dataclasses.replace(a, train=dataclasses.replace(a.train, lr=0.1, device="cpu"),
+                            snapshot=dataclasses.replace(a.snapshot, epochs=[1, 2]))
+    assert diff_configs(a, a) == []
+    assert diff_configs(a, b) == [
+        "train.lr: 0.05 -> 0.1",
+        "train.device: auto -> cpu",
+        "snapshot.epochs: log:30 -> [1, 2]",
+    ]
+    assert diff_configs(a, b, ignore=["train.device", "snapshot"]) == ["train.lr: 0.05 -> 0.1"]
+
+
+def test_saved_yaml_is_plain(tmp_path):
+    save_config(Config(), tmp_path / "c.yaml")
+    data = yaml.safe_load((tmp_path / "c.yaml").read_text())
+    assert list(data) == ["name", "seed", "data", "model", "train", "snapshot"]
+    assert math.isclose(data["train"]["milestones"][0], 1 / 3, rel_tol=0, abs_tol=0)
