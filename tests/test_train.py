@@ -1,0 +1,368 @@
+"""The training loop end to end on tiny synthetic data (seconds on a CPU).
+
+Checks the run directory against DESIGN.md, the snapshots against a fresh pass of the
+checkpointed model, resume against an uninterrupted run (bit for bit), and the faults:
+another config in the run directory, a diverging loss, Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import signal
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nctools import store
+from nctools.config import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    SnapshotConfig,
+    TrainConfig,
+    load_config,
+    snapshot_schedule,
+)
+from nctools.data import load_dataset
+from nctools.errors import ConfigError, RunError
+from nctools.models import build_model
+
+T = importlib.import_module("nctools.train")  # the module; `nctools.train` may be the function
+
+EPOCHS = 6
+SNAPSHOTS = [1, 2, 4, 6]
+
+
+def tiny_config(**train) -> Config:
+    """3 classes x 16 images of 1 x 8 x 8; convnet width 8 (D = 32); 3 batches per epoch."""
+    return Config(
+        name="tiny",
+        seed=3,
+        data=DataConfig(dataset="synthetic", num_classes=3, train_per_class=16,
+                        test_per_class=8, channels=1, image_size=8),
+        model=ModelConfig(arch="convnet", width=8),
+        train=TrainConfig(**{"epochs": EPOCHS, "batch_size": 16, "lr": 0.05,
+                             "device": "cpu", **train}),
+        snapshot=SnapshotConfig(epochs=list(SNAPSHOTS)),
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions gain nothing from threads and lose 10x on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> tuple[Config, Path]:
+    """One uninterrupted run, shared by the tests that only read it."""
+    cfg = tiny_config()
+    return cfg, T.train(cfg, tmp_path_factory.mktemp("full") / "run")
+
+
+def _history(run: Path):
+    return store.read_history(run).drop(columns="seconds")
+
+
+def _assert_same_snapshots(run_a: Path, run_b: Path) -> None:
+    assert store.list_snapshots(run_a) == store.list_snapshots(run_b)
+    for epoch in store.list_snapshots(run_a):
+        for split in ("train", "test"):
+            (fa, la), (fb, lb) = store.load_split(run_a, epoch, split), store.load_split(
+                run_b, epoch, split)
+            assert torch.equal(fa, fb) and torch.equal(la, lb), (epoch, split)
+        for a, b in zip(store.load_classifier(run_a, epoch), store.load_classifier(run_b, epoch),
+                        strict=True):
+            assert torch.equal(a, b)
+
+
+def test_run_directory_holds_the_design_files(full_run):
+    cfg, run = full_run
+    for name in ("config.yaml", "run.json", "history.csv", "checkpoint.pt"):
+        assert (run / name).is_file(), name
+    assert load_config(run / "config.yaml") == cfg
+    history = store.read_history(run)
+    assert list(history.columns) == [
+        "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"]
+    assert history["epoch"].tolist() == list(range(1, EPOCHS + 1))
+    assert (history["seconds"] > 0).all()
+    assert store.list_snapshots(run) == SNAPSHOTS
+    assert [p.name for p in sorted((run / "snapshots").iterdir())] == [
+        f"epoch-{e:04d}" for e in SNAPSHOTS]
+    manifest = store.read_manifest(run)
+    assert manifest["status"] == "completed"
+    assert manifest["epochs_done"] == EPOCHS
+    assert (manifest["num_classes"], manifest["feature_dim"]) == (3, 32)
+    assert (manifest["num_train"], manifest["num_test"]) == (48, 24)
+    assert manifest["dataset"] == "synthetic" and manifest["device"] == "cpu"
+    assert manifest["torch_version"] == torch.__version__
+    assert manifest["snapshot_epochs"] == SNAPSHOTS
+
+
+def test_snapshot_shapes_dtypes_and_checksums(full_run):
+    _, run = full_run
+    for epoch in SNAPSHOTS:
+        store.verify_snapshot(run, epoch)
+        train_f, train_y = store.load_split(run, epoch, "train")
+        test_f, _ = store.load_split(run, epoch, "test")
+        weight, bias = store.load_classifier(run, epoch)
+        assert train_f.shape == (48, 32) and test_f.shape == (24, 32)
+        assert train_f.dtype == test_f.dtype == torch.float32
+        assert train_y.dtype == torch.int64
+        assert torch.equal(train_y, torch.arange(3).repeat_interleave(16))  # split order kept
+        assert weight.shape == (3, 32) and bias.shape == (3,)
+
+
+def test_lr_follows_the_multistep_schedule(full_run):
+    # milestones at round(6/3) = 2 and round(12/3) = 4: /10 after epoch 2 and after epoch 4
+    _, run = full_run
+    lrs = store.read_history(run)["lr"].tolist()
+    assert lrs == pytest.approx([0.05, 0.05, 0.005, 0.005, 0.0005, 0.0005], rel=1e-12)
+
+
+def test_multistep_milestones_never_fall_before_the_first_epoch():
+    tc = TrainConfig(epochs=1, lr=0.1)  # round(1/3) = 0 would start at lr * gamma
+    opt = T.build_optimizer(torch.nn.Linear(2, 2), tc)
+    T.build_scheduler(opt, tc)
+    assert opt.param_groups[0]["lr"] == 0.1
+
+
+def test_cosine_and_constant_schedules():
+    model = torch.nn.Linear(2, 2)
+    for schedule, expect in [
+        ("cosine", [0.1 * (1 + math.cos(math.pi * e / 5)) / 2 for e in range(5)]),
+        ("constant", [0.1] * 5),
+    ]:
+        tc = TrainConfig(epochs=5, lr=0.1, schedule=schedule)
+        opt = T.build_optimizer(model, tc)
+        sched = T.build_scheduler(opt, tc)
+        seen = []
+        for _ in range(5):
+            seen.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        assert seen == pytest.approx(expect, rel=1e-12, abs=1e-15), schedule
+
+
+def test_losses_match_their_formulas():
+    gen = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(5, 4, generator=gen), torch.tensor([0, 3, 1, 1, 2])
+    mse = sum(sum((logits[i, c] - float(c == labels[i])) ** 2 for c in range(4)) for i in range(5))
+    assert T.batch_loss(logits, labels, "mse").item() == pytest.approx(mse.item() / 5, rel=1e-6)
+    ce = -sum(torch.log_softmax(logits[i], 0)[labels[i]] for i in range(5)) / 5
+    assert T.batch_loss(logits, labels, "ce").item() == pytest.approx(ce.item(), rel=1e-6)
+
+
+def test_saved_features_equal_a_fresh_pass_of_the_checkpoint(full_run):
+    cfg, run = full_run
+    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert state["epoch"] == EPOCHS
+    data = load_dataset(cfg.data, cfg.seed)
+    model = build_model(cfg.model, 3, 1, 8)
+    model.load_state_dict(state["model"])
+    model.eval()
+    batch = T.EVAL_BATCH_FACTOR * cfg.train.batch_size
+    with torch.no_grad():
+        for split in ("train", "test"):
+            images = getattr(data, split).images
+            fresh = torch.cat([model.features(images[i : i + batch])
+                               for i in range(0, len(images), batch)])
+            saved, _ = store.load_split(run, EPOCHS, split)
+            assert torch.equal(saved, fresh), split
+        weight, bias = store.load_classifier(run, EPOCHS)
+        assert torch.equal(weight, model.classifier.weight)
+        assert torch.equal(bias, model.classifier.bias)
+        # the history's test metrics of the last epoch are those of this model
+        logits = model(data.test.images)
+        last = store.read_history(run).iloc[-1]
+        ce = F.cross_entropy(logits, data.test.labels).item()
+        assert last["test_loss"] == pytest.approx(ce, rel=1e-5)
+        acc = (logits.argmax(1) == data.test.labels).double().mean().item()
+        assert last["test_acc"] == pytest.approx(acc, abs=1e-12)
+
+
+def test_tpt_onset_is_the_first_epoch_of_zero_training_error(full_run):
+    _, run = full_run
+    history = store.read_history(run)
+    perfect = history.loc[history["train_acc"] == 1.0, "epoch"]
+    assert len(perfect) > 0, "the tiny run should fit its 48 images"
+    assert store.read_manifest(run)["tpt_onset_epoch"] == int(perfect.iloc[0])
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["tpt_onset_epoch"] == int(
+        perfect.iloc[0])
+
+
+def test_float16_snapshots_are_the_float32_features_rounded(full_run, tmp_path):
+    cfg, run = full_run
+    # 2 epochs: the lr of epoch 1 is 0.05 as in the 6-epoch run, so epoch 1 is the same
+    cfg16 = replace(cfg, train=replace(cfg.train, epochs=2),
+                    snapshot=replace(cfg.snapshot, epochs=[1], dtype="float16"))
+    run16 = T.train(cfg16, tmp_path / "run16")
+    store.verify_snapshot(run16, 1)
+    assert store.read_meta(run16, 1)["dtype"] == "float16"
+    for split in ("train", "test"):
+        f16, _ = store.load_split(run16, 1, split)
+        f32, _ = store.load_split(run, 1, split)
+        assert f16.dtype == torch.float16
+        assert torch.equal(f16, f32.half()), split
+
+
+def _interrupt_at_step(monkeypatch, step: int, via_signal: bool = False) -> list[int]:
+    """Make train_step raise Ctrl-C at call ``step`` (1-based); returns the call counter."""
+    real, calls = T.train_step, [0]
+
+    def step_then_stop(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == step and not via_signal:
+            raise KeyboardInterrupt
+        out = real(*args, **kwargs)
+        if calls[0] == step:
+            os.kill(os.getpid(), signal.SIGINT)  # the loop must finish this step, then stop
+        return out
+
+    monkeypatch.setattr(T, "train_step", step_then_stop)
+    return calls
+
+
+def test_resume_after_ctrl_c_is_bit_identical(full_run, tmp_path, monkeypatch, caplog):
+    cfg, run = full_run
+    out = tmp_path / "run"
+    _interrupt_at_step(monkeypatch, step=8)  # 3 steps per epoch: inside epoch 3
+    with pytest.raises(KeyboardInterrupt), caplog.at_level("WARNING", logger="nctools.train"):
+        T.train(cfg, out)
+    manifest = store.read_manifest(out)
+    assert (manifest["status"], manifest["epochs_done"]) == ("interrupted", 2)
+    assert f"nctools train {out / 'config.yaml'} --out {out}" in caplog.text
+    assert store.read_history(out)["epoch"].tolist() == [1, 2]
+    monkeypatch.undo()
+    T.train(cfg, out)
+    assert _history(out).equals(_history(run))
+    _assert_same_snapshots(out, run)
+    assert store.read_manifest(out)["status"] == "completed"
+
+
+def test_sigint_stops_after_the_current_step(full_run, tmp_path, monkeypatch):
+    cfg, run = full_run
+    out = tmp_path / "run"
+    calls = _interrupt_at_step(monkeypatch, step=13, via_signal=True)  # first step of epoch 5
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(cfg, out)
+    assert calls[0] == 13  # the signalled step ran to its end, no further step started
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
+    assert store.read_manifest(out)["epochs_done"] == 4
+    monkeypatch.undo()
+    T.train(cfg, out)
+    assert _history(out).equals(_history(run))
+    _assert_same_snapshots(out, run)
+
+
+def test_files_past_the_checkpoint_are_rewritten_on_resume(full_run, tmp_path, monkeypatch):
+    """A crash after epoch 4's history row but before its checkpoint leaves a stale row and a
+    partial snapshot behind; the resume replays epoch 4 over them."""
+    cfg, run = full_run
+    out = tmp_path / "run"
+    _interrupt_at_step(monkeypatch, step=11)  # inside epoch 4: checkpoint of epoch 3
+    with pytest.raises(KeyboardInterrupt):
+        T.train(cfg, out)
+    monkeypatch.undo()
+    store.append_history(out, {"epoch": 4, "lr": 9.0, "train_loss": 9.0, "train_acc": 0.0,
+                               "test_loss": 9.0, "test_acc": 0.0, "seconds": 1.0})
+    partial = store.snapshot_dir(out, 4)
+    partial.mkdir(parents=True)
+    (partial / "train.safetensors").write_bytes(b"half a file")
+    T.train(cfg, out)
+    assert _history(out).equals(_history(run))
+    _assert_same_snapshots(out, run)
+
+
+def test_a_completed_run_is_left_as_it_is(full_run):
+    cfg, run = full_run
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    assert T.train(cfg, run) == run
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_another_config_in_the_run_dir_is_refused(full_run):
+    cfg, run = full_run
+    other = replace(cfg, train=replace(cfg.train, lr=0.1))
+    with pytest.raises(RunError) as err:
+        T.train(other, run)
+    message = str(err.value)
+    assert "train.lr: 0.05 -> 0.1" in message
+    assert "another --out" in message and "--resume" in message
+    # with resume=True the saved config wins (here: the run is complete, nothing changes)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert T.train(other, run, resume=True) == run
+    assert any("train.lr" in str(w.message) for w in caught)
+
+
+def test_resume_without_a_run_is_refused(tmp_path):
+    with pytest.raises(RunError, match="no run to resume"):
+        T.train(tiny_config(), tmp_path / "nothing", resume=True)
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny_config()
+    out = tmp_path / "run"
+    real, calls = T.train_step, [0]
+
+    def blow_up(model, *args, **kwargs):
+        calls[0] += 1
+        loss, hits = real(model, *args, **kwargs)
+        if calls[0] >= 7:  # epoch 3 onwards: the weights go to NaN as in a real divergence
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(float("nan"))
+            loss = torch.tensor(float("nan"))
+        return loss, hits
+
+    monkeypatch.setattr(T, "train_step", blow_up)
+    with pytest.raises(RunError) as err:
+        T.train(cfg, out)
+    message = str(err.value)
+    assert "diverged at epoch 3" in message
+    assert f"{out / 'checkpoint.pt'} (epoch 2)" in message
+    manifest = store.read_manifest(out)
+    assert (manifest["status"], manifest["epochs_done"]) == ("diverged", 2)
+    assert store.read_history(out)["epoch"].tolist() == [1, 2]
+    assert store.list_snapshots(out) == [1, 2]
+    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert state["epoch"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_a_huge_learning_rate_diverges_in_the_first_epoch(tmp_path):
+    cfg = tiny_config(lr=1e6, loss="mse")
+    with pytest.raises(RunError, match=r"diverged at epoch 1 .*checkpoint\.pt \(epoch 0\)"):
+        T.train(cfg, tmp_path / "run")
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 0  # the initialisation, still loadable
+
+
+def test_unknown_device_names_train_device():
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"train\.device"):
+            T.resolve_device("cuda:0")
+    assert T.resolve_device("cpu") == torch.device("cpu")
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only():
+    a = torch.randperm(50, generator=T.epoch_generator(3, 7))
+    b = torch.randperm(50, generator=T.epoch_generator(3, 7))
+    c = torch.randperm(50, generator=T.epoch_generator(3, 8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_snapshot_schedule_is_the_config_one(full_run):
+    cfg, run = full_run
+    assert store.list_snapshots(run) == snapshot_schedule(cfg.snapshot.epochs, EPOCHS)
