@@ -25,6 +25,7 @@ import io
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -524,6 +525,14 @@ def save_checkpoint(path: PathLike, state: dict) -> None:
     atomic_torch_save(state, path)
 
 
+def _load_failure(exc: Exception) -> str:
+    """The one informative line of a torch.load error (its text runs to a paragraph)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    found = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|\n|$)", text)
+    line = found.group(1) if found else (text.strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {line[:200]}"
+
+
 def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
     """Load a checkpoint with ``torch.load(weights_only=True)``: it can never run code.
 
@@ -534,11 +543,12 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a raw pickle draws a protocol warning: it is refused
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # every failure means the same to the user: do not trust it
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"{path}: checkpoint cannot be loaded safely ({type(exc).__name__}: {reason[:200]})"
+            f"{path}: checkpoint cannot be loaded safely ({_load_failure(exc)})"
         ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: checkpoint cannot be loaded safely "
