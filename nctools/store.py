@@ -195,6 +195,34 @@ def _clear_snapshot(folder: Path, whole: bool) -> None:
             stale.unlink(missing_ok=True)
 
 
+def _check_snapshot_inputs(splits: dict, weight: torch.Tensor, bias: torch.Tensor | None,
+                           dtype: str, shard: tuple[int, int] | None) -> tuple[int, int]:
+    """Raise SnapshotError on inconsistent shapes; returns (C, D)."""
+    if dtype not in SNAPSHOT_DTYPES:
+        raise SnapshotError(f"snapshot dtype must be one of {', '.join(SNAPSHOT_DTYPES)}, "
+                            f"got {dtype!r}")
+    if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
+        raise SnapshotError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
+    if weight.ndim != 2:
+        raise SnapshotError(f"classifier weight must be (C, D), got shape {tuple(weight.shape)}")
+    C, D = weight.shape
+    if bias is not None and tuple(bias.shape) != (C,):
+        raise SnapshotError(f"classifier bias must be ({C},), got shape {tuple(bias.shape)}")
+    if not splits:
+        raise SnapshotError("write_snapshot needs at least one split")
+    for name, (features, labels) in splits.items():
+        if features.ndim != 2 or features.shape[1] != D:
+            raise SnapshotError(f"{name} features must be (N, {D}) to match the classifier, "
+                                f"got shape {tuple(features.shape)}")
+        if tuple(labels.shape) != (features.shape[0],):
+            raise SnapshotError(f"{name} labels must be ({features.shape[0]},), "
+                                f"got shape {tuple(labels.shape)}")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= C):
+            raise SnapshotError(f"{name} labels must lie in [0, {C}), "
+                                f"got [{int(labels.min())}, {int(labels.max())}]")
+    return C, D
+
+
 def write_snapshot(
     run_dir: PathLike,
     epoch: int,
@@ -214,47 +242,29 @@ def write_snapshot(
     ``meta-RRRRR-of-WWWWW.json`` (rank 0 also the classifier); rank 0 then calls
     :func:`finalize_sharded_snapshot` after a barrier to write meta.json.
     """
-    if dtype not in SNAPSHOT_DTYPES:
-        raise SnapshotError(f"snapshot dtype must be one of {', '.join(SNAPSHOT_DTYPES)}, "
-                            f"got {dtype!r}")
-    if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
-        raise SnapshotError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
+    C, D = _check_snapshot_inputs(splits, weight, bias, dtype, shard)
+    has_bias = bias is not None
     weight = weight.detach().to("cpu", torch.float32).contiguous()
-    if weight.ndim != 2:
-        raise SnapshotError(f"classifier weight must be (C, D), got shape {tuple(weight.shape)}")
-    C, D = weight.shape
-    bias = torch.zeros(C) if bias is None else bias.detach().to("cpu", torch.float32).contiguous()
-    if tuple(bias.shape) != (C,):
-        raise SnapshotError(f"classifier bias must be ({C},), got shape {tuple(bias.shape)}")
-    if not splits:
-        raise SnapshotError("write_snapshot needs at least one split")
+    bias = bias.detach().to("cpu", torch.float32).contiguous() if has_bias else torch.zeros(C)
     folder = snapshot_dir(run_dir, epoch)
     folder.mkdir(parents=True, exist_ok=True)
-    _clear_snapshot(folder, whole=shard is None)
+    _clear_snapshot(folder, whole=shard is None)  # only once the inputs are known to be good
     suffix = _shard_suffix(shard)
     files: dict[str, dict] = {}
     split_meta: dict[str, dict] = {}
     for name, (features, labels) in splits.items():
-        features = features.detach().to("cpu", SNAPSHOT_DTYPES[dtype]).contiguous()
-        labels = labels.detach().to("cpu", torch.int64).contiguous()
-        if features.ndim != 2 or features.shape[1] != D:
-            raise SnapshotError(f"{name} features must be (N, {D}) to match the classifier, "
-                                f"got shape {tuple(features.shape)}")
-        if tuple(labels.shape) != (features.shape[0],):
-            raise SnapshotError(f"{name} labels must be ({features.shape[0]},), "
-                                f"got shape {tuple(labels.shape)}")
-        if labels.numel() and (labels.min() < 0 or labels.max() >= C):
-            raise SnapshotError(f"{name} labels must lie in [0, {C}), "
-                                f"got [{labels.min()}, {labels.max()}]")
         file = f"{name}{suffix}.safetensors"
-        files[file] = _save_tensors(folder / file, {"features": features, "labels": labels})
+        files[file] = _save_tensors(folder / file, {
+            "features": features.detach().to("cpu", SNAPSHOT_DTYPES[dtype]).contiguous(),
+            "labels": labels.detach().to("cpu", torch.int64).contiguous(),
+        })
         split_meta[name] = {"files": [file], "rows": [features.shape[0]]}
     classifier = None
     if shard is None or shard[0] == 0:
         files[CLASSIFIER_FILE] = _save_tensors(folder / CLASSIFIER_FILE,
                                                {"weight": weight, "bias": bias})
         classifier = {"file": CLASSIFIER_FILE, "weight_shape": [C, D], "bias_shape": [C],
-                      "dtype": "float32", "has_bias": True}
+                      "dtype": "float32", "has_bias": has_bias}
     meta = _meta(epoch, dtype, C, D, split_meta, classifier, files, extra_meta)
     if shard is None:
         _write_json(folder / META_FILE, meta)  # last: the snapshot is complete from here on
@@ -302,6 +312,8 @@ def finalize_sharded_snapshot(run_dir: PathLike, epoch: int, world: int) -> Path
         except FileNotFoundError:
             raise SnapshotError(f"{part}: shard meta is missing; did rank {rank} write "
                                 f"its snapshot?") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise SnapshotError(f"{part}: shard meta is corrupt ({exc})") from None
     meta = parts[0]
     if meta.get("classifier") is None:
         raise SnapshotError(f"{folder}: rank 0 did not write the classifier")

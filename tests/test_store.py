@@ -128,6 +128,7 @@ def test_empty_split_round_trips(tmp_path, tensors):
     assert f.shape == (0, D) and y.shape == (0,)
     assert list(store.iter_split(tmp_path, 1, "train")) == []
     assert torch.equal(store.load_classifier(tmp_path, 1)[1], torch.zeros(C))
+    assert store.read_meta(tmp_path, 1)["classifier"]["has_bias"] is False
 
 
 def test_list_snapshots_ignores_incomplete(tmp_path, tensors):
@@ -167,9 +168,15 @@ def test_unknown_split_names_known_ones(tmp_path, tensors):
     ],
 )
 def test_write_snapshot_rejects_bad_shapes(tmp_path, tensors, splits, message):
+    write_single(tmp_path, tensors, epoch=1)
     with pytest.raises(SnapshotError, match=message):
         store.write_snapshot(tmp_path, 1, splits, tensors["weight"], tensors["bias"])
-    assert store.list_snapshots(tmp_path) == []
+    with pytest.raises(SnapshotError, match=message):
+        store.write_snapshot(tmp_path, 2, splits, tensors["weight"], tensors["bias"])
+    # a rejected call changes nothing: epoch 1 is still complete and intact, 2 never began
+    assert store.list_snapshots(tmp_path) == [1]
+    store.verify_snapshot(tmp_path, 1)
+    assert not store.snapshot_dir(tmp_path, 2).exists()
 
 
 # ---------------------------------------------------------------------------------------
