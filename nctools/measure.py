@@ -83,11 +83,14 @@ def measure(
             f"weight must have shape (C, D) with D = {features.shape[1]} (the features' "
             f"width), got {tuple(weight.shape)}"
         )
-    rows = _chunk_rows(features.shape[1], weight.shape[0])
+    _check_labels(labels, weight.shape[0] if num_classes is None else num_classes)
+    if features.shape[0] > 1 and not bool((labels[1:] >= labels[:-1]).all()):
+        # Group by class once here, so neither pass has to (costs one copy of the features).
+        order = torch.argsort(labels.to(features.device), stable=True)
+        features, labels = features[order], labels.to(features.device)[order]
 
     def chunks() -> Iterator[tuple[Tensor, Tensor]]:
-        for start in range(0, features.shape[0], rows):
-            yield features[start : start + rows], labels[start : start + rows]
+        yield features, labels
 
     return measure_chunks(chunks, weight, bias, num_classes, class_means, device=features.device)
 
@@ -133,26 +136,23 @@ def measure_chunks(
     first.check_nonempty()
     means = first.class_means()
     eigvals, eigvecs = metrics.between_class_eig(means - first.global_mean())
-    basis = eigvecs if eigvecs.shape[1] < dim // 2 else None
-
+    tally = DecisionTally(weight64, bias64, means, first.global_mean(), ncc_means)
+    # Sigma_W is kept only along Sigma_B's eigenvectors when they are few; the classifier
+    # and NCC directions ride along as extra basis columns, so one product serves NC1-NC4.
+    basis = torch.cat([eigvecs, tally.directions], 1) if eigvecs.shape[1] < dim // 2 else None
     second = ClassStats(num_classes, dim, shift=means, basis=basis, device=device)
-    reference = first.global_mean()
-    ncc_centres = (ncc_means if ncc_means is not None else means) - reference
-    tallies = torch.zeros(3, dtype=F64, device=device)
     for feats, labs in chunks():
-        h = feats.to(device=device, dtype=F64)
-        y = labs.to(device=device, dtype=torch.long)
-        second.update(h, y)
-        tallies += decision_tallies(h - reference, y, weight64, bias64, ncc_centres, reference)
+        second.update(feats, labs, on_block=tally.add)
     second.all_reduce(group)
+    counts = tally.counts
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tallies, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
 
     result = collapse_metrics(second, weight64, eigvals, eigvecs)
     total = float(second.counts.sum())
-    result["ncc_mismatch"] = float(tallies[0]) / total
-    result["accuracy"] = float(tallies[1]) / total
-    result["ncc_accuracy"] = float(tallies[2]) / total
+    result["ncc_mismatch"] = float(counts[0]) / total
+    result["accuracy"] = float(counts[1]) / total
+    result["ncc_accuracy"] = float(counts[2]) / total
     return {key: result[key] for key in METRIC_KEYS}
 
 
@@ -193,40 +193,50 @@ def collapse_metrics(
     }
 
 
-def decision_tallies(
-    centred_features: Tensor,
-    labels: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    centred_ncc_means: Tensor,
-    reference: Tensor,
-) -> Tensor:
-    """Counts of NC4 events in one chunk (Papyan et al. 2020, Fig. 7).
+class DecisionTally:
+    """Counts of NC4 events (Papyan et al. 2020, Fig. 7), fed with centred class blocks.
 
-    Both rules are evaluated on features shifted by a common ``reference`` point (the
-    global mean) so the float64 dot products do not cancel against a large offset:
-    w_c.h + b_c = w_c.(h - r) + (w_c.r + b_c), and ||h - mu_c||^2 ranks classes as
-    ||mu_c - r||^2 - 2 (h - r).(mu_c - r).
+    ``ClassStats.update`` hands over each block x = h - s_c of class c (float64), so the
+    classifier and nearest-class-centre rules are evaluated from x without another pass:
+    w_k.h + b_k = w_k.x + (w_k.s_c + b_k), and ||h - m_k||^2 ranks classes k as
+    ||m_k - r||^2 - 2 (x.(m_k - r) + (s_c - r).(m_k - r)) for a common reference r (the
+    global mean), which keeps the dot products free of cancellation against an offset.
 
     Args:
-        centred_features: (n, D) float64 h - r.   labels: (n,).
-        weight: (C, D), bias: (C,) float64.   centred_ncc_means: (C, D) mu_c - r.
-        reference: (D,) r.
-
-    Returns:
-        (3,) float64: [#classifier != NCC, #classifier == label, #NCC == label].
+        weight: (C, D), bias: (C,) float64 classifier.
+        shift: (C, D) the s_c of the blocks.   reference: (D,) r.
+        ncc_means: (C, D) centres of the NCC rule; None means the shift (own class means).
     """
-    logits = centred_features @ weight.T + (weight @ reference + bias)
-    predicted = logits.argmax(1)
-    distances = centred_ncc_means.square().sum(1) - 2.0 * (centred_features @ centred_ncc_means.T)
-    nearest = distances.argmin(1)
-    return torch.stack(
-        [
-            (predicted != nearest).sum(),
-            (predicted == labels).sum(),
-            (nearest == labels).sum(),
-        ]
-    ).to(F64)
+
+    def __init__(
+        self,
+        weight: Tensor,
+        bias: Tensor,
+        shift: Tensor,
+        reference: Tensor,
+        ncc_means: Tensor | None = None,
+    ) -> None:
+        centres = (shift if ncc_means is None else ncc_means) - reference
+        self.num_classes = weight.shape[0]
+        self.directions = torch.cat([weight, centres]).T.contiguous()  # (D, 2C)
+        self.logit_offset = shift @ weight.T + bias  # (C, C): row c for blocks of class c
+        self.centre_offset = (shift - reference) @ centres.T  # (C, C)
+        self.centre_sq = centres.square().sum(1)  # (C,)
+        self.counts = torch.zeros(3, dtype=F64, device=weight.device)
+
+    def add(self, c: int, x: Tensor, projected: Tensor | None = None) -> None:
+        """Tally one block x: (rows, D) float64 centred samples of true class c.
+
+        ``projected`` may hold x @ [..., directions] (its last 2C columns are used).
+        """
+        width = self.directions.shape[1]
+        both = x @ self.directions if projected is None else projected[:, -width:]
+        logits = both[:, : self.num_classes] + self.logit_offset[c]
+        distances = self.centre_sq - 2.0 * (both[:, self.num_classes :] + self.centre_offset[c])
+        predicted, nearest = logits.argmax(1), distances.argmin(1)
+        self.counts += torch.stack(
+            [(predicted != nearest).sum(), (predicted == c).sum(), (nearest == c).sum()]
+        )
 
 
 def class_means(

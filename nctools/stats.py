@@ -20,11 +20,13 @@ keep ~10 significant digits in float64, where raw moments keep ~4).
 
 With ``basis`` (a D x k matrix) only the variances along its k columns are kept,
 instead of the whole D x D second moment: that is all NC1 needs once the eigenvectors
-of Sigma_B are known (``nctools.measure`` runs this as its second pass).
+of Sigma_B are known (``nctools.measure`` runs this as its second pass). A basis with
+k = 0 keeps counts and sums only: the class means, in one cheap pass.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,6 +37,7 @@ from torch import Tensor
 
 F64 = torch.float64
 _STATE = ("counts", "sums", "sq_norms", "scatter")
+BLOCK_ELEMENTS = 1 << 20  # float64 elements of one centred block: 8 MiB, cache-sized
 
 
 class ClassStats:
@@ -80,6 +83,7 @@ class ClassStats:
             self.shift = shift.to(device=device, dtype=F64).clone()
             self.has_shift = torch.ones(num_classes, dtype=torch.bool, device=device)
         self.basis = None
+        self.keeps_moments = basis is None or basis.shape[-1] > 0
         if basis is not None:
             if basis.ndim != 2 or basis.shape[0] != dim:
                 raise ValueError(f"basis must have shape (D={dim}, k), got {tuple(basis.shape)}")
@@ -97,13 +101,72 @@ class ClassStats:
         return int(self.counts.sum())
 
     # ----------------------------------------------------------------- accumulation
-    def update(self, features: Tensor, labels: Tensor) -> ClassStats:
+    def update(
+        self,
+        features: Tensor,
+        labels: Tensor,
+        on_block: Callable[[int, Tensor, Tensor | None], None] | None = None,
+    ) -> ClassStats:
         """Add a chunk of samples.
+
+        The chunk is grouped by class (a stable sort, skipped when it is already grouped),
+        then each class is taken in row blocks: x = h - s_c is formed once per block in
+        float64 and read by a dot product and one matrix product, which keeps the work to
+        a few passes over the data and needs no per-sample scatter.
 
         Args:
             features: (n, D) any float dtype, any device (moved to the state's device).
             labels: (n,) integers in [0, C).
+            on_block: optional ``fn(c, x, xb)`` called with each centred block x = h - s_c,
+                (rows, D) float64, and its projection xb = x @ basis (None without a
+                basis), so a caller can reuse both (``measure`` tallies NC4 from them).
         """
+        h, y = self._checked(features, labels)
+        if h.shape[0] == 0:
+            return self
+        if h.shape[0] > 1 and not bool((y[1:] >= y[:-1]).all()):
+            order = torch.argsort(y, stable=True)
+            h, y = h[order], y[order]
+        batch_counts = torch.bincount(y, minlength=self.num_classes)
+        present = torch.nonzero(batch_counts).flatten().tolist()
+        ends, counts = torch.cumsum(batch_counts, 0).tolist(), batch_counts.tolist()
+        segments = {c: h[ends[c] - counts[c] : ends[c]] for c in present}
+        raw_sums = torch.zeros_like(self.sums)
+        raw_sums[present] = torch.stack([segments[c].sum(0, dtype=F64) for c in present])
+        n = batch_counts.to(F64)
+        new = (batch_counts > 0) & ~self.has_shift
+        self.shift[new] = raw_sums[new] / n[new, None]
+        self.has_shift |= new
+        self.counts += n
+        self.sums += raw_sums - n[:, None] * self.shift
+        if not self.keeps_moments and on_block is None:
+            return self
+        block_rows = max(1, BLOCK_ELEMENTS // self.dim)
+        for c in present:
+            for start in range(0, segments[c].shape[0], block_rows):
+                x = torch.sub(segments[c][start : start + block_rows], self.shift[c])
+                projected = self._add_moments(c, x)
+                if on_block is not None:
+                    on_block(c, x, projected)
+        return self
+
+    def _add_moments(self, c: int, x: Tensor) -> Tensor | None:
+        """Add the second moments of one centred block x = h - s_c, (rows, D) float64.
+
+        Returns x @ basis (rows, k), or None when the full D x D moment is kept.
+        """
+        if not self.keeps_moments:
+            return None
+        flat = x.reshape(-1)
+        self.sq_norms[c] += torch.dot(flat, flat)
+        if self.basis is None:
+            self.scatter.addmm_(x.T, x)
+            return None
+        projected = x @ self.basis
+        self.scatter += projected.square().sum(0)
+        return projected
+
+    def _checked(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         features = torch.as_tensor(features)
         labels = torch.as_tensor(labels)
         if features.ndim != 2 or features.shape[1] != self.dim:
@@ -114,30 +177,16 @@ class ClassStats:
             raise ValueError(
                 f"labels has {labels.numel()} entries but features has {features.shape[0]} rows"
             )
-        if features.shape[0] == 0:
-            return self
-        h = features.to(device=self.device, dtype=F64)
+        if not features.dtype.is_floating_point:
+            raise ValueError(f"features must be floating point, got dtype {features.dtype}")
+        h = features.to(device=self.device)
         y = labels.to(device=self.device, dtype=torch.long)
-        if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
             raise ValueError(
                 f"labels must lie in [0, {self.num_classes}), "
                 f"got values from {int(y.min())} to {int(y.max())}"
             )
-        batch_counts = torch.bincount(y, minlength=self.num_classes).to(F64)
-        new = (batch_counts > 0) & ~self.has_shift
-        if bool(new.any()):
-            batch_sums = torch.zeros_like(self.sums).index_add_(0, y, h)
-            self.shift[new] = batch_sums[new] / batch_counts[new, None]
-            self.has_shift |= new
-        x = h - self.shift[y]
-        self.counts += batch_counts
-        self.sums.index_add_(0, y, x)
-        self.sq_norms.index_add_(0, y, x.square().sum(1))
-        if self.basis is None:
-            self.scatter += x.T @ x
-        else:
-            self.scatter += (x @ self.basis).square().sum(0)
-        return self
+        return h, y
 
     def merge(self, other: ClassStats) -> ClassStats:
         """Add another accumulator's samples into this one (the order does not matter)."""
@@ -245,7 +294,7 @@ class ClassStats:
     def within_class_var_along(self, vectors: Tensor) -> Tensor:
         """(k,) v^T Sigma_W v for each column v of ``vectors`` (D, k).
 
-        With a ``basis``, ``vectors`` must be that basis.
+        With a ``basis``, ``vectors`` must be its first k columns.
         """
         n = self.counts
         vectors = vectors.to(device=self.device, dtype=F64)
@@ -253,8 +302,10 @@ class ClassStats:
         correction = (projected.square() / n[:, None]).sum(0)
         if self.basis is None:
             raw = ((self.scatter @ vectors) * vectors).sum(0)
-        elif vectors.shape == self.basis.shape and torch.equal(vectors, self.basis):
-            raw = self.scatter
+        elif vectors.shape[1] <= self.basis.shape[1] and torch.equal(
+            vectors, self.basis[:, : vectors.shape[1]]
+        ):
+            raw = self.scatter[: vectors.shape[1]]
         else:
             raise ValueError("these ClassStats keep variances only along their own basis")
         return (raw - correction) / n.sum()

@@ -1,0 +1,125 @@
+"""Benchmark `nctools.measure` against a per-sample loop and one float32 H^T H.
+
+Usage::
+
+    python scripts/bench_metrics.py                     # the three default cases
+    python scripts/bench_metrics.py --n 50000 --d 512 --c 10 --repeats 5
+
+For each case (synthetic float32 features, N x D, C classes) it prints the median time
+of `measure` over several runs, the median time of one float32 ``H.T @ H`` on the same
+features (the cost of a single pass that forms a D x D second moment), the time of a
+per-sample loop in the style common in research code (one D x D outer product
+accumulated per sample: timed on a subset and scaled linearly to N, as the table says),
+their ratios, and the peak resident memory `measure` added (Linux VmHWM, reset before
+the call) against the size of the features.
+
+Targets (2-core CPU): ratio to H^T H <= 1.0 at C=10 and <= 2.0 at C=100; >= 100x faster
+than the per-sample loop; peak extra memory <= 2x the features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from nctools import measure
+
+CASES = [(50_000, 512, 10), (50_000, 512, 100), (50_000, 2048, 10)]
+LOOP_SUBSET = 500
+
+
+def synthetic(n: int, d: int, c: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Gaussian clusters: features (n, d) float32, labels (n,), weight (c, d), bias (c,)."""
+    gen = torch.Generator().manual_seed(seed)
+    means = torch.randn(c, d, generator=gen) * 2
+    labels = torch.randint(0, c, (n,), generator=gen)
+    features = means[labels] + torch.randn(n, d, generator=gen)
+    weight = means + 0.5 * torch.randn(c, d, generator=gen)
+    return features, labels, weight, torch.zeros(c)
+
+
+def median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def per_sample_loop(features: torch.Tensor, labels: torch.Tensor, c: int) -> torch.Tensor:
+    """Sigma_W the way research code often builds it: one outer product per sample."""
+    means = torch.stack([features[labels == k].mean(0) for k in range(c)]).double()
+    sigma_w = torch.zeros(features.shape[1], features.shape[1], dtype=torch.float64)
+    for h, y in zip(features.double(), labels, strict=True):
+        diff = h - means[y]
+        sigma_w += torch.outer(diff, diff)
+    return sigma_w / features.shape[0]
+
+
+def peak_extra_bytes(fn) -> int:
+    """Peak resident memory added while ``fn`` runs (Linux: VmHWM after a reset)."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return -1
+
+    def read(field: str) -> int:
+        for line in status.read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+        return -1
+
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak to the current RSS
+    before = read("VmRSS:")
+    fn()
+    return read("VmHWM:") - before
+
+
+def run_case(n: int, d: int, c: int, repeats: int) -> dict[str, float]:
+    features, labels, weight, bias = synthetic(n, d, c)
+    measure(features, labels, weight, bias)  # warm-up: allocator, BLAS threads
+    t_measure = median_seconds(lambda: measure(features, labels, weight, bias), repeats)
+    t_gram = median_seconds(lambda: features.T @ features, repeats)
+    subset = min(LOOP_SUBSET, n)
+    t_loop = median_seconds(lambda: per_sample_loop(features[:subset], labels[:subset], c), 1)
+    t_loop *= n / subset
+    peak = peak_extra_bytes(lambda: measure(features, labels, weight, bias))
+    size = features.numel() * features.element_size()
+    return {
+        "measure_s": t_measure, "gram_s": t_gram, "loop_s": t_loop,
+        "ratio_gram": t_measure / t_gram, "speedup_loop": t_loop / t_measure,
+        "peak_mib": peak / 2**20, "peak_x": peak / size,
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, help="samples (with --d and --c: one case only)")
+    parser.add_argument("--d", type=int, help="feature dimension")
+    parser.add_argument("--c", type=int, help="classes")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per timing (median)")
+    args = parser.parse_args()
+    cases = [(args.n, args.d, args.c)] if args.n and args.d and args.c else CASES
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; per-sample loop timed "
+          f"on {LOOP_SUBSET} samples and scaled linearly to N")  # fmt: skip
+    header = (
+        f"{'N':>7} {'D':>5} {'C':>4} | {'measure s':>9} {'H^T H s':>8} {'ratio':>6} | "
+        f"{'loop s':>8} {'speedup':>8} | {'peak MiB':>8} {'x feats':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    for n, d, c in cases:
+        r = run_case(n, d, c, args.repeats)
+        print(
+            f"{n:>7} {d:>5} {c:>4} | {r['measure_s']:>9.3f} {r['gram_s']:>8.3f} "
+            f"{r['ratio_gram']:>6.2f} | {r['loop_s']:>8.1f} {r['speedup_loop']:>7.0f}x | "
+            f"{r['peak_mib']:>8.1f} {r['peak_x']:>7.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
