@@ -100,6 +100,20 @@ SNAPSHOT_DTYPES = ("float32", "float16")
 SPLITS = ("train", "test")
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _yaml_type(value: Any) -> str:
     """The YAML name of a Python value's type, for error messages."""
     if value is None:
@@ -176,6 +190,11 @@ def _all_keys(cls: type | None = None, prefix: str = "") -> list[str]:
     return keys
 
 
+def _at(source: str, key: str) -> str:
+    """``'cfg.yaml: train.lr'``, or just the key when there is no file to name."""
+    return f"{source}: {key}" if source else key
+
+
 def _unknown_key(source: str, key: str, valid: Sequence[str]) -> ConfigError:
     # a key known in another section (`seed` under train), else a near miss among its
     # siblings (`train.epoch`); whole dotted keys would match on the section name alone
@@ -185,7 +204,7 @@ def _unknown_key(source: str, key: str, valid: Sequence[str]) -> ConfigError:
              for m in difflib.get_close_matches(leaf, valid, n=1, cutoff=0.6)]
     hint = (f" (did you mean '{(same_leaf or close)[0]}'?)" if same_leaf or close
             else f"; valid keys here: {', '.join(valid)}")
-    return ConfigError(f"{source}: {key}: unknown key{hint}")
+    return ConfigError(f"{_at(source, key)}: unknown key{hint}")
 
 
 def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
@@ -195,7 +214,7 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
     where = prefix.rstrip(".") or "top level"
     if not isinstance(data, dict):
         raise ConfigError(
-            f"{source}: {where}: expected a mapping, got {_yaml_type(data)} {_show(data)}"
+            f"{_at(source, where)}: expected a mapping, got {_yaml_type(data)} {_show(data)}"
         )
     hints = get_type_hints(cls)
     kwargs = {}
@@ -211,7 +230,7 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
             kwargs[name] = _coerce(value, tp)
         except TypeError:
             raise ConfigError(
-                f"{source}: {key}: expected {_describe(tp)}, "
+                f"{_at(source, key)}: expected {_describe(tp)}, "
                 f"got {_yaml_type(value)} {_show(value)}"
             ) from None
     return cls(**kwargs)
@@ -288,7 +307,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror or exc})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # safe: a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}:" if mark is not None else ""
@@ -427,6 +446,8 @@ def validate(cfg: Config) -> None:
 
     Data set and architecture names are checked where their lists live (data.py, models.py).
     """
+    # a Config built in code has not been through the loader's type checks
+    cfg = _build(Config, config_to_dict(cfg), "", "")
     data, model, train, snap = cfg.data, cfg.model, cfg.train, cfg.snapshot
     _check(bool(cfg.name.strip()), "name", "a non-empty string", cfg.name)
     _check(cfg.seed >= 0, "seed", ">= 0", cfg.seed)

@@ -178,6 +178,11 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
     assert 3 <= line <= 4  # the unclosed list
 
 
+def test_duplicate_key_is_an_error(tmp_path):
+    msg = error_of(tmp_path, "train:\n  lr: 0.1\n  epochs: 3\n  lr: 0.2\n")
+    assert msg == f"{tmp_path / 'cfg.yaml'}: line 4: YAML syntax error: duplicate key 'lr'"
+
+
 @pytest.mark.parametrize(("text", "got"), [("- a\n- b\n", "list ['a', 'b']"),
                                            ("", "an empty file"), ("42\n", "int 42")])
 def test_top_level_must_be_mapping(tmp_path, text, got):
@@ -258,6 +263,14 @@ def test_validate_message_is_exact():
     with pytest.raises(ConfigError) as info:
         validate(cfg)
     assert str(info.value) == "train.momentum: must be in [0, 1), got 1.0"
+
+
+def test_validate_checks_types_of_a_config_built_in_code():
+    cfg = Config()
+    cfg.train.epochs = "3"
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    assert str(info.value) == "train.epochs: expected int, got str '3'"
 
 
 def test_valid_edge_values_pass():
