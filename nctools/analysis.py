@@ -30,6 +30,9 @@ KEY_COLUMNS = ["run", "dataset", "arch", "epoch", "split", "metric", "value"]
 HISTORY_COLUMNS = ["lr", "train_loss", "train_acc", "test_loss", "test_acc"]
 COLUMNS = [*KEY_COLUMNS, *HISTORY_COLUMNS, "tpt_onset_epoch"]
 SPLIT_ORDER = ("train", "test")  # train first: the test split needs the train class means
+# Values read back must be the very floats written: pandas 3 parses floats exactly by
+# default (and deprecates the option); pandas 2 needs float_precision="round_trip".
+_EXACT_FLOATS = {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
 
 
 def analyze(run_dir: str | Path, strict: bool = False) -> pd.DataFrame:
@@ -108,11 +111,15 @@ def snapshot_splits(run_dir: Path, epoch: int) -> list[str]:
     return sorted(names, key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else 99, s))
 
 
+def read_table(path: str | Path) -> pd.DataFrame:
+    """A ``metrics.csv`` as written, every float exactly."""
+    return pd.read_csv(path, **_EXACT_FLOATS)
+
+
 def _read_table(path: Path) -> pd.DataFrame | None:
     if not path.is_file():
         return None
-    # round_trip: the values read back are the very floats that were written.
-    table = pd.read_csv(path, float_precision="round_trip")
+    table = read_table(path)
     missing = set(KEY_COLUMNS) - set(table.columns)
     if missing:
         raise RunError(f"{path}: not a metrics table (lacks {sorted(missing)}); delete it")

@@ -131,24 +131,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     from nctools.config import load_config
     from nctools.train import train
 
-    if args.config is None and not args.resume:
-        raise NctoolsError("train: give a CONFIG file (or --resume --out RUN)")
-    if args.resume:
-        run = Path(args.out) if args.out else None
-        if args.config is not None and Path(args.config).is_dir():
-            run = run or Path(args.config)  # `nctools train RUN --resume`
-            args.config = None
-        if run is None:
-            raise NctoolsError("train --resume: give the run directory with --out RUN")
-        if not run.is_dir():
-            raise RunError(f"train --resume: no run directory at {run}")
-        config_path = Path(args.config) if args.config else run / "config.yaml"
-        cfg = load_config(config_path, args.overrides)
-    else:
+    if not args.resume:
+        if args.config is None:
+            raise NctoolsError("train: give a CONFIG file (or --resume --out RUN)")
         cfg = load_config(args.config, args.overrides)
         run = Path(args.out) if args.out else Path("runs") / cfg.name
-    run_dir = train(cfg, run, resume=args.resume)
-    print(f"run saved in {run_dir}")
+        print(f"run saved in {train(cfg, run)}")
+        return 0
+    # --resume: `nctools train --resume --out RUN` or `nctools train RUN --resume`.
+    config = Path(args.config) if args.config else None
+    run = Path(args.out) if args.out else config if config and config.is_dir() else None
+    if run is None:
+        raise NctoolsError("train --resume: give the run directory with --out RUN")
+    if not (run / "config.yaml").is_file():
+        raise RunError(f"train --resume: no run to resume at {run} (no config.yaml there)")
+    if config is None or config.is_dir():
+        config = run / "config.yaml"
+    cfg = load_config(config, args.overrides)
+    # Without changes the run's own config.yaml is authoritative; with a CONFIG or --set,
+    # train() checks they describe the same run (only keys like train.device may differ).
+    same = config == run / "config.yaml" and not args.overrides
+    print(f"run saved in {train(cfg, run, resume=same)}")
     return 0
 
 
@@ -170,7 +173,8 @@ def summary(table) -> str:
     last = last[last["metric"].isin(SUMMARY_METRICS)]
     wide = last.pivot_table(index="metric", columns="split", values="value", aggfunc="first")
     wide = wide.reindex([m for m in SUMMARY_METRICS if m in wide.index])
-    wide.columns.name = None
+    wide = wide[sorted(wide.columns, key=lambda s: (s != "train", s != "test", s))]
+    wide.columns.name = wide.index.name = None
     return f"epoch {int(table['epoch'].max())}:\n" + wide.to_string(float_format="{:.4g}".format)
 
 

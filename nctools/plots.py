@@ -72,7 +72,7 @@ def _read(table: pd.DataFrame | str | Path) -> pd.DataFrame:
     path = Path(table)
     if not path.is_file():
         raise NctoolsError(f"no metrics table at {path} (write one with `nctools analyze RUN`)")
-    return pd.read_csv(path, float_precision="round_trip")
+    return pd.read_csv(path)
 
 
 def _runs(tables: Sequence[pd.DataFrame | str | Path] | pd.DataFrame | str | Path):

@@ -1,0 +1,158 @@
+"""analyze(): a run directory -> metrics table, checked against measure() by hand."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from nctools import analysis, store
+from nctools.analysis import COLUMNS, analyze
+from nctools.config import Config, DataConfig, ModelConfig, SnapshotConfig, TrainConfig
+from nctools.errors import RunError, SnapshotError
+from nctools.measure import METRIC_KEYS, class_means, measure
+from nctools.train import train
+
+
+def tiny_config() -> Config:
+    return Config(
+        name="tiny",
+        data=DataConfig(dataset="synthetic", num_classes=4, train_per_class=16,
+                        test_per_class=8, image_size=8),
+        model=ModelConfig(arch="convnet", width=8),
+        train=TrainConfig(epochs=3, batch_size=32, device="cpu"),
+        snapshot=SnapshotConfig(epochs="all"),
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    return train(tiny_config(), tmp_path_factory.mktemp("runs") / "tiny")
+
+
+@pytest.fixture
+def run(trained, tmp_path) -> Path:
+    """A private copy of the trained run, free to be analysed, corrupted or edited."""
+    return Path(shutil.copytree(trained, tmp_path / "tiny"))
+
+
+def by_hand(run: Path, epoch: int) -> dict[str, dict[str, float]]:
+    weight, bias = store.load_classifier(run, epoch)
+    train_h, train_y = store.load_split(run, epoch, "train")
+    test_h, test_y = store.load_split(run, epoch, "test")
+    means = class_means(train_h, train_y, 4)
+    return {
+        "train": measure(train_h, train_y, weight, bias),
+        "test": measure(test_h, test_y, weight, bias, class_means=means),
+    }
+
+
+def test_table_equals_measure_on_each_snapshot(run):
+    table = analyze(run)
+    assert list(table.columns) == COLUMNS
+    assert sorted(table["epoch"].unique()) == [1, 2, 3]
+    assert len(table) == 3 * 2 * len(METRIC_KEYS)
+    assert set(table["run"]) == {"tiny"}
+    assert set(table["dataset"]) == {"synthetic"} and set(table["arch"]) == {"convnet"}
+    for epoch in (1, 2, 3):
+        expected = by_hand(run, epoch)
+        for split in ("train", "test"):
+            rows = table[(table["epoch"] == epoch) & (table["split"] == split)]
+            got = dict(zip(rows["metric"], rows["value"], strict=True))
+            assert set(got) == set(METRIC_KEYS)
+            for key in METRIC_KEYS:
+                assert got[key] == pytest.approx(expected[split][key], rel=1e-12, abs=1e-12)
+    # The test split's NC4 uses the training means: it differs from its own-means value.
+    weight, bias = store.load_classifier(run, 3)
+    own = measure(*store.load_split(run, 3, "test"), weight, bias)
+    test_rows = table[(table["epoch"] == 3) & (table["split"] == "test")].set_index("metric")
+    assert test_rows.loc["nc1", "value"] == pytest.approx(own["nc1"], rel=1e-12)
+
+
+def test_history_and_onset_joined_and_csv_round_trips(run):
+    table = analyze(run)
+    history = store.read_history(run).set_index("epoch")
+    for epoch, rows in table.groupby("epoch"):
+        for column in ("lr", "train_loss", "train_acc", "test_loss", "test_acc"):
+            assert set(rows[column]) == {history.loc[epoch, column]}
+    onset = store.read_manifest(run)["tpt_onset_epoch"]
+    assert table["tpt_onset_epoch"].isna().all() if onset is None else \
+        set(table["tpt_onset_epoch"]) == {onset}
+    # The onset comes from run.json and is refreshed on every call (a run still training).
+    manifest = store.read_manifest(run)
+    store.write_manifest(run, {**manifest, "tpt_onset_epoch": 2})
+    assert set(analyze(run)["tpt_onset_epoch"]) == {2.0}
+    on_disk = analysis.read_table(run / "metrics.csv")
+    pd.testing.assert_frame_equal(on_disk, analyze(run), check_dtype=False)
+
+
+def test_two_runs_concatenate(run, tmp_path):
+    other = Path(shutil.copytree(run, tmp_path / "other"))
+    both = pd.concat([analyze(run), analyze(other)], ignore_index=True)
+    assert list(both.columns) == COLUMNS
+    assert both.groupby("run").size().to_dict() == {"other": 90, "tiny": 90}
+
+
+def counting(monkeypatch) -> list[int]:
+    calls: list[int] = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(analysis, "measure", counted)
+    return calls
+
+
+def test_incremental_measures_only_new_snapshots(run, monkeypatch):
+    meta = store.snapshot_dir(run, 3) / "meta.json"
+    hidden = meta.with_name("meta.json.later")
+    meta.rename(hidden)  # epoch 3 not complete yet: the run is still training
+    first = analyze(run)
+    assert sorted(first["epoch"].unique()) == [1, 2]
+
+    calls = counting(monkeypatch)
+    again = analyze(run)
+    assert calls == []  # nothing new: nothing measured
+    pd.testing.assert_frame_equal(again, first)
+
+    hidden.rename(meta)  # epoch 3 lands
+    later = analyze(run)
+    assert len(calls) == 2  # one snapshot, two splits
+    assert sorted(later["epoch"].unique()) == [1, 2, 3]
+    old_rows = later[later["epoch"] < 3].reset_index(drop=True)
+    pd.testing.assert_frame_equal(old_rows, first)
+
+
+def test_corrupt_snapshot_is_skipped_and_named(run):
+    path = store.snapshot_dir(run, 2) / "train.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-8:] = bytes(b ^ 0xFF for b in data[-8:])
+    path.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match=r"epoch-0002.*train\.safetensors"):
+        table = analyze(run)
+    assert sorted(table["epoch"].unique()) == [1, 3]
+    # Epoch 2 is still missing from metrics.csv, so a strict call tries it again.
+    with pytest.raises(SnapshotError, match=r"epoch-0002.*train\.safetensors"):
+        analyze(run, strict=True)
+
+
+def test_missing_run_and_run_without_snapshots(tmp_path):
+    with pytest.raises(RunError, match=r"^no run directory at .*nowhere"):
+        analyze(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunError, match=r"has no snapshots.*snapshot\.epochs=all"):
+        analyze(tmp_path / "empty")
+
+
+def test_onset_from_history_without_manifest(run):
+    (run / "run.json").unlink()
+    history = store.read_history(run)
+    history.loc[history["epoch"] >= 2, "train_acc"] = 1.0
+    store.atomic_write_text(run / "history.csv", history.to_csv(index=False))
+    assert set(analyze(run)["tpt_onset_epoch"]) == {2.0}
+    history["train_acc"] = 0.5
+    store.atomic_write_text(run / "history.csv", history.to_csv(index=False))
+    assert analyze(run)["tpt_onset_epoch"].isna().all()  # zero training error not reached
