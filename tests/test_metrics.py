@@ -1,0 +1,222 @@
+"""nctools.measure and nctools.metrics against an independent NumPy reference (METRICS.md)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import reference_metrics
+
+from nctools import measure, metrics
+from nctools.measure import METRIC_KEYS, class_means
+
+# METRICS.md, in order: the contract for the returned keys.
+CONTRACT_KEYS = (
+    "nc1", "nc1_ratio", "cdnv", "equinorm_means", "equinorm_weights", "equiangular_means",
+    "equiangular_weights", "maxangle_means", "maxangle_weights", "etf_means", "etf_weights",
+    "self_duality", "ncc_mismatch", "accuracy", "ncc_accuracy",
+)  # fmt: skip
+
+
+def clusters(num_classes, dim, per_class, spread=1.0, offset=0.0, imbalance=False, seed=0):
+    """Gaussian class clusters with a classifier near the means (float64 NumPy)."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(num_classes, dim)) * 3 + offset
+    if imbalance:
+        sizes = rng.integers(2, 3 * per_class, size=num_classes)
+    else:
+        sizes = np.full(num_classes, per_class)
+    labels = np.repeat(np.arange(num_classes), sizes)
+    rng.shuffle(labels)
+    features = means[labels] + spread * rng.normal(size=(labels.size, dim))
+    weight = means - means.mean(0) + 0.7 * rng.normal(size=(num_classes, dim))
+    bias = 0.1 * rng.normal(size=num_classes)
+    return features, labels, weight, bias
+
+
+def assert_close(got, want, rtol, atol=0.0):
+    assert tuple(got) == CONTRACT_KEYS
+    for key in CONTRACT_KEYS:
+        assert math.isclose(got[key], want[key], rel_tol=rtol, abs_tol=atol), (
+            key, got[key], want[key],
+        )  # fmt: skip
+
+
+def test_keys_are_the_contract():
+    assert METRIC_KEYS == CONTRACT_KEYS
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(num_classes=5, dim=12, per_class=30),
+        dict(num_classes=7, dim=9, per_class=20, imbalance=True),
+        dict(num_classes=6, dim=16, per_class=25, spread=1e-3),  # nearly collapsed
+        dict(num_classes=12, dim=5, per_class=15),  # C > D: full pseudo-inverse
+        dict(num_classes=2, dim=3, per_class=10),
+    ],
+)
+def test_matches_reference_float64(case):
+    features, labels, weight, bias = clusters(**case)
+    want = reference_metrics(features, labels, weight, bias)
+    assert_close(measure(features, labels, weight, bias), want, rtol=1e-9, atol=1e-12)
+
+
+def test_torch_inputs_and_no_bias():
+    features, labels, weight, _ = clusters(4, 8, 20, seed=3)
+    want = reference_metrics(features, labels, weight)
+    got = measure(torch.from_numpy(features), torch.from_numpy(labels), torch.from_numpy(weight))
+    assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_float32_agrees_with_float64_reference():
+    features, labels, weight, bias = clusters(10, 64, 50, seed=1)
+    want = reference_metrics(features, labels, weight, bias)
+    got = measure(
+        torch.tensor(features, dtype=torch.float32),
+        torch.from_numpy(labels),
+        torch.tensor(weight, dtype=torch.float32),
+        torch.tensor(bias, dtype=torch.float32),
+    )
+    assert_close(got, want, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_low_precision_inputs_are_accumulated_in_float64(dtype):
+    features, labels, weight, bias = clusters(5, 16, 40, seed=2)
+    low = torch.tensor(features).to(dtype)
+    low_weight = torch.tensor(weight).to(dtype)
+    # The reference sees exactly the rounded values, so only float64 arithmetic remains.
+    want = reference_metrics(low.double().numpy(), labels, low_weight.double().numpy(), bias)
+    got = measure(low, torch.from_numpy(labels), low_weight, torch.from_numpy(bias))
+    assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_class_means_from_another_split_drive_nc4_only():
+    train = clusters(6, 10, 40, seed=4)
+    test_features, test_labels, _, _ = clusters(6, 10, 15, spread=2.0, seed=5)
+    weight, bias = train[2], train[3]
+    train_means = class_means(train[0], train[1], 6)
+    ref_means = np.stack([train[0][train[1] == c].mean(0) for c in range(6)])
+    np.testing.assert_allclose(train_means.numpy(), ref_means, rtol=1e-12)
+    want = reference_metrics(test_features, test_labels, weight, bias, class_means=ref_means)
+    got = measure(test_features, test_labels, weight, bias, class_means=train_means)
+    assert_close(got, want, rtol=1e-9, atol=1e-12)
+    own = measure(test_features, test_labels, weight, bias)
+    assert got["nc1"] == pytest.approx(own["nc1"], rel=1e-12)
+    assert got["ncc_accuracy"] != own["ncc_accuracy"] or got["ncc_mismatch"] != own["ncc_mismatch"]
+
+
+def simplex_etf(num_classes, dim, rng):
+    """C unit vectors in R^D with pairwise cosine -1/(C-1), in the first C dimensions."""
+    q, _ = np.linalg.qr(rng.normal(size=(num_classes, num_classes)))
+    centred = np.eye(num_classes) - 1.0 / num_classes
+    vectors = np.zeros((num_classes, dim))
+    vectors[:, :num_classes] = centred @ q * math.sqrt(num_classes / (num_classes - 1))
+    return vectors
+
+
+@pytest.mark.parametrize("num_classes,dim", [(4, 10), (10, 32), (3, 3)])
+def test_exact_collapse_gives_zeros(num_classes, dim):
+    rng = np.random.default_rng(7)
+    etf = simplex_etf(num_classes, dim, rng)
+    offset = np.zeros(dim)
+    if dim > num_classes:
+        offset[num_classes:] = 50.0  # a global mean outside the span of the means
+    labels = np.repeat(np.arange(num_classes), 13)
+    features = etf[labels] * 4.0 + offset
+    got = measure(features, labels, 2.5 * etf)
+    for key in CONTRACT_KEYS[:12]:
+        assert abs(got[key]) < 1e-10, (key, got[key])
+    assert got["ncc_mismatch"] == 0.0
+    assert got["accuracy"] == 1.0 and got["ncc_accuracy"] == 1.0
+
+
+def test_large_offset_collapsed_regime():
+    """Features around 1e3 with within-class std 1e-3: shifted sums keep the digits."""
+    rng = np.random.default_rng(11)
+    num_classes, dim = 5, 20
+    means = 1e3 + rng.normal(size=(num_classes, dim))
+    labels = np.repeat(np.arange(num_classes), 200)
+    noise = 1e-3 * rng.normal(size=(labels.size, dim))
+    features = means[labels] + noise
+    weight = means - means.mean(0)
+    want = reference_metrics(features, labels, weight)  # two-pass, so exact enough
+    got = measure(features, labels, weight)
+    assert_close(got, want, rtol=1e-7, atol=1e-14)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    num_classes=st.integers(2, 6),
+    dim=st.integers(2, 9),
+    scale=st.floats(1e-2, 1e2),
+)
+def test_invariances(seed, num_classes, dim, scale):
+    rng = np.random.default_rng(seed)
+    features, labels, weight, bias = clusters(num_classes, dim, 8, imbalance=True, seed=seed)
+    base = measure(features, labels, weight, bias)
+    # sample permutation
+    order = rng.permutation(labels.size)
+    assert_close(measure(features[order], labels[order], weight, bias), base, 1e-8, 1e-11)
+    # class relabelling, permuting the classifier's rows with it
+    perm = rng.permutation(num_classes)
+    relabelled = np.argsort(perm)[labels]
+    assert_close(measure(features, relabelled, weight[perm], bias[perm]), base, 1e-8, 1e-11)
+    # orthogonal change of basis applied to features and weights together
+    q, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+    assert_close(measure(features @ q.T, labels, weight @ q.T, bias), base, 1e-8, 1e-11)
+    # positive scaling: NC1-NC3 of H and of W are scale-free
+    scaled = measure(features * scale, labels, weight * scale, bias)
+    for key in CONTRACT_KEYS[:12]:
+        assert scaled[key] == pytest.approx(base[key], rel=1e-8, abs=1e-11), key
+
+
+def test_tiled_pairwise_equals_untiled(monkeypatch):
+    features, labels, weight, bias = clusters(40, 6, 5, seed=9)
+    whole = measure(features, labels, weight, bias)
+    monkeypatch.setattr(metrics, "TILE_ELEMENTS", 40 * 3)  # 3 rows per tile, 14 tiles
+    tiled = measure(features, labels, weight, bias)
+    assert_close(tiled, whole, rtol=1e-9, atol=1e-14)
+
+
+BAD_INPUTS = [
+    (lambda f, y, w: (f[:-1], y, w), "labels"),
+    (lambda f, y, w: (f, np.where(y == 0, 5, y), w), r"\[0, 5\)"),
+    (lambda f, y, w: (f, y - 1, w), r"\[0, 5\)"),
+    (lambda f, y, w: (f, y, w[:, :-1]), "weight"),
+    (lambda f, y, w: (f, y, w[None]), "weight"),
+    (lambda f, y, w: (np.where(np.arange(f.size).reshape(f.shape) == 7, np.nan, f), y, w),
+     "features contain NaN"),
+    (lambda f, y, w: (np.where(np.arange(f.size).reshape(f.shape) == 3, np.inf, f), y, w),
+     "features contain NaN"),
+    (lambda f, y, w: (f, y, np.where(np.arange(w.size).reshape(w.shape) == 2, np.nan, w)),
+     "weight contains NaN"),
+    (lambda f, y, w: (f[y != 3], y[y != 3], w), "class 3 has no samples"),
+    (lambda f, y, w: (f[y == 0], y[y == 0], w[:1]), "at least 2"),
+    (lambda f, y, w: (f[:0], y[:0], w), "empty"),
+    (lambda f, y, w: (f, y.astype(np.float32), w), "labels must be integers"),
+    (lambda f, y, w: (f[:, 0], y, w), "features must be 2-D"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("corrupt,message", BAD_INPUTS)
+def test_bad_input_names_the_argument(corrupt, message):
+    features, labels, weight, _ = clusters(5, 4, 6, seed=0)
+    with pytest.raises(ValueError, match=message):
+        measure(*corrupt(features, labels, weight))
+
+
+def test_bad_bias_num_classes_and_class_means():
+    features, labels, weight, bias = clusters(5, 4, 6, seed=0)
+    with pytest.raises(ValueError, match=r"bias must have shape \(C,\) = \(5,\)"):
+        measure(features, labels, weight, bias[:3])
+    with pytest.raises(ValueError, match="num_classes = 6"):
+        measure(features, labels, weight, num_classes=6)
+    with pytest.raises(ValueError, match="class_means must have shape"):
+        measure(features, labels, weight, class_means=np.zeros((5, 3)))
+    with pytest.raises(ValueError, match=r"features must be a torch\.Tensor or numpy\.ndarray"):
+        measure(features.tolist(), labels, weight)
