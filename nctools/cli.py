@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from nctools.errors import NctoolsError, RunError
+from nctools.errors import CheckpointError, NctoolsError, RunError
 
 # The rows of the short table `nctools analyze` prints (METRICS.md keys).
 SUMMARY_METRICS = (
@@ -322,7 +322,11 @@ def measure_checkpoint(
     data = load_dataset(data_cfg, seed=0)
     classes = num_classes or data.num_classes
     model = models.build_model(ModelConfig(arch=arch), classes, data.in_channels, data.image_size)
-    models.load_state_dict_compat(model, state)
+    try:
+        models.load_state_dict_compat(model, state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{checkpoint} does not fit {arch} with {classes} classes "
+                              f"and {data.in_channels} input channels: {exc}") from None
     dev = _device(device)
     model.to(dev)
     linear = feature_layer(model, layer)
