@@ -58,7 +58,8 @@ def analyze(run_dir: str | Path, strict: bool = False) -> pd.DataFrame:
             f"`nctools train CONFIG --out {run_dir} --set snapshot.epochs=all`"
         )
     config = load_config(run_dir / "config.yaml")
-    ident = {"run": run_dir.name, "dataset": config.data.dataset, "arch": config.model.arch}
+    ident = {"run": run_dir.resolve().name, "dataset": config.data.dataset,
+             "arch": config.model.arch}
 
     old = _read_table(run_dir / METRICS_FILE)
     done = set(old["epoch"].astype(int)) if old is not None else set()

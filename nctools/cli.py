@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from nctools.errors import CheckpointError, NctoolsError, RunError
+from nctools.errors import CheckpointError, ConfigError, NctoolsError, RunError
 
 # The rows of the short table `nctools analyze` prints (METRICS.md keys).
 SUMMARY_METRICS = (
@@ -235,14 +235,12 @@ def cmd_measure(args: argparse.Namespace) -> int:
 
 
 def _device(name: str):
-    import torch
+    from nctools.train import resolve_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
-    except RuntimeError:
-        raise NctoolsError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+        return resolve_device(name)
+    except ConfigError as exc:  # same rule as train.device, named as the user wrote it
+        raise ConfigError(str(exc).replace("train.device", "--device")) from None
 
 
 def feature_layer(model, name: str | None):

@@ -176,6 +176,19 @@ def test_train_analyze_plot_workflow(capsys, tmp_path, monkeypatch):
     assert float(nc1_row[1]) == pytest.approx(last.loc["train", "value"], rel=1e-3)
     assert float(nc1_row[2]) == pytest.approx(last.loc["test", "value"], rel=1e-3)
 
+    # A snapshot failing its checksum: skipped with a one-line warning, or an error (--strict).
+    clf = run / "snapshots" / "epoch-0002" / "classifier.safetensors"
+    clf.write_bytes(clf.read_bytes()[:-4] + b"\0\0\0\0")
+    (run / "metrics.csv").unlink()
+    assert main(["analyze", str(run)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1
+    assert err[0].startswith(f"nctools: warning: skipping the snapshot of epoch 2: {clf}")
+    (run / "metrics.csv").unlink()
+    assert main(["analyze", "--strict", str(run)]) == 2
+    assert capsys.readouterr().err.startswith(f"nctools: error: {clf}")
+    assert not (run / "metrics.csv").exists()
+
 
 def test_demo_config_is_packaged_and_valid():
     with files("nctools").joinpath("configs", "demo.yaml").open() as f:
