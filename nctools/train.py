@@ -22,12 +22,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import shlex
 import signal
 import threading
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE, CHECKPOINT_FILE = store.CONFIG_FILE, store.CHECKPOINT_FILE
 RESUME_MAY_CHANGE = ("train.device",)  # where a run continues does not change what it is
-EVAL_BATCH_FACTOR = 4  # eval batch = 4 x train batch: no activations are kept for backward
+EVAL_BATCH_FACTOR = 2  # no activations kept for backward; larger batches gain nothing on a CPU
 
 
 @dataclass(frozen=True)
@@ -92,19 +93,15 @@ def wrap_model(model: nn.Module, dist: DistInfo) -> nn.Module:
 
 
 def resolve_device(spec: str) -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda[:N]`` must exist."""
+    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda[:N]`` must exist here."""
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as e:
-        raise ConfigError(f"train.device: {spec!r} is not auto, cpu, cuda or cuda:N") from e
-    if device.type == "cuda":
-        index = device.index or 0
-        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-            raise ConfigError(f"train.device: {spec!r} requested but this machine has no such GPU")
-    elif device.type != "cpu":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec != "cpu" and not re.fullmatch(r"cuda(:\d+)?", spec):
         raise ConfigError(f"train.device: {spec!r} is not auto, cpu, cuda or cuda:N")
+    device = torch.device(spec)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= gpus:
+        raise ConfigError(f"train.device: {spec!r} requested but this machine has {gpus} GPUs")
     return device
 
 
@@ -190,12 +187,32 @@ class _StopOnSigint:
             signal.signal(signal.SIGINT, self._previous)
 
 
+@dataclass
+class _Run:
+    """What one training run holds while it trains."""
+
+    config: Config
+    run_dir: Path
+    dist: DistInfo
+    device: torch.device
+    dataset: Dataset
+    model: nn.Module  # the bare network: features, classifier, state_dict
+    net: nn.Module  # what trains: the model, or its distributed wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    schedule: list[int]  # snapshot epochs
+    autocast: AbstractContextManager
+    manifest: dict
+    tpt_onset: int | None = None
+
+
 def train(config: Config, out_dir: str | Path, resume: bool = False) -> Path:
     """Train ``config`` into the run directory ``out_dir`` and return its path.
 
-    A new ``out_dir`` starts a run; one holding this config and a checkpoint continues
-    from its last completed epoch; a completed run is left as it is. ``resume=True``
-    continues an existing run with its saved ``config.yaml`` whatever ``config`` says.
+    A new ``out_dir`` starts a run; one holding the same config continues from its last
+    completed epoch; a completed run is left as it is. ``resume=True`` continues an
+    existing run with its saved ``config.yaml`` (differences are warned about and ignored,
+    except ``train.device``).
 
     Raises:
         RunError: ``out_dir`` holds a run of another config, or training diverged
@@ -207,180 +224,162 @@ def train(config: Config, out_dir: str | Path, resume: bool = False) -> Path:
     config, checkpoint = _open_run(run_dir, config, resume)
     if config is None:
         return run_dir
+    run = _setup(config, run_dir, dist)
+    start = 0
+    if checkpoint is not None:
+        start = _load_checkpoint(run, checkpoint)
+        log.info("resuming %s after epoch %d of %d", run_dir, start, config.train.epochs)
+    run.manifest.update(epochs_done=start, tpt_onset_epoch=run.tpt_onset)
+    if dist.is_main:
+        if checkpoint is None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, run_dir / CONFIG_FILE)
+            _save_checkpoint(run, 0)  # the initialisation is a resumable state too
+        store.truncate_history(run_dir, start)  # later rows are replayed
+        store.write_manifest(run_dir, run.manifest)
+
+    bar = tqdm(range(start + 1, config.train.epochs + 1), initial=start,
+               total=config.train.epochs, unit="epoch", desc=config.name,
+               disable=None if dist.is_main else True)
+    with _StopOnSigint() as stop:
+        try:
+            for epoch in bar:
+                row = _run_epoch(run, epoch, stop)
+                bar.set_postfix(loss=f"{row['train_loss']:.4g}", acc=f"{row['train_acc']:.4f}",
+                                test_acc=f"{row['test_acc']:.4f}")
+                if stop.requested:  # Ctrl-C during the evaluation or the writes
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            _set_status(run, "interrupted")
+            command = f"nctools train {shlex.quote(str(run_dir / CONFIG_FILE))} " \
+                      f"--out {shlex.quote(str(run_dir))}"
+            log.warning("interrupted after epoch %d of %d; resume with: %s",
+                        run.manifest["epochs_done"], config.train.epochs, command)
+            raise
+        finally:
+            bar.close()
+    _set_status(run, "completed")
+    return run_dir
+
+
+def _setup(config: Config, run_dir: Path, dist: DistInfo) -> _Run:
+    """Data, a freshly initialised model (seeded by ``config.seed``), optimizer, schedule."""
     tc = config.train
     device = resolve_device(tc.device)
     cuda = device.type == "cuda"
     if not cuda and (tc.bf16 or tc.channels_last):
         log.info("train.bf16 / train.channels_last apply to CUDA only; ignored on %s", device)
-
-    torch.manual_seed(config.seed)  # model init
+    torch.manual_seed(config.seed)
     dataset = load_dataset(config.data, config.seed)
     model = build_model(config.model, dataset.num_classes, dataset.in_channels, dataset.image_size)
     model.to(device)
     if cuda and tc.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, tc)
-    scheduler = build_scheduler(optimizer, tc)
     schedule = snapshot_schedule(config.snapshot.epochs, tc.epochs)
-
-    start, tpt_onset = 0, None
-    if checkpoint is not None:
-        start, tpt_onset = _load_checkpoint(checkpoint, model, optimizer, scheduler, device)
-        log.info("resuming %s after epoch %d of %d", run_dir, start, tc.epochs)
-    manifest = _manifest(config, dataset, model, device, schedule, start, tpt_onset)
-    if dist.is_main:
-        if checkpoint is None:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, run_dir / CONFIG_FILE)
-        store.truncate_history(run_dir, start)  # later rows are replayed
-        store.write_manifest(run_dir, manifest)
-    if checkpoint is None:  # the initialisation is a resumable state too
-        _save_checkpoint(run_dir, 0, None, model, optimizer, scheduler, dist)
-
-    net = wrap_model(model, dist)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and tc.bf16 else nullcontext()
-    bar = tqdm(
-        range(start + 1, tc.epochs + 1), initial=start, total=tc.epochs, unit="epoch",
-        desc=config.name, disable=None if dist.is_main else True,
+    return _Run(
+        config, run_dir, dist, device, dataset, model, wrap_model(model, dist), optimizer,
+        build_scheduler(optimizer, tc), schedule, autocast,
+        _manifest(config, dataset, model, device, schedule),
     )
-    with _StopOnSigint() as stop:
-        try:
-            for epoch in bar:
-                row = _run_epoch(
-                    epoch, config, dataset, net, model, optimizer, scheduler, device, autocast,
-                    stop, schedule, run_dir, dist,
-                )
-                if not _finite(row):
-                    _diverged(run_dir, manifest, epoch, row, dist)
-                if tpt_onset is None and row["train_acc"] == 1.0:
-                    tpt_onset = epoch
-                    log.info("epoch %d: training error reached zero (TPT onset)", epoch)
-                _save_checkpoint(run_dir, epoch, tpt_onset, model, optimizer, scheduler, dist)
-                manifest.update(epochs_done=epoch, tpt_onset_epoch=tpt_onset)
-                if dist.is_main:
-                    store.write_manifest(run_dir, manifest)
-                bar.set_postfix(
-                    loss=f"{row['train_loss']:.4g}", acc=f"{row['train_acc']:.4f}",
-                    test_acc=f"{row['test_acc']:.4f}",
-                )
-                if stop.requested:
-                    raise KeyboardInterrupt
-        except KeyboardInterrupt:
-            manifest["status"] = "interrupted"
-            if dist.is_main:
-                store.write_manifest(run_dir, manifest)
-            command = f"nctools train {shlex.quote(str(run_dir / CONFIG_FILE))} " \
-                      f"--out {shlex.quote(str(run_dir))}"
-            log.warning(
-                "interrupted after epoch %d of %d; resume with: %s",
-                manifest["epochs_done"], tc.epochs, command,
-            )
-            raise
-        finally:
-            bar.close()
-    manifest["status"] = "completed"
-    if dist.is_main:
-        store.write_manifest(run_dir, manifest)
-    return run_dir
 
 
-def _run_epoch(
-    epoch, config, dataset, net, model, optimizer, scheduler, device, autocast, stop, schedule,
-    run_dir, dist,
-) -> dict:
-    """Train one epoch, evaluate, append the history row and (if due) write the snapshot."""
-    tc = config.train
+def _run_epoch(run: _Run, epoch: int, stop: _StopOnSigint) -> dict:
+    """Train one epoch, evaluate, then write its history row, snapshot and checkpoint."""
+    config, tc, device = run.config, run.config.train, run.device
     t0 = time.perf_counter()
-    lr = optimizer.param_groups[0]["lr"]
+    lr = run.optimizer.param_groups[0]["lr"]
     gen = epoch_generator(config.seed, epoch)
-    split = dataset.train
-    order = torch.randperm(len(split.labels), generator=gen)
+    split = run.dataset.train
+    order = torch.randperm(len(split), generator=gen)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
-    net.train()
+    run.net.train()
     for x, y in iterate_batches(split, order, tc.batch_size, config.data.augment, gen):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if tc.channels_last and device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        loss, hits = train_step(net, x, y, optimizer, tc.loss, autocast)
-        loss_sum += loss * len(y)
+        loss, hits = train_step(run.net, x, y, run.optimizer, tc.loss, run.autocast)
+        loss_sum += loss * len(y)  # device tensors: no GPU sync per step
         correct += hits
         if stop.requested:
             raise KeyboardInterrupt
-    scheduler.step()
-    n = len(split.labels)
-    splits = _extract(config, dataset, model, device, full=epoch in schedule)
-    test_loss, test_acc = _classify(model, *splits["test"], tc.loss)
-    row = {
-        "epoch": epoch, "lr": lr, "train_loss": loss_sum.item() / n,
-        "train_acc": correct.item() / n, "test_loss": test_loss, "test_acc": test_acc,
-    }
-    if not _finite(row):
-        return row  # the caller stops here: nothing of a diverged epoch goes to disk
+    run.scheduler.step()
+    # One eval pass gives the test metrics, and on snapshot epochs the snapshot too.
+    snapshot = epoch in run.schedule
+    names = {"test", *config.snapshot.splits} if snapshot else {"test"}
+    batch = EVAL_BATCH_FACTOR * tc.batch_size
+    splits = {s: extract_features(run.model, getattr(run.dataset, s), batch, device) for s in names}
+    test_loss, test_acc = _classify(run.model, *splits["test"], tc.loss)
+    n = len(split)
+    row = {"epoch": epoch, "lr": lr, "train_loss": loss_sum.item() / n,
+           "train_acc": correct.item() / n, "test_loss": test_loss, "test_acc": test_acc}
+    if not (math.isfinite(row["train_loss"]) and math.isfinite(test_loss)):
+        _diverged(run, epoch, row)  # raises; nothing of this epoch reaches the disk
+    if run.tpt_onset is None and row["train_acc"] == 1.0:
+        run.tpt_onset = epoch
+        log.info("epoch %d: training error reached zero (onset of the terminal phase)", epoch)
     row["seconds"] = time.perf_counter() - t0
-    if dist.is_main:
-        store.append_history(run_dir, row)
-        if epoch in schedule:
-            _write_snapshot(run_dir, epoch, config, model, splits)
+    if run.dist.is_main:
+        store.append_history(run.run_dir, row)
+        if snapshot:
+            _write_snapshot(run, epoch, splits)
+        _save_checkpoint(run, epoch)  # last: everything before it is complete
+        run.manifest.update(epochs_done=epoch, tpt_onset_epoch=run.tpt_onset)
+        store.write_manifest(run.run_dir, run.manifest)
     return row
-
-
-def _extract(config, dataset, model, device, full: bool) -> dict[str, tuple[Tensor, Tensor]]:
-    """Test features every epoch (for test loss/acc); on snapshot epochs every saved split."""
-    batch = EVAL_BATCH_FACTOR * config.train.batch_size
-    names = set(config.snapshot.splits) | {"test"} if full else {"test"}
-    return {s: extract_features(model, getattr(dataset, s), batch, device) for s in names}
 
 
 @torch.no_grad()
 def _classify(model: nn.Module, features: Tensor, labels: Tensor, loss: str) -> tuple[float, float]:
     """Loss and accuracy of the classifier on extracted ``features`` (N, D), on the CPU."""
-    weight = model.classifier.weight.detach().float().cpu()
-    bias = model.classifier.bias
-    bias = None if bias is None else bias.detach().float().cpu()
-    logits = F.linear(features, weight, bias)
+    clf = model.classifier
+    bias = None if clf.bias is None else clf.bias.detach().float().cpu()
+    logits = F.linear(features, clf.weight.detach().float().cpu(), bias)
     acc = (logits.argmax(dim=1) == labels).double().mean().item()
     return batch_loss(logits, labels, loss).item(), acc
 
 
-def _write_snapshot(run_dir, epoch, config, model, splits) -> None:
-    keep = {s: splits[s] for s in config.snapshot.splits}
-    clf = model.classifier
-    bias = clf.bias if clf.bias is not None else torch.zeros(clf.out_features)
+def _write_snapshot(run: _Run, epoch: int, splits: dict[str, tuple[Tensor, Tensor]]) -> None:
+    clf = run.model.classifier
     store.write_snapshot(
-        run_dir, epoch, keep, clf.weight.detach().float().cpu(), bias.detach().float().cpu(),
-        dtype=config.snapshot.dtype,
+        run.run_dir, epoch, {s: splits[s] for s in run.config.snapshot.splits},
+        clf.weight.detach().float().cpu(),
+        None if clf.bias is None else clf.bias.detach().float().cpu(),
+        dtype=run.config.snapshot.dtype,
     )
 
 
-def _save_checkpoint(run_dir, epoch, tpt_onset, model, optimizer, scheduler, dist) -> None:
-    if not dist.is_main:
-        return
+def _save_checkpoint(run: _Run, epoch: int) -> None:
+    """Model, optimizer, scheduler, RNG state: tensors and plain values (weights_only)."""
     state = {
         "epoch": epoch,
-        "tpt_onset_epoch": tpt_onset,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "tpt_onset_epoch": run.tpt_onset,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
         "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "rng_cuda": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else [],
         "nctools_version": nctools.__version__,
     }
-    store.save_checkpoint(run_dir / CHECKPOINT_FILE, state)
+    store.save_checkpoint(run.run_dir / CHECKPOINT_FILE, state)
 
 
-def _load_checkpoint(path, model, optimizer, scheduler, device) -> tuple[int, int | None]:
+def _load_checkpoint(run: _Run, path: Path) -> int:
+    """Restore ``run`` from ``path``; returns the last completed epoch."""
     state = store.load_checkpoint(path)
     try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    except (RuntimeError, KeyError, ValueError) as e:
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if run.device.type == "cuda" and state["rng_cuda"]:
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        run.tpt_onset = state["tpt_onset_epoch"]
+        return int(state["epoch"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: cannot resume from this checkpoint ({e})") from e
-    torch.set_rng_state(state["rng_cpu"])
-    if device.type == "cuda" and state["rng_cuda"]:
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
-    return int(state["epoch"]), state["tpt_onset_epoch"]
 
 
 def _open_run(run_dir: Path, config: Config, resume: bool) -> tuple[Config | None, Path | None]:
@@ -402,20 +401,18 @@ def _open_run(run_dir: Path, config: Config, resume: bool) -> tuple[Config | Non
             "--out, or pass resume=True / --resume to continue it with its saved config"
         )
     if diffs:
-        warnings.warn(
-            f"{run_dir}: resuming with its saved {CONFIG_FILE}; ignored: {'; '.join(diffs)}",
-            stacklevel=3,
-        )
-    config = replace(saved, train=replace(saved.train, device=config.train.device))
-    checkpoint = run_dir / CHECKPOINT_FILE
+        warnings.warn(f"{run_dir}: resuming with its saved {CONFIG_FILE}; ignored: "
+                      f"{'; '.join(diffs)}", stacklevel=3)
     manifest = store.read_manifest(run_dir) if (run_dir / store.MANIFEST_FILE).exists() else {}
     if manifest.get("status") == "completed" and manifest.get("epochs_done") == saved.train.epochs:
         log.info("%s is complete (%d epochs); nothing to do", run_dir, saved.train.epochs)
         return None, None
+    checkpoint = run_dir / CHECKPOINT_FILE
+    config = replace(saved, train=replace(saved.train, device=config.train.device))
     return config, checkpoint if checkpoint.exists() else None
 
 
-def _manifest(config, dataset: Dataset, model, device, schedule, epochs_done, tpt_onset) -> dict:
+def _manifest(config: Config, dataset: Dataset, model: nn.Module, device, schedule) -> dict:
     return {
         "name": config.name,
         "status": "running",
@@ -423,28 +420,28 @@ def _manifest(config, dataset: Dataset, model, device, schedule, epochs_done, tp
         "torch_version": torch.__version__,
         "device": str(device),
         "dataset": dataset.name,
-        "num_train": len(dataset.train.labels),
-        "num_test": len(dataset.test.labels),
+        "num_train": len(dataset.train),
+        "num_test": len(dataset.test),
         "num_classes": dataset.num_classes,
         "feature_dim": model.classifier.in_features,
         "epochs": config.train.epochs,
-        "epochs_done": epochs_done,
-        "tpt_onset_epoch": tpt_onset,
+        "epochs_done": 0,
+        "tpt_onset_epoch": None,
         "snapshot_epochs": list(schedule),
     }
 
 
-def _finite(row: dict) -> bool:
-    return math.isfinite(row["train_loss"]) and math.isfinite(row["test_loss"])
+def _set_status(run: _Run, status: str) -> None:
+    run.manifest["status"] = status
+    if run.dist.is_main:
+        store.write_manifest(run.run_dir, run.manifest)
 
 
-def _diverged(run_dir, manifest, epoch, row, dist) -> None:
-    manifest["status"] = "diverged"
-    if dist.is_main:
-        store.write_manifest(run_dir, manifest)
-    done = manifest["epochs_done"]
+def _diverged(run: _Run, epoch: int, row: dict) -> None:
+    _set_status(run, "diverged")
     raise RunError(
         f"training diverged at epoch {epoch} (train loss {row['train_loss']}, test loss "
-        f"{row['test_loss']}); the last good checkpoint is {run_dir / CHECKPOINT_FILE} "
-        f"(epoch {done}); lower train.lr or change the config and use another --out"
+        f"{row['test_loss']}); the last good checkpoint is {run.run_dir / CHECKPOINT_FILE} "
+        f"(epoch {run.manifest['epochs_done']}); lower train.lr or change the config, "
+        "and use another --out"
     )

@@ -200,6 +200,17 @@ def test_tpt_onset_is_the_first_epoch_of_zero_training_error(full_run):
         perfect.iloc[0])
 
 
+def test_cuda_only_options_change_nothing_on_the_cpu(full_run, tmp_path, caplog):
+    cfg, run = full_run
+    other = replace(cfg, train=replace(cfg.train, bf16=True, channels_last=True))
+    with caplog.at_level("INFO", logger="nctools.train"):
+        out = T.train(other, tmp_path / "run")
+    assert _history(out).equals(_history(run))
+    _assert_same_snapshots(out, run)
+    onset = store.read_manifest(out)["tpt_onset_epoch"]
+    assert f"epoch {onset}: training error reached zero" in caplog.text
+
+
 def test_float16_snapshots_are_the_float32_features_rounded(full_run, tmp_path):
     cfg, run = full_run
     # 2 epochs: the lr of epoch 1 is 0.05 as in the 6-epoch run, so epoch 1 is the same
@@ -247,6 +258,9 @@ def test_resume_after_ctrl_c_is_bit_identical(full_run, tmp_path, monkeypatch, c
     assert _history(out).equals(_history(run))
     _assert_same_snapshots(out, run)
     assert store.read_manifest(out)["status"] == "completed"
+    resumed, uninterrupted = (store.load_checkpoint(r / "checkpoint.pt") for r in (out, run))
+    for key, value in uninterrupted["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
 
 
 def test_sigint_stops_after_the_current_step(full_run, tmp_path, monkeypatch):
@@ -354,6 +368,13 @@ def test_unknown_device_names_train_device():
         with pytest.raises(ConfigError, match=r"train\.device"):
             T.resolve_device("cuda:0")
     assert T.resolve_device("cpu") == torch.device("cpu")
+
+
+def test_a_distributed_launch_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RunError, match="WORLD_SIZE=2"):
+        T.train(tiny_config(), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_epoch_order_depends_on_seed_and_epoch_only():
