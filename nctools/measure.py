@@ -219,23 +219,24 @@ class DecisionTally:
         centres = (shift if ncc_means is None else ncc_means) - reference
         self.num_classes = weight.shape[0]
         self.directions = torch.cat([weight, centres]).T.contiguous()  # (D, 2C)
-        self.logit_offset = shift @ weight.T + bias  # (C, C): row c for blocks of class c
+        self.logit_offset = shift @ weight.T + bias  # (C, C): row c for samples of class c
         self.centre_offset = (shift - reference) @ centres.T  # (C, C)
         self.centre_sq = centres.square().sum(1)  # (C,)
         self.counts = torch.zeros(3, dtype=F64, device=weight.device)
 
-    def add(self, c: int, x: Tensor, projected: Tensor | None = None) -> None:
-        """Tally one block x: (rows, D) float64 centred samples of true class c.
+    def add(self, labels: Tensor, x: Tensor, projected: Tensor | None = None) -> None:
+        """Tally one block: x (rows, D) float64 centred samples x = h - s_y, labels (rows,).
 
         ``projected`` may hold x @ [..., directions] (its last 2C columns are used).
         """
         width = self.directions.shape[1]
         both = x @ self.directions if projected is None else projected[:, -width:]
-        logits = both[:, : self.num_classes] + self.logit_offset[c]
-        distances = self.centre_sq - 2.0 * (both[:, self.num_classes :] + self.centre_offset[c])
+        logits = both[:, : self.num_classes] + self.logit_offset[labels]
+        nearness = both[:, self.num_classes :] + self.centre_offset[labels]
+        distances = self.centre_sq - 2.0 * nearness
         predicted, nearest = logits.argmax(1), distances.argmin(1)
         self.counts += torch.stack(
-            [(predicted != nearest).sum(), (predicted == c).sum(), (nearest == c).sum()]
+            [(predicted != nearest).sum(), (predicted == labels).sum(), (nearest == labels).sum()]
         )
 
 

@@ -38,6 +38,7 @@ from torch import Tensor
 F64 = torch.float64
 _STATE = ("counts", "sums", "sq_norms", "scatter")
 BLOCK_ELEMENTS = 1 << 20  # float64 elements of one centred block: 8 MiB, cache-sized
+GROUP_MIN_ROWS = 256  # group a chunk by class when classes average at least this many rows
 
 
 class ClassStats:
@@ -105,66 +106,87 @@ class ClassStats:
         self,
         features: Tensor,
         labels: Tensor,
-        on_block: Callable[[int, Tensor, Tensor | None], None] | None = None,
+        on_block: Callable[[Tensor, Tensor, Tensor | None], None] | None = None,
     ) -> ClassStats:
         """Add a chunk of samples.
 
-        The chunk is grouped by class (a stable sort, skipped when it is already grouped),
-        then each class is taken in row blocks: x = h - s_c is formed once per block in
-        float64 and read by a dot product and one matrix product, which keeps the work to
-        a few passes over the data and needs no per-sample scatter.
+        Each sample enters as x = h - s_y, formed once in float64 per block of rows and
+        read by a dot product and one matrix product. Two equivalent routes keep those
+        products large: with few, large classes the chunk is grouped by class (a stable
+        sort) and each class block is centred by broadcasting its shift; with many small
+        classes, blocks of consecutive rows are centred by gathering each row's shift.
 
         Args:
             features: (n, D) any float dtype, any device (moved to the state's device).
             labels: (n,) integers in [0, C).
-            on_block: optional ``fn(c, x, xb)`` called with each centred block x = h - s_c,
-                (rows, D) float64, and its projection xb = x @ basis (None without a
-                basis), so a caller can reuse both (``measure`` tallies NC4 from them).
+            on_block: optional ``fn(y, x, xb)`` called with each block's labels (rows,),
+                its centred samples x = h - s_y (rows, D) float64, and x @ basis (None
+                without a basis), so a caller can reuse them (``measure`` tallies NC4).
         """
         h, y = self._checked(features, labels)
         if h.shape[0] == 0:
             return self
+        self._set_new_shifts(h, y)
+        batch_counts = torch.bincount(y, minlength=self.num_classes)
+        self.counts += batch_counts.to(F64)
+        if h.shape[0] >= GROUP_MIN_ROWS * int((batch_counts > 0).sum()):
+            self._update_by_class(h, y, batch_counts, on_block)
+        else:
+            self._update_by_rows(h, y, on_block)
+        return self
+
+    def _set_new_shifts(self, h: Tensor, y: Tensor) -> None:
+        """A class seen for the first time takes its first sample as its shift.
+
+        Any point within the class's own spread keeps the second moments free of
+        cancellation; the exact mean is not needed.
+        """
+        n = y.shape[0]
+        positions = torch.arange(n, device=y.device)
+        first = torch.full((self.num_classes,), n, dtype=torch.long, device=y.device)
+        first.scatter_reduce_(0, y, positions, reduce="amin")
+        new = (first < n) & ~self.has_shift
+        if bool(new.any()):
+            self.shift[new] = h[first[new]].to(F64)
+            self.has_shift |= new
+
+    def _update_by_class(self, h: Tensor, y: Tensor, batch_counts: Tensor, on_block) -> None:
         if h.shape[0] > 1 and not bool((y[1:] >= y[:-1]).all()):
             order = torch.argsort(y, stable=True)
             h, y = h[order], y[order]
-        batch_counts = torch.bincount(y, minlength=self.num_classes)
-        present = torch.nonzero(batch_counts).flatten().tolist()
         ends, counts = torch.cumsum(batch_counts, 0).tolist(), batch_counts.tolist()
-        segments = {c: h[ends[c] - counts[c] : ends[c]] for c in present}
-        raw_sums = torch.zeros_like(self.sums)
-        raw_sums[present] = torch.stack([segments[c].sum(0, dtype=F64) for c in present])
-        n = batch_counts.to(F64)
-        new = (batch_counts > 0) & ~self.has_shift
-        self.shift[new] = raw_sums[new] / n[new, None]
-        self.has_shift |= new
-        self.counts += n
-        self.sums += raw_sums - n[:, None] * self.shift
-        if not self.keeps_moments and on_block is None:
-            return self
         block_rows = max(1, BLOCK_ELEMENTS // self.dim)
-        for c in present:
-            for start in range(0, segments[c].shape[0], block_rows):
-                x = torch.sub(segments[c][start : start + block_rows], self.shift[c])
-                projected = self._add_moments(c, x)
-                if on_block is not None:
-                    on_block(c, x, projected)
-        return self
+        for c in torch.nonzero(batch_counts).flatten().tolist():
+            begin = ends[c] - counts[c]
+            segment = h[begin : ends[c]]
+            self.sums[c] += segment.sum(0, dtype=F64) - counts[c] * self.shift[c]
+            if not self.keeps_moments and on_block is None:
+                continue
+            for start in range(0, counts[c], block_rows):
+                x = torch.sub(segment[start : start + block_rows], self.shift[c])
+                rows = y[begin + start : begin + start + x.shape[0]]
+                self._add_moments(rows, x, on_block)
 
-    def _add_moments(self, c: int, x: Tensor) -> Tensor | None:
-        """Add the second moments of one centred block x = h - s_c, (rows, D) float64.
+    def _update_by_rows(self, h: Tensor, y: Tensor, on_block) -> None:
+        block_rows = max(1, BLOCK_ELEMENTS // self.dim)
+        for start in range(0, h.shape[0], block_rows):
+            rows = y[start : start + block_rows]
+            x = torch.sub(h[start : start + block_rows], self.shift[rows])
+            self.sums.index_add_(0, rows, x)
+            self._add_moments(rows, x, on_block)
 
-        Returns x @ basis (rows, k), or None when the full D x D moment is kept.
-        """
-        if not self.keeps_moments:
-            return None
-        flat = x.reshape(-1)
-        self.sq_norms[c] += torch.dot(flat, flat)
-        if self.basis is None:
-            self.scatter.addmm_(x.T, x)
-            return None
-        projected = x @ self.basis
-        self.scatter += projected.square().sum(0)
-        return projected
+    def _add_moments(self, rows: Tensor, x: Tensor, on_block) -> None:
+        """Second moments of one centred block x = h - s_y, (rows, D) float64."""
+        projected = None
+        if self.keeps_moments:
+            self.sq_norms.index_add_(0, rows, torch.linalg.vecdot(x, x))
+            if self.basis is None:
+                self.scatter.addmm_(x.T, x)
+            else:
+                projected = x @ self.basis
+                self.scatter += projected.square().sum(0)
+        if on_block is not None:
+            on_block(rows, x, projected)
 
     def _checked(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         features = torch.as_tensor(features)

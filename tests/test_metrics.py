@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from reference import reference_metrics
 
 from nctools import measure, metrics
+from nctools import stats as stats_module
 from nctools.measure import METRIC_KEYS, class_means
 
 # METRICS.md, in order: the contract for the returned keys.
@@ -58,7 +59,9 @@ def test_keys_are_the_contract():
         dict(num_classes=2, dim=3, per_class=10),
     ],
 )
-def test_matches_reference_float64(case):
+@pytest.mark.parametrize("group_min_rows", [0, 10**9])
+def test_matches_reference_float64(case, group_min_rows, monkeypatch):
+    monkeypatch.setattr(stats_module, "GROUP_MIN_ROWS", group_min_rows)
     features, labels, weight, bias = clusters(**case)
     want = reference_metrics(features, labels, weight, bias)
     assert_close(measure(features, labels, weight, bias), want, rtol=1e-9, atol=1e-12)
@@ -134,8 +137,10 @@ def test_exact_collapse_gives_zeros(num_classes, dim):
     assert got["accuracy"] == 1.0 and got["ncc_accuracy"] == 1.0
 
 
-def test_large_offset_collapsed_regime():
+@pytest.mark.parametrize("group_min_rows", [0, 10**9])
+def test_large_offset_collapsed_regime(group_min_rows, monkeypatch):
     """Features around 1e3 with within-class std 1e-3: shifted sums keep the digits."""
+    monkeypatch.setattr(stats_module, "GROUP_MIN_ROWS", group_min_rows)
     rng = np.random.default_rng(11)
     num_classes, dim = 5, 20
     means = 1e3 + rng.normal(size=(num_classes, dim))

@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nctools import ClassStats
+from nctools import stats as stats_module
 
 
 def data(num_classes=4, dim=6, n=120, offset=0.0, spread=1.0, seed=0):
@@ -46,8 +47,15 @@ def assert_matches(stats, ref, rtol=1e-10):
     assert stats.within_class_trace() == pytest.approx(np.trace(ref["within"]), rel=rtol)
 
 
+@pytest.fixture(params=["by_class", "by_rows"])
+def route(request, monkeypatch):
+    """Run a test through both accumulation routes of ClassStats.update."""
+    monkeypatch.setattr(stats_module, "GROUP_MIN_ROWS", 0 if request.param == "by_class" else 10**9)
+    return request.param
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 50, 1000])
-def test_any_chunking_equals_reference(chunk):
+def test_any_chunking_equals_reference(chunk, route):
     features, labels = data()
     stats = ClassStats(4, 6)
     for start in range(0, len(labels), chunk):
@@ -55,7 +63,7 @@ def test_any_chunking_equals_reference(chunk):
     assert_matches(stats, reference(features, labels, 4))
 
 
-def test_merge_in_any_order_equals_one_pass():
+def test_merge_in_any_order_equals_one_pass(route):
     features, labels = data(n=150, seed=1)
     bounds = [0, 20, 61, 99, 150]
     shards = [
@@ -78,7 +86,7 @@ def test_float32_and_float16_chunks_accumulate_in_float64():
         assert_matches(stats, reference(low.double(), labels, 4))
 
 
-def test_collapsed_regime_with_large_offset():
+def test_collapsed_regime_with_large_offset(route):
     """Mean ~1e3, within-class std ~1e-3: raw moments would keep ~4 digits, shifted ~10."""
     features, labels = data(num_classes=3, dim=5, n=3000, offset=1e3, spread=1e-3, seed=3)
     stats = ClassStats(3, 5)
@@ -95,7 +103,7 @@ def test_collapsed_regime_with_large_offset():
     assert np.abs(raw - ref["within"]).max() > 1e3 * streamed_error
 
 
-def test_basis_keeps_variances_along_its_columns():
+def test_basis_keeps_variances_along_its_columns(route):
     features, labels = data(dim=8, seed=4)
     full = ClassStats(4, 8).update(features, labels)
     basis = torch.linalg.qr(torch.randn(8, 3, dtype=torch.float64))[0]
