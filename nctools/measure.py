@@ -92,7 +92,10 @@ def measure(
     def chunks() -> Iterator[tuple[Tensor, Tensor]]:
         yield features, labels
 
-    return measure_chunks(chunks, weight, bias, num_classes, class_means, device=features.device)
+    result, _ = measure_chunks(
+        chunks, weight, bias, num_classes, class_means, device=features.device
+    )
+    return result
 
 
 def measure_chunks(
@@ -103,7 +106,7 @@ def measure_chunks(
     class_means: Tensor | np.ndarray | None = None,
     device: torch.device | str | None = None,
     group: dist.ProcessGroup | None = None,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], Tensor]:
     """`measure` over features that arrive in chunks, possibly sharded across processes.
 
     Args:
@@ -113,6 +116,10 @@ def measure_chunks(
         weight, bias, num_classes, class_means: as in :func:`measure`.
         device: where the statistics live (default: the classifier's device).
         group: the process group to reduce over when torch.distributed is initialised.
+
+    Returns:
+        The metrics dict of :func:`measure`, and the (C, D) float64 class means of these
+        features (to pass as ``class_means`` when measuring another split).
     """
     weight64, bias64, num_classes = _classifier(weight, bias, num_classes, device)
     device = weight64.device
@@ -153,7 +160,7 @@ def measure_chunks(
     result["ncc_mismatch"] = float(counts[0]) / total
     result["accuracy"] = float(counts[1]) / total
     result["ncc_accuracy"] = float(counts[2]) / total
-    return {key: result[key] for key in METRIC_KEYS}
+    return {key: result[key] for key in METRIC_KEYS}, second.class_means()
 
 
 def collapse_metrics(
