@@ -206,9 +206,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     with as_file(files("nctools") / "configs" / "demo.yaml") as path:
         cfg = load_config(path, args.overrides)
-    out = Path(args.out)
-    # A second `nctools demo` picks the run up where it stopped instead of refusing.
-    run = train(cfg, out, resume=(out / "checkpoint.pt").is_file())
+    # train() continues a run of the same config, so a second `nctools demo` picks up
+    # where an interrupted one stopped (and a finished one is not trained again).
+    run = train(cfg, Path(args.out))
     table = analyze(run)
     figure = plot_runs(table, run / "figures" / "collapse.png")
     print(summary(table))
