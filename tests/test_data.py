@@ -256,6 +256,11 @@ def test_augment_is_a_seeded_padded_crop_and_flip(hflip):
     assert not torch.equal(a, images)
     # with hflip=False a flipped crop would match no candidate: random images are not symmetric
     assert all(_is_shifted_crop(a[i], images[i], 4, hflip) for i in range(16))
+    plain = sum(_is_shifted_crop(a[i], images[i], 4, False) for i in range(16))
+    if hflip:
+        assert 0 < plain < 16  # seed 1 flips some images, not all
+    else:
+        assert plain == 16
 
 
 def test_iterate_batches_augments_only_when_asked():
