@@ -1,8 +1,8 @@
 """Penultimate-layer features of a whole split: the one extraction pass nctools uses.
 
-Training snapshots, the per-epoch test metrics and ``nctools measure`` all call
-:func:`extract_features`, so a snapshot and a fresh pass over a saved model agree
-bit for bit (same batches, same order, same precision).
+Training snapshots and the per-epoch test metrics both call :func:`extract_features`;
+code that measures a saved model should call it too, so that its features and a
+snapshot's agree bit for bit (same batches, same order, same precision).
 
 Usage::
 
