@@ -11,9 +11,12 @@ Public API (stable names)::
 
 # Imported eagerly: ``nctools.measure`` and ``nctools.train`` are both a module and a
 # function, and only an eager ``from ... import`` makes the function win reliably.
+from nctools.analysis import analyze
+from nctools.config import load_config
 from nctools.measure import measure
 from nctools.stats import ClassStats
+from nctools.train import train
 
 __version__ = "0.1.0"
 
-__all__ = ["ClassStats", "__version__", "measure"]
+__all__ = ["ClassStats", "__version__", "analyze", "load_config", "measure", "train"]
