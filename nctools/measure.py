@@ -84,10 +84,6 @@ def measure(
             f"width), got {tuple(weight.shape)}"
         )
     _check_labels(labels, weight.shape[0] if num_classes is None else num_classes)
-    if features.shape[0] > 1 and not bool((labels[1:] >= labels[:-1]).all()):
-        # Group by class once here, so neither pass has to (costs one copy of the features).
-        order = torch.argsort(labels.to(features.device), stable=True)
-        features, labels = features[order], labels.to(features.device)[order]
 
     def chunks() -> Iterator[tuple[Tensor, Tensor]]:
         yield features, labels
@@ -143,10 +139,11 @@ def measure_chunks(
     first.check_nonempty()
     means = first.class_means()
     eigvals, eigvecs = metrics.between_class_eig(means - first.global_mean())
-    tally = DecisionTally(weight64, bias64, means, first.global_mean(), ncc_means)
-    # Sigma_W is kept only along Sigma_B's eigenvectors when they are few; the classifier
-    # and NCC directions ride along as extra basis columns, so one product serves NC1-NC4.
-    basis = torch.cat([eigvecs, tally.directions], 1) if eigvecs.shape[1] < dim // 2 else None
+    reference = first.global_mean()
+    # Sigma_B^+ lives in the span of the centred means, so with C < D/2 Sigma_W is kept
+    # only there (a C x C moment); the same product x @ M~^T serves the NCC rule.
+    basis = (means - reference).T if num_classes < dim // 2 else None
+    tally = DecisionTally(weight64, bias64, means, reference, ncc_means, basis is not None)
     second = ClassStats(num_classes, dim, shift=means, basis=basis, device=device)
     for feats, labs in chunks():
         second.update(feats, labs, on_block=tally.add)
@@ -201,18 +198,20 @@ def collapse_metrics(
 
 
 class DecisionTally:
-    """Counts of NC4 events (Papyan et al. 2020, Fig. 7), fed with centred class blocks.
+    """Counts of NC4 events (Papyan et al. 2020, Fig. 7), fed with centred blocks.
 
-    ``ClassStats.update`` hands over each block x = h - s_c of class c (float64), so the
-    classifier and nearest-class-centre rules are evaluated from x without another pass:
-    w_k.h + b_k = w_k.x + (w_k.s_c + b_k), and ||h - m_k||^2 ranks classes k as
-    ||m_k - r||^2 - 2 (x.(m_k - r) + (s_c - r).(m_k - r)) for a common reference r (the
+    ``ClassStats.update`` hands over each block x = h - s_y (float64), so the classifier
+    and nearest-class-centre rules are evaluated from x without another pass:
+    w_k.h + b_k = w_k.x + (w_k.s_y + b_k), and ||h - m_k||^2 ranks classes k as
+    ||m_k - r||^2 - 2 (x.(m_k - r) + (s_y - r).(m_k - r)) for a common reference r (the
     global mean), which keeps the dot products free of cancellation against an offset.
 
     Args:
         weight: (C, D), bias: (C,) float64 classifier.
         shift: (C, D) the s_c of the blocks.   reference: (D,) r.
-        ncc_means: (C, D) centres of the NCC rule; None means the shift (own class means).
+        ncc_means: (C, D) centres m_k of the NCC rule; None means the shift (own means).
+        projected_centres: the blocks arrive with x @ (s - r)^T already computed (the
+            ClassStats basis), which is x.(m_k - r) when the centres are the shift.
     """
 
     def __init__(
@@ -222,25 +221,24 @@ class DecisionTally:
         shift: Tensor,
         reference: Tensor,
         ncc_means: Tensor | None = None,
+        projected_centres: bool = False,
     ) -> None:
         centres = (shift if ncc_means is None else ncc_means) - reference
-        self.num_classes = weight.shape[0]
-        self.directions = torch.cat([weight, centres]).T.contiguous()  # (D, 2C)
+        self.reuse_projection = projected_centres and ncc_means is None
+        self.weight_t = weight.T.contiguous()  # (D, C)
+        self.centres_t = centres.T.contiguous()  # (D, C)
         self.logit_offset = shift @ weight.T + bias  # (C, C): row c for samples of class c
         self.centre_offset = (shift - reference) @ centres.T  # (C, C)
         self.centre_sq = centres.square().sum(1)  # (C,)
         self.counts = torch.zeros(3, dtype=F64, device=weight.device)
 
     def add(self, labels: Tensor, x: Tensor, projected: Tensor | None = None) -> None:
-        """Tally one block: x (rows, D) float64 centred samples x = h - s_y, labels (rows,).
-
-        ``projected`` may hold x @ [..., directions] (its last 2C columns are used).
-        """
-        width = self.directions.shape[1]
-        both = x @ self.directions if projected is None else projected[:, -width:]
-        logits = both[:, : self.num_classes] + self.logit_offset[labels]
-        nearness = both[:, self.num_classes :] + self.centre_offset[labels]
-        distances = self.centre_sq - 2.0 * nearness
+        """Tally one block: x (rows, D) float64 centred samples x = h - s_y, labels (rows,)."""
+        logits = x @ self.weight_t + self.logit_offset[labels]
+        towards = projected if self.reuse_projection and projected is not None else None
+        if towards is None:
+            towards = x @ self.centres_t
+        distances = self.centre_sq - 2.0 * (towards + self.centre_offset[labels])
         predicted, nearest = logits.argmax(1), distances.argmin(1)
         self.counts += torch.stack(
             [(predicted != nearest).sum(), (predicted == labels).sum(), (nearest == labels).sum()]

@@ -18,10 +18,11 @@ spread itself, so recovering Sigma_W = E[(h - mu_c)(h - mu_c)^T] does not cancel
 digits against a large offset (features around 1e3 with a within-class std of 1e-3
 keep ~10 significant digits in float64, where raw moments keep ~4).
 
-With ``basis`` (a D x k matrix) only the variances along its k columns are kept,
-instead of the whole D x D second moment: that is all NC1 needs once the eigenvectors
-of Sigma_B are known (``nctools.measure`` runs this as its second pass). A basis with
-k = 0 keeps counts and sums only: the class means, in one cheap pass.
+With ``basis`` (a D x k matrix B) the second moment is kept only inside its span, as
+the k x k matrix sum (B^T x)(B^T x)^T, instead of the whole D x D one: that is all NC1
+needs once the class means are known, since Sigma_B^+ lives in their span
+(``nctools.measure`` runs this as its second pass, with B = the centred means). A basis
+with k = 0 keeps counts and sums only: the class means, in one cheap pass.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from torch import Tensor
 
 F64 = torch.float64
 _STATE = ("counts", "sums", "sq_norms", "scatter")
-BLOCK_ELEMENTS = 1 << 20  # float64 elements of one centred block: 8 MiB, cache-sized
+BLOCK_ELEMENTS = 1 << 16  # float64 elements of one centred block: 512 KiB, stays in cache
 GROUP_MIN_ROWS = 256  # group a chunk by class when classes average at least this many rows
 
 
@@ -50,12 +51,12 @@ class ClassStats:
         shift: optional (C, D) per-class reference points. Give the same shift on every
             process to skip the shift agreement in :meth:`all_reduce`; give the class means
             (from a first pass) for the most accurate second moments.
-        basis: optional (D, k) matrix; keep only the variances along its columns.
+        basis: optional (D, k) matrix B; keep the second moment only inside its span.
         device: where the state lives (default: the shift's device, else the CPU).
 
     State (all float64):
         counts: (C,) n_c.  sums: (C, D) sum of h - s_c.  sq_norms: (C,) sum ||h - s_c||^2.
-        scatter: (D, D) sum (h - s_y)(h - s_y)^T, or (k,) its diagonal in ``basis``.
+        scatter: (D, D) sum (h - s_y)(h - s_y)^T, or (k, k) B^T (that) B with a basis.
     """
 
     def __init__(
@@ -89,7 +90,8 @@ class ClassStats:
             if basis.ndim != 2 or basis.shape[0] != dim:
                 raise ValueError(f"basis must have shape (D={dim}, k), got {tuple(basis.shape)}")
             self.basis = basis.to(device=device, dtype=F64).contiguous()
-            self.scatter = torch.zeros(self.basis.shape[1], dtype=F64, device=device)
+            width = self.basis.shape[1]
+            self.scatter = torch.zeros(width, width, dtype=F64, device=device)
         else:
             self.scatter = torch.zeros(dim, dim, dtype=F64, device=device)
 
@@ -110,11 +112,12 @@ class ClassStats:
     ) -> ClassStats:
         """Add a chunk of samples.
 
-        Each sample enters as x = h - s_y, formed once in float64 per block of rows and
-        read by a dot product and one matrix product. Two equivalent routes keep those
-        products large: with few, large classes the chunk is grouped by class (a stable
-        sort) and each class block is centred by broadcasting its shift; with many small
-        classes, blocks of consecutive rows are centred by gathering each row's shift.
+        Each sample enters as x = h - s_y, formed once in float64 per cache-sized block of
+        rows and read there by a sum, a dot product and one matrix product. Two equivalent
+        routes keep those products large: with few, large classes the rows of each class
+        are gathered block by block (a stable sort of the labels) and centred by
+        broadcasting the class's shift; with many small classes, blocks of consecutive
+        rows are centred by gathering each row's shift.
 
         Args:
             features: (n, D) any float dtype, any device (moved to the state's device).
@@ -122,6 +125,7 @@ class ClassStats:
             on_block: optional ``fn(y, x, xb)`` called with each block's labels (rows,),
                 its centred samples x = h - s_y (rows, D) float64, and x @ basis (None
                 without a basis), so a caller can reuse them (``measure`` tallies NC4).
+                x lives in a reused buffer: it is valid only during the call.
         """
         h, y = self._checked(features, labels)
         if h.shape[0] == 0:
@@ -151,42 +155,58 @@ class ClassStats:
             self.has_shift |= new
 
     def _update_by_class(self, h: Tensor, y: Tensor, batch_counts: Tensor, on_block) -> None:
-        if h.shape[0] > 1 and not bool((y[1:] >= y[:-1]).all()):
-            order = torch.argsort(y, stable=True)
-            h, y = h[order], y[order]
+        grouped = h.shape[0] < 2 or bool((y[1:] >= y[:-1]).all())
+        order = None if grouped else torch.argsort(y, stable=True)
         ends, counts = torch.cumsum(batch_counts, 0).tolist(), batch_counts.tolist()
-        block_rows = max(1, BLOCK_ELEMENTS // self.dim)
+        block_rows = min(max(1, BLOCK_ELEMENTS // self.dim), max(counts))
+        # Reused block buffers: fresh large allocations cost page faults on every call.
+        centred = torch.empty(block_rows, self.dim, dtype=F64, device=self.device)
+        gathered = None if grouped else torch.empty_like(centred, dtype=h.dtype)
         for c in torch.nonzero(batch_counts).flatten().tolist():
             begin = ends[c] - counts[c]
-            segment = h[begin : ends[c]]
-            self.sums[c] += segment.sum(0, dtype=F64) - counts[c] * self.shift[c]
-            if not self.keeps_moments and on_block is None:
-                continue
-            for start in range(0, counts[c], block_rows):
-                x = torch.sub(segment[start : start + block_rows], self.shift[c])
-                rows = y[begin + start : begin + start + x.shape[0]]
-                self._add_moments(rows, x, on_block)
+            for start in range(begin, ends[c], block_rows):
+                stop = min(start + block_rows, ends[c])
+                if grouped:
+                    block = h[start:stop]
+                else:
+                    rows = order[start:stop]
+                    block = torch.index_select(h, 0, rows, out=gathered[: stop - start])
+                x = torch.sub(block, self.shift[c], out=centred[: stop - start])
+                self.sums[c] += x.sum(0)
+                projected = None
+                if self.keeps_moments:
+                    flat = x.view(-1)
+                    self.sq_norms[c] += torch.dot(flat, flat)
+                    projected = self._add_second_moment(x)
+                if on_block is not None:
+                    on_block(torch.full((x.shape[0],), c, device=self.device), x, projected)
 
     def _update_by_rows(self, h: Tensor, y: Tensor, on_block) -> None:
-        block_rows = max(1, BLOCK_ELEMENTS // self.dim)
+        block_rows = min(max(1, BLOCK_ELEMENTS // self.dim), h.shape[0])
+        centred = torch.empty(block_rows, self.dim, dtype=F64, device=self.device)
         for start in range(0, h.shape[0], block_rows):
             rows = y[start : start + block_rows]
-            x = torch.sub(h[start : start + block_rows], self.shift[rows])
+            x = torch.index_select(self.shift, 0, rows, out=centred[: rows.shape[0]])
+            torch.sub(h[start : start + block_rows], x, out=x)  # x = h - s_y
             self.sums.index_add_(0, rows, x)
-            self._add_moments(rows, x, on_block)
+            projected = None
+            if self.keeps_moments:
+                self.sq_norms.index_add_(0, rows, (x * x).sum(1))
+                projected = self._add_second_moment(x)
+            if on_block is not None:
+                on_block(rows, x, projected)
 
-    def _add_moments(self, rows: Tensor, x: Tensor, on_block) -> None:
-        """Second moments of one centred block x = h - s_y, (rows, D) float64."""
-        projected = None
-        if self.keeps_moments:
-            self.sq_norms.index_add_(0, rows, torch.linalg.vecdot(x, x))
-            if self.basis is None:
-                self.scatter.addmm_(x.T, x)
-            else:
-                projected = x @ self.basis
-                self.scatter += projected.square().sum(0)
-        if on_block is not None:
-            on_block(rows, x, projected)
+    def _add_second_moment(self, x: Tensor) -> Tensor | None:
+        """Add x^T x (or its restriction to the basis) for a centred block x: (rows, D).
+
+        Returns x @ basis (rows, k), or None when the full D x D moment is kept.
+        """
+        if self.basis is None:
+            self.scatter.addmm_(x.T, x)
+            return None
+        projected = x @ self.basis
+        self.scatter.addmm_(projected.T, projected)
+        return projected
 
     def _checked(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         features = torch.as_tensor(features)
@@ -274,7 +294,8 @@ class ClassStats:
             scatter = self.scatter + cross + cross.T + delta.T @ (n[:, None] * delta)
         else:
             t_b, d_b = self.sums @ self.basis, delta @ self.basis
-            scatter = self.scatter + 2.0 * (t_b * d_b).sum(0) + (n[:, None] * d_b.square()).sum(0)
+            cross = t_b.T @ d_b
+            scatter = self.scatter + cross + cross.T + d_b.T @ (n[:, None] * d_b)
         return self.counts.clone(), sums, sq_norms, scatter
 
     # ----------------------------------------------------------------- derived statistics
@@ -307,30 +328,31 @@ class ClassStats:
         return float((self.sq_norms - self.sums.square().sum(1) / n).sum() / n.sum())
 
     def within_class_cov(self) -> Tensor:
-        """(D, D) Sigma_W = (1/N) sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T (full state only)."""
-        if self.basis is not None:
-            raise ValueError("within_class_cov needs the full D x D state (no basis)")
+        """Sigma_W = (1/N) sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T: (D, D), or with a
+        basis B its (k, k) restriction B^T Sigma_W B."""
         n = self.counts
-        return (self.scatter - self.sums.T @ (self.sums / n[:, None])) / n.sum()
+        sums = self.sums if self.basis is None else self.sums @ self.basis
+        return (self.scatter - sums.T @ (sums / n[:, None])) / n.sum()
 
     def within_class_var_along(self, vectors: Tensor) -> Tensor:
-        """(k,) v^T Sigma_W v for each column v of ``vectors`` (D, k).
+        """(r,) v^T Sigma_W v for each column v of ``vectors`` (D, r).
 
-        With a ``basis``, ``vectors`` must be its first k columns.
+        With a basis B the vectors must lie in its span: v = B t, and v^T Sigma_W v =
+        t^T (B^T Sigma_W B) t with t from least squares (any exact solution gives the
+        same value).
         """
-        n = self.counts
         vectors = vectors.to(device=self.device, dtype=F64)
-        projected = self.sums @ vectors
-        correction = (projected.square() / n[:, None]).sum(0)
+        cov = self.within_class_cov()
         if self.basis is None:
-            raw = ((self.scatter @ vectors) * vectors).sum(0)
-        elif vectors.shape[1] <= self.basis.shape[1] and torch.equal(
-            vectors, self.basis[:, : vectors.shape[1]]
-        ):
-            raw = self.scatter[: vectors.shape[1]]
-        else:
-            raise ValueError("these ClassStats keep variances only along their own basis")
-        return (raw - correction) / n.sum()
+            return ((cov @ vectors) * vectors).sum(0)
+        coords = torch.linalg.lstsq(self.basis.cpu(), vectors.cpu(), driver="gelsd").solution
+        coords = coords.to(self.device)
+        residual = (self.basis @ coords - vectors).norm() / max(float(vectors.norm()), 1e-300)
+        if residual > 1e-8:
+            raise ValueError(
+                f"vectors are not in the span of this ClassStats' basis (residual {residual:.1e})"
+            )
+        return ((cov @ coords) * coords).sum(0)
 
     # ----------------------------------------------------------------- persistence
     def save(self, path: str | Path) -> None:
