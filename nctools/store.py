@@ -25,6 +25,7 @@ import io
 import json
 import os
 import re
+import shutil
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -56,6 +57,7 @@ META_FORMAT = 1
 HASH_BLOCK = 8 << 20  # 8 MiB: large enough to stream at disk speed, small enough for any host
 
 _EPOCH_DIR = re.compile(r"epoch-(\d+)")
+
 # safetensors creates files 0600; give every file the mode open() would (0666 minus umask).
 # Reading the umask means setting it: done once, at import.
 _UMASK = os.umask(0o022)
@@ -76,7 +78,11 @@ def _atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
+        try:
+            write(tmp)
+        except (RuntimeError, SafetensorError) as exc:
+            # torch.save and safetensors report a full disk in their own words
+            raise RunError(f"cannot write {path}: {_write_failure(exc, path.parent)}") from exc
         os.chmod(tmp, 0o666 & ~_UMASK)
         # O_RDWR: fsync needs a writable descriptor on some platforms
         fd = os.open(tmp, os.O_RDWR)
@@ -92,6 +98,22 @@ def _atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
             raise RunError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
     _fsync_dir(path.parent)
+
+
+def _write_failure(exc: Exception, folder: Path) -> str:
+    """Why a torch/safetensors write failed, in one line.
+
+    safetensors names the OS error (``... No space left on device (os error 28)``);
+    torch.save only says ``unexpected pos 576 vs 534``, so the free space is checked.
+    """
+    found = re.search(r"I/O error: (.*?) \(os error \d+\)", str(exc))
+    if found:
+        return found.group(1)
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(folder).free == 0:
+            return "No space left on device"
+    line = (str(exc).strip().splitlines() or [""])[0][:200]
+    return f"the write failed ({type(exc).__name__}: {line}); is the disk full or read-only?"
 
 
 def _fsync_dir(folder: Path) -> None:
