@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -58,6 +59,20 @@ HASH_BLOCK = 8 << 20  # 8 MiB: large enough to stream at disk speed, small enoug
 
 _EPOCH_DIR = re.compile(r"epoch-(\d+)")
 
+
+def _fault_delay() -> float:
+    """Seconds to pause between writing a temp file and renaming it into place.
+
+    Set only by the fault tests (``NCTOOLS_FAULT_DELAY=0.1``): the pause widens the moment
+    a process can be killed mid-write, so that the tests hit it reliably. Unset: 0.
+    """
+    try:
+        return max(0.0, float(os.environ.get("NCTOOLS_FAULT_DELAY") or 0.0))
+    except ValueError:
+        return 0.0
+
+
+_FAULT_DELAY = _fault_delay()
 # safetensors creates files 0600; give every file the mode open() would (0666 minus umask).
 # Reading the umask means setting it: done once, at import.
 _UMASK = os.umask(0o022)
@@ -90,6 +105,8 @@ def _atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+        if _FAULT_DELAY:
+            time.sleep(_FAULT_DELAY)
         os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):
