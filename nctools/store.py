@@ -517,12 +517,23 @@ def write_manifest(run_dir: PathLike, manifest: dict) -> None:
     _write_json(Path(run_dir) / MANIFEST_FILE, manifest)
 
 
+def _corrupt_history(path: Path, why: str) -> RunError:
+    return RunError(f"{path}: history is corrupt ({why}); restore it, or delete it "
+                    "to start a new one")
+
+
 def _read_history_rows(path: Path) -> tuple[list[str], list[dict]]:
     if not path.is_file():
         return list(HISTORY_COLUMNS), []
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        return list(reader.fieldnames or HISTORY_COLUMNS), list(reader)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            columns, rows = list(reader.fieldnames or HISTORY_COLUMNS), list(reader)
+        for row in rows:
+            int(row["epoch"])  # every later use sorts and filters on it
+    except (UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as exc:
+        raise _corrupt_history(path, f"{type(exc).__name__}: {exc}") from None
+    return columns, rows
 
 
 def _write_history_rows(path: Path, columns: list[str], rows: list[dict]) -> None:
@@ -564,7 +575,14 @@ def read_history(run_dir: PathLike) -> pd.DataFrame:
     path = Path(run_dir) / HISTORY_FILE
     if not path.is_file() or path.stat().st_size == 0:
         return pd.DataFrame(columns=list(HISTORY_COLUMNS))
-    return pd.read_csv(path)
+    try:
+        history = pd.read_csv(path)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise _corrupt_history(path, f"{type(exc).__name__}: {exc}") from None
+    epochs = history.get("epoch")
+    if epochs is None or (len(epochs) and not pd.api.types.is_integer_dtype(epochs)):
+        raise _corrupt_history(path, "no integer 'epoch' column")
+    return history
 
 
 def save_checkpoint(path: PathLike, state: dict) -> None:
