@@ -401,12 +401,34 @@ def read_meta(run_dir: PathLike, epoch: int) -> dict:
     """The parsed meta.json of the snapshot at ``epoch``."""
     path = snapshot_dir(run_dir, epoch) / META_FILE
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except FileNotFoundError:
         raise SnapshotError(f"{path}: no complete snapshot at epoch {epoch} "
                             f"(have {list_snapshots(run_dir)})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SnapshotError(f"{path}: snapshot meta is corrupt ({exc})") from None
+    problem = _meta_problem(meta)
+    if problem:
+        raise SnapshotError(f"{path}: snapshot meta is corrupt ({problem})")
+    return meta
+
+
+def _meta_problem(meta: Any) -> str | None:
+    """What makes a parsed meta.json unusable by the readers below, or None."""
+    if not isinstance(meta, dict):
+        return f"expected an object, found {type(meta).__name__}"
+    files, splits = meta.get("files"), meta.get("splits")
+    if not isinstance(files, dict) or not isinstance(splits, dict):
+        return "it lacks the 'files' or 'splits' tables"
+    for name, entry in files.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                and isinstance(entry.get("bytes"), int)):
+            return f"no sha256 and size for {name}"
+    listed = [CLASSIFIER_FILE]
+    for split in splits.values():
+        listed += split.get("files", []) if isinstance(split, dict) else [None]
+    unknown = [name for name in listed if name not in files]
+    return f"no checksum for {unknown[0]}" if unknown else None
 
 
 def verify_snapshot(run_dir: PathLike, epoch: int) -> None:
