@@ -20,7 +20,11 @@ from nctools.errors import DataError
 
 @torch.no_grad()
 def extract_features(
-    model: nn.Module, split: Split, batch_size: int, device: str | torch.device
+    model: nn.Module,
+    split: Split,
+    batch_size: int,
+    device: str | torch.device,
+    indices: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run ``model.features`` over a full split in eval mode, without augmentation.
 
@@ -36,18 +40,25 @@ def extract_features(
         batch_size: rows per forward pass (no gradients are kept, so it may exceed the
             training batch size).
         device: where the forward passes run.
+        indices: (n,) the rows to extract, in this order (default: all N). Under torchrun
+            each rank passes its own contiguous rows; they may be none (n = 0).
 
     Returns:
-        features: (N, D) float32 on the CPU; labels: (N,) int64 on the CPU, in split order.
+        features: (N, D) float32 on the CPU; labels: (N,) int64 on the CPU, in split order
+        (``(n, D)`` and ``(n,)`` in the order of ``indices``).
     """
     device = torch.device(device)
+    if indices is None:
+        indices = torch.arange(len(split.labels))
+    elif indices.numel() == 0:  # a rank without rows still writes its (empty) shard
+        dim = model.classifier.in_features
+        return torch.zeros(0, dim), torch.zeros(0, dtype=torch.long)
     was_training = model.training
     model.eval()
-    n = len(split.labels)
     feats: list[Tensor] = []
     labels: list[Tensor] = []
     try:
-        for x, y in iterate_batches(split, torch.arange(n), batch_size, augment=False):
+        for x, y in iterate_batches(split, indices, batch_size, augment=False):
             out = model.features(x.to(device, non_blocking=True))
             feats.append(out.float().cpu())
             labels.append(y.cpu())

@@ -13,21 +13,28 @@ rewrites whatever came later. A resumed CPU run is bit-identical to an uninterru
 the batch order and augmentation of epoch ``e`` come from a generator seeded by
 ``(seed, e)`` alone, and the global RNG state travels in the checkpoint.
 
-Distributed training is not implemented; the seams for it are :func:`dist_from_env`
-(rank and world size), ``is_main`` (guards every write) and :func:`wrap_model`.
+Under ``torchrun --nproc_per_node=K -m nctools train CONFIG`` the same loop runs on K
+processes with DistributedDataParallel (:mod:`nctools.distributed`): every rank draws the
+same permutation of epoch ``e``, and global batch ``j`` (``train.batch_size`` rows, as in
+one process) is split ``DistributedSampler``-style, rank r taking its rows r, r + K, ...;
+losses are weighted so that DDP's average of the ranks' gradients is the gradient of the
+global batch's mean loss, and batch norm uses the global batch's statistics. A K-process
+run therefore takes the steps of the one-process run, up to the order of float sums.
+Each rank extracts features for its own contiguous rows and writes them as snapshot
+shards; rank 0 alone writes the history, checkpoints and the manifest.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import shlex
 import signal
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -47,7 +54,18 @@ from nctools.config import (
     save_config,
     snapshot_schedule,
 )
-from nctools.data import Dataset, iterate_batches, load_dataset
+from nctools.data import Dataset, Split, iterate_batches, load_dataset
+from nctools.distributed import (
+    DistInfo,
+    barrier,
+    dist_from_env,
+    global_batch_norm,
+    process_group,
+    rank_device,
+    shard_rows,
+    sum_over_ranks,
+    wrap_model,
+)
 from nctools.errors import CheckpointError, ConfigError, RunError
 from nctools.features import extract_features
 from nctools.models import build_model
@@ -57,39 +75,6 @@ log = logging.getLogger(__name__)
 CONFIG_FILE, CHECKPOINT_FILE = store.CONFIG_FILE, store.CHECKPOINT_FILE
 RESUME_MAY_CHANGE = ("train.device",)  # where a run continues does not change what it is
 EVAL_BATCH_FACTOR = 2  # no activations kept for backward; larger batches gain nothing on a CPU
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """Where this process sits in a (future) distributed job; one process today."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_from_env() -> DistInfo:
-    """Rank and world size as ``torchrun`` sets them (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``)."""
-    info = DistInfo(
-        rank=int(os.environ.get("RANK", 0)),
-        world_size=int(os.environ.get("WORLD_SIZE", 1)),
-        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-    )
-    if info.world_size > 1:
-        raise RunError(
-            f"WORLD_SIZE={info.world_size}: distributed training is not implemented yet; "
-            "run nctools train as a single process"
-        )
-    return info
-
-
-def wrap_model(model: nn.Module, dist: DistInfo) -> nn.Module:
-    """The one place a model gets wrapped for training (DistributedDataParallel, later)."""
-    return model
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -130,17 +115,19 @@ def build_scheduler(
     raise ConfigError(f"train.schedule: {tc.schedule!r} is not multistep, cosine or constant")
 
 
-def batch_loss(logits: Tensor, labels: Tensor, loss: str) -> Tensor:
-    """Mean loss of a batch; ``logits``: (B, C), ``labels``: (B,).
+def batch_loss(logits: Tensor, labels: Tensor, loss: str, reduction: str = "mean") -> Tensor:
+    """Mean (or with ``reduction="sum"`` total) loss of a batch; ``logits``: (B, C),
+    ``labels``: (B,).
 
     ``ce`` is cross-entropy; ``mse`` is the squared error to one-hot targets summed over
     classes and averaged over the batch (Han, Papyan & Donoho, ICLR 2022).
     """
     if loss == "ce":
-        return F.cross_entropy(logits, labels)
+        return F.cross_entropy(logits, labels, reduction=reduction)
     if loss == "mse":
         target = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
-        return (logits - target).pow(2).sum(dim=1).mean()
+        per_sample = (logits - target).pow(2).sum(dim=1)
+        return per_sample.mean() if reduction == "mean" else per_sample.sum()
     raise ConfigError(f"train.loss: {loss!r} is not ce or mse")
 
 
@@ -151,17 +138,64 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def train_step(
-    model: nn.Module, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, loss: str, autocast
+    model: nn.Module, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, loss: str,
+    autocast, scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """One SGD step on a batch; returns (mean loss, number correct) as device tensors,
-    so the loop never waits on the GPU."""
+    """One SGD step on a batch; returns (summed loss, number correct) as device tensors,
+    so the loop never waits on the GPU.
+
+    ``scale=None`` minimises the batch's mean loss (one process). Under DDP a rank holds
+    some rows of a global batch of ``n`` rows and minimises ``scale * (sum of its losses)``
+    with ``scale = K / n``: DDP averages the K ranks' gradients, which gives the gradient
+    of the global mean loss however unevenly the rows are split.
+    """
     with autocast:
         logits = model(x)
-    value = batch_loss(logits.float(), y, loss)
+    if scale is None:
+        value = batch_loss(logits.float(), y, loss)
+        total = value.detach() * len(y)
+    else:
+        total = batch_loss(logits.float(), y, loss, reduction="sum")
+        value = total * scale
+        total = total.detach()
     optimizer.zero_grad(set_to_none=True)
     value.backward()
     optimizer.step()
-    return value.detach(), (logits.detach().argmax(dim=1) == y).sum()
+    return total, (logits.detach().argmax(dim=1) == y).sum()
+
+
+def rank_batches(
+    split: Split, order: Tensor, batch_size: int, augment: bool,
+    generator: torch.Generator, dist: DistInfo,
+) -> Iterator[tuple[Tensor, Tensor, int]]:
+    """This rank's rows of each global batch of ``order``: (images, labels, global rows).
+
+    One process yields whole batches. Under DDP rank r takes rows r, r + K, ... of every
+    global batch (``DistributedSampler``'s sharding, without its padding: the last, short
+    batch stays as one process has it, and a rank may get no rows of it). Every rank
+    yields as many batches as there are global ones, so the collectives stay in step.
+    An in-memory split with augmentation is augmented a global batch at a time, so the
+    random crops and flips are those of one process; a lazy (image-folder) split loads
+    only this rank's rows and draws its own augmentation.
+    """
+    if not dist.distributed:
+        for x, y in iterate_batches(split, order, batch_size, augment, generator):
+            yield x, y, len(y)
+        return
+    rank, world = dist.rank, dist.world_size
+    if augment and not split.lazy:
+        for x, y in iterate_batches(split, order, batch_size, augment, generator):
+            yield x[rank::world], y[rank::world], len(y)
+        return
+    if augment:  # its own stream, so the ranks do not crop their rows alike
+        generator = torch.Generator().manual_seed(int(generator.initial_seed()) * world + rank)
+    local = iterate_batches(split, order[rank::world], batch_size // world, augment, generator)
+    x = y = None
+    for start in range(0, len(order), batch_size):
+        batch = next(local, None)
+        # Only the short last batch can leave a rank without rows (_setup ensures N >= K).
+        x, y = batch if batch is not None else (x[:0], y[:0])
+        yield x, y, min(batch_size, len(order) - start)
 
 
 class _StopOnSigint:
@@ -214,21 +248,35 @@ def train(config: Config, out_dir: str | Path, resume: bool = False) -> Path:
     existing run with its saved ``config.yaml`` (differences are warned about and ignored,
     except ``train.device``).
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank calls this with the same arguments;
+    the process group is made here from the torchrun environment and destroyed on return.
+
     Raises:
         RunError: ``out_dir`` holds a run of another config, or training diverged
             (NaN/Inf loss; the last good checkpoint and snapshots are kept).
+        ConfigError: under torchrun, a batch size not divisible by ``WORLD_SIZE``.
         KeyboardInterrupt: after Ctrl-C, once a resumable state is on disk.
     """
     dist = dist_from_env()
     run_dir = Path(out_dir).expanduser()
+    device = rank_device(resolve_device(config.train.device), dist)
+    with process_group(dist, device):
+        return _train(config, run_dir, resume, dist, device)
+
+
+def _train(config: Config, run_dir: Path, resume: bool, dist: DistInfo,
+           device: torch.device) -> Path:
+    """:func:`train` once the process group (if any) exists."""
     config, checkpoint = _open_run(run_dir, config, resume)
+    barrier()  # every rank has read the run directory before rank 0 writes to it
     if config is None:
         return run_dir
-    run = _setup(config, run_dir, dist)
+    run = _setup(config, run_dir, dist, device)
     start = 0
     if checkpoint is not None:
-        start = _load_checkpoint(run, checkpoint)
-        log.info("resuming %s after epoch %d of %d", run_dir, start, config.train.epochs)
+        start = _load_checkpoint(run, checkpoint)  # every rank: they start alike
+        if dist.is_main:
+            log.info("resuming %s after epoch %d of %d", run_dir, start, config.train.epochs)
     run.manifest.update(epochs_done=start, tpt_onset_epoch=run.tpt_onset)
     if dist.is_main:
         if checkpoint is None:
@@ -253,8 +301,10 @@ def train(config: Config, out_dir: str | Path, resume: bool = False) -> Path:
             _set_status(run, "interrupted")
             command = f"nctools train {shlex.quote(str(run_dir / CONFIG_FILE))} " \
                       f"--out {shlex.quote(str(run_dir))}"
-            log.warning("interrupted after epoch %d of %d; resume with: %s",
-                        run.manifest["epochs_done"], config.train.epochs, command)
+            if dist.is_main:
+                log.warning("interrupted after epoch %d of %d; resume with: %s%s",
+                            run.manifest["epochs_done"], config.train.epochs,
+                            "torchrun ... -m " if dist.distributed else "", command)
             raise
         finally:
             bar.close()
@@ -262,16 +312,24 @@ def train(config: Config, out_dir: str | Path, resume: bool = False) -> Path:
     return run_dir
 
 
-def _setup(config: Config, run_dir: Path, dist: DistInfo) -> _Run:
+def _setup(config: Config, run_dir: Path, dist: DistInfo, device: torch.device) -> _Run:
     """Data, a freshly initialised model (seeded by ``config.seed``), optimizer, schedule."""
     tc = config.train
-    device = resolve_device(tc.device)
+    world = dist.world_size
+    if tc.batch_size % world:
+        raise ConfigError(f"train.batch_size: {tc.batch_size} is not divisible by WORLD_SIZE="
+                          f"{world} (each process takes batch_size / WORLD_SIZE rows of a batch)")
     cuda = device.type == "cuda"
-    if not cuda and (tc.bf16 or tc.channels_last):
+    if not cuda and (tc.bf16 or tc.channels_last) and dist.is_main:
         log.info("train.bf16 / train.channels_last apply to CUDA only; ignored on %s", device)
     torch.manual_seed(config.seed)
     dataset = load_dataset(config.data, config.seed)
+    if len(dataset.train) < world:
+        raise ConfigError(f"data: {len(dataset.train)} training samples cannot be shared by "
+                          f"WORLD_SIZE={world} processes")
     model = build_model(config.model, dataset.num_classes, dataset.in_channels, dataset.image_size)
+    if dist.distributed:
+        model = global_batch_norm(model, device)  # before the optimizer takes its parameters
     model.to(device)
     if cuda and tc.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -279,15 +337,15 @@ def _setup(config: Config, run_dir: Path, dist: DistInfo) -> _Run:
     schedule = snapshot_schedule(config.snapshot.epochs, tc.epochs)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and tc.bf16 else nullcontext()
     return _Run(
-        config, run_dir, dist, device, dataset, model, wrap_model(model, dist), optimizer,
-        build_scheduler(optimizer, tc), schedule, autocast,
-        _manifest(config, dataset, model, device, schedule),
+        config, run_dir, dist, device, dataset, model, wrap_model(model, dist, device),
+        optimizer, build_scheduler(optimizer, tc), schedule, autocast,
+        _manifest(config, dataset, model, device, schedule, world),
     )
 
 
 def _run_epoch(run: _Run, epoch: int, stop: _StopOnSigint) -> dict:
     """Train one epoch, evaluate, then write its history row, snapshot and checkpoint."""
-    config, tc, device = run.config, run.config.train, run.device
+    config, tc, device, dist = run.config, run.config.train, run.device, run.dist
     t0 = time.perf_counter()
     lr = run.optimizer.param_groups[0]["lr"]
     gen = epoch_generator(config.seed, epoch)
@@ -296,35 +354,50 @@ def _run_epoch(run: _Run, epoch: int, stop: _StopOnSigint) -> dict:
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     run.net.train()
-    for x, y in iterate_batches(split, order, tc.batch_size, config.data.augment, gen):
+    batches = rank_batches(split, order, tc.batch_size, config.data.augment, gen, dist)
+    for x, y, rows in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if tc.channels_last and device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        loss, hits = train_step(run.net, x, y, run.optimizer, tc.loss, run.autocast)
-        loss_sum += loss * len(y)  # device tensors: no GPU sync per step
+        scale = dist.world_size / rows if dist.distributed else None
+        loss, hits = train_step(run.net, x, y, run.optimizer, tc.loss, run.autocast, scale)
+        loss_sum += loss  # device tensors: no GPU sync per step
         correct += hits
         if stop.requested:
             raise KeyboardInterrupt
     run.scheduler.step()
-    # One eval pass gives the test metrics, and on snapshot epochs the snapshot too.
+    # One eval pass gives the test metrics, and on snapshot epochs the snapshot too; each
+    # rank extracts its own rows (all of them for one process).
     snapshot = epoch in run.schedule
     names = {"test", *config.snapshot.splits} if snapshot else {"test"}
     batch = EVAL_BATCH_FACTOR * tc.batch_size
-    splits = {s: extract_features(run.model, getattr(run.dataset, s), batch, device) for s in names}
-    test_loss, test_acc = _classify(run.model, *splits["test"], tc.loss)
-    n = len(split)
-    row = {"epoch": epoch, "lr": lr, "train_loss": loss_sum.item() / n,
-           "train_acc": correct.item() / n, "test_loss": test_loss, "test_acc": test_acc}
-    if not (math.isfinite(row["train_loss"]) and math.isfinite(test_loss)):
-        _diverged(run, epoch, row)  # raises; nothing of this epoch reaches the disk
+    splits = {}
+    for name in sorted(names):
+        part = getattr(run.dataset, name)
+        rows = shard_rows(len(part), batch, dist)
+        indices = torch.arange(rows.start, rows.stop)
+        splits[name] = extract_features(run.model, part, batch, device, indices=indices)
+    test_loss, test_hits = _classify(run.model, *splits["test"], tc.loss)
+    totals = torch.stack([loss_sum.double(), correct.double(),
+                          torch.tensor(test_loss, dtype=torch.float64, device=device),
+                          torch.tensor(test_hits, dtype=torch.float64, device=device)])
+    train_loss, train_hits, test_loss, test_hits = sum_over_ranks(totals).tolist()
+    n, n_test = len(split), len(run.dataset.test)
+    row = {"epoch": epoch, "lr": lr, "train_loss": train_loss / n, "train_acc": train_hits / n,
+           "test_loss": test_loss / n_test, "test_acc": test_hits / n_test}
+    if not (math.isfinite(row["train_loss"]) and math.isfinite(row["test_loss"])):
+        _diverged(run, epoch, row)  # raises on every rank; nothing of this epoch is written
     if run.tpt_onset is None and row["train_acc"] == 1.0:
         run.tpt_onset = epoch
-        log.info("epoch %d: training error reached zero (onset of the terminal phase)", epoch)
+        if dist.is_main:
+            log.info("epoch %d: training error reached zero (onset of the terminal phase)",
+                     epoch)
     row["seconds"] = time.perf_counter() - t0
-    if run.dist.is_main:
+    if dist.is_main:
         store.append_history(run.run_dir, row)
-        if snapshot:
-            _write_snapshot(run, epoch, splits)
+    if snapshot:
+        _write_snapshot(run, epoch, splits)  # every rank: its own shard
+    if dist.is_main:
         _save_checkpoint(run, epoch)  # last: everything before it is complete
         run.manifest.update(epochs_done=epoch, tpt_onset_epoch=run.tpt_onset)
         store.write_manifest(run.run_dir, run.manifest)
@@ -332,23 +405,29 @@ def _run_epoch(run: _Run, epoch: int, stop: _StopOnSigint) -> dict:
 
 
 @torch.no_grad()
-def _classify(model: nn.Module, features: Tensor, labels: Tensor, loss: str) -> tuple[float, float]:
-    """Loss and accuracy of the classifier on extracted ``features`` (N, D), on the CPU."""
+def _classify(model: nn.Module, features: Tensor, labels: Tensor, loss: str) -> tuple[float, int]:
+    """Summed loss and number correct of the classifier on ``features`` (N, D), on the CPU."""
     clf = model.classifier
     bias = None if clf.bias is None else clf.bias.detach().float().cpu()
     logits = F.linear(features, clf.weight.detach().float().cpu(), bias)
-    acc = (logits.argmax(dim=1) == labels).double().mean().item()
-    return batch_loss(logits, labels, loss).item(), acc
+    hits = int((logits.argmax(dim=1) == labels).sum())
+    return batch_loss(logits, labels, loss, reduction="sum").item(), hits
 
 
 def _write_snapshot(run: _Run, epoch: int, splits: dict[str, tuple[Tensor, Tensor]]) -> None:
-    clf = run.model.classifier
+    """One file per split; under DDP one shard per rank, merged by rank 0 after a barrier."""
+    clf, dist = run.model.classifier, run.dist
     store.write_snapshot(
         run.run_dir, epoch, {s: splits[s] for s in run.config.snapshot.splits},
         clf.weight.detach().float().cpu(),
         None if clf.bias is None else clf.bias.detach().float().cpu(),
         dtype=run.config.snapshot.dtype,
+        shard=(dist.rank, dist.world_size) if dist.distributed else None,
     )
+    if dist.distributed:
+        barrier()
+        if dist.is_main:
+            store.finalize_sharded_snapshot(run.run_dir, epoch, dist.world_size)
 
 
 def _save_checkpoint(run: _Run, epoch: int) -> None:
@@ -374,8 +453,9 @@ def _load_checkpoint(run: _Run, path: Path) -> int:
         run.optimizer.load_state_dict(state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng_cpu"])
-        if run.device.type == "cuda" and state["rng_cuda"]:
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        if run.device.type == "cuda":  # a resumed run may see fewer GPUs than it saved
+            for index, rng in enumerate(state["rng_cuda"][: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(rng, index)
         run.tpt_onset = state["tpt_onset_epoch"]
         return int(state["epoch"])
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
@@ -412,13 +492,15 @@ def _open_run(run_dir: Path, config: Config, resume: bool) -> tuple[Config | Non
     return config, checkpoint if checkpoint.exists() else None
 
 
-def _manifest(config: Config, dataset: Dataset, model: nn.Module, device, schedule) -> dict:
+def _manifest(config: Config, dataset: Dataset, model: nn.Module, device, schedule,
+              world_size: int = 1) -> dict:
     return {
         "name": config.name,
         "status": "running",
         "nctools_version": nctools.__version__,
         "torch_version": torch.__version__,
         "device": str(device),
+        "world_size": world_size,
         "dataset": dataset.name,
         "num_train": len(dataset.train),
         "num_test": len(dataset.test),
