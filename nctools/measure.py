@@ -27,6 +27,7 @@ from nctools import metrics
 from nctools.stats import ClassStats
 
 F64 = torch.float64
+F32_UNIT = 2.0**-24  # unit roundoff of float32
 CHUNK_ELEMENTS = 1 << 22  # float64 elements per (rows, D + 2C) working block: 32 MiB
 
 METRIC_KEYS = (
@@ -226,6 +227,9 @@ class DecisionTally:
         centres = (shift if ncc_means is None else ncc_means) - reference
         self.reuse_projection = projected_centres and ncc_means is None
         self.weight_t = weight.T.contiguous()  # (D, C)
+        self.weight_t32 = self.weight_t.float()
+        self.weight_norms = weight.norm(dim=1)  # (C,)
+        self.dim = weight.shape[1]
         self.centres_t = centres.T.contiguous()  # (D, C)
         self.logit_offset = shift @ weight.T + bias  # (C, C): row c for samples of class c
         self.centre_offset = (shift - reference) @ centres.T  # (C, C)
@@ -234,15 +238,35 @@ class DecisionTally:
 
     def add(self, labels: Tensor, x: Tensor, projected: Tensor | None = None) -> None:
         """Tally one block: x (rows, D) float64 centred samples x = h - s_y, labels (rows,)."""
-        logits = x @ self.weight_t + self.logit_offset[labels]
+        predicted = self._classifier_decisions(labels, x)
         towards = projected if self.reuse_projection and projected is not None else None
         if towards is None:
             towards = x @ self.centres_t
         distances = self.centre_sq - 2.0 * (towards + self.centre_offset[labels])
-        predicted, nearest = logits.argmax(1), distances.argmin(1)
+        nearest = distances.argmin(1)
         self.counts += torch.stack(
             [(predicted != nearest).sum(), (predicted == labels).sum(), (nearest == labels).sum()]
         )
+
+    def _classifier_decisions(self, labels: Tensor, x: Tensor) -> Tensor:
+        """argmax_k (w_k.h + b_k), exactly as float64 would decide, at float32 speed.
+
+        The products x.w_k run in float32: with inputs rounded too, each is within
+        e_k = (D + 4) u ||x|| ||w_k|| of the exact product (u = 2^-24, any summation
+        order). A row whose top logit leads every other by more than e_top + max_k e_k has
+        the float64 winner; the few rows that do not are recomputed in float64.
+        """
+        logits = (x.float() @ self.weight_t32).double() + self.logit_offset[labels]
+        top2, index = logits.topk(2, dim=1)
+        predicted = index[:, 0].clone()
+        scale = (self.dim + 4) * F32_UNIT * x.norm(dim=1)
+        slack = scale * (self.weight_norms[predicted] + self.weight_norms.max())
+        unsure = (top2[:, 0] - top2[:, 1]) <= slack
+        if bool(unsure.any()):
+            rows = torch.nonzero(unsure).flatten()
+            exact = x[rows] @ self.weight_t + self.logit_offset[labels[rows]]
+            predicted[rows] = exact.argmax(1)
+        return predicted
 
 
 def class_means(
