@@ -225,3 +225,20 @@ def test_bad_bias_num_classes_and_class_means():
         measure(features, labels, weight, class_means=np.zeros((5, 3)))
     with pytest.raises(ValueError, match=r"features must be a torch\.Tensor or numpy\.ndarray"):
         measure(features.tolist(), labels, weight)
+
+
+def test_near_tied_classifier_decisions_match_float64():
+    """Logits closer than float32 can resolve are re-decided in float64 (NC4 exactness)."""
+    features, labels, weight, bias = clusters(6, 16, 60, spread=2.0, seed=12)
+    weight[1] = weight[0] + 1e-9 * np.random.default_rng(0).normal(size=16)  # near twins
+    bias[1] = bias[0]
+    want = reference_metrics(features, labels, weight, bias)
+    got = measure(
+        torch.tensor(features, dtype=torch.float32).double(),
+        torch.from_numpy(labels),
+        torch.from_numpy(weight),
+        torch.from_numpy(bias),
+    )
+    assert got["accuracy"] == want["accuracy"]
+    assert got["ncc_mismatch"] == want["ncc_mismatch"]
+    assert (np.argmax(features @ weight.T + bias, 1) == 1).sum() > 0  # class 1 does win rows
