@@ -31,6 +31,17 @@ SUMMARY_METRICS = (
 )  # fmt: skip
 
 
+class _UsageError(NctoolsError):
+    """Arguments argparse refuses (missing, unknown, badly typed)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line like every other nctools error (no usage dump)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise _UsageError(f"{message} (see `{self.prog} --help`)")
+
+
 def _epilog(*lines: str) -> str:
     return "example:\n" + "\n".join(f"  {line}" for line in lines)
 
@@ -40,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nctools import __version__
 
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nctools",
         description="Measure neural collapse (Papyan, Han & Donoho, PNAS 2020).",
         epilog=_epilog("nctools demo", "nctools train CONFIG && nctools analyze RUN"),
@@ -129,14 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from nctools.config import load_config
+    from nctools.distributed import dist_from_env
     from nctools.train import train
+
+    say = print if dist_from_env().is_main else _silent  # under torchrun rank 0 alone speaks
 
     if not args.resume:
         if args.config is None:
             raise NctoolsError("train: give a CONFIG file (or --resume --out RUN)")
         cfg = load_config(args.config, args.overrides)
         run = Path(args.out) if args.out else Path("runs") / cfg.name
-        print(f"run saved in {train(cfg, run)}")
+        say(f"run saved in {train(cfg, run)}")
         return 0
     # --resume: `nctools train --resume --out RUN` or `nctools train RUN --resume`.
     config = Path(args.config) if args.config else None
@@ -151,7 +165,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Without changes the run's own config.yaml is authoritative; with a CONFIG or --set,
     # train() checks they describe the same run (only keys like train.device may differ).
     same = config == run / "config.yaml" and not args.overrides
-    print(f"run saved in {train(cfg, run, resume=same)}")
+    say(f"run saved in {train(cfg, run, resume=same)}")
     return 0
 
 
@@ -217,12 +231,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _silent(*args, **kwargs) -> None:
+    """``print`` for ranks other than 0 of a torchrun launch."""
+
+
 def cmd_measure(args: argparse.Namespace) -> int:
+    from nctools.distributed import dist_from_env
+
     result = measure_checkpoint(
         arch=args.arch, checkpoint=args.checkpoint, dataset=args.dataset, split=args.split,
         layer=args.layer, num_classes=args.num_classes, data_root=args.data_root,
         batch_size=args.batch_size, device=args.device,
     )
+    if not dist_from_env().is_main:  # every rank holds the result; rank 0 prints it
+        return 0
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -265,15 +287,20 @@ def feature_layer(model, name: str | None):
     return linears[-1]
 
 
-def hooked_features(model, layer, split, batch_size: int, device):
+def hooked_features(model, layer, split, batch_size: int, device, rows: range | None = None):
     """Inputs of ``layer`` over a whole split: features (N, D) float32, labels (N,) int64.
 
     A forward hook, not ``model.features``, so that any Linear can be measured (``--layer``).
     Eval mode, no gradients, the split's order, no augmentation (as in every snapshot).
+    ``rows``: only these contiguous rows (a torchrun rank's shard; may be empty).
     """
     import torch
 
     from nctools.data import iterate_batches
+
+    rows = range(len(split.labels)) if rows is None else rows
+    if len(rows) == 0:
+        return torch.zeros(0, layer.in_features), torch.zeros(0, dtype=torch.long)
 
     captured = []
     handle = layer.register_forward_hook(
@@ -283,7 +310,7 @@ def hooked_features(model, layer, split, batch_size: int, device):
     model.eval()
     try:
         with torch.no_grad():
-            indices = torch.arange(len(split.labels))
+            indices = torch.arange(rows.start, rows.stop)
             for images, y in iterate_batches(split, indices, batch_size):
                 model(images.to(device))
                 labels.append(y)
@@ -302,6 +329,9 @@ def measure_checkpoint(
     The checkpoint is read only by :func:`nctools.store.load_checkpoint`
     (``torch.load(weights_only=True)``), so it cannot run code. On the test split NC4 and
     ``ncc_accuracy`` use the training class means (METRICS.md, "On other data").
+    Under torchrun each rank extracts its own contiguous rows and the statistics are
+    summed with all_reduce (:func:`nctools.measure.measure_chunks`); every rank returns
+    the metrics of the whole split.
     """
     from nctools import models, store
     from nctools.config import DataConfig, ModelConfig
@@ -325,12 +355,19 @@ def measure_checkpoint(
     except CheckpointError as exc:
         raise CheckpointError(f"{checkpoint} does not fit {arch} with {classes} classes "
                               f"and {data.in_channels} input channels: {exc}") from None
-    dev = _device(device)
+    from nctools.distributed import dist_from_env, process_group, rank_device
+
+    info = dist_from_env()
+    dev = rank_device(_device(device), info, key="--device")
     model.to(dev)
     linear = feature_layer(model, layer)
     weight, bias = linear.weight.detach().cpu(), None
     if linear.bias is not None:
         bias = linear.bias.detach().cpu()
+    if info.distributed:
+        with process_group(info, dev):
+            return _measure_shards(model, linear, data, split, batch_size, dev, info,
+                                   weight, bias, checkpoint)
     features, labels = hooked_features(model, linear, getattr(data, split), batch_size, dev)
     means = None
     if split == "test":
@@ -340,6 +377,38 @@ def measure_checkpoint(
         return measure(features, labels, weight, bias, num_classes=weight.shape[0],
                        class_means=means)
     except ValueError as exc:  # e.g. labels beyond --num-classes
+        raise NctoolsError(f"measure --checkpoint {checkpoint}: {exc}") from None
+
+
+def _measure_shards(model, linear, data, split: str, batch_size: int, dev, info,
+                    weight, bias, checkpoint) -> dict[str, float]:
+    """:func:`measure_checkpoint` on this rank's rows, statistics summed over the ranks."""
+    import torch
+
+    from nctools.distributed import shard_rows
+    from nctools.measure import measure_chunks
+    from nctools.stats import ClassStats
+
+    def shard(name: str):
+        part = getattr(data, name)
+        return hooked_features(model, linear, part, batch_size, dev,
+                               shard_rows(len(part.labels), batch_size, info))
+
+    num_classes = weight.shape[0]
+    features, labels = shard(split)
+    try:
+        means = None
+        if split == "test":  # counts and sums only: the train class means, in one pass
+            train_features, train_labels = shard("train")
+            dim = train_features.shape[1]
+            stats = ClassStats(num_classes, dim, basis=torch.zeros(dim, 0), device=dev)
+            stats.update(train_features, train_labels).all_reduce()
+            stats.check_nonempty()
+            means = stats.class_means()
+        result, _ = measure_chunks(lambda: [(features, labels)], weight, bias, num_classes,
+                                   class_means=means, device=dev)
+        return result
+    except ValueError as exc:
         raise NctoolsError(f"measure --checkpoint {checkpoint}: {exc}") from None
 
 
@@ -353,10 +422,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
+            args = parser.parse_args(argv)
             return args.func(args)
         except NctoolsError as exc:
             # One line, whatever the message holds.
