@@ -4,8 +4,9 @@ Usage::
 
     table = analyze("runs/demo")        # also: nctools analyze runs/demo
 
-Every complete snapshot is measured with :func:`nctools.measure.measure` on each saved
-split; on the test split NC4 and ``ncc_accuracy`` use the training class means
+Every complete snapshot is measured on each saved split, streamed from disk in chunks
+(:func:`nctools.measure.measure_chunks`, the engine of :func:`nctools.measure.measure`);
+on the test split NC4 and ``ncc_accuracy`` use the training class means
 (METRICS.md, "On other data"), as Papyan, Han & Donoho (PNAS 2020) report test-set
 collapse. The table is long ("tidy"): one row per run, epoch, split and metric, with the
 training history of that epoch joined as columns. Analysis is incremental: epochs
@@ -23,7 +24,7 @@ import pandas as pd
 from nctools import store
 from nctools.config import load_config
 from nctools.errors import RunError, SnapshotError
-from nctools.measure import METRIC_KEYS, class_means, measure
+from nctools.measure import CHUNK_ELEMENTS, METRIC_KEYS, measure_chunks
 
 METRICS_FILE = "metrics.csv"
 KEY_COLUMNS = ["run", "dataset", "arch", "epoch", "split", "metric", "value"]
@@ -84,24 +85,31 @@ def analyze(run_dir: str | Path, strict: bool = False) -> pd.DataFrame:
     return table
 
 
-def measure_snapshot(run_dir: Path, epoch: int) -> list[dict]:
+def measure_snapshot(run_dir: Path, epoch: int, chunk_rows: int | None = None) -> list[dict]:
     """Rows ``{"split", "metric", "value"}`` of one snapshot, every METRICS.md key per split.
 
-    The files are verified once (sha256, :func:`nctools.store.verify_snapshot`) and then
-    read without a second hash.
+    The files are verified once (sha256, :func:`nctools.store.verify_snapshot`); then each
+    split streams from disk in chunks of ``chunk_rows`` (default: about 4M values, e.g.
+    8192 rows at D = 512), twice (:func:`nctools.measure.measure_chunks`), so memory does
+    not grow with N. The train split's class means come back from its own measurement
+    and serve the test split's NC4 (no extra pass). Sharded snapshots read as one split.
     """
     store.verify_snapshot(run_dir, epoch)
     weight, bias = store.load_classifier(run_dir, epoch, verify=False)
-    num_classes = weight.shape[0]
+    num_classes, dim = weight.shape
+    chunk_rows = chunk_rows or max(1, CHUNK_ELEMENTS // dim)
     train_means = None
     rows = []
     for split in snapshot_splits(run_dir, epoch):
-        # features: (N, D), labels: (N,); the whole split in memory for now.
-        features, labels = store.load_split(run_dir, epoch, split, verify=False)
-        if split == "train":
-            train_means = class_means(features, labels, num_classes)
+
+        def chunks(split: str = split):  # features: (n, D), labels: (n,) per chunk
+            return store.iter_split(run_dir, epoch, split, chunk_rows, verify=False)
+
         means = train_means if split != "train" else None
-        values = measure(features, labels, weight, bias, num_classes, class_means=means)
+        values, split_means = measure_chunks(chunks, weight, bias, num_classes,
+                                             class_means=means)
+        if split == "train":
+            train_means = split_means
         rows += [{"split": split, "metric": key, "value": values[key]} for key in METRIC_KEYS]
     return rows
 
