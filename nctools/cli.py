@@ -163,10 +163,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = run / "config.yaml"
     cfg = load_config(config, args.overrides)
     # Without changes the run's own config.yaml is authoritative; with a CONFIG or --set,
-    # train() checks they describe the same run (only keys like train.device may differ).
+    # they must describe the same run (only keys like train.device may differ).
     same = config == run / "config.yaml" and not args.overrides
+    if not same:
+        _check_resume_changes(run, cfg)
     say(f"run saved in {train(cfg, run, resume=same)}")
     return 0
+
+
+def _check_resume_changes(run: Path, cfg) -> None:
+    """Refuse a CONFIG or --set that would change the run being resumed (never ignore it)."""
+    from nctools.config import diff_configs, load_config
+    from nctools.train import RESUME_MAY_CHANGE
+
+    diffs = diff_configs(load_config(run / "config.yaml"), cfg, ignore=RESUME_MAY_CHANGE)
+    if diffs:
+        raise RunError(
+            f"train --resume: the given CONFIG/--set would change the run in {run} "
+            f"({'; '.join(diffs)}); resume without them to continue with "
+            f"{run / 'config.yaml'}, or use another --out for a new run"
+        )
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
