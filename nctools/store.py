@@ -5,8 +5,9 @@ Layout (DESIGN.md "Run directory")::
     RUN/config.yaml  run.json  history.csv  checkpoint.pt
     RUN/snapshots/epoch-NNNN/{train,test}.safetensors  classifier.safetensors  meta.json
 
-Every file is written to ``.NAME.tmp-<pid>`` beside its final name, flushed, fsynced and
-renamed into place, so a crash never leaves a half-written file under the final name.
+Every file is written to ``.NAME.tmp-<host>-<pid>`` beside its final name, flushed, fsynced
+and renamed into place, so a crash never leaves a half-written file under the final name
+(:func:`remove_stale_temps` deletes the temp files of writers that died).
 ``meta.json`` is written last: a snapshot directory without it is incomplete and ignored.
 
 Usage::
@@ -26,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -73,6 +75,11 @@ def _fault_delay() -> float:
 
 
 _FAULT_DELAY = _fault_delay()
+# Temp files carry the writer's host and pid, so a crashed writer's leftovers are told
+# apart from those of a live one (on this host or another sharing the file system).
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+_TEMP_NAME = re.compile(r"\..+\.tmp-(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)")
+
 # safetensors creates files 0600; give every file the mode open() would (0666 minus umask).
 # Reading the umask means setting it: done once, at import.
 _UMASK = os.umask(0o022)
@@ -90,7 +97,7 @@ def _atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
     an OSError (disk full, permission) becomes RunError naming ``path``.
     """
     path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp = path.parent / f".{path.name}.tmp-{_HOST}-{os.getpid()}"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -131,6 +138,39 @@ def _write_failure(exc: Exception, folder: Path) -> str:
             return "No space left on device"
     line = (str(exc).strip().splitlines() or [""])[0][:200]
     return f"the write failed ({type(exc).__name__}: {line}); is the disk full or read-only?"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        pass
+    return True
+
+
+def remove_stale_temps(run_dir: PathLike) -> list[Path]:
+    """Delete the temp files that writers on this host left when killed mid-write.
+
+    A SIGKILL or power cut between a temp write and its rename leaves ``.NAME.tmp-*``
+    beside the final name (a checkpoint or feature file: possibly gigabytes). Temp files of
+    live processes and of other hosts are kept. Returns the deleted paths.
+    """
+    root = Path(run_dir)
+    folders = [root, *sorted((root / SNAPSHOTS_DIR).glob("epoch-*"))]
+    removed = []
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            match = _TEMP_NAME.fullmatch(path.name)
+            if (match and match["host"] == _HOST and not _pid_alive(int(match["pid"]))
+                    and path.is_file()):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed.append(path)
+    return removed
 
 
 def _fsync_dir(folder: Path) -> None:
