@@ -280,7 +280,7 @@ def _train(config: Config, run_dir: Path, resume: bool, dist: DistInfo,
     run.manifest.update(epochs_done=start, tpt_onset_epoch=run.tpt_onset)
     if dist.is_main:
         if checkpoint is None:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            # the first write creates run_dir; an unwritable one is a RunError naming it
             save_config(config, run_dir / CONFIG_FILE)
             _save_checkpoint(run, 0)  # the initialisation is a resumable state too
         store.truncate_history(run_dir, start)  # later rows are replayed
