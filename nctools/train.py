@@ -283,6 +283,7 @@ def _train(config: Config, run_dir: Path, resume: bool, dist: DistInfo,
             # the first write creates run_dir; an unwritable one is a RunError naming it
             save_config(config, run_dir / CONFIG_FILE)
             _save_checkpoint(run, 0)  # the initialisation is a resumable state too
+        store.remove_stale_temps(run_dir)  # what a killed run was writing
         store.truncate_history(run_dir, start)  # later rows are replayed
         store.write_manifest(run_dir, run.manifest)
 
