@@ -121,18 +121,23 @@ def snapshot_splits(run_dir: Path, epoch: int) -> list[str]:
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
-    """A ``metrics.csv`` as written, every float exactly."""
-    return pd.read_csv(path, **_EXACT_FLOATS)
+    """A ``metrics.csv`` as written, every float exactly.
 
-
-def _read_table(path: Path) -> pd.DataFrame | None:
-    if not path.is_file():
-        return None
-    table = read_table(path)
+    Raises RunError naming the file when it does not parse or lacks :data:`KEY_COLUMNS`.
+    """
+    try:
+        table = pd.read_csv(path, **_EXACT_FLOATS)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise RunError(f"{path}: not a metrics table ({type(exc).__name__}: {exc}); "
+                       "delete it and run `nctools analyze` again") from None
     missing = set(KEY_COLUMNS) - set(table.columns)
     if missing:
         raise RunError(f"{path}: not a metrics table (lacks {sorted(missing)}); delete it")
     return table
+
+
+def _read_table(path: Path) -> pd.DataFrame | None:
+    return read_table(path) if path.is_file() else None
 
 
 def _join_history(run_dir: Path, table: pd.DataFrame) -> pd.DataFrame:

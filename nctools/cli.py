@@ -209,7 +209,7 @@ def summary(table) -> str:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from nctools.analysis import analyze
+    from nctools.analysis import analyze, read_table
     from nctools.plots import figure_format, plot_runs
 
     runs = [Path(r) for r in args.runs]
@@ -221,7 +221,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     tables = []
     for run in runs:
         csv = run / "metrics.csv"
-        tables.append(csv if csv.is_file() else analyze(run))
+        tables.append(read_table(csv) if csv.is_file() else analyze(run))
     print(f"wrote {plot_runs(tables, out)}")
     return 0
 
