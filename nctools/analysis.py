@@ -94,6 +94,7 @@ def measure_snapshot(run_dir: Path, epoch: int, chunk_rows: int | None = None) -
     not grow with N. The train split's class means come back from its own measurement
     and serve the test split's NC4 (no extra pass). Sharded snapshots read as one split.
     """
+    files = store.read_meta(run_dir, epoch)["files"]
     store.verify_snapshot(run_dir, epoch)
     weight, bias = store.load_classifier(run_dir, epoch, verify=False)
     num_classes, dim = weight.shape
@@ -111,6 +112,11 @@ def measure_snapshot(run_dir: Path, epoch: int, chunk_rows: int | None = None) -
         if split == "train":
             train_means = split_means
         rows += [{"split": split, "metric": key, "value": values[key]} for key in METRIC_KEYS]
+    # A resumed run rewrites the snapshots past its checkpoint; if that happened while the
+    # files streamed unhashed, the numbers could mix two versions of the snapshot.
+    if store.read_meta(run_dir, epoch)["files"] != files:
+        raise SnapshotError(f"{store.snapshot_dir(run_dir, epoch)}: rewritten while it was "
+                            "measured (a resumed run?); analyze again")
     return rows
 
 
