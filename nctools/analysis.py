@@ -16,6 +16,8 @@ followed by calling :func:`analyze` again.
 
 from __future__ import annotations
 
+import os
+import time
 import warnings
 from pathlib import Path
 
@@ -62,7 +64,11 @@ def analyze(run_dir: str | Path, strict: bool = False) -> pd.DataFrame:
     ident = {"run": run_dir.resolve().name, "dataset": config.data.dataset,
              "arch": config.model.arch}
 
+    started = time.time_ns()
     old = _read_table(run_dir / METRICS_FILE)
+    if old is not None:  # a resumed run rewrites the snapshots past its checkpoint
+        stale = _rewritten_since(run_dir, epochs, (run_dir / METRICS_FILE).stat().st_mtime_ns)
+        old = old[~old["epoch"].astype(int).isin(stale)]
     done = set(old["epoch"].astype(int)) if old is not None else set()
     frames = [] if old is None else [old[KEY_COLUMNS]]
     for epoch in epochs:
@@ -82,7 +88,21 @@ def analyze(run_dir: str | Path, strict: bool = False) -> pd.DataFrame:
         table = pd.concat(frames, ignore_index=True)
     table = _join_history(run_dir, table)
     store.atomic_write_text(run_dir / METRICS_FILE, table.to_csv(index=False))
+    # The table is as old as the snapshots it read: one rewritten since then is stale.
+    os.utime(run_dir / METRICS_FILE, ns=(started, started))
     return table
+
+
+def _rewritten_since(run_dir: Path, epochs: list[int], since_ns: int) -> set[int]:
+    """Epochs whose meta.json is newer than ``since_ns`` (or is being rewritten now)."""
+    stale = set()
+    for epoch in epochs:
+        try:
+            if (store.snapshot_dir(run_dir, epoch) / store.META_FILE).stat().st_mtime_ns > since_ns:
+                stale.add(epoch)
+        except FileNotFoundError:
+            stale.add(epoch)
+    return stale
 
 
 def measure_snapshot(run_dir: Path, epoch: int, chunk_rows: int | None = None) -> list[dict]:
