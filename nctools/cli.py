@@ -444,9 +444,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             args = parser.parse_args(argv)
             return args.func(args)
-        except NctoolsError as exc:
+        except (NctoolsError, OSError) as exc:
+            # An OSError (a full disk, a folder where a file should be) is the machine's
+            # answer, not a bug in nctools: named in one line like the user errors.
+            text = str(exc)
+            if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+                text = f"{exc.filename}: {exc.strerror}"
             # One line, whatever the message holds.
-            message = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+            message = " ".join(part.strip() for part in text.splitlines() if part.strip())
             print(f"nctools: error: {message}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
