@@ -161,6 +161,33 @@ def test_snapshot_metrics_equal_one_process_on_the_same_weights(ddp_run):
         assert row.value == pytest.approx(want, rel=1e-9, abs=1e-12), (row.split, row.metric)
 
 
+def test_sharded_and_unsharded_snapshots_analyze_alike(tmp_path):
+    """The same features written whole and as 3 uneven shards give the same table."""
+    gen = torch.Generator().manual_seed(5)
+    means = torch.randn(4, 6, generator=gen) * 3
+    splits = {}
+    for split, n in (("train", 230), ("test", 61)):
+        labels = torch.arange(n) % 4
+        splits[split] = (means[labels] + torch.randn(n, 6, generator=gen), labels)
+    weight, bias = means + 0.1 * torch.randn(4, 6, generator=gen), torch.zeros(4)
+    whole, sharded = tmp_path / "whole", tmp_path / "sharded"
+    for run in (whole, sharded):
+        save_config(tiny_config(), run / "config.yaml")
+    store.write_snapshot(whole, 2, splits, weight, bias)
+    cuts = {"train": [0, 100, 101, 230], "test": [0, 0, 40, 61]}  # rank 0 holds no test rows
+    for rank in range(3):
+        part = {s: (f[cuts[s][rank]:cuts[s][rank + 1]], y[cuts[s][rank]:cuts[s][rank + 1]])
+                for s, (f, y) in splits.items()}
+        store.write_snapshot(sharded, 2, part, weight, bias, shard=(rank, 3))
+    store.finalize_sharded_snapshot(sharded, 2, 3)
+    for split in splits:
+        assert torch.equal(store.load_split(sharded, 2, split)[0], splits[split][0])
+    a, b = analyze(whole), analyze(sharded)
+    assert a.drop(columns=["run", "value"]).equals(b.drop(columns=["run", "value"]))
+    for x, y in zip(a["value"], b["value"], strict=True):
+        assert x == pytest.approx(y, rel=1e-12, abs=1e-15)
+
+
 def _resume(rank: int, run: str) -> None:
     T.train(tiny_config(), run)
 
