@@ -1,0 +1,194 @@
+"""Benchmark nctools past memory and past a few classes: time and peak memory per case.
+
+Usage::
+
+    python scripts/bench_scale.py                      # all three cases (several minutes)
+    python scripts/bench_scale.py --cases c1000 c10000 # only the many-class cases
+    python scripts/bench_scale.py --dir /scratch/nc    # where the 2 GB snapshot goes
+
+Cases (each in a fresh subprocess, so one case's memory never counts against another):
+
+- ``large-n``: a float16 snapshot of N = 2,000,000 x D = 512 (C = 10; a 2 GB file) is
+  written to a temporary directory, then ``nctools.analysis.measure_snapshot`` verifies
+  its sha256 and streams it twice. Target: peak resident memory <= 1 GB.
+- ``c1000``: ``nctools.measure`` on N = 100,000 x D = 512 float32, C = 1,000 classes.
+  Target: under 30 s.
+- ``c10000``: ``nctools.measure`` on N = 200,000 x D = 256 float32, C = 10,000 classes.
+  Target: completes with peak resident memory <= 4 GB.
+
+Seconds cover the measured call only (not data generation or imports). Peak RSS is the
+subprocess's VmHWM (Linux), reset through /proc/self/clear_refs just before the call so
+that generating the inputs does not count; ``ru_maxrss`` cannot be reset and would even
+start at the parent's peak (it survives fork and exec). "RSS before" is the resident
+memory at that moment: torch and nctools imported (about 0.7 GB of it, a fixed cost),
+code paths warmed, and for the measure cases the input features. The script prints a
+markdown table (the one in docs/scaling.md) with the CPU, thread count, torch version
+and date above it; it needs Linux (/proc), about 5 GB of memory and 2 GB of disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+GB = 2**30
+CASES = {
+    # name: (what, target text, check(seconds, peak_bytes) -> bool)
+    "large-n": ("analyze N=2,000,000 D=512 float16 snapshot (2 GB), C=10",
+                "peak RSS <= 1 GB", lambda s, peak: peak <= 1 * GB),
+    "c1000": ("measure N=100,000 D=512, C=1,000", "< 30 s", lambda s, peak: s < 30),
+    "c10000": ("measure N=200,000 D=256, C=10,000", "peak RSS <= 4 GB",
+               lambda s, peak: peak <= 4 * GB),
+}
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as status:
+        line = next(row for row in status if row.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (VmHWM) since :func:`reset_peak`."""
+    return _status("VmHWM")
+
+
+def reset_peak() -> int:
+    """Restart the peak at the current resident memory (returned, in bytes)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # Linux >= 4.0: reset the peak RSS
+    except OSError:
+        pass  # the peak then includes what came before; the table shows "RSS before"
+    return _status("VmRSS")
+
+
+def clusters(n: int, dim: int, num_classes: int, seed: int = 0):
+    """Class clusters: labels (n,), a function rows -> features (float32), weight (C, D)."""
+    gen = torch.Generator().manual_seed(seed)
+    means = torch.randn(num_classes, dim, generator=gen) * 2
+    labels = torch.cat([torch.arange(num_classes),  # every class present
+                        torch.randint(0, num_classes, (n - num_classes,), generator=gen)])
+    noise = torch.randn(8191, dim, generator=gen)  # tiled: generating N x D normals is slow
+
+    def features(rows: slice) -> torch.Tensor:
+        index = torch.arange(rows.start, rows.stop) % noise.shape[0]
+        return means[labels[rows]] + noise[index]
+
+    weight = means + 0.5 * torch.randn(num_classes, dim, generator=gen)
+    return labels, features, weight
+
+
+def warm_up() -> None:
+    """Run every code path once on tiny data: library loading is not the case's memory."""
+    from nctools.measure import measure
+
+    gen = torch.Generator().manual_seed(1)
+    measure(torch.randn(600, 8, generator=gen), torch.arange(600) % 3, torch.randn(3, 8))
+
+
+def write_snapshot(folder: Path, n: int, dim: int, num_classes: int) -> None:
+    from nctools import store
+
+    labels, features, weight = clusters(n, dim, num_classes)
+    half = torch.empty(n, dim, dtype=torch.float16)
+    for start in range(0, n, 1 << 16):
+        rows = slice(start, min(n, start + (1 << 16)))
+        half[rows] = features(rows)
+    store.write_snapshot(folder, 1, {"train": (half, labels)}, weight, None, dtype="float16")
+
+
+def child(case: str, folder: Path) -> dict:
+    """One case in this (fresh) process: returns seconds, peak RSS and RSS before the call."""
+    import nctools  # noqa: F401  (the imports count towards "after imports")
+    from nctools.analysis import measure_snapshot
+    from nctools.measure import measure
+
+    if case == "write-large-n":
+        write_snapshot(folder, 2_000_000, 512, 10)
+        return {}
+    if case == "large-n":
+        warm_up()
+        base = reset_peak()
+        start = time.perf_counter()
+        rows = measure_snapshot(folder, 1)
+        seconds = time.perf_counter() - start
+        accuracy = next(r["value"] for r in rows if r["metric"] == "accuracy")
+        return {"seconds": seconds, "peak": peak_rss(), "base": base, "accuracy": accuracy}
+    n, dim, num_classes = {"c1000": (100_000, 512, 1000), "c10000": (200_000, 256, 10_000)}[case]
+    labels, features, weight = clusters(n, dim, num_classes)
+    h = features(slice(0, n))
+    warm_up()
+    base = reset_peak()
+    start = time.perf_counter()
+    result = measure(h, labels, weight)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak": peak_rss(), "base": base,
+            "accuracy": result["accuracy"]}
+
+
+def run_child(case: str, folder: Path) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--child", case, "--dir", str(folder)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["(no output)"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(r.split(":", 1)[1].strip() for r in info if r.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}, Python {platform.python_version()}, "
+            f"{datetime.date.today().isoformat()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--dir", type=Path, help="where the large snapshot is written "
+                        "(default: a temporary directory, removed afterwards)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.dir)))
+        return
+    print(f"hardware: {hardware()}\n")
+    rows = ["| case | seconds | peak RSS | RSS before | target | result |",
+            "|---|---:|---:|---:|---|---|"]
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        for case in args.cases:
+            what, target, check = CASES[case]
+            if case == "large-n":
+                written = run_child("write-large-n", Path(tmp))
+                if "error" in written:
+                    rows.append(f"| {what} | | | | {target} | error: {written['error']} |")
+                    continue
+            out = run_child(case, Path(tmp))
+            if "error" in out:
+                rows.append(f"| {what} | | | | {target} | error: {out['error']} |")
+            else:
+                ok = check(out["seconds"], out["peak"])
+                rows.append(f"| {what} | {out['seconds']:.1f} | {out['peak'] / GB:.2f} GB | "
+                            f"{out['base'] / GB:.2f} GB | {target} | "
+                            f"{'pass' if ok else 'FAIL'} |")
+            print(rows[-1], file=sys.stderr, flush=True)  # progress while the rest runs
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

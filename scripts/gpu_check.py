@@ -1,0 +1,112 @@
+"""Check nctools on a CUDA GPU: a ResNet18 training epoch and a million-sample measurement.
+
+Usage::
+
+    python scripts/gpu_check.py                    # any machine with an NVIDIA GPU
+    python scripts/gpu_check.py --out runs/gpu     # keep the run directory
+
+1. ``nctools.train`` runs ResNet18 (CIFAR stem, D = 512) on CIFAR-shaped synthetic data,
+   50,000 training images of 3 x 32 x 32 in 10 classes (and 10,000 test images), batch
+   128, bf16 autocast and channels_last, for 3 epochs: epoch 1 warms cuDNN up, epoch 2
+   is the steady-state epoch reported (training plus the test-set evaluation), epoch 3
+   also extracts and writes a snapshot.
+2. ``nctools.measure`` on the GPU: N = 1,000,000 features of D = 512 in C = 1,000 classes
+   (float32, 2 GB), after a warm-up call; a 20,000-row subset is also measured on the CPU
+   and must agree to 1e-9 (relative; metrics above 1e-6).
+
+Prints the GPU name and both times. Without a CUDA device it prints why and exits with
+status 1. For several GPUs, train the same config under torchrun (the command is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def train_epoch(out: Path) -> tuple[float, float, Path]:
+    """Seconds of the first and the steady-state epoch of ResNet18 on synthetic CIFAR."""
+    from nctools import store
+    from nctools.config import (
+        Config,
+        DataConfig,
+        ModelConfig,
+        SnapshotConfig,
+        TrainConfig,
+        save_config,
+    )
+    from nctools.train import train
+
+    config = Config(
+        name="gpu-check",
+        data=DataConfig(dataset="synthetic", num_classes=10, train_per_class=5000,
+                        test_per_class=1000, channels=3, image_size=32),
+        model=ModelConfig(arch="resnet18"),
+        train=TrainConfig(epochs=3, batch_size=128, lr=0.05, device="cuda", bf16=True,
+                          channels_last=True),
+        snapshot=SnapshotConfig(epochs=[3]),
+    )
+    run = train(config, out / "run")
+    save_config(config, out / "gpu-check.yaml")
+    seconds = store.read_history(run)["seconds"].tolist()
+    return seconds[0], seconds[1], out / "gpu-check.yaml"
+
+
+def measure_large(n: int = 1_000_000, dim: int = 512, num_classes: int = 1000) -> float:
+    """Seconds of ``nctools.measure`` on (n, dim) CUDA features; checks a subset on the CPU."""
+    from nctools.measure import measure
+
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+    means = torch.randn(num_classes, dim, generator=gen, device=device) * 2
+    labels = torch.randint(0, num_classes, (n,), generator=gen, device=device)
+    features = means[labels] + torch.randn(n, dim, generator=gen, device=device)
+    weight = means + 0.5 * torch.randn(num_classes, dim, generator=gen, device=device)
+
+    subset = slice(0, 20_000)
+    gpu = measure(features[subset], labels[subset], weight)  # also the warm-up
+    cpu = measure(features[subset].cpu(), labels[subset].cpu(), weight.cpu())
+    for key, value in cpu.items():
+        if abs(value) > 1e-6 and not math.isclose(gpu[key], value, rel_tol=1e-9):
+            raise SystemExit(f"gpu_check: {key} differs on the GPU ({gpu[key]!r}) and the "
+                             f"CPU ({value!r})")
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = measure(features, labels, weight)  # floats out: the GPU work is done
+    seconds = time.perf_counter() - start
+    if not result["accuracy"] > 0.9:
+        raise SystemExit(f"gpu_check: accuracy {result['accuracy']} on separable clusters")
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="run directory to keep (default: temporary)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA device is visible to torch "
+              f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); "
+              "run this on a machine with an NVIDIA GPU", file=sys.stderr)
+        raise SystemExit(1)
+    print(f"GPU: {torch.cuda.get_device_name()} (torch {torch.__version__}, "
+          f"CUDA {torch.version.cuda})", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or Path(tmp)
+        first, steady, config = train_epoch(out)
+        print(f"ResNet18, 50,000 x 3 x 32 x 32, batch 128, bf16 + channels_last: "
+              f"first epoch {first:.1f} s, steady epoch {steady:.1f} s", flush=True)
+        kept = config if args.out else "CONFIG (pass --out to keep gpu-check.yaml)"
+        print(f"  several GPUs: torchrun --nproc_per_node=K -m nctools train {kept} --out RUN",
+              flush=True)
+        seconds = measure_large()
+        print(f"measure N=1,000,000 D=512 C=1,000 on the GPU: {seconds:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
