@@ -16,7 +16,9 @@ summed with ``torch.distributed.all_reduce``.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -131,7 +133,10 @@ def measure_chunks(
             )
         _check_finite("class_means", ncc_means)
 
-    first = _accumulate(chunks, ClassStats(num_classes, dim, basis=weight64[:0].T, device=device))
+    means_only = weight64[:0].T  # a basis of width 0: counts and sums only
+    first, _ = _accumulate(
+        chunks, lambda: ClassStats(num_classes, dim, basis=means_only, device=device)
+    )
     first.all_reduce(group)
     if first.num_samples == 0:
         raise ValueError("features is empty (no samples in any chunk)")
@@ -145,9 +150,11 @@ def measure_chunks(
     # only there (a C x C moment); the same product x @ M~^T serves the NCC rule.
     basis = (means - reference).T if num_classes < dim // 2 else None
     tally = DecisionTally(weight64, bias64, means, reference, ncc_means, basis is not None)
-    second = ClassStats(num_classes, dim, shift=means, basis=basis, device=device)
-    for feats, labs in chunks():
-        second.update(feats, labs, on_block=tally.add)
+    second, tally = _accumulate(
+        chunks,
+        lambda: ClassStats(num_classes, dim, shift=means, basis=basis, device=device),
+        tally,
+    )
     second.all_reduce(group)
     counts = tally.counts
     if dist.is_available() and dist.is_initialized():
@@ -236,8 +243,15 @@ class DecisionTally:
         self.centre_sq = centres.square().sum(1)  # (C,)
         self.counts = torch.zeros(3, dtype=F64, device=weight.device)
 
-    def add(self, labels: Tensor, x: Tensor, projected: Tensor | None = None) -> None:
-        """Tally one block: x (rows, D) float64 centred samples x = h - s_y, labels (rows,)."""
+    def fresh(self) -> DecisionTally:
+        """A tally sharing these precomputed matrices, with its own zero counts."""
+        other = copy.copy(self)
+        other.counts = torch.zeros_like(self.counts)
+        return other
+
+    def add(self, labels: Tensor | int, x: Tensor, projected: Tensor | None = None) -> None:
+        """Tally one block: x (rows, D) float64 centred samples x = h - s_y, labels (rows,)
+        (or one int when the whole block is of one class)."""
         predicted = self._classifier_decisions(labels, x)
         towards = projected if self.reuse_projection and projected is not None else None
         if towards is None:
@@ -257,14 +271,15 @@ class DecisionTally:
         the float64 winner; the few rows that do not are recomputed in float64.
         """
         logits = (x.float() @ self.weight_t32).double() + self.logit_offset[labels]
-        top2, index = logits.topk(2, dim=1)
-        predicted = index[:, 0].clone()
+        best, predicted = logits.max(1)
+        runner_up = logits.scatter_(1, predicted[:, None], -torch.inf).max(1).values
         scale = (self.dim + 4) * F32_UNIT * x.norm(dim=1)
         slack = scale * (self.weight_norms[predicted] + self.weight_norms.max())
-        unsure = (top2[:, 0] - top2[:, 1]) <= slack
+        unsure = (best - runner_up) <= slack
         if bool(unsure.any()):
             rows = torch.nonzero(unsure).flatten()
-            exact = x[rows] @ self.weight_t + self.logit_offset[labels[rows]]
+            offset = self.logit_offset[labels if isinstance(labels, int) else labels[rows]]
+            exact = x[rows] @ self.weight_t + offset
             predicted[rows] = exact.argmax(1)
         return predicted
 
@@ -285,11 +300,47 @@ def class_means(
 
 
 # --------------------------------------------------------------------------- helpers
-def _accumulate(chunks: Chunks, stats: ClassStats) -> ClassStats:
-    for feats, labs in chunks():
-        _check_labels(labs, stats.num_classes)
-        stats.update(feats, labs)
-    return stats
+def _accumulate(
+    chunks: Chunks,
+    make_stats: Callable[[], ClassStats],
+    tally: DecisionTally | None = None,
+) -> tuple[ClassStats, DecisionTally | None]:
+    """One pass over the chunks into fresh statistics (and NC4 tallies).
+
+    On the CPU the rows of each chunk are shared among ``torch.get_num_threads()``
+    worker threads, each running single-threaded torch ops on its own accumulator; the
+    partial statistics are merged at the end (merge is an addition). One multi-threaded
+    stream of many block-sized ops would spend its time in thread barriers, above all on
+    a busy machine.
+    """
+    parts = [make_stats()]
+    workers = torch.get_num_threads() if parts[0].device.type == "cpu" else 1
+    parts += [make_stats() for _ in range(workers - 1)]
+    tallies = [tally.fresh() for _ in parts] if tally is not None else [None] * workers
+
+    def work(i: int, feats: Tensor, labs: Tensor) -> None:
+        _check_labels(labs, parts[i].num_classes)
+        parts[i].update(feats, labs, on_block=None if tallies[i] is None else tallies[i].add)
+
+    threads = torch.get_num_threads()
+    if workers > 1:
+        torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            for feats, labs in chunks():
+                step = -(-labs.shape[0] // workers)
+                shares = [slice(i * step, (i + 1) * step) for i in range(workers)]
+                jobs = [pool.submit(work, i, feats[r], labs[r]) for i, r in enumerate(shares)]
+                for job in jobs:
+                    job.result()
+    finally:
+        torch.set_num_threads(threads)
+    for part in parts[1:]:
+        parts[0].merge(part)
+    if tally is not None:
+        for other in tallies[1:]:
+            tallies[0].counts += other.counts
+    return parts[0], tallies[0]
 
 
 def _chunk_rows(dim: int, num_classes: int) -> int:

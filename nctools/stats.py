@@ -108,7 +108,7 @@ class ClassStats:
         self,
         features: Tensor,
         labels: Tensor,
-        on_block: Callable[[Tensor, Tensor, Tensor | None], None] | None = None,
+        on_block: Callable[[Tensor | int, Tensor, Tensor | None], None] | None = None,
     ) -> ClassStats:
         """Add a chunk of samples.
 
@@ -123,6 +123,7 @@ class ClassStats:
             features: (n, D) any float dtype, any device (moved to the state's device).
             labels: (n,) integers in [0, C).
             on_block: optional ``fn(y, x, xb)`` called with each block's labels (rows,),
+                or the class as an int when the block is all of one class,
                 its centred samples x = h - s_y (rows, D) float64, and x @ basis (None
                 without a basis), so a caller can reuse them (``measure`` tallies NC4).
                 x lives in a reused buffer: it is valid only during the call.
@@ -179,7 +180,7 @@ class ClassStats:
                     self.sq_norms[c] += torch.dot(flat, flat)
                     projected = self._add_second_moment(x)
                 if on_block is not None:
-                    on_block(torch.full((x.shape[0],), c, device=self.device), x, projected)
+                    on_block(c, x, projected)
 
     def _update_by_rows(self, h: Tensor, y: Tensor, on_block) -> None:
         block_rows = min(max(1, BLOCK_ELEMENTS // self.dim), h.shape[0])

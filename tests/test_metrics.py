@@ -242,3 +242,18 @@ def test_near_tied_classifier_decisions_match_float64():
     assert got["accuracy"] == want["accuracy"]
     assert got["ncc_mismatch"] == want["ncc_mismatch"]
     assert (np.argmax(features @ weight.T + bias, 1) == 1).sum() > 0  # class 1 does win rows
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_worker_threads_give_the_reference_numbers(workers):
+    """On the CPU each pass shares rows among torch.get_num_threads() workers and merges."""
+    features, labels, weight, bias = clusters(7, 12, 40, imbalance=True, seed=13)
+    want = reference_metrics(features, labels, weight, bias)
+    before = torch.get_num_threads()
+    torch.set_num_threads(workers)
+    try:
+        got = measure(features, labels, weight, bias)
+        assert torch.get_num_threads() == workers  # restored after the passes
+    finally:
+        torch.set_num_threads(before)
+    assert_close(got, want, rtol=1e-9, atol=1e-12)
