@@ -363,7 +363,10 @@ def measure_checkpoint(
     data_cfg = DataConfig(dataset=dataset)
     if data_root is not None:
         data_cfg.root = data_root
-    data = load_dataset(data_cfg, seed=0)
+    try:
+        data = load_dataset(data_cfg, seed=0)
+    except ConfigError as exc:  # named as the user wrote it, not as a config key
+        raise ConfigError(str(exc).replace("data.dataset", "--dataset")) from None
     classes = num_classes or data.num_classes
     model = models.build_model(ModelConfig(arch=arch), classes, data.in_channels, data.image_size)
     try:
