@@ -525,7 +525,8 @@ def iter_split(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Stream one split as (features (n, D), labels (n,)) chunks of at most ``chunk_rows``.
 
-    Memory stays O(chunk_rows * D) whatever N is (files are memory-mapped and sliced).
+    Memory stays O(chunk_rows * D) whatever N is (each chunk is copied out of a mapping
+    that is closed before the chunk is yielded).
     Chunks do not span shard files; concatenated, they equal :func:`load_split`.
     Each file's sha256 is checked (streamed) before any of its rows is yielded.
     """
@@ -540,13 +541,21 @@ def iter_split(
             raise SnapshotError(f"{path}: snapshot file is missing")
         try:
             with safe_open(str(path), framework="pt") as f:
-                features, labels = f.get_slice("features"), f.get_slice("labels")
-                rows = features.get_shape()[0]
-                for start in range(0, rows, chunk_rows):
-                    stop = min(start + chunk_rows, rows)
-                    yield features[start:stop], labels[start:stop]
+                rows = f.get_slice("features").get_shape()[0]
         except (SafetensorError, ValueError, RuntimeError) as exc:
             raise SnapshotError(f"{path}: snapshot file is corrupt ({exc})") from None
+        for start in range(0, rows, chunk_rows):
+            yield _read_rows(path, start, min(start + chunk_rows, rows))
+
+
+def _read_rows(path: Path, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [start, stop) of a split file, copied out of a mapping that is closed again:
+    pages of a mapping held open stay resident, so streaming would grow with N."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_slice("features")[start:stop], f.get_slice("labels")[start:stop]
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise SnapshotError(f"{path}: snapshot file is corrupt ({exc})") from None
 
 
 def load_classifier(

@@ -126,12 +126,6 @@ def write_large_snapshot(run: Path, n: int, dim: int, num_classes: int) -> Path:
     return store.snapshot_dir(run, 1) / "train.safetensors"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store.iter_split keeps each safetensors file memory-mapped while it yields "
-    "chunks, so every page read stays resident (RSS grows by the file size); opening the "
-    "file per chunk bounds it. Remove this marker when iter_split does.",
-)
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
 def test_peak_memory_of_a_large_analysis_does_not_grow_with_n(tmp_path):
     path = write_large_snapshot(tmp_path, 400_000, 256, 10)
