@@ -28,6 +28,8 @@ from nctools.config import load_config
 from nctools.errors import RunError, SnapshotError
 from nctools.measure import CHUNK_ELEMENTS, METRIC_KEYS, measure_chunks
 
+IN_MEMORY_BYTES = 128 * 2**20  # a split up to this size is read once and measured in memory
+
 METRICS_FILE = "metrics.csv"
 KEY_COLUMNS = ["run", "dataset", "arch", "epoch", "split", "metric", "value"]
 HISTORY_COLUMNS = ["lr", "train_loss", "train_acc", "test_loss", "test_acc"]
@@ -108,23 +110,34 @@ def _rewritten_since(run_dir: Path, epochs: list[int], since_ns: int) -> set[int
 def measure_snapshot(run_dir: Path, epoch: int, chunk_rows: int | None = None) -> list[dict]:
     """Rows ``{"split", "metric", "value"}`` of one snapshot, every METRICS.md key per split.
 
-    The files are verified once (sha256, :func:`nctools.store.verify_snapshot`); then each
-    split streams from disk in chunks of ``chunk_rows`` (default: about 4M values, e.g.
-    8192 rows at D = 512), twice (:func:`nctools.measure.measure_chunks`), so memory does
-    not grow with N. The train split's class means come back from its own measurement
-    and serve the test split's NC4 (no extra pass). Sharded snapshots read as one split.
+    A split whose files total at most :data:`IN_MEMORY_BYTES` is read once, its sha256
+    checked on the bytes read, and measured in memory. A larger one (or any, when
+    ``chunk_rows`` is given) streams from disk in chunks of ``chunk_rows`` rows (default:
+    about 4M values, e.g. 8192 rows at D = 512), twice
+    (:func:`nctools.measure.measure_chunks`), so memory does not grow with N; the first
+    pass checks each file's sha256 before yielding its rows. The train split's class means
+    come back from its own measurement and serve the test split's NC4 (no extra pass).
+    Sharded snapshots read as one split.
     """
-    files = store.read_meta(run_dir, epoch)["files"]
-    store.verify_snapshot(run_dir, epoch)
-    weight, bias = store.load_classifier(run_dir, epoch, verify=False)
+    meta = store.read_meta(run_dir, epoch)
+    weight, bias = store.load_classifier(run_dir, epoch)
     num_classes, dim = weight.shape
-    chunk_rows = chunk_rows or max(1, CHUNK_ELEMENTS // dim)
+    stream_rows = chunk_rows or max(1, CHUNK_ELEMENTS // dim)
     train_means = None
     rows = []
     for split in snapshot_splits(run_dir, epoch):
+        names = meta["splits"][split]["files"]
+        size = sum(meta["files"][name]["bytes"] for name in names)
+        if chunk_rows is None and size <= IN_MEMORY_BYTES:
+            held = [store.load_split(run_dir, epoch, split)]  # features: (N, D), labels: (N,)
 
-        def chunks(split: str = split):  # features: (n, D), labels: (n,) per chunk
-            return store.iter_split(run_dir, epoch, split, chunk_rows, verify=False)
+            def chunks(held: list = held) -> list:
+                return held
+        else:
+            passes = iter([True, False])  # hash the files on the first pass only
+
+            def chunks(split: str = split, passes=passes):  # (n, D), (n,) per chunk
+                return store.iter_split(run_dir, epoch, split, stream_rows, verify=next(passes))
 
         means = train_means if split != "train" else None
         values, split_means = measure_chunks(chunks, weight, bias, num_classes,
@@ -134,7 +147,7 @@ def measure_snapshot(run_dir: Path, epoch: int, chunk_rows: int | None = None) -
         rows += [{"split": split, "metric": key, "value": values[key]} for key in METRIC_KEYS]
     # A resumed run rewrites the snapshots past its checkpoint; if that happened while the
     # files streamed unhashed, the numbers could mix two versions of the snapshot.
-    if store.read_meta(run_dir, epoch)["files"] != files:
+    if store.read_meta(run_dir, epoch)["files"] != meta["files"]:
         raise SnapshotError(f"{store.snapshot_dir(run_dir, epoch)}: rewritten while it was "
                             "measured (a resumed run?); analyze again")
     return rows

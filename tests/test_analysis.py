@@ -12,7 +12,7 @@ from nctools import analysis, store
 from nctools.analysis import COLUMNS, analyze
 from nctools.config import Config, DataConfig, ModelConfig, SnapshotConfig, TrainConfig
 from nctools.errors import RunError, SnapshotError
-from nctools.measure import METRIC_KEYS, class_means, measure
+from nctools.measure import METRIC_KEYS, class_means, measure, measure_chunks
 from nctools.train import train
 
 
@@ -100,9 +100,9 @@ def counting(monkeypatch) -> list[int]:
 
     def counted(*args, **kwargs):
         calls.append(1)
-        return measure(*args, **kwargs)
+        return measure_chunks(*args, **kwargs)
 
-    monkeypatch.setattr(analysis, "measure", counted)
+    monkeypatch.setattr(analysis, "measure_chunks", counted)
     return calls
 
 
