@@ -3,7 +3,7 @@
 Usage::
 
     nctools demo                                              # CPU minutes, embedded data
-    nctools train configs/papyan2020/mnist-convnet.yaml --set train.epochs=3
+    nctools train configs/papyan2020/mnist-resnet18.yaml --set train.epochs=3
     nctools analyze runs/mnist-convnet && nctools plot runs/mnist-convnet
     nctools measure --arch resnet18 --checkpoint model.pt --dataset cifar10 --json
 
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train a network past zero training error, saving snapshots",
         formatter_class=fmt,
         epilog=_epilog(
-            "nctools train configs/papyan2020/mnist-convnet.yaml --out runs/mnist "
+            "nctools train configs/papyan2020/mnist-resnet18.yaml --out runs/mnist "
             "--set train.epochs=30 --set snapshot.epochs=all",
             "nctools train --resume --out runs/mnist   # continue from runs/mnist/config.yaml",
         ),
