@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import warnings
 from collections.abc import Sequence
@@ -442,6 +443,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
     parser = build_parser()
+    # The training loop's progress messages (TPT onset, resume, completion) go to stderr.
+    logging.basicConfig(level=logging.INFO, format="nctools: %(message)s")
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
