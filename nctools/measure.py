@@ -16,6 +16,7 @@ summed with ``torch.distributed.all_reduce``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,7 @@ from nctools.stats import ClassStats
 
 F64 = torch.float64
 F32_UNIT = 2.0**-24  # unit roundoff of float32
+SMALL_CLASSES = 256  # below this, C x C work runs on one thread
 CHUNK_ELEMENTS = 1 << 22  # float64 elements per (rows, D + 2C) working block: 32 MiB
 
 METRIC_KEYS = (
@@ -144,7 +146,9 @@ def measure_chunks(
         raise ValueError("features contain NaN or Inf values")
     first.check_nonempty()
     means = first.class_means()
-    eigvals, eigvecs = metrics.between_class_eig(means - first.global_mean())
+    with intra_op_threads(1 if device.type == "cpu" and num_classes < SMALL_CLASSES else
+                          torch.get_num_threads()):
+        eigvals, eigvecs = metrics.between_class_eig(means - first.global_mean())
     reference = first.global_mean()
     # Sigma_B^+ lives in the span of the centred means, so with C < D/2 Sigma_W is kept
     # only there (a C x C moment); the same product x @ M~^T serves the NCC rule.
@@ -160,7 +164,10 @@ def measure_chunks(
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
 
-    result = collapse_metrics(second, weight64, eigvals, eigvecs)
+    # C x C work is tiny for few classes, where thread hand-offs would cost more than it.
+    small = device.type == "cpu" and num_classes < SMALL_CLASSES
+    with intra_op_threads(1 if small else torch.get_num_threads()):
+        result = collapse_metrics(second, weight64, eigvals, eigvecs)
     total = float(second.counts.sum())
     result["ncc_mismatch"] = float(counts[0]) / total
     result["accuracy"] = float(counts[1]) / total
@@ -322,25 +329,30 @@ def _accumulate(
         _check_labels(labs, parts[i].num_classes)
         parts[i].update(feats, labs, on_block=None if tallies[i] is None else tallies[i].add)
 
-    threads = torch.get_num_threads()
-    if workers > 1:
-        torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(workers) as pool:
-            for feats, labs in chunks():
-                step = -(-labs.shape[0] // workers)
-                shares = [slice(i * step, (i + 1) * step) for i in range(workers)]
-                jobs = [pool.submit(work, i, feats[r], labs[r]) for i, r in enumerate(shares)]
-                for job in jobs:
-                    job.result()
-    finally:
-        torch.set_num_threads(threads)
+    with intra_op_threads(1), ThreadPoolExecutor(workers) as pool:
+        for feats, labs in chunks():
+            step = -(-labs.shape[0] // workers)
+            shares = [slice(i * step, (i + 1) * step) for i in range(workers)]
+            jobs = [pool.submit(work, i, feats[r], labs[r]) for i, r in enumerate(shares)]
+            for job in jobs:
+                job.result()
     for part in parts[1:]:
         parts[0].merge(part)
     if tally is not None:
         for other in tallies[1:]:
             tallies[0].counts += other.counts
     return parts[0], tallies[0]
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` torch intra-op threads, then restore the setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _chunk_rows(dim: int, num_classes: int) -> int:
