@@ -203,7 +203,8 @@ def test_demo_config_is_packaged_and_valid():
 def test_demo_runs_end_to_end(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # from any folder: the config comes from the package
     overrides = ["data.dataset=synthetic", "data.num_classes=4", "data.train_per_class=16",
-                 "data.test_per_class=8", "data.image_size=8", "model.width=8",
+                 "data.samples_per_class=null", "data.test_per_class=8", "data.image_size=8",
+                 "model.width=8",
                  "train.epochs=2", "snapshot.epochs=all", "train.device=cpu"]
     argv = ["demo", "--out", "d"] + [a for o in overrides for a in ("--set", o)]
     assert main(argv) == 0
