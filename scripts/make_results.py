@@ -1,0 +1,174 @@
+"""Regenerate results/mnist5k-convnet/: the packaged demo config, trained, analysed, plotted.
+
+Usage::
+
+    python scripts/make_results.py      # run in runs/results-demo, files in results/mnist5k-convnet
+    python scripts/make_results.py --run /tmp/demo --results results/mnist5k-convnet
+
+Trains ``nctools/configs/demo.yaml`` (mnist5k + convnet) into a fresh run directory
+(an existing one of the same config is continued, a finished one is kept), measures
+every snapshot, draws the collapse curves, then copies ``metrics.csv``, ``history.csv``,
+``run.json`` and ``collapse.png`` into the results folder and writes its README.md:
+the command, the hardware, the wall time and the headline numbers. Snapshots stay in
+the run directory (they are large and not committed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from datetime import date
+from importlib.resources import as_file, files
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from nctools.analysis import analyze
+from nctools.config import load_config
+from nctools.plots import plot_runs
+from nctools.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+COPIED = ("metrics.csv", "history.csv", "run.json", "config.yaml")
+
+
+def cpu_model() -> str:
+    """The CPU's name from /proc/cpuinfo (Linux), else what platform reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def headline(table: pd.DataFrame, history: pd.DataFrame) -> dict:
+    """TPT onset, train NC1 at the onset snapshot and at the last one, final accuracies.
+
+    The onset snapshot is the first snapshot at or after the onset epoch (the onset
+    need not be a snapshot epoch).
+    """
+    nc1 = table[(table["split"] == "train") & (table["metric"] == "nc1")]
+    nc1 = nc1.set_index("epoch")["value"].sort_index()
+    onset = table["tpt_onset_epoch"].iloc[0]
+    last = history.iloc[-1]
+    out = {"onset": None if pd.isna(onset) else int(onset), "last_epoch": int(nc1.index[-1]),
+           "nc1_last": float(nc1.iloc[-1]), "train_acc": float(last["train_acc"]),
+           "test_acc": float(last["test_acc"])}
+    if out["onset"] is not None:
+        at = nc1[nc1.index >= out["onset"]]
+        out["onset_snapshot"] = int(at.index[0])
+        out["nc1_onset"] = float(at.iloc[0])
+        out["ratio"] = out["nc1_onset"] / out["nc1_last"]
+    return out
+
+
+def load_average() -> str:
+    """The 1-minute load average, which says how busy the (shared) machine was."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "unknown"
+
+
+def readme(cfg_text: str, facts: dict, command: str, seconds: float, cpu: float,
+           load: str, device: str, done: int) -> str:
+    h = facts
+    lines = [
+        "# mnist5k + convnet: the nctools demo, trained far past zero training error",
+        "",
+        f"Made by `{command}` on {date.today().isoformat()}, which runs the packaged demo",
+        "config (`nctools/configs/demo.yaml`, the same run as `nctools demo`) through",
+        "`nctools.train.train`, `nctools.analysis.analyze` and `nctools.plots.plot_runs`.",
+        "",
+        "## Hardware",
+        "",
+        f"- CPU: {cpu_model()}, `nproc` = {os.cpu_count()}"
+        f" (torch threads: {torch.get_num_threads()})",
+        f"- torch {torch.__version__}, Python {platform.python_version()}, device {device}",
+        f"- train + analyze + plot: {seconds / 60:.1f} min wall ({seconds:.0f} s),"
+        f" {cpu:.0f} s CPU (user + sys, all threads), on a machine shared with other jobs"
+        f" (1-minute load average {load} at start / end)"
+        + (f"; the run directory already held {done} epochs, not timed here" if done else ""),
+        "",
+        "## Headline numbers",
+        "",
+    ]
+    if h["onset"] is None:
+        lines.append("- training error never reached zero: no terminal phase")
+    else:
+        lines += [
+            f"- onset of the terminal phase (first epoch at 100% training accuracy): "
+            f"epoch {h['onset']}; {h['last_epoch'] - h['onset']} epochs of TPT follow "
+            f"({(h['last_epoch'] - h['onset']) / h['onset']:.1f} x the onset epoch)",
+            f"- NC1 (train, Tr(Sigma_W Sigma_B^+)/C) at the onset snapshot "
+            f"(epoch {h['onset_snapshot']}): {h['nc1_onset']:.4g}",
+            f"- NC1 at the last epoch ({h['last_epoch']}): {h['nc1_last']:.4g}, "
+            f"{h['ratio']:.1f} x below the onset",
+        ]
+    lines += [
+        f"- final training accuracy {h['train_acc']:.4f}, test accuracy {h['test_acc']:.4f}",
+        "",
+        "## Files",
+        "",
+        "- `collapse.png`: the collapse curves (train solid, test dashed, dotted line at the"
+        " onset)",
+        "- `metrics.csv`: every NC metric of every snapshot, train and test (long format)",
+        "- `history.csv`: loss, accuracy, learning rate and seconds per epoch",
+        "- `run.json`: the run manifest; `config.yaml`: the resolved config",
+        "",
+        "## Config",
+        "",
+        "```yaml",
+        cfg_text.rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", default=str(ROOT / "runs" / "results-demo"),
+                        help="run directory for the training (snapshots stay there)")
+    parser.add_argument("--results", default=str(ROOT / "results" / "mnist5k-convnet"),
+                        help="folder that receives the small files and README.md")
+    args = parser.parse_args()
+    run, results = Path(args.run), Path(args.results)
+    command = "python scripts/make_results.py" + "".join(f" {a}" for a in sys.argv[1:])
+
+    # A run directory that already holds epochs is continued, so the times cover less.
+    manifest = run / "run.json"
+    done = json.loads(manifest.read_text())["epochs_done"] if manifest.is_file() else 0
+    load_start, start, cpu_start = load_average(), time.perf_counter(), time.process_time()
+    with as_file(files("nctools") / "configs" / "demo.yaml") as path:
+        cfg = load_config(path)
+    train(cfg, run)
+    table = analyze(run)
+    plot_runs(table, run / "figures" / "collapse.png")
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+
+    results.mkdir(parents=True, exist_ok=True)
+    for name in COPIED:
+        shutil.copyfile(run / name, results / name)
+    shutil.copyfile(run / "figures" / "collapse.png", results / "collapse.png")
+    history = pd.read_csv(run / "history.csv")
+    facts = headline(table, history)
+    load = f"{load_start} / {load_average()}"
+    device = json.loads(manifest.read_text()).get("device", "unknown")
+    text = readme((run / "config.yaml").read_text(), facts, command, seconds, cpu, load, device,
+                  done)
+    (results / "README.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
