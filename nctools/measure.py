@@ -150,10 +150,12 @@ def measure_chunks(
                           torch.get_num_threads()):
         eigvals, eigvecs = metrics.between_class_eig(means - first.global_mean())
     reference = first.global_mean()
-    # Sigma_B^+ lives in the span of the centred means, so with C < D/2 Sigma_W is kept
-    # only there (a C x C moment); the same product x @ M~^T serves the NCC rule.
-    basis = (means - reference).T if num_classes < dim // 2 else None
-    tally = DecisionTally(weight64, bias64, means, reference, ncc_means, basis is not None)
+    # Sigma_B^+ lives in the span of its r <= C - 1 eigenvectors V, so with r < D/2
+    # Sigma_W is kept only there (an r x r moment); the same product x @ V serves the NCC
+    # rule, as x.(mu_c - mu_G) = (x @ V) @ (M~ @ V)^T for means in that span.
+    basis = eigvecs if eigvecs.shape[1] < dim // 2 else None
+    coords = None if basis is None else ((means - reference) @ basis).T  # (r, C)
+    tally = DecisionTally(weight64, bias64, means, reference, ncc_means, coords)
     second, tally = _accumulate(
         chunks,
         lambda: ClassStats(num_classes, dim, shift=means, basis=basis, device=device),
@@ -225,8 +227,9 @@ class DecisionTally:
         weight: (C, D), bias: (C,) float64 classifier.
         shift: (C, D) the s_c of the blocks.   reference: (D,) r.
         ncc_means: (C, D) centres m_k of the NCC rule; None means the shift (own means).
-        projected_centres: the blocks arrive with x @ (s - r)^T already computed (the
-            ClassStats basis), which is x.(m_k - r) when the centres are the shift.
+        centre_coords: (r, C) coordinates of the centres s_k - r in the ClassStats basis
+            B, when the blocks arrive with x @ B computed and the centres are the shift:
+            then x.(s_k - r) = (x @ B) @ centre_coords.
     """
 
     def __init__(
@@ -236,10 +239,10 @@ class DecisionTally:
         shift: Tensor,
         reference: Tensor,
         ncc_means: Tensor | None = None,
-        projected_centres: bool = False,
+        centre_coords: Tensor | None = None,
     ) -> None:
         centres = (shift if ncc_means is None else ncc_means) - reference
-        self.reuse_projection = projected_centres and ncc_means is None
+        self.centre_coords = centre_coords if ncc_means is None else None
         self.weight_t = weight.T.contiguous()  # (D, C)
         self.weight_t32 = self.weight_t.float()
         self.weight_norms = weight.norm(dim=1)  # (C,)
@@ -260,8 +263,9 @@ class DecisionTally:
         """Tally one block: x (rows, D) float64 centred samples x = h - s_y, labels (rows,)
         (or one int when the whole block is of one class)."""
         predicted = self._classifier_decisions(labels, x)
-        towards = projected if self.reuse_projection and projected is not None else None
-        if towards is None:
+        if self.centre_coords is not None and projected is not None:
+            towards = projected @ self.centre_coords
+        else:
             towards = x @ self.centres_t
         distances = self.centre_sq - 2.0 * (towards + self.centre_offset[labels])
         nearest = distances.argmin(1)

@@ -58,7 +58,8 @@ def nc1(within_var_along_eigvecs: Tensor, eigvals: Tensor, num_classes: int) -> 
         eigvals: (r,) lambda_k, the non-zero eigenvalues of Sigma_B.
         num_classes: C.
     """
-    return float((within_var_along_eigvecs / eigvals).sum()) / num_classes
+    # A variance is never negative; rounding can make one so along a near-null direction.
+    return float((within_var_along_eigvecs.clamp_min(0.0) / eigvals).sum()) / num_classes
 
 
 def nc1_ratio(within_trace: float, centred_means: Tensor) -> float:

@@ -257,3 +257,18 @@ def test_worker_threads_give_the_reference_numbers(workers):
     finally:
         torch.set_num_threads(before)
     assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_nearly_merged_classes_give_a_nonnegative_finite_nc1():
+    """Two class means 1e-7 apart leave Sigma_B with a near-null direction above the
+    pinvh cutoff: NC1 is then large, but a sum of variances over eigenvalues, never < 0."""
+    rng = np.random.default_rng(21)
+    means = rng.normal(size=(5, 24)) * 3
+    means[1] = means[0] + 1e-7 * rng.normal(size=24)
+    labels = np.repeat(np.arange(5), 40)
+    features = means[labels] + 0.1 * rng.normal(size=(200, 24))
+    weight = means - means.mean(0)
+    got = measure(features, labels, weight)
+    want = reference_metrics(features, labels, weight)
+    assert math.isfinite(got["nc1"]) and got["nc1"] > 0
+    assert got["nc1"] == pytest.approx(want["nc1"], rel=1e-3)
