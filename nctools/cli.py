@@ -351,7 +351,7 @@ def measure_checkpoint(
     the metrics of the whole split.
     """
     from nctools import models, store
-    from nctools.config import DataConfig, ModelConfig
+    from nctools.config import DataConfig, ModelConfig, load_config
     from nctools.data import load_dataset
     from nctools.measure import class_means, measure
 
@@ -369,7 +369,13 @@ def measure_checkpoint(
     except ConfigError as exc:  # named as the user wrote it, not as a config key
         raise ConfigError(str(exc).replace("data.dataset", "--dataset")) from None
     classes = num_classes or data.num_classes
-    model = models.build_model(ModelConfig(arch=arch), classes, data.in_channels, data.image_size)
+    model_cfg = ModelConfig(arch=arch)
+    run_config = Path(checkpoint).parent / "config.yaml"
+    if run_config.is_file():  # a run's checkpoint: build the network with its model settings
+        saved = load_config(run_config).model
+        if saved.arch == arch:
+            model_cfg = saved
+    model = models.build_model(model_cfg, classes, data.in_channels, data.image_size)
     try:
         models.load_state_dict_compat(model, state)
     except CheckpointError as exc:

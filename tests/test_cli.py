@@ -293,3 +293,23 @@ def test_errors_are_one_line_exit_2(error_runs, case):
     assert "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(f"nctools: error: {expected}")
+
+
+def test_measure_a_run_checkpoint_uses_the_run_model_settings(capsys, tmp_path):
+    """A run's checkpoint.pt (a convnet of non-default width) is rebuilt from its config.yaml;
+    the metrics equal those of the run's last snapshot, taken from the same weights."""
+    from nctools import store
+    from nctools.train import train
+
+    # The synthetic data set's default sizes, as `measure --dataset synthetic` loads it.
+    config = load_config(files("nctools") / "configs" / "demo.yaml", [
+        "data.dataset=synthetic", "data.samples_per_class=null", "model.width=4",
+        "train.epochs=2", "snapshot.epochs=all", "train.device=cpu"])
+    run = train(config, tmp_path / "run")
+    got = run_json(capsys, "--arch", "convnet", "--checkpoint", str(run / "checkpoint.pt"),
+                   "--dataset", "synthetic")
+    weight, bias = store.load_classifier(run, 2)
+    features, labels = store.load_split(run, 2, "train")
+    expected = measure(features, labels, weight, bias)
+    for key in METRIC_KEYS:
+        assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-9), key
