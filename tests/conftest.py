@@ -1,4 +1,4 @@
-"""Test-session settings shared by every test file.
+"""Settings shared by every test file.
 
 The tests use tiny tensors, where intra-op threads cost more than they save (and on a
 busy 2-core machine they fight each other): one thread per process, inherited by the
