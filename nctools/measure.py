@@ -32,7 +32,7 @@ from nctools.stats import ClassStats
 F64 = torch.float64
 F32_UNIT = 2.0**-24  # unit roundoff of float32
 SMALL_CLASSES = 256  # below this, C x C work runs on one thread
-CHUNK_ELEMENTS = 1 << 22  # float64 elements per (rows, D + 2C) working block: 32 MiB
+CHUNK_ELEMENTS = 1 << 22  # feature values per chunk streamed from disk (e.g. 8192 x 512)
 
 METRIC_KEYS = (
     "nc1", "nc1_ratio", "cdnv",
