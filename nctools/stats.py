@@ -90,6 +90,7 @@ class ClassStats:
             if basis.ndim != 2 or basis.shape[0] != dim:
                 raise ValueError(f"basis must have shape (D={dim}, k), got {tuple(basis.shape)}")
             self.basis = basis.to(device=device, dtype=F64).contiguous()
+            self.basis_t = self.basis.T.contiguous()  # (k, D): B^T x^T is the faster product
             width = self.basis.shape[1]
             self.scatter = torch.zeros(width, width, dtype=F64, device=device)
         else:
@@ -108,7 +109,7 @@ class ClassStats:
         self,
         features: Tensor,
         labels: Tensor,
-        on_block: Callable[[Tensor | int, Tensor, Tensor | None], None] | None = None,
+        on_block: Callable[[Tensor | int, Tensor, Tensor, Tensor | None], None] | None = None,
     ) -> ClassStats:
         """Add a chunk of samples.
 
@@ -122,11 +123,12 @@ class ClassStats:
         Args:
             features: (n, D) any float dtype, any device (moved to the state's device).
             labels: (n,) integers in [0, C).
-            on_block: optional ``fn(y, x, xb)`` called with each block's labels (rows,),
-                or the class as an int when the block is all of one class,
-                its centred samples x = h - s_y (rows, D) float64, and x @ basis (None
-                without a basis), so a caller can reuse them (``measure`` tallies NC4).
-                x lives in a reused buffer: it is valid only during the call.
+            on_block: optional ``fn(y, h, x, xb)`` called with each block's labels
+                (rows,), or the class as an int when the block is all of one class, its
+                samples h (rows, D) as given, their centred form x = h - s_y (rows, D)
+                float64, and x @ basis (None without a basis), so a caller can reuse them
+                (``measure`` tallies NC4). h and x live in reused buffers: they are valid
+                only during the call.
         """
         h, y = self._checked(features, labels)
         if h.shape[0] == 0:
@@ -134,7 +136,9 @@ class ClassStats:
         self._set_new_shifts(h, y)
         batch_counts = torch.bincount(y, minlength=self.num_classes)
         self.counts += batch_counts.to(F64)
-        if h.shape[0] >= GROUP_MIN_ROWS * int((batch_counts > 0).sum()):
+        if not self.keeps_moments and on_block is None:
+            self._update_sums(h, y, batch_counts)
+        elif h.shape[0] >= GROUP_MIN_ROWS * int((batch_counts > 0).sum()):
             self._update_by_class(h, y, batch_counts, on_block)
         else:
             self._update_by_rows(h, y, on_block)
@@ -154,6 +158,23 @@ class ClassStats:
         if bool(new.any()):
             self.shift[new] = h[first[new]].to(F64)
             self.has_shift |= new
+
+    def _update_sums(self, h: Tensor, y: Tensor, batch_counts: Tensor) -> None:
+        """Counts and sums only: raw float64 row sums per class, then re-centred.
+
+        Without second moments the shift buys no accuracy (a float64 sum of n values
+        keeps the mean to ~n * 1e-16 of their size), so blocks of consecutive rows are
+        summed as they come (no gathering) and sum(h - s_c) = sum(h) - n_c s_c.
+        """
+        block_rows = min(max(1, BLOCK_ELEMENTS // self.dim), h.shape[0])
+        converted = torch.empty(block_rows, self.dim, dtype=F64, device=self.device)
+        raw = torch.zeros_like(self.sums)
+        for start in range(0, h.shape[0], block_rows):
+            rows = y[start : start + block_rows]
+            block = converted[: rows.shape[0]]
+            block.copy_(h[start : start + block_rows])
+            raw.index_add_(0, rows, block)
+        self.sums += raw - batch_counts.to(F64)[:, None] * self.shift
 
     def _update_by_class(self, h: Tensor, y: Tensor, batch_counts: Tensor, on_block) -> None:
         grouped = h.shape[0] < 2 or bool((y[1:] >= y[:-1]).all())
@@ -180,7 +201,7 @@ class ClassStats:
                     self.sq_norms[c] += torch.dot(flat, flat)
                     projected = self._add_second_moment(x)
                 if on_block is not None:
-                    on_block(c, x, projected)
+                    on_block(c, block, x, projected)
 
     def _update_by_rows(self, h: Tensor, y: Tensor, on_block) -> None:
         block_rows = min(max(1, BLOCK_ELEMENTS // self.dim), h.shape[0])
@@ -192,10 +213,10 @@ class ClassStats:
             self.sums.index_add_(0, rows, x)
             projected = None
             if self.keeps_moments:
-                self.sq_norms.index_add_(0, rows, (x * x).sum(1))
+                self.sq_norms.index_add_(0, rows, torch.linalg.vector_norm(x, dim=1).square())
                 projected = self._add_second_moment(x)
             if on_block is not None:
-                on_block(rows, x, projected)
+                on_block(rows, h[start : start + block_rows], x, projected)
 
     def _add_second_moment(self, x: Tensor) -> Tensor | None:
         """Add x^T x (or its restriction to the basis) for a centred block x: (rows, D).
@@ -205,9 +226,9 @@ class ClassStats:
         if self.basis is None:
             self.scatter.addmm_(x.T, x)
             return None
-        projected = x @ self.basis
-        self.scatter.addmm_(projected.T, projected)
-        return projected
+        projected_t = self.basis_t @ x.T  # (k, rows)
+        self.scatter.addmm_(projected_t, projected_t.T)
+        return projected_t.T
 
     def _checked(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         features = torch.as_tensor(features)

@@ -13,6 +13,8 @@ from nctools import measure, metrics
 from nctools import stats as stats_module
 from nctools.measure import METRIC_KEYS, class_means
 
+measure_module = __import__("sys").modules["nctools.measure"]
+
 # METRICS.md, in order: the contract for the returned keys.
 CONTRACT_KEYS = (
     "nc1", "nc1_ratio", "cdnv", "equinorm_means", "equinorm_weights", "equiangular_means",
@@ -242,6 +244,29 @@ def test_near_tied_classifier_decisions_match_float64():
     assert got["accuracy"] == want["accuracy"]
     assert got["ncc_mismatch"] == want["ncc_mismatch"]
     assert (np.argmax(features @ weight.T + bias, 1) == 1).sum() > 0  # class 1 does win rows
+
+
+@pytest.mark.parametrize("other_means", [False, True])
+def test_near_tied_centre_decisions_match_float64(other_means, monkeypatch):
+    """Class centres closer than float32 can resolve: the NCC rule is re-decided in
+    float64, for the split's own means (products in the eigenbasis) and for means given
+    from another split (products in feature space)."""
+    features, labels, weight, bias = clusters(5, 24, 80, spread=2.0, seed=21)
+    twin = features[labels == 0] + 1e-6 * np.random.default_rng(1).normal(size=24)
+    features[labels == 1] = twin[: int((labels == 1).sum())]  # class 1 ~ class 0
+    means = np.stack([features[labels == k].mean(0) for k in range(5)])
+    given = means + 1e-7 if other_means else None
+    want = reference_metrics(features, labels, weight, bias, class_means=given)
+    got = measure(features, labels, weight, bias, class_means=given)
+    assert got["ncc_mismatch"] == want["ncc_mismatch"]
+    assert got["ncc_accuracy"] == want["ncc_accuracy"]
+    # the data need the re-decision: trusting float32 alone (no slack) gets them wrong
+    monkeypatch.setattr(measure_module, "F32_UNIT", 0.0)
+    rough = measure(features, labels, weight, bias, class_means=given)
+    assert rough["ncc_accuracy"] != want["ncc_accuracy"]
+    centres = means if given is None else given
+    nearest = np.argmin(((features[:, None] - centres[None]) ** 2).sum(2), 1)
+    assert 0 < (nearest[labels <= 1] == 1).sum() < (labels <= 1).sum()  # a real near-tie
 
 
 @pytest.mark.parametrize("workers", [2, 3])
