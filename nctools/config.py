@@ -31,6 +31,7 @@ class DataConfig:
     root: str = "~/.cache/nctools/data"  # where torchvision data sets live
     download: bool = False  # let torchvision download missing files (needs internet)
     samples_per_class: int | None = None  # balanced training subset; None keeps all
+    test_samples_per_class: int | None = None  # balanced test subset; None keeps all
     augment: bool = False  # random crop + flip on the training split (the paper uses none)
     # synthetic only: Gaussian class clusters shaped like images
     num_classes: int = 10
@@ -65,7 +66,8 @@ class TrainConfig:
     gamma: float = 0.1  # multistep: factor at each milestone
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     bf16: bool = False  # CUDA only: bf16 autocast
-    channels_last: bool = False  # CUDA only: channels_last memory format
+    channels_last: bool = False  # channels_last memory format (faster on GPUs and CPUs)
+    eval_every: int = 1  # test pass every K epochs (and at snapshots and the last); 0: only there
 
 
 @dataclass
@@ -453,6 +455,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.seed >= 0, "seed", ">= 0", cfg.seed)
     spc = data.samples_per_class
     _check(spc is None or spc >= 1, "data.samples_per_class", ">= 1 or null", spc)
+    tspc = data.test_samples_per_class
+    _check(tspc is None or tspc >= 1, "data.test_samples_per_class", ">= 1 or null", tspc)
     # NC metrics compare class means against a simplex of C >= 2 vertices
     _check(data.num_classes >= 2, "data.num_classes", ">= 2", data.num_classes)
     for name in ("train_per_class", "test_per_class", "channels", "image_size"):
@@ -474,6 +478,7 @@ def validate(cfg: Config) -> None:
     _check(all(0 < m < 1 for m in ms), "train.milestones", "fractions in (0, 1)", ms)
     _check(all(a < b for a, b in itertools.pairwise(ms)), "train.milestones", "increasing", ms)
     _check(math.isfinite(train.gamma) and train.gamma > 0, "train.gamma", "> 0", train.gamma)
+    _check(train.eval_every >= 0, "train.eval_every", ">= 0", train.eval_every)
     _check(bool(_DEVICE.match(train.device)), "train.device", "auto, cpu, cuda or cuda:N",
            train.device)
     _check(snap.dtype in SNAPSHOT_DTYPES, "snapshot.dtype", f"one of {', '.join(SNAPSHOT_DTYPES)}",

@@ -93,7 +93,8 @@ class Dataset:
 def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
     """Load ``cfg.dataset``, take the balanced subset, standardise with train statistics.
 
-    ``seed`` drives the ``samples_per_class`` subset and the ``synthetic`` data; the
+    ``seed`` drives the ``samples_per_class`` and ``test_samples_per_class`` subsets and
+    the ``synthetic`` data; the
     ``mnist5k`` split uses :data:`MNIST5K_SPLIT_SEED` whatever the run seed.
     """
     name = cfg.dataset.lower()
@@ -111,6 +112,10 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
         data = _torchvision(cfg, name)
     if cfg.samples_per_class is not None:
         data.train = balanced_subset(data.train, cfg.samples_per_class, data.num_classes, seed)
+    if cfg.test_samples_per_class is not None:
+        data.test = balanced_subset(
+            data.test, cfg.test_samples_per_class, data.num_classes, seed, "test_samples_per_class"
+        )
     if not data.train.lazy:
         mean, std = channel_stats(data.train.images)
         for split in (data.train, data.test):
@@ -170,18 +175,27 @@ def augment_batch(
     flat = start[:, :, None, None] + (ar(H) * Wp)[None, None, :, None] + cols[:, None, None, :]
     return padded.reshape(-1).index_select(0, flat.reshape(-1)).reshape(B, C, H, W)
 
-def balanced_subset(split: Split, samples_per_class: int, num_classes: int, seed: int) -> Split:
-    """The first ``samples_per_class`` of a seeded permutation of each class, in data order."""
+def balanced_subset(
+    split: Split,
+    samples_per_class: int,
+    num_classes: int,
+    seed: int,
+    key: str = "samples_per_class",
+) -> Split:
+    """The first ``samples_per_class`` of a seeded permutation of each class, in data order.
+
+    ``key`` names the config key in errors (``data.<key>``)."""
+    which = "test" if key.startswith("test") else "training"
     if samples_per_class < 1:
-        raise ConfigError(f"data.samples_per_class must be >= 1, got {samples_per_class}")
+        raise ConfigError(f"data.{key} must be >= 1, got {samples_per_class}")
     gen = torch.Generator().manual_seed(seed)
     keep = []
     for c in range(num_classes):
         members = torch.nonzero(split.labels == c).flatten()
         if members.numel() < samples_per_class:
             raise ConfigError(
-                f"data.samples_per_class={samples_per_class} but class {c} has only "
-                f"{members.numel()} training samples"
+                f"data.{key}={samples_per_class} but class {c} has only "
+                f"{members.numel()} {which} samples"
             )
         keep.append(members[torch.randperm(members.numel(), generator=gen)[:samples_per_class]])
     idx = torch.sort(torch.cat(keep)).values

@@ -90,11 +90,13 @@ os.umask(_UMASK)
 # Atomic writes
 
 
-def _atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
+def _atomic_write(path: PathLike, write: Callable[[Path], None], sync_dir: bool = True) -> None:
     """Call ``write(tmp)`` then fsync and rename ``tmp`` to ``path``.
 
-    On any failure the temp file is removed and ``path`` keeps its previous content;
-    an OSError (disk full, permission) becomes RunError naming ``path``.
+    ``sync_dir=False`` leaves the folder's fsync (which makes the rename durable) to the
+    caller, who renames several files into one folder and syncs it once. On any failure
+    the temp file is removed and ``path`` keeps its previous content; an OSError (disk
+    full, permission) becomes RunError naming ``path``.
     """
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp-{_HOST}-{os.getpid()}"
@@ -121,7 +123,8 @@ def _atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
         if isinstance(exc, OSError):
             raise RunError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
-    _fsync_dir(path.parent)
+    if sync_dir:
+        _fsync_dir(path.parent)
 
 
 def _write_failure(exc: Exception, folder: Path) -> str:
@@ -251,7 +254,7 @@ def _shard_suffix(shard: tuple[int, int] | None) -> str:
     return "" if shard is None else f"-{shard[0]:05d}-of-{shard[1]:05d}"
 
 
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], sync_dir: bool = True) -> dict:
     """Write a safetensors file atomically; returns its meta entry (sha256, bytes)."""
     entry: dict = {}
 
@@ -260,7 +263,7 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
         # hash the temp file before the rename: the page cache makes this read cheap
         entry.update(sha256=sha256_file(tmp), bytes=tmp.stat().st_size)
 
-    _atomic_write(path, write)
+    _atomic_write(path, write, sync_dir)
     return entry
 
 
@@ -336,14 +339,15 @@ def write_snapshot(
         files[file] = _save_tensors(folder / file, {
             "features": features.detach().to("cpu", SNAPSHOT_DTYPES[dtype]).contiguous(),
             "labels": labels.detach().to("cpu", torch.int64).contiguous(),
-        })
+        }, sync_dir=False)
         split_meta[name] = {"files": [file], "rows": [features.shape[0]]}
     classifier = None
     if shard is None or shard[0] == 0:
         files[CLASSIFIER_FILE] = _save_tensors(folder / CLASSIFIER_FILE,
-                                               {"weight": weight, "bias": bias})
+                                               {"weight": weight, "bias": bias}, sync_dir=False)
         classifier = {"file": CLASSIFIER_FILE, "weight_shape": [C, D], "bias_shape": [C],
                       "dtype": "float32", "has_bias": has_bias}
+    _fsync_dir(folder)  # the renames above are durable before meta.json names them
     meta = _meta(epoch, dtype, C, D, split_meta, classifier, files, extra_meta)
     if shard is None:
         _write_json(folder / META_FILE, meta)  # last: the snapshot is complete from here on

@@ -11,8 +11,8 @@ features (the cost of a single pass that forms a D x D second moment), run in pa
 with `measure` so that the ratio (the median of the per-pair ratios) sees the same
 machine speed on both sides, the time of a per-sample loop in the style common in
 research code (one D x D outer product accumulated per sample: timed on a subset and
-scaled linearly to N, as the table says), their ratios, and the peak resident memory `measure` added (Linux VmHWM, reset before
-the call) against the size of the features.
+scaled linearly to N, as the table says), their ratios, and the peak resident memory
+`measure` added (Linux VmHWM, reset before the call) against the size of the features.
 
 Targets (2-core CPU): ratio to H^T H <= 1.0 at C=10 and <= 2.0 at C=100; >= 100x faster
 than the per-sample loop; peak extra memory <= 2x the features.

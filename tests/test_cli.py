@@ -203,7 +203,8 @@ def test_demo_config_is_packaged_and_valid():
 def test_demo_runs_end_to_end(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # from any folder: the config comes from the package
     overrides = ["data.dataset=synthetic", "data.num_classes=4", "data.train_per_class=16",
-                 "data.samples_per_class=null", "data.test_per_class=8", "data.image_size=8",
+                 "data.samples_per_class=null", "data.test_samples_per_class=null",
+                 "data.test_per_class=8", "data.image_size=8",
                  "model.width=8",
                  "train.epochs=2", "snapshot.epochs=all", "train.device=cpu"]
     argv = ["demo", "--out", "d"] + [a for o in overrides for a in ("--set", o)]
@@ -303,7 +304,8 @@ def test_measure_a_run_checkpoint_uses_the_run_model_settings(capsys, tmp_path):
 
     # The synthetic data set's default sizes, as `measure --dataset synthetic` loads it.
     config = load_config(files("nctools") / "configs" / "demo.yaml", [
-        "data.dataset=synthetic", "data.samples_per_class=null", "model.width=4",
+        "data.dataset=synthetic", "data.samples_per_class=null",
+        "data.test_samples_per_class=null", "model.width=4",
         "train.epochs=2", "snapshot.epochs=all", "train.device=cpu"])
     run = train(config, tmp_path / "run")
     got = run_json(capsys, "--arch", "convnet", "--checkpoint", str(run / "checkpoint.pt"),

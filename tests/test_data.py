@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -139,6 +140,20 @@ def test_balanced_subset_picks_distinct_rows_of_each_class():
     assert torch.bincount(sub.labels).tolist() == [3] * 5
     other = ncdata.balanced_subset(split, 3, 5, seed=1).images.flatten().long()
     assert not torch.equal(rows, other)
+
+
+def test_test_samples_per_class_subsets_the_test_split_only(mnist_root):
+    root, _, _ = mnist_root
+    full = load_dataset(DataConfig(dataset="mnist5k", root=str(root)), 0)
+    cfg = DataConfig(dataset="mnist5k", root=str(root), test_samples_per_class=30)
+    data = load_dataset(cfg, 0)
+    assert torch.bincount(data.test.labels).tolist() == [30] * 10
+    assert torch.equal(data.train.images, full.train.images)  # train statistics unchanged
+    rows = ncdata.balanced_subset(Split(torch.arange(1000.0).reshape(-1, 1, 1, 1),
+                                        full.test.labels), 30, 10, 0).images.flatten().long()
+    assert torch.equal(data.test.images, full.test.images[rows])
+    with pytest.raises(ConfigError, match=r"data\.test_samples_per_class=101 .* only 100 test"):
+        load_dataset(replace(cfg, test_samples_per_class=101), 0)
 
 
 def test_samples_per_class_larger_than_a_class_names_the_key(mnist_root):

@@ -26,6 +26,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -407,8 +408,6 @@ def test_divergence_stops_naming_the_epoch_and_keeps_good_files(config_file, tmp
 
     def diverge(model, *args, **kwargs):
         calls[0] += 1
-        if calls[0] == 2 * STEPS_PER_EPOCH + 1:  # first step of epoch 3: 1-2 are on disk
-            before.update(tree_hashes(run))
         loss, hits = real(model, *args, **kwargs)
         if calls[0] > 2 * STEPS_PER_EPOCH:
             with torch.no_grad():  # as a real blow-up: the weights go too
@@ -417,7 +416,15 @@ def test_divergence_stops_naming_the_epoch_and_keeps_good_files(config_file, tmp
             loss = torch.tensor(bad)
         return loss, hits
 
+    real_diverged = T._diverged
+
+    def files_then_diverged(state, epoch, row):
+        state.writer.wait()  # epochs 1-2 are on disk (their writes overlap epoch 3)
+        before.update(tree_hashes(run))
+        real_diverged(state, epoch, row)
+
     monkeypatch.setattr(T, "train_step", diverge)
+    monkeypatch.setattr(T, "_diverged", files_then_diverged)
     assert main(["train", str(config_file), "--out", str(run)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(
@@ -562,12 +569,20 @@ def test_a_damaged_snapshot_is_named_and_the_other_epochs_analyzed(reference, tm
 # ----------------------------------------------------------------------------- disk problems
 
 
+def settle_writes() -> None:
+    """Let the files of the epochs trained so far reach the disk: nctools.train writes
+    each epoch's history, checkpoint and manifest while the next epoch trains."""
+    for thread in threading.enumerate():
+        if thread.name == "nctools-writer":
+            thread.join()
+
+
 def full_disk_at(monkeypatch, name: str, epoch: int | None = None) -> list[Path]:
     """From now on, the write of ``name`` (at ``epoch``'s snapshot, if given) fills the
     disk: some bytes reach the temp file, then ENOSPC. Returns the paths that failed."""
     real, failed = store._atomic_write, []
 
-    def write(path, writer):
+    def write(path, writer, sync_dir=True):
         path = Path(path)
         hit = path.name == name and (epoch is None or path.parent.name == f"epoch-{epoch:04d}")
 
@@ -579,7 +594,7 @@ def full_disk_at(monkeypatch, name: str, epoch: int | None = None) -> list[Path]
                     f.truncate(max(1, tmp.stat().st_size // 2))
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        real(path, filling)
+        real(path, filling, sync_dir)
 
     monkeypatch.setattr(store, "_atomic_write", write)
     return failed
@@ -595,6 +610,7 @@ def test_a_full_disk_stops_training_naming_the_file_and_resume_recovers(
     failed: list[list[Path]] = []
 
     def fill_disk() -> None:  # epochs 1-2 are on disk; the disk fills during epoch 3
+        settle_writes()
         before.update(tree_hashes(run))
         failed.append(full_disk_at(monkeypatch, name, epoch))
 
@@ -659,10 +675,10 @@ def test_an_unwritable_run_directory_fails_before_touching_the_run(config_file, 
     before = tree_hashes(run)
     real = store._atomic_write
 
-    def read_only(path, writer):
+    def read_only(path, writer, *rest):
         def denied(tmp: Path) -> None:
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp))
-        real(path, denied)
+        real(path, denied, *rest)
 
     monkeypatch.setattr(store, "_atomic_write", read_only)
     assert main(["train", str(config_file), "--out", str(run)]) == 2

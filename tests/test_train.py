@@ -200,15 +200,66 @@ def test_tpt_onset_is_the_first_epoch_of_zero_training_error(full_run):
         perfect.iloc[0])
 
 
-def test_cuda_only_options_change_nothing_on_the_cpu(full_run, tmp_path, caplog):
+def test_bf16_changes_nothing_on_the_cpu(full_run, tmp_path, caplog):
     cfg, run = full_run
-    other = replace(cfg, train=replace(cfg.train, bf16=True, channels_last=True))
+    other = replace(cfg, train=replace(cfg.train, bf16=True))
     with caplog.at_level("INFO", logger="nctools.train"):
         out = T.train(other, tmp_path / "run")
     assert _history(out).equals(_history(run))
     _assert_same_snapshots(out, run)
     onset = store.read_manifest(out)["tpt_onset_epoch"]
     assert f"epoch {onset}: training error reached zero" in caplog.text
+    assert "train.bf16 applies to CUDA only" in caplog.text
+
+
+def test_channels_last_on_the_cpu_trains_the_same_network(full_run, tmp_path, monkeypatch):
+    """channels_last changes the memory layout (and the rounding of the convolutions),
+    not the model: same history to rounding, and its own resume stays bit-identical."""
+    cfg, run = full_run
+    other = replace(cfg, train=replace(cfg.train, channels_last=True))
+    real, layouts = T.train_step, []
+
+    def spy(model, x, *args, **kwargs):
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        layouts.append((x.is_contiguous(memory_format=torch.channels_last),
+                        conv.weight.is_contiguous(memory_format=torch.channels_last)))
+        return real(model, x, *args, **kwargs)
+
+    monkeypatch.setattr(T, "train_step", spy)
+    out = T.train(other, tmp_path / "run")
+    assert set(layouts) == {(True, True)}
+    got, want = _history(out), _history(run)
+    assert got["epoch"].equals(want["epoch"])
+    for column in ("train_loss", "test_loss"):
+        assert torch.allclose(torch.tensor(got[column].to_numpy()),
+                              torch.tensor(want[column].to_numpy()), rtol=1e-3, atol=1e-5)
+    monkeypatch.undo()
+    _interrupt_at_step(monkeypatch, step=8)  # inside epoch 3
+    with pytest.raises(KeyboardInterrupt):
+        T.train(other, tmp_path / "resumed")
+    monkeypatch.undo()
+    resumed = T.train(other, tmp_path / "resumed")
+    assert _history(resumed).equals(got)
+    _assert_same_snapshots(resumed, out)
+
+
+@pytest.mark.parametrize("every", [0, 3])
+def test_eval_every_skips_test_passes_and_nothing_else(full_run, tmp_path, every):
+    """train.eval_every: the test split is evaluated every K epochs, at snapshot epochs and
+    at the last; the other rows have NaN test columns, and training is unchanged."""
+    cfg, run = full_run
+    other = replace(cfg, train=replace(cfg.train, eval_every=every))
+    out = T.train(other, tmp_path / "run")
+    got, want = _history(out), _history(run)
+    evaluated = set(SNAPSHOTS) | {EPOCHS} | ({e for e in range(1, EPOCHS + 1) if e % every == 0}
+                                            if every else set())
+    skipped = got["epoch"].map(lambda e: e not in evaluated)
+    assert skipped.sum() == EPOCHS - len(evaluated) > 0
+    assert got.loc[skipped, ["test_loss", "test_acc"]].isna().all().all()
+    assert got.loc[~skipped].equals(want.loc[~skipped])
+    train_columns = ["epoch", "lr", "train_loss", "train_acc"]
+    assert got[train_columns].equals(want[train_columns])
+    _assert_same_snapshots(out, run)
 
 
 def test_float16_snapshots_are_the_float32_features_rounded(full_run, tmp_path):
