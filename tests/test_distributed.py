@@ -54,14 +54,14 @@ DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def tiny_config() -> Config:
-    """51 training images (batches of 16: the last has 3 rows, split 2 + 1), 24 test."""
+    """51 training images (batches of 8: the last has 3 rows, split 2 + 1), 24 test."""
     return Config(
         name="tiny",
         seed=3,
         data=DataConfig(dataset="synthetic", num_classes=3, train_per_class=17,
                         test_per_class=8, channels=1, image_size=8),
         model=ModelConfig(arch="convnet", width=8),
-        train=TrainConfig(epochs=EPOCHS, batch_size=16, lr=0.05, device="cpu"),
+        train=TrainConfig(epochs=EPOCHS, batch_size=8, lr=0.05, device="cpu"),
         snapshot=SnapshotConfig(epochs=list(SNAPSHOTS)),
     )
 
@@ -196,9 +196,9 @@ def test_a_one_process_run_resumes_on_two_ranks(one_run, tmp_path, monkeypatch):
     out = tmp_path / "run"
     real, calls = T.train_step, [0]
 
-    def stop_in_epoch_3(*args, **kwargs):  # 4 steps per epoch: step 10 is in epoch 3
+    def stop_in_epoch_3(*args, **kwargs):  # 7 steps per epoch: step 17 is in epoch 3
         calls[0] += 1
-        if calls[0] == 10:
+        if calls[0] == 17:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
