@@ -158,7 +158,9 @@ def measure_chunks(
     tally = DecisionTally(weight64, bias64, means, reference, ncc_means, coords)
     second, tally = _accumulate(
         chunks,
-        lambda: ClassStats(num_classes, dim, shift=means, basis=basis, device=device),
+        lambda: ClassStats(
+            num_classes, dim, shift=means, basis=basis, diagonal=basis is not None, device=device
+        ),
         tally,
     )
     second.all_reduce(group)

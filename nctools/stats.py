@@ -52,11 +52,15 @@ class ClassStats:
             process to skip the shift agreement in :meth:`all_reduce`; give the class means
             (from a first pass) for the most accurate second moments.
         basis: optional (D, k) matrix B; keep the second moment only inside its span.
+        diagonal: with a basis, keep only the diagonal of that k x k moment, the second
+            moments along the basis vectors themselves (all NC1 needs when B is Sigma_B's
+            eigenbasis; k multiply-adds per sample instead of k^2).
         device: where the state lives (default: the shift's device, else the CPU).
 
     State (all float64):
         counts: (C,) n_c.  sums: (C, D) sum of h - s_c.  sq_norms: (C,) sum ||h - s_c||^2.
-        scatter: (D, D) sum (h - s_y)(h - s_y)^T, or (k, k) B^T (that) B with a basis.
+        scatter: (D, D) sum (h - s_y)(h - s_y)^T, or (k, k) B^T (that) B with a basis,
+            or its diagonal (k,) with ``diagonal``.
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class ClassStats:
         *,
         shift: Tensor | None = None,
         basis: Tensor | None = None,
+        diagonal: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
         if num_classes < 1 or dim < 1:
@@ -92,9 +97,13 @@ class ClassStats:
             self.basis = basis.to(device=device, dtype=F64).contiguous()
             self.basis_t = self.basis.T.contiguous()  # (k, D): B^T x^T is the faster product
             width = self.basis.shape[1]
-            self.scatter = torch.zeros(width, width, dtype=F64, device=device)
+            shape = (width,) if diagonal else (width, width)
+            self.scatter = torch.zeros(shape, dtype=F64, device=device)
+        elif diagonal:
+            raise ValueError("diagonal=True keeps the second moment along a basis: give one")
         else:
             self.scatter = torch.zeros(dim, dim, dtype=F64, device=device)
+        self.diagonal = diagonal
 
     @property
     def device(self) -> torch.device:
@@ -227,7 +236,10 @@ class ClassStats:
             self.scatter.addmm_(x.T, x)
             return None
         projected_t = self.basis_t @ x.T  # (k, rows)
-        self.scatter.addmm_(projected_t, projected_t.T)
+        if self.diagonal:
+            self.scatter += projected_t.square().sum(1)
+        else:
+            self.scatter.addmm_(projected_t, projected_t.T)
         return projected_t.T
 
     def _checked(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -261,7 +273,7 @@ class ClassStats:
             )
         if (self.basis is None) != (other.basis is None) or (
             self.basis is not None and not torch.equal(self.basis, other.basis.to(self.device))
-        ):
+        ) or self.diagonal != other.diagonal:
             raise ValueError("cannot merge ClassStats kept in different bases")
         adopt = other.has_shift.to(self.device) & ~self.has_shift
         self.shift[adopt] = other.shift.to(self.device)[adopt]
@@ -314,6 +326,9 @@ class ClassStats:
         if self.basis is None:
             cross = self.sums.T @ delta
             scatter = self.scatter + cross + cross.T + delta.T @ (n[:, None] * delta)
+        elif self.diagonal:  # the diagonal of the line below
+            t_b, d_b = self.sums @ self.basis, delta @ self.basis
+            scatter = self.scatter + 2.0 * (t_b * d_b).sum(0) + (n[:, None] * d_b.square()).sum(0)
         else:
             t_b, d_b = self.sums @ self.basis, delta @ self.basis
             cross = t_b.T @ d_b
@@ -351,9 +366,11 @@ class ClassStats:
 
     def within_class_cov(self) -> Tensor:
         """Sigma_W = (1/N) sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T: (D, D), or with a
-        basis B its (k, k) restriction B^T Sigma_W B."""
+        basis B its (k, k) restriction B^T Sigma_W B (its diagonal (k,) with ``diagonal``)."""
         n = self.counts
         sums = self.sums if self.basis is None else self.sums @ self.basis
+        if self.diagonal:
+            return (self.scatter - (sums.square() / n[:, None]).sum(0)) / n.sum()
         return (self.scatter - sums.T @ (sums / n[:, None])) / n.sum()
 
     def within_class_var_along(self, vectors: Tensor) -> Tensor:
@@ -365,6 +382,10 @@ class ClassStats:
         """
         vectors = vectors.to(device=self.device, dtype=F64)
         cov = self.within_class_cov()
+        if self.diagonal:
+            if not torch.equal(vectors, self.basis):
+                raise ValueError("with diagonal=True, vectors must be the basis itself")
+            return cov
         if self.basis is None:
             return ((cov @ vectors) * vectors).sum(0)
         coords = torch.linalg.lstsq(self.basis.cpu(), vectors.cpu(), driver="gelsd").solution
@@ -384,7 +405,11 @@ class ClassStats:
         tensors["has_shift"] = self.has_shift.to(torch.uint8).cpu()
         if self.basis is not None:
             tensors["basis"] = self.basis.cpu()
-        meta = {"format": "nctools.ClassStats/1", "fixed_shift": str(int(self.fixed_shift))}
+        meta = {
+            "format": "nctools.ClassStats/1",
+            "fixed_shift": str(int(self.fixed_shift)),
+            "diagonal": str(int(self.diagonal)),
+        }
         save_file(tensors, str(path), metadata=meta)
 
     @classmethod
@@ -398,14 +423,16 @@ class ClassStats:
         if missing:
             raise ValueError(f"{path}: not a ClassStats file (missing {', '.join(missing)})")
         num_classes, dim = tensors["sums"].shape
-        stats = cls(num_classes, dim, basis=tensors.get("basis"), device=device)
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+        diagonal = meta.get("diagonal") == "1" and "basis" in tensors
+        stats = cls(num_classes, dim, basis=tensors.get("basis"), diagonal=diagonal, device=device)
         for name in _STATE:
             _check_shape(f"{path}: {name}", tensors[name], tuple(getattr(stats, name).shape))
             setattr(stats, name, tensors[name].to(F64))
         stats.shift = tensors["shift"].to(F64)
         stats.has_shift = tensors["has_shift"].bool()
-        with safe_open(str(path), framework="pt") as handle:
-            stats.fixed_shift = (handle.metadata() or {}).get("fixed_shift") == "1"
+        stats.fixed_shift = meta.get("fixed_shift") == "1"
         return stats
 
 

@@ -118,6 +118,28 @@ def test_basis_keeps_the_moment_inside_its_span(route):
         projected.within_class_var_along(torch.eye(8, dtype=torch.float64)[:, :2])
 
 
+def test_diagonal_keeps_the_moments_along_the_basis_vectors(route, tmp_path):
+    """diagonal=True: the diagonal of the k x k moment, through updates, merges in any
+    order, re-centring (merge of differently shifted states) and save/load."""
+    features, labels = data(dim=8, seed=7)
+    basis = torch.linalg.qr(torch.randn(8, 3, dtype=torch.float64)).Q
+    full = ClassStats(4, 8, basis=basis).update(features, labels)
+    want = torch.diagonal(full.within_class_cov())
+    parts = [ClassStats(4, 8, basis=basis, diagonal=True) for _ in range(3)]
+    for part, rows in zip(parts, (slice(0, 7), slice(7, 40), slice(40, None)), strict=True):
+        part.update(features[rows], labels[rows])  # each part picks its own shifts
+    merged = parts[2].merge(parts[0]).merge(parts[1])
+    torch.testing.assert_close(merged.within_class_cov(), want, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(merged.within_class_var_along(basis), want, rtol=1e-10, atol=1e-13)
+    merged.save(tmp_path / "diag.safetensors")
+    loaded = ClassStats.load(tmp_path / "diag.safetensors")
+    assert loaded.diagonal and torch.equal(loaded.scatter, merged.scatter)
+    with pytest.raises(ValueError, match="must be the basis itself"):
+        merged.within_class_var_along(basis[:, :2])
+    with pytest.raises(ValueError, match="different bases"):
+        merged.merge(ClassStats(4, 8, basis=basis))
+
+
 def test_save_load_round_trip(tmp_path):
     features, labels = data(seed=5)
     stats = ClassStats(4, 6).update(features, labels)
