@@ -202,7 +202,10 @@ class ClassStats:
                 else:
                     rows = order[start:stop]
                     block = torch.index_select(h, 0, rows, out=gathered[: stop - start])
-                x = torch.sub(block, self.shift[c], out=centred[: stop - start])
+                # convert, then subtract in float64: a mixed-dtype sub would allocate a
+                # float64 temporary per block (page faults, serialised across threads)
+                x = centred[: stop - start]
+                x.copy_(block).sub_(self.shift[c])
                 self.sums[c] += x.sum(0)
                 projected = None
                 if self.keeps_moments:
@@ -215,10 +218,12 @@ class ClassStats:
     def _update_by_rows(self, h: Tensor, y: Tensor, on_block) -> None:
         block_rows = min(max(1, BLOCK_ELEMENTS // self.dim), h.shape[0])
         centred = torch.empty(block_rows, self.dim, dtype=F64, device=self.device)
+        shifts = torch.empty_like(centred)
         for start in range(0, h.shape[0], block_rows):
             rows = y[start : start + block_rows]
-            x = torch.index_select(self.shift, 0, rows, out=centred[: rows.shape[0]])
-            torch.sub(h[start : start + block_rows], x, out=x)  # x = h - s_y
+            x = centred[: rows.shape[0]]
+            x.copy_(h[start : start + block_rows])  # x = h - s_y, all in float64
+            x.sub_(torch.index_select(self.shift, 0, rows, out=shifts[: rows.shape[0]]))
             self.sums.index_add_(0, rows, x)
             projected = None
             if self.keeps_moments:
