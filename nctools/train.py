@@ -203,26 +203,32 @@ def rank_batches(
 
 
 class _StopOnSigint:
-    """First Ctrl-C asks the loop to stop after the current step; a second one aborts."""
+    """The first Ctrl-C (SIGINT) or SIGTERM (what a batch scheduler sends before its
+    time limit) asks the loop to stop after the current step, with a resumable state on
+    disk; a second signal aborts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        log.warning("interrupt received: stopping after the current step (Ctrl-C again to abort)")
+        log.warning("%s received: stopping after the current step (again to abort)",
+                    signal.Signals(signum).name)
 
     def __enter__(self) -> _StopOnSigint:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 @dataclass

@@ -277,8 +277,10 @@ def test_float16_snapshots_are_the_float32_features_rounded(full_run, tmp_path):
         assert torch.equal(f16, f32.half()), split
 
 
-def _interrupt_at_step(monkeypatch, step: int, via_signal: bool = False) -> list[int]:
-    """Make train_step raise Ctrl-C at call ``step`` (1-based); returns the call counter."""
+def _interrupt_at_step(monkeypatch, step: int, via_signal: bool = False,
+                       signum: int = signal.SIGINT) -> list[int]:
+    """Make train_step raise Ctrl-C at call ``step`` (1-based), or send ``signum`` during
+    it; returns the call counter."""
     real, calls = T.train_step, [0]
 
     def step_then_stop(*args, **kwargs):
@@ -287,7 +289,7 @@ def _interrupt_at_step(monkeypatch, step: int, via_signal: bool = False) -> list
             raise KeyboardInterrupt
         out = real(*args, **kwargs)
         if calls[0] == step:
-            os.kill(os.getpid(), signal.SIGINT)  # the loop must finish this step, then stop
+            os.kill(os.getpid(), signum)  # the loop must finish this step, then stop
         return out
 
     monkeypatch.setattr(T, "train_step", step_then_stop)
@@ -314,16 +316,19 @@ def test_resume_after_ctrl_c_is_bit_identical(full_run, tmp_path, monkeypatch, c
         assert torch.equal(resumed["model"][key], value), key
 
 
-def test_sigint_stops_after_the_current_step(full_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_after_the_current_step(full_run, tmp_path, monkeypatch, signum):
+    """Ctrl-C, or the SIGTERM a batch scheduler sends: finish the step, save, stop."""
     cfg, run = full_run
     out = tmp_path / "run"
-    calls = _interrupt_at_step(monkeypatch, step=13, via_signal=True)  # first step of epoch 5
-    handler = signal.getsignal(signal.SIGINT)
+    calls = _interrupt_at_step(monkeypatch, step=13, via_signal=True, signum=signum)  # epoch 5
+    handler = signal.getsignal(signum)
     with pytest.raises(KeyboardInterrupt):
         T.train(cfg, out)
     assert calls[0] == 13  # the signalled step ran to its end, no further step started
-    assert signal.getsignal(signal.SIGINT) is handler  # restored
-    assert store.read_manifest(out)["epochs_done"] == 4
+    assert signal.getsignal(signum) is handler  # restored
+    manifest = store.read_manifest(out)
+    assert (manifest["epochs_done"], manifest["status"]) == (4, "interrupted")
     monkeypatch.undo()
     T.train(cfg, out)
     assert _history(out).equals(_history(run))
