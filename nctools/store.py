@@ -176,6 +176,11 @@ def remove_stale_temps(run_dir: PathLike) -> list[Path]:
     return removed
 
 
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is one of the temp files nctools writes before renaming."""
+    return _TEMP_NAME.fullmatch(name) is not None
+
+
 def _fsync_dir(folder: Path) -> None:
     """Make the rename itself durable; not every platform can open a directory."""
     try:

@@ -510,6 +510,11 @@ def _open_run(run_dir: Path, config: Config, resume: bool) -> tuple[Config | Non
     if not saved_path.exists():
         if resume:
             raise RunError(f"{run_dir}: no run to resume (no {CONFIG_FILE} there)")
+        if run_dir.is_dir() and any(not store.is_temp_name(p.name) for p in run_dir.iterdir()):
+            raise RunError(
+                f"{run_dir} holds files but no nctools run (no {CONFIG_FILE}); use another "
+                "--out, or an empty or new folder"
+            )
         return config, None
     saved = load_config(saved_path)
     diffs = diff_configs(saved, config, ignore=RESUME_MAY_CHANGE)

@@ -381,6 +381,19 @@ def test_resume_without_a_run_is_refused(tmp_path):
         T.train(tiny_config(), tmp_path / "nothing", resume=True)
 
 
+def test_a_folder_of_other_files_is_not_trained_into(tmp_path):
+    out = tmp_path / "papers"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(RunError, match=r"holds files but no nctools run \(no config\.yaml\)"):
+        T.train(tiny_config(), out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / f".config.yaml.tmp-{os.uname().nodename}-1").write_text("")  # a killed start
+    assert store.read_manifest(T.train(tiny_config(), empty))["status"] == "completed"
+
+
 def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = tiny_config()
     out = tmp_path / "run"
