@@ -21,6 +21,7 @@ import logging
 import sys
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from nctools.errors import CheckpointError, ConfigError, NctoolsError, RunError
@@ -361,20 +362,22 @@ def measure_checkpoint(
     state = store.load_checkpoint(Path(checkpoint))
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # an nctools checkpoint.pt
-    data_cfg = DataConfig(dataset=dataset)
+    data_cfg, seed, model_cfg = DataConfig(dataset=dataset), 0, ModelConfig(arch=arch)
+    run_config = Path(checkpoint).parent / "config.yaml"
+    if run_config.is_file():  # a run's checkpoint: its network, and its data if the same set
+        saved = load_config(run_config)
+        if saved.model.arch == arch:
+            model_cfg = saved.model
+        if saved.data.dataset.lower() == dataset.lower():
+            # the run's subsets and their standardisation: the features it trained on
+            data_cfg, seed = replace(saved.data), saved.seed
     if data_root is not None:
         data_cfg.root = data_root
     try:
-        data = load_dataset(data_cfg, seed=0)
+        data = load_dataset(data_cfg, seed=seed)
     except ConfigError as exc:  # named as the user wrote it, not as a config key
         raise ConfigError(str(exc).replace("data.dataset", "--dataset")) from None
     classes = num_classes or data.num_classes
-    model_cfg = ModelConfig(arch=arch)
-    run_config = Path(checkpoint).parent / "config.yaml"
-    if run_config.is_file():  # a run's checkpoint: build the network with its model settings
-        saved = load_config(run_config).model
-        if saved.arch == arch:
-            model_cfg = saved
     model = models.build_model(model_cfg, classes, data.in_channels, data.image_size)
     try:
         models.load_state_dict_compat(model, state)

@@ -297,14 +297,14 @@ def test_errors_are_one_line_exit_2(error_runs, case):
 
 
 def test_measure_a_run_checkpoint_uses_the_run_model_settings(capsys, tmp_path):
-    """A run's checkpoint.pt (a convnet of non-default width) is rebuilt from its config.yaml;
-    the metrics equal those of the run's last snapshot, taken from the same weights."""
+    """A run's checkpoint.pt (a convnet of non-default width) is rebuilt from its config.yaml,
+    and its data set with the run's subsets, seed and standardisation: the metrics equal
+    those of the run's last snapshot, taken from the same weights."""
     from nctools import store
     from nctools.train import train
 
-    # The synthetic data set's default sizes, as `measure --dataset synthetic` loads it.
     config = load_config(files("nctools") / "configs" / "demo.yaml", [
-        "data.dataset=synthetic", "data.samples_per_class=null",
+        "data.dataset=synthetic", "data.samples_per_class=20", "seed=5",
         "data.test_samples_per_class=null", "model.width=4",
         "train.epochs=2", "snapshot.epochs=all", "train.device=cpu"])
     run = train(config, tmp_path / "run")
