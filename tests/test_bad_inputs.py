@@ -288,8 +288,8 @@ CASES: dict[str, Case] = {
     "pickle payload checkpoint": Case(TRAIN_RUN, "{tmp}/run/checkpoint.pt: checkpoint cannot "
                                       "be loaded safely",
                                       interrupted(pickle_payload("run/checkpoint.pt"))),
-    "measure a checkpoint of another network": Case(
-        (*MEASURE, "{tmp}/run/checkpoint.pt"),
+    "measure a checkpoint of another network": Case(  # the run's net has 3 classes
+        (*MEASURE, "{tmp}/run/checkpoint.pt", "--num-classes", "10"),
         "{tmp}/run/checkpoint.pt does not fit convnet with 10 classes and 1 input channels"),
     "measure a pickle payload": Case((*MEASURE, "{tmp}/evil.pt"),
                                      "{tmp}/evil.pt: checkpoint cannot be loaded safely",
