@@ -230,7 +230,7 @@ class DecisionTally:
       (x @ B) @ centre_coords, an r-dimensional product.
 
     The products run in float32 and the decisions stay those of float64: see
-    :func:`sure_argmax`.
+    :class:`SureArgmax`.
 
     Args:
         weight: (C, D), bias: (C,) float64 classifier.

@@ -202,7 +202,7 @@ def rank_batches(
         yield x, y, min(batch_size, len(order) - start)
 
 
-class _StopOnSigint:
+class _StopOnSignal:
     """The first Ctrl-C (SIGINT) or SIGTERM (what a batch scheduler sends before its
     time limit) asks the loop to stop after the current step, with a resumable state on
     disk; a second signal aborts at once."""
@@ -220,7 +220,7 @@ class _StopOnSigint:
         log.warning("%s received: stopping after the current step (again to abort)",
                     signal.Signals(signum).name)
 
-    def __enter__(self) -> _StopOnSigint:
+    def __enter__(self) -> _StopOnSignal:
         if threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -301,7 +301,7 @@ def _train(config: Config, run_dir: Path, resume: bool, dist: DistInfo,
     bar = tqdm(range(start + 1, config.train.epochs + 1), initial=start,
                total=config.train.epochs, unit="epoch", desc=config.name,
                disable=None if dist.is_main else True)
-    with _StopOnSigint() as stop:
+    with _StopOnSignal() as stop:
         try:
             for epoch in bar:
                 row = _run_epoch(run, epoch, stop)
@@ -357,7 +357,7 @@ def _setup(config: Config, run_dir: Path, dist: DistInfo, device: torch.device) 
     )
 
 
-def _run_epoch(run: _Run, epoch: int, stop: _StopOnSigint) -> dict:
+def _run_epoch(run: _Run, epoch: int, stop: _StopOnSignal) -> dict:
     """Train one epoch, evaluate, then write its history row, snapshot and checkpoint."""
     config, tc, device, dist = run.config, run.config.train, run.device, run.dist
     t0 = time.perf_counter()
