@@ -301,12 +301,17 @@ def _train(config: Config, run_dir: Path, resume: bool, dist: DistInfo,
     bar = tqdm(range(start + 1, config.train.epochs + 1), initial=start,
                total=config.train.epochs, unit="epoch", desc=config.name,
                disable=None if dist.is_main else True)
+    last_test = ""
     with _StopOnSignal() as stop:
         try:
             for epoch in bar:
                 row = _run_epoch(run, epoch, stop)
-                bar.set_postfix(loss=f"{row['train_loss']:.4g}", acc=f"{row['train_acc']:.4f}",
-                                test_acc=f"{row['test_acc']:.4f}")
+                shown = {"loss": f"{row['train_loss']:.4g}", "acc": f"{row['train_acc']:.4f}"}
+                if not math.isnan(row["test_acc"]):  # train.eval_every skips some epochs
+                    last_test = shown["test_acc"] = f"{row['test_acc']:.4f}"
+                elif last_test:
+                    shown["test_acc"] = last_test
+                bar.set_postfix(shown)
                 if stop.requested:  # Ctrl-C during the evaluation or the writes
                     raise KeyboardInterrupt
             run.writer.wait()
