@@ -209,16 +209,25 @@ class _StopOnSignal:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, at_epoch_end: bool = False) -> None:
         self.requested = False
+        # under torchrun the ranks stop together after the epoch (agreed in its all_reduce):
+        # a rank that left mid-epoch would leave the others waiting in a collective
+        self.at_epoch_end = at_epoch_end
+        self.agreed = False  # some rank was signalled before the last epoch's all_reduce
         self._previous: dict[int, object] = {}
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether to stop now that an epoch is complete (the same on every rank)."""
+        return self.agreed if self.at_epoch_end else self.requested
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        log.warning("%s received: stopping after the current step (again to abort)",
-                    signal.Signals(signum).name)
+        log.warning("%s received: stopping after the current %s (again to abort)",
+                    signal.Signals(signum).name, "epoch" if self.at_epoch_end else "step")
 
     def __enter__(self) -> _StopOnSignal:
         if threading.current_thread() is threading.main_thread():
@@ -302,7 +311,7 @@ def _train(config: Config, run_dir: Path, resume: bool, dist: DistInfo,
                total=config.train.epochs, unit="epoch", desc=config.name,
                disable=None if dist.is_main else True)
     last_test = ""
-    with _StopOnSignal() as stop:
+    with _StopOnSignal(at_epoch_end=dist.distributed) as stop:
         try:
             for epoch in bar:
                 row = _run_epoch(run, epoch, stop)
@@ -312,7 +321,7 @@ def _train(config: Config, run_dir: Path, resume: bool, dist: DistInfo,
                 elif last_test:
                     shown["test_acc"] = last_test
                 bar.set_postfix(shown)
-                if stop.requested:  # Ctrl-C during the evaluation or the writes
+                if stop.should_stop:  # a signal during the evaluation or the writes
                     raise KeyboardInterrupt
             run.writer.wait()
         except KeyboardInterrupt:
@@ -382,7 +391,7 @@ def _run_epoch(run: _Run, epoch: int, stop: _StopOnSignal) -> dict:
         loss, hits = train_step(run.net, x, y, run.optimizer, tc.loss, run.autocast, scale)
         loss_sum += loss  # device tensors: no GPU sync per step
         correct += hits
-        if stop.requested:
+        if stop.requested and not stop.at_epoch_end:
             raise KeyboardInterrupt
     run.scheduler.step()
     # One eval pass gives the test metrics, and on snapshot epochs the snapshot too; each
@@ -401,10 +410,11 @@ def _run_epoch(run: _Run, epoch: int, stop: _StopOnSignal) -> dict:
         indices = torch.arange(rows.start, rows.stop)
         splits[name] = extract_features(run.model, part, batch, device, indices=indices)
     test_loss, test_hits = _classify(run.model, *splits["test"], tc.loss) if evaluate else (0, 0)
-    totals = torch.stack([loss_sum.double(), correct.double(),
-                          torch.tensor(test_loss, dtype=torch.float64, device=device),
-                          torch.tensor(test_hits, dtype=torch.float64, device=device)])
-    train_loss, train_hits, test_loss, test_hits = sum_over_ranks(totals).tolist()
+    local = [test_loss, test_hits, float(stop.requested)]
+    totals = torch.cat([torch.stack([loss_sum.double(), correct.double()]),
+                        torch.tensor(local, dtype=torch.float64, device=device)])
+    train_loss, train_hits, test_loss, test_hits, stops = sum_over_ranks(totals).tolist()
+    stop.agreed = stops > 0  # every rank stops after this epoch if one was asked to
     n, n_test = len(split), len(run.dataset.test) if evaluate else math.nan
     row = {"epoch": epoch, "lr": lr, "train_loss": train_loss / n, "train_acc": train_hits / n,
            "test_loss": test_loss / n_test, "test_acc": test_hits / n_test}

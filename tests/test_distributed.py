@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -215,6 +217,46 @@ def test_a_one_process_run_resumes_on_two_ranks(one_run, tmp_path, monkeypatch):
     a, b = (store.load_checkpoint(r / "checkpoint.pt")["model"] for r in (out, one_run))
     for key in b:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def _signalled_on_one_rank(rank: int, run: str, out: str) -> None:
+    """Rank 1 alone gets SIGINT during its step 17 (epoch 3 of 7 steps per epoch)."""
+    real, calls = T.train_step, [0]
+
+    def step(*args, **kwargs):
+        calls[0] += 1
+        result = real(*args, **kwargs)
+        if rank == 1 and calls[0] == 17:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    T.train_step = step
+    try:
+        T.train(tiny_config(), run)
+    except KeyboardInterrupt:
+        Path(out, f"rank{rank}.txt").write_text(f"interrupted after step {calls[0]}")
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_epoch(one_run, tmp_path):
+    """Under torchrun the ranks agree to stop in the epoch's all_reduce: none is left
+    waiting in a collective, and the run resumes to the uninterrupted result."""
+    run = tmp_path / "run"
+    context = mp.start_processes(
+        _as_rank, args=(2, _free_port(), _signalled_on_one_rank, (str(run), str(tmp_path))),
+        nprocs=2, join=False, start_method="fork")
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the ranks did not stop together (a rank hangs in a collective)")
+    for rank in range(2):  # both finished epoch 3 (steps 15-21) and stopped there
+        assert (tmp_path / f"rank{rank}.txt").read_text() == "interrupted after step 21"
+    manifest = store.read_manifest(run)
+    assert (manifest["status"], manifest["epochs_done"]) == ("interrupted", 3)
+    run_ranks(_resume, str(run))
+    resumed, one = (store.read_history(r)[HISTORY] for r in (run, one_run))
+    pd.testing.assert_frame_equal(resumed, one, rtol=1e-5, atol=0)
 
 
 def _train_expecting(rank: int, cfg: Config, run: str, out: str) -> None:
