@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from nctools import store
+from nctools import snapshots, store
 from nctools.config import load_config
 from nctools.errors import RunError, SnapshotError
 from nctools.measure import CHUNK_ELEMENTS, METRIC_KEYS, measure_chunks
@@ -56,7 +56,7 @@ def analyze(run_dir: str | Path, strict: bool = False) -> pd.DataFrame:
         raise RunError(
             f"no run directory at {run_dir} (make one with `nctools train CONFIG --out {run_dir}`)"
         )
-    epochs = store.list_snapshots(run_dir)
+    epochs = snapshots.list_snapshots(run_dir)
     if not epochs:
         raise RunError(
             f"{run_dir} has no snapshots to analyze; make some with "
@@ -100,7 +100,8 @@ def _rewritten_since(run_dir: Path, epochs: list[int], since_ns: int) -> set[int
     stale = set()
     for epoch in epochs:
         try:
-            if (store.snapshot_dir(run_dir, epoch) / store.META_FILE).stat().st_mtime_ns > since_ns:
+            meta = snapshots.snapshot_dir(run_dir, epoch) / snapshots.META_FILE
+            if meta.stat().st_mtime_ns > since_ns:
                 stale.add(epoch)
         except FileNotFoundError:
             stale.add(epoch)
@@ -119,8 +120,8 @@ def measure_snapshot(run_dir: Path, epoch: int, chunk_rows: int | None = None) -
     come back from its own measurement and serve the test split's NC4 (no extra pass).
     Sharded snapshots read as one split.
     """
-    meta = store.read_meta(run_dir, epoch)
-    weight, bias = store.load_classifier(run_dir, epoch)
+    meta = snapshots.read_meta(run_dir, epoch)
+    weight, bias = snapshots.load_classifier(run_dir, epoch)
     num_classes, dim = weight.shape
     stream_rows = chunk_rows or max(1, CHUNK_ELEMENTS // dim)
     train_means = None
@@ -129,7 +130,7 @@ def measure_snapshot(run_dir: Path, epoch: int, chunk_rows: int | None = None) -
         names = meta["splits"][split]["files"]
         size = sum(meta["files"][name]["bytes"] for name in names)
         if chunk_rows is None and size <= IN_MEMORY_BYTES:
-            held = [store.load_split(run_dir, epoch, split)]  # features: (N, D), labels: (N,)
+            held = [snapshots.load_split(run_dir, epoch, split)]  # features: (N, D), labels: (N,)
 
             def chunks(held: list = held) -> list:
                 return held
@@ -137,7 +138,7 @@ def measure_snapshot(run_dir: Path, epoch: int, chunk_rows: int | None = None) -
             passes = iter([True, False])  # hash the files on the first pass only
 
             def chunks(split: str = split, passes=passes):  # (n, D), (n,) per chunk
-                return store.iter_split(run_dir, epoch, split, stream_rows, verify=next(passes))
+                return snapshots.iter_split(run_dir, epoch, split, stream_rows, verify=next(passes))
 
         means = train_means if split != "train" else None
         values, split_means = measure_chunks(chunks, weight, bias, num_classes,
@@ -147,15 +148,15 @@ def measure_snapshot(run_dir: Path, epoch: int, chunk_rows: int | None = None) -
         rows += [{"split": split, "metric": key, "value": values[key]} for key in METRIC_KEYS]
     # A resumed run rewrites the snapshots past its checkpoint; if that happened while the
     # files streamed unhashed, the numbers could mix two versions of the snapshot.
-    if store.read_meta(run_dir, epoch)["files"] != meta["files"]:
-        raise SnapshotError(f"{store.snapshot_dir(run_dir, epoch)}: rewritten while it was "
+    if snapshots.read_meta(run_dir, epoch)["files"] != meta["files"]:
+        raise SnapshotError(f"{snapshots.snapshot_dir(run_dir, epoch)}: rewritten while it was "
                             "measured (a resumed run?); analyze again")
     return rows
 
 
 def snapshot_splits(run_dir: Path, epoch: int) -> list[str]:
     """The feature splits a snapshot holds, train first."""
-    names = store.read_meta(run_dir, epoch)["splits"]
+    names = snapshots.read_meta(run_dir, epoch)["splits"]
     return sorted(names, key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else 99, s))
 
 

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import nctools
-from nctools import store
+from nctools import snapshots, store
 from nctools.config import (
     Config,
     TrainConfig,
@@ -466,7 +466,7 @@ def _classify(model: nn.Module, features: Tensor, labels: Tensor, loss: str) -> 
 def _write_snapshot(run: _Run, epoch: int, splits: dict[str, tuple[Tensor, Tensor]]) -> None:
     """One file per split; under DDP one shard per rank, merged by rank 0 after a barrier."""
     clf, dist = run.model.classifier, run.dist
-    store.write_snapshot(
+    snapshots.write_snapshot(
         run.run_dir, epoch, {s: splits[s] for s in run.config.snapshot.splits},
         clf.weight.detach().float().cpu(),
         None if clf.bias is None else clf.bias.detach().float().cpu(),
@@ -476,7 +476,7 @@ def _write_snapshot(run: _Run, epoch: int, splits: dict[str, tuple[Tensor, Tenso
     if dist.distributed:
         barrier()
         if dist.is_main:
-            store.finalize_sharded_snapshot(run.run_dir, epoch, dist.world_size)
+            snapshots.finalize_sharded_snapshot(run.run_dir, epoch, dist.world_size)
 
 
 def _save_checkpoint(run: _Run, epoch: int) -> None:

@@ -8,7 +8,7 @@ Usage::
 It writes a snapshot of synthetic float32 features (train N x D, test N/5 x D, C classes)
 to a temporary run directory, then times, side by side in one process (median of
 several runs, files in the page cache): reading its files as nctools does
-(``store.load_split`` of both splits and ``store.load_classifier``, each file's sha256
+(``snapshots.load_split`` of both splits and ``snapshots.load_classifier``, each file's sha256
 checked on the bytes read) and ``analysis.measure_snapshot`` (the same reads, then every
 metric of both splits). Target: analysis at most 2x the reading time. CPU seconds are
 printed too, as they are steadier than wall time on a shared machine.
@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from nctools import store
+from nctools import snapshots
 from nctools.analysis import measure_snapshot
 
 
@@ -58,12 +58,12 @@ def main() -> None:
     test_features, test_labels, _, _ = synthetic(args.n // 5, args.d, args.c, seed=1)
     with tempfile.TemporaryDirectory() as run:
         splits = {"train": (features, labels), "test": (test_features, test_labels)}
-        store.write_snapshot(run, 1, splits, weight, bias)
+        snapshots.write_snapshot(run, 1, splits, weight, bias)
 
         def read() -> None:
-            store.load_split(run, 1, "train")
-            store.load_split(run, 1, "test")
-            store.load_classifier(run, 1)
+            snapshots.load_split(run, 1, "train")
+            snapshots.load_split(run, 1, "test")
+            snapshots.load_classifier(run, 1)
 
         read(), measure_snapshot(run, 1)  # warm the page cache and the code paths
         reads = [timed(read) for _ in range(args.repeats)]

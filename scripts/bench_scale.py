@@ -98,14 +98,14 @@ def warm_up() -> None:
 
 
 def write_snapshot(folder: Path, n: int, dim: int, num_classes: int) -> None:
-    from nctools import store
+    from nctools import snapshots
 
     labels, features, weight = clusters(n, dim, num_classes)
     half = torch.empty(n, dim, dtype=torch.float16)
     for start in range(0, n, 1 << 16):
         rows = slice(start, min(n, start + (1 << 16)))
         half[rows] = features(rows)
-    store.write_snapshot(folder, 1, {"train": (half, labels)}, weight, None, dtype="float16")
+    snapshots.write_snapshot(folder, 1, {"train": (half, labels)}, weight, None, dtype="float16")
 
 
 def child(case: str, folder: Path) -> dict:

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from nctools import store
+from nctools import snapshots, store
 from nctools.config import Config, DataConfig, ModelConfig, load_config
 from nctools.data import iterate_batches, load_dataset
 from nctools.features import extract_features
@@ -155,7 +155,7 @@ def snapshot_costs(cfg: Config, run: Path, device: torch.device) -> dict[str, fl
     costs["train extraction"] = clock() - t0
     with tempfile.TemporaryDirectory() as tmp:
         t0 = clock()
-        store.write_snapshot(tmp, 1, {"train": train, "test": test}, W, b,
+        snapshots.write_snapshot(tmp, 1, {"train": train, "test": test}, W, b,
                              dtype=cfg.snapshot.dtype)
         costs["write"] = clock() - t0
     return costs

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from nctools import analysis, store
+from nctools import analysis, snapshots, store
 from nctools.analysis import COLUMNS, analyze
 from nctools.config import Config, DataConfig, ModelConfig, SnapshotConfig, TrainConfig
 from nctools.errors import RunError, SnapshotError
@@ -39,9 +39,9 @@ def run(trained, tmp_path) -> Path:
 
 
 def by_hand(run: Path, epoch: int) -> dict[str, dict[str, float]]:
-    weight, bias = store.load_classifier(run, epoch)
-    train_h, train_y = store.load_split(run, epoch, "train")
-    test_h, test_y = store.load_split(run, epoch, "test")
+    weight, bias = snapshots.load_classifier(run, epoch)
+    train_h, train_y = snapshots.load_split(run, epoch, "train")
+    test_h, test_y = snapshots.load_split(run, epoch, "test")
     means = class_means(train_h, train_y, 4)
     return {
         "train": measure(train_h, train_y, weight, bias),
@@ -65,8 +65,8 @@ def test_table_equals_measure_on_each_snapshot(run):
             for key in METRIC_KEYS:
                 assert got[key] == pytest.approx(expected[split][key], rel=1e-12, abs=1e-12)
     # The test split's NC4 uses the training means: it differs from its own-means value.
-    weight, bias = store.load_classifier(run, 3)
-    own = measure(*store.load_split(run, 3, "test"), weight, bias)
+    weight, bias = snapshots.load_classifier(run, 3)
+    own = measure(*snapshots.load_split(run, 3, "test"), weight, bias)
     test_rows = table[(table["epoch"] == 3) & (table["split"] == "test")].set_index("metric")
     assert test_rows.loc["nc1", "value"] == pytest.approx(own["nc1"], rel=1e-12)
 
@@ -107,7 +107,7 @@ def counting(monkeypatch) -> list[int]:
 
 
 def test_incremental_measures_only_new_snapshots(run, monkeypatch):
-    meta = store.snapshot_dir(run, 3) / "meta.json"
+    meta = snapshots.snapshot_dir(run, 3) / "meta.json"
     hidden = meta.with_name("meta.json.later")
     meta.rename(hidden)  # epoch 3 not complete yet: the run is still training
     first = analyze(run)
@@ -127,7 +127,7 @@ def test_incremental_measures_only_new_snapshots(run, monkeypatch):
 
 
 def test_corrupt_snapshot_is_skipped_and_named(run):
-    path = store.snapshot_dir(run, 2) / "train.safetensors"
+    path = snapshots.snapshot_dir(run, 2) / "train.safetensors"
     data = bytearray(path.read_bytes())
     data[-8:] = bytes(b ^ 0xFF for b in data[-8:])
     path.write_bytes(bytes(data))

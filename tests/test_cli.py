@@ -17,7 +17,7 @@ from torch import nn
 
 import nctools.analysis
 import nctools.data
-from nctools import cli
+from nctools import cli, snapshots
 from nctools.cli import main
 from nctools.config import load_config
 from nctools.measure import METRIC_KEYS, class_means, measure
@@ -300,7 +300,6 @@ def test_measure_a_run_checkpoint_uses_the_run_model_settings(capsys, tmp_path):
     """A run's checkpoint.pt (a convnet of non-default width) is rebuilt from its config.yaml,
     and its data set with the run's subsets, seed and standardisation: the metrics equal
     those of the run's last snapshot, taken from the same weights."""
-    from nctools import store
     from nctools.train import train
 
     config = load_config(files("nctools") / "configs" / "demo.yaml", [
@@ -310,8 +309,8 @@ def test_measure_a_run_checkpoint_uses_the_run_model_settings(capsys, tmp_path):
     run = train(config, tmp_path / "run")
     got = run_json(capsys, "--arch", "convnet", "--checkpoint", str(run / "checkpoint.pt"),
                    "--dataset", "synthetic")
-    weight, bias = store.load_classifier(run, 2)
-    features, labels = store.load_split(run, 2, "train")
+    weight, bias = snapshots.load_classifier(run, 2)
+    features, labels = snapshots.load_split(run, 2, "train")
     expected = measure(features, labels, weight, bias)
     for key in METRIC_KEYS:
         assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-9), key

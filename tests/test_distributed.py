@@ -24,7 +24,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from nctools import cli, store
+from nctools import cli, snapshots, store
 from nctools.analysis import analyze
 from nctools.config import (
     Config,
@@ -121,8 +121,8 @@ def test_ddp_history_equals_one_process(ddp_run, one_run):
 
 def test_snapshots_are_sharded_in_whole_eval_batches(ddp_run):
     eval_batch = T.EVAL_BATCH_FACTOR * tiny_config().train.batch_size  # 32
-    assert store.list_snapshots(ddp_run) == SNAPSHOTS
-    meta = store.read_meta(ddp_run, 4)
+    assert snapshots.list_snapshots(ddp_run) == SNAPSHOTS
+    meta = snapshots.read_meta(ddp_run, 4)
     assert meta["world"] == 2
     for split, n in (("train", 51), ("test", 24)):
         expected = [len(shard_rows(n, eval_batch, DistInfo(r, 2))) for r in range(2)]
@@ -131,7 +131,7 @@ def test_snapshots_are_sharded_in_whole_eval_batches(ddp_run):
                                                   for r in range(2)]
     assert meta["splits"]["train"]["rows"] == [32, 19]
     assert meta["splits"]["test"]["rows"] == [24, 0]  # one batch: rank 1 has no rows
-    folder = store.snapshot_dir(ddp_run, 4)
+    folder = snapshots.snapshot_dir(ddp_run, 4)
     assert not list(folder.glob("meta-*"))  # the parts were merged into meta.json
 
 
@@ -147,7 +147,7 @@ def test_snapshot_metrics_equal_one_process_on_the_same_weights(ddp_run):
     batch = T.EVAL_BATCH_FACTOR * cfg.train.batch_size
     feats = {s: extract_features(model, getattr(data, s), batch, "cpu") for s in ("train", "test")}
     for split in ("train", "test"):  # the shards hold exactly what one process extracts
-        saved, labels = store.load_split(ddp_run, EPOCHS, split)
+        saved, labels = snapshots.load_split(ddp_run, EPOCHS, split)
         assert torch.equal(labels, feats[split][1])
         assert torch.equal(saved, feats[split][0]), split
     weight, bias = model.classifier.weight.detach(), model.classifier.bias.detach()
@@ -175,15 +175,15 @@ def test_sharded_and_unsharded_snapshots_analyze_alike(tmp_path):
     whole, sharded = tmp_path / "whole", tmp_path / "sharded"
     for run in (whole, sharded):
         save_config(tiny_config(), run / "config.yaml")
-    store.write_snapshot(whole, 2, splits, weight, bias)
+    snapshots.write_snapshot(whole, 2, splits, weight, bias)
     cuts = {"train": [0, 100, 101, 230], "test": [0, 0, 40, 61]}  # rank 0 holds no test rows
     for rank in range(3):
         part = {s: (f[cuts[s][rank]:cuts[s][rank + 1]], y[cuts[s][rank]:cuts[s][rank + 1]])
                 for s, (f, y) in splits.items()}
-        store.write_snapshot(sharded, 2, part, weight, bias, shard=(rank, 3))
-    store.finalize_sharded_snapshot(sharded, 2, 3)
+        snapshots.write_snapshot(sharded, 2, part, weight, bias, shard=(rank, 3))
+    snapshots.finalize_sharded_snapshot(sharded, 2, 3)
     for split in splits:
-        assert torch.equal(store.load_split(sharded, 2, split)[0], splits[split][0])
+        assert torch.equal(snapshots.load_split(sharded, 2, split)[0], splits[split][0])
     a, b = analyze(whole), analyze(sharded)
     assert a.drop(columns=["run", "value"]).equals(b.drop(columns=["run", "value"]))
     for x, y in zip(a["value"], b["value"], strict=True):
@@ -212,8 +212,8 @@ def test_a_one_process_run_resumes_on_two_ranks(one_run, tmp_path, monkeypatch):
     run_ranks(_resume, str(out))  # every rank loads the epoch-2 checkpoint
     resumed, one = (store.read_history(r)[HISTORY] for r in (out, one_run))
     pd.testing.assert_frame_equal(resumed, one, rtol=1e-5, atol=0)
-    assert store.read_meta(out, 2).get("world") is None  # written before the resume
-    assert store.read_meta(out, 4)["world"] == 2
+    assert snapshots.read_meta(out, 2).get("world") is None  # written before the resume
+    assert snapshots.read_meta(out, 4)["world"] == 2
     a, b = (store.load_checkpoint(r / "checkpoint.pt")["model"] for r in (out, one_run))
     for key in b:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)

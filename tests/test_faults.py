@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load_file
 
 import nctools.plots  # noqa: F401  (imported ahead: plot is timed against training)
-from nctools import analysis, store
+from nctools import analysis, snapshots, store
 from nctools.analysis import analyze, read_table
 from nctools.cli import main
 from nctools.config import load_config
@@ -241,12 +241,12 @@ def assert_nothing_partial(run: Path) -> None:
             read_table(path)
         else:
             pytest.fail(f"unexpected file {path}")
-    for epoch in store.list_snapshots(run):
-        store.verify_snapshot(run, epoch)  # sha256 of every file against meta.json
+    for epoch in snapshots.list_snapshots(run):
+        snapshots.verify_snapshot(run, epoch)  # sha256 of every file against meta.json
     assert len(temps(run)) <= 1  # one write in flight at a time
     if (run / "checkpoint.pt").is_file():
         done = checkpoint_epoch(run)
-        assert set(range(1, done + 1)) <= set(store.list_snapshots(run))
+        assert set(range(1, done + 1)) <= set(snapshots.list_snapshots(run))
         assert set(range(1, done + 1)) <= set(history_epochs(run))
 
 
@@ -254,15 +254,15 @@ def assert_same_run(run: Path, reference: Path) -> None:
     """History (but its seconds), snapshots and model bit for bit."""
     pd.testing.assert_frame_equal(store.read_history(run).drop(columns="seconds"),
                                   store.read_history(reference).drop(columns="seconds"))
-    assert store.list_snapshots(run) == store.list_snapshots(reference) == list(
+    assert snapshots.list_snapshots(run) == snapshots.list_snapshots(reference) == list(
         range(1, EPOCHS + 1))
-    for epoch in store.list_snapshots(reference):
+    for epoch in snapshots.list_snapshots(reference):
         for split in ("train", "test"):
-            for a, b in zip(store.load_split(run, epoch, split),
-                            store.load_split(reference, epoch, split), strict=True):
+            for a, b in zip(snapshots.load_split(run, epoch, split),
+                            snapshots.load_split(reference, epoch, split), strict=True):
                 assert torch.equal(a, b), (epoch, split)
-        for a, b in zip(store.load_classifier(run, epoch),
-                        store.load_classifier(reference, epoch), strict=True):
+        for a, b in zip(snapshots.load_classifier(run, epoch),
+                        snapshots.load_classifier(reference, epoch), strict=True):
             assert torch.equal(a, b), epoch
     mine, theirs = (store.load_checkpoint(r / "checkpoint.pt")["model"] for r in (run, reference))
     assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
@@ -345,7 +345,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(server, config_f
     for target in ("snapshot", "checkpoint"):
         done = checkpoint_epoch(run)
         epoch = rng.randint(done + 1, min(done + 2, EPOCHS - 1))
-        folder = store.snapshot_dir(run, epoch)
+        folder = snapshots.snapshot_dir(run, epoch)
         if target == "snapshot":
             file = rng.choice(["train.safetensors", "test.safetensors",
                                "classifier.safetensors", "meta.json"])
@@ -365,7 +365,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(server, config_f
         if target == "checkpoint":
             assert checkpoint_epoch(run) == epoch - 1
         else:
-            assert epoch not in store.list_snapshots(run)  # meta.json comes last
+            assert epoch not in snapshots.list_snapshots(run)  # meta.json comes last
 
     # 5. Ctrl-C during training: stops after the step, saves, says how to resume
     done = checkpoint_epoch(run)
@@ -434,7 +434,7 @@ def test_divergence_stops_naming_the_epoch_and_keeps_good_files(config_file, tmp
     assert after.pop("run.json") != before.pop("run.json")  # status: diverged
     assert after == before  # checkpoint, snapshots, history, config: untouched
     assert store.read_manifest(run)["status"] == "diverged"
-    assert checkpoint_epoch(run) == 2 and store.list_snapshots(run) == [1, 2]
+    assert checkpoint_epoch(run) == 2 and snapshots.list_snapshots(run) == [1, 2]
 
 
 # ----------------------------------------------------------------------------- readers
@@ -459,7 +459,7 @@ def test_analyze_and_plot_while_training_see_complete_epochs_only(server, config
                     time.sleep(0.1)
                     continue
             assert not [w for w in caught if "skipping" in str(w.message)]
-            complete = set(store.list_snapshots(run))
+            complete = set(snapshots.list_snapshots(run))
             assert set(table["epoch"]) <= complete
             rows = table.groupby("epoch").size()
             assert (rows == 2 * len(METRIC_KEYS)).all()  # both splits, every metric
@@ -489,15 +489,15 @@ def test_a_snapshot_rewritten_while_measured_is_skipped_then_measured_again(
     run = Path(shutil.copytree(reference[0], tmp_path / "run"))
     (run / "metrics.csv").unlink()
     g = torch.Generator().manual_seed(0)
-    features, labels = store.load_split(run, 3, "train")
-    test = store.load_split(run, 3, "test")
-    weight, bias = store.load_classifier(run, 3)
+    features, labels = snapshots.load_split(run, 3, "train")
+    test = snapshots.load_split(run, 3, "test")
+    weight, bias = snapshots.load_classifier(run, 3)
 
     def rewrite_epoch_3(scale: float) -> None:
         noisy = scale * (features + 0.01 * torch.randn(features.shape, generator=g))
-        store.write_snapshot(run, 3, {"train": (noisy, labels), "test": test}, weight, bias)
+        snapshots.write_snapshot(run, 3, {"train": (noisy, labels), "test": test}, weight, bias)
 
-    real = store.load_classifier
+    real = snapshots.load_classifier
 
     def rewrite_first(run_dir, epoch, verify=True):
         if epoch == 3 and not rewritten:  # epoch 3 was verified; now it is replaced
@@ -506,7 +506,7 @@ def test_a_snapshot_rewritten_while_measured_is_skipped_then_measured_again(
         return real(run_dir, epoch, verify)
 
     rewritten: list[bool] = []
-    monkeypatch.setattr(store, "load_classifier", rewrite_first)
+    monkeypatch.setattr(snapshots, "load_classifier", rewrite_first)
     with pytest.warns(UserWarning, match=r"epoch 3: .*epoch-0003: rewritten while it was "
                                          r"measured"):
         table = analyze(run)
@@ -532,9 +532,9 @@ def test_a_damaged_snapshot_is_named_and_the_other_epochs_analyzed(reference, tm
     ref_run, ref_table = reference
     run = Path(shutil.copytree(ref_run, tmp_path / "run"))
     (run / "metrics.csv").unlink()
-    truncated = store.snapshot_dir(run, 2) / "train.safetensors"
+    truncated = snapshots.snapshot_dir(run, 2) / "train.safetensors"
     truncated.write_bytes(truncated.read_bytes()[:-7])
-    altered = store.snapshot_dir(run, 4) / "classifier.safetensors"
+    altered = snapshots.snapshot_dir(run, 4) / "classifier.safetensors"
     data = bytearray(altered.read_bytes())
     data[-3] ^= 0x01  # same size, one bit of a weight
     altered.write_bytes(bytes(data))
@@ -559,9 +559,9 @@ def test_a_damaged_snapshot_is_named_and_the_other_epochs_analyzed(reference, tm
     table = read_table(run / "metrics.csv")
     assert sorted(table["epoch"].unique()) == [1, 3, 5, 6]
     same_metrics(table, ref_table)
-    for reader in (lambda: store.load_split(run, 2, "train"),
-                   lambda: list(store.iter_split(run, 2, "train")),
-                   lambda: store.load_classifier(run, 4)):
+    for reader in (lambda: snapshots.load_split(run, 2, "train"),
+                   lambda: list(snapshots.iter_split(run, 2, "train")),
+                   lambda: snapshots.load_classifier(run, 4)):
         with pytest.raises(SnapshotError, match=re.escape(f"{run}/snapshots/epoch-000")):
             reader()
 
@@ -617,7 +617,7 @@ def test_a_full_disk_stops_training_naming_the_file_and_resume_recovers(
     stop_at_step(monkeypatch, 2 * STEPS_PER_EPOCH + 1, fill_disk)
     assert main(["train", str(config_file), "--out", str(run)]) == 2
     err = capsys.readouterr().err
-    path = run / name if epoch is None else store.snapshot_dir(run, epoch) / name
+    path = run / name if epoch is None else snapshots.snapshot_dir(run, epoch) / name
     assert err == f"nctools: error: cannot write {path}: No space left on device\n"
     assert failed[0] == [path]  # the first write of that file after the disk filled
     assert temps(run) == []  # the half-written temp file is gone

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nctools import store
+from nctools import snapshots, store
 from nctools.analysis import measure_snapshot
 from nctools.measure import METRIC_KEYS, class_means, measure
 
@@ -42,11 +42,11 @@ def clusters(n: int, dim: int, num_classes: int, seed: int = 0, noise: float = 1
 
 def in_memory(run: Path, epoch: int) -> dict[str, dict[str, float]]:
     """The metrics of a snapshot measured the pre-streaming way: whole splits in memory."""
-    weight, bias = store.load_classifier(run, epoch)
-    train = store.load_split(run, epoch, "train")
+    weight, bias = snapshots.load_classifier(run, epoch)
+    train = snapshots.load_split(run, epoch, "train")
     means = class_means(*train, weight.shape[0])
     return {"train": measure(*train, weight, bias),
-            "test": measure(*store.load_split(run, epoch, "test"), weight, bias,
+            "test": measure(*snapshots.load_split(run, epoch, "test"), weight, bias,
                             class_means=means)}
 
 
@@ -62,7 +62,7 @@ def assert_rows_match(rows: list[dict], expected: dict, rel: float) -> None:
 def test_streamed_snapshot_equals_in_memory_measure(tmp_path, dtype):
     h, y, weight, bias = clusters(3000, 16, 7)
     th, ty, _, _ = clusters(700, 16, 7, seed=1)
-    store.write_snapshot(tmp_path, 1, {"train": (h, y), "test": (th, ty)}, weight, bias,
+    snapshots.write_snapshot(tmp_path, 1, {"train": (h, y), "test": (th, ty)}, weight, bias,
                          dtype=dtype)
     rows = measure_snapshot(tmp_path, 1, chunk_rows=37)  # chunks cut through every class
     assert_rows_match(rows, in_memory(tmp_path, 1), rel=1e-10)
@@ -72,15 +72,15 @@ def test_thousand_classes_streamed_equal_in_memory(tmp_path):
     """C = 1000 classes of ~4 samples, chunks smaller than a tenth of the split."""
     h, y, weight, bias = clusters(4000, 24, 1000, noise=0.3)
     th, ty, _, _ = clusters(1500, 24, 1000, seed=1, noise=0.3)
-    store.write_snapshot(tmp_path, 3, {"train": (h, y), "test": (th, ty)}, weight, bias)
+    snapshots.write_snapshot(tmp_path, 3, {"train": (h, y), "test": (th, ty)}, weight, bias)
     rows = measure_snapshot(tmp_path, 3, chunk_rows=333)
     assert_rows_match(rows, in_memory(tmp_path, 3), rel=1e-9)
 
 
 def test_a_corrupt_file_is_refused_before_streaming(tmp_path):
     h, y, weight, bias = clusters(200, 4, 3)
-    store.write_snapshot(tmp_path, 1, {"train": (h, y)}, weight, bias)
-    path = store.snapshot_dir(tmp_path, 1) / "train.safetensors"
+    snapshots.write_snapshot(tmp_path, 1, {"train": (h, y)}, weight, bias)
+    path = snapshots.snapshot_dir(tmp_path, 1) / "train.safetensors"
     data = bytearray(path.read_bytes())
     data[-4:] = bytes(b ^ 0xFF for b in data[-4:])
     path.write_bytes(bytes(data))
@@ -122,8 +122,8 @@ def write_large_snapshot(run: Path, n: int, dim: int, num_classes: int) -> Path:
         rows = slice(start, min(n, start + (1 << 16)))
         index = torch.arange(rows.start, rows.stop) % noise.shape[0]
         features[rows] = means[labels[rows]] + noise[index]
-    store.write_snapshot(run, 1, {"train": (features, labels)}, means, None, dtype="float16")
-    return store.snapshot_dir(run, 1) / "train.safetensors"
+    snapshots.write_snapshot(run, 1, {"train": (features, labels)}, means, None, dtype="float16")
+    return snapshots.snapshot_dir(run, 1) / "train.safetensors"
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from nctools import store
+from nctools import snapshots, store
 from nctools.errors import CheckpointError, RunError, SnapshotError
 
 N, D, C = 90, 6, 3
@@ -31,7 +31,7 @@ def tensors():
 
 def write_single(run, tensors, epoch=1, **kw):
     splits = {s: tensors[s] for s in ("train", "test")}
-    return store.write_snapshot(run, epoch, splits, tensors["weight"], tensors["bias"], **kw)
+    return snapshots.write_snapshot(run, epoch, splits, tensors["weight"], tensors["bias"], **kw)
 
 
 def write_sharded(run, tensors, epoch=1, world=2, **kw):
@@ -42,9 +42,9 @@ def write_sharded(run, tensors, epoch=1, world=2, **kw):
             f, y = tensors[s]
             block = torch.arange(len(y)).tensor_split(world)[rank]
             splits[s] = (f[block], y[block])
-        store.write_snapshot(run, epoch, splits, tensors["weight"], tensors["bias"],
+        snapshots.write_snapshot(run, epoch, splits, tensors["weight"], tensors["bias"],
                              shard=(rank, world), **kw)
-    return store.finalize_sharded_snapshot(run, epoch, world)
+    return snapshots.finalize_sharded_snapshot(run, epoch, world)
 
 
 def flip_byte(path: Path, offset: int = -5) -> None:
@@ -63,24 +63,24 @@ def test_single_layout_round_trip_exact(tmp_path, tensors):
     assert sorted(p.name for p in folder.iterdir()) == [
         "classifier.safetensors", "meta.json", "test.safetensors", "train.safetensors"]
     for split in ("train", "test"):
-        f, y = store.load_split(tmp_path, 7, split)
+        f, y = snapshots.load_split(tmp_path, 7, split)
         assert torch.equal(f, tensors[split][0]) and f.dtype == torch.float32
         assert torch.equal(y, tensors[split][1]) and y.dtype == torch.int64
-    w, b = store.load_classifier(tmp_path, 7)
+    w, b = snapshots.load_classifier(tmp_path, 7)
     assert torch.equal(w, tensors["weight"]) and torch.equal(b, tensors["bias"])
-    meta = store.read_meta(tmp_path, 7)
+    meta = snapshots.read_meta(tmp_path, 7)
     assert (meta["epoch"], meta["num_classes"], meta["dim"], meta["lr"]) == (7, C, D, 0.05)
     assert meta["splits"]["train"]["shape"] == [N, D] and meta["dtype"] == "float32"
     assert meta["files"]["train.safetensors"]["sha256"] == store.sha256_file(
         folder / "train.safetensors")
-    store.verify_snapshot(tmp_path, 7)
+    snapshots.verify_snapshot(tmp_path, 7)
 
 
 def test_float16_snapshot_stores_rounded_features(tmp_path, tensors):
     write_single(tmp_path, tensors, dtype="float16")
-    f, _ = store.load_split(tmp_path, 1, "train")
+    f, _ = snapshots.load_split(tmp_path, 1, "train")
     assert f.dtype == torch.float16 and torch.equal(f, tensors["train"][0].half())
-    w, _ = store.load_classifier(tmp_path, 1)
+    w, _ = snapshots.load_classifier(tmp_path, 1)
     assert w.dtype == torch.float32  # the classifier is always kept in full precision
 
 
@@ -93,54 +93,55 @@ def test_sharded_layout_reads_as_single(tmp_path, tensors):
                      "test-00000-of-00002.safetensors", "test-00001-of-00002.safetensors",
                      "train-00000-of-00002.safetensors", "train-00001-of-00002.safetensors"]
     for split in ("train", "test"):
-        a, b = store.load_split(single, 1, split), store.load_split(sharded, 1, split)
+        a, b = snapshots.load_split(single, 1, split), snapshots.load_split(sharded, 1, split)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert store.read_meta(sharded, 1)["splits"]["train"]["shape"] == [N, D]
-    assert all(torch.equal(x, y) for x, y in zip(store.load_classifier(single, 1),
-                                                 store.load_classifier(sharded, 1), strict=True))
-    store.verify_snapshot(sharded, 1)
+    assert snapshots.read_meta(sharded, 1)["splits"]["train"]["shape"] == [N, D]
+    pairs = zip(snapshots.load_classifier(single, 1), snapshots.load_classifier(sharded, 1),
+                strict=True)
+    assert all(torch.equal(x, y) for x, y in pairs)
+    snapshots.verify_snapshot(sharded, 1)
 
 
 def test_shard_is_incomplete_until_finalized(tmp_path, tensors):
     f, y = tensors["train"]
-    store.write_snapshot(tmp_path, 3, {"train": (f, y)}, tensors["weight"], tensors["bias"],
+    snapshots.write_snapshot(tmp_path, 3, {"train": (f, y)}, tensors["weight"], tensors["bias"],
                          shard=(0, 2))
-    assert store.list_snapshots(tmp_path) == []
+    assert snapshots.list_snapshots(tmp_path) == []
     with pytest.raises(SnapshotError, match=r"meta-00001-of-00002\.json: shard meta is missing"):
-        store.finalize_sharded_snapshot(tmp_path, 3, 2)
+        snapshots.finalize_sharded_snapshot(tmp_path, 3, 2)
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 7, 45, 89, 90, 1000])
 @pytest.mark.parametrize("layout", ["single", "sharded"])
 def test_iter_split_concatenates_to_load_split(tmp_path, tensors, chunk_rows, layout):
     (write_single if layout == "single" else write_sharded)(tmp_path, tensors)
-    chunks = list(store.iter_split(tmp_path, 1, "train", chunk_rows=chunk_rows))
+    chunks = list(snapshots.iter_split(tmp_path, 1, "train", chunk_rows=chunk_rows))
     assert all(len(f) == len(y) <= chunk_rows for f, y in chunks)
-    f, y = store.load_split(tmp_path, 1, "train")
+    f, y = snapshots.load_split(tmp_path, 1, "train")
     assert torch.equal(torch.cat([c[0] for c in chunks]), f)
     assert torch.equal(torch.cat([c[1] for c in chunks]), y)
 
 
 def test_empty_split_round_trips(tmp_path, tensors):
     empty = (torch.zeros(0, D), torch.zeros(0, dtype=torch.int64))
-    store.write_snapshot(tmp_path, 1, {"train": empty}, tensors["weight"], None)
-    f, y = store.load_split(tmp_path, 1, "train")
+    snapshots.write_snapshot(tmp_path, 1, {"train": empty}, tensors["weight"], None)
+    f, y = snapshots.load_split(tmp_path, 1, "train")
     assert f.shape == (0, D) and y.shape == (0,)
-    assert list(store.iter_split(tmp_path, 1, "train")) == []
-    assert torch.equal(store.load_classifier(tmp_path, 1)[1], torch.zeros(C))
-    assert store.read_meta(tmp_path, 1)["classifier"]["has_bias"] is False
+    assert list(snapshots.iter_split(tmp_path, 1, "train")) == []
+    assert torch.equal(snapshots.load_classifier(tmp_path, 1)[1], torch.zeros(C))
+    assert snapshots.read_meta(tmp_path, 1)["classifier"]["has_bias"] is False
 
 
 def test_list_snapshots_ignores_incomplete(tmp_path, tensors):
     for epoch in (1, 2, 10):
         write_single(tmp_path, tensors, epoch=epoch)
-    (store.snapshot_dir(tmp_path, 2) / "meta.json").unlink()
+    (snapshots.snapshot_dir(tmp_path, 2) / "meta.json").unlink()
     (tmp_path / "snapshots" / "epoch-0005").mkdir()  # a crash before anything was written
     (tmp_path / "snapshots" / "notes").mkdir()
-    assert store.list_snapshots(tmp_path) == [1, 10]
-    assert store.list_snapshots(tmp_path / "elsewhere") == []
+    assert snapshots.list_snapshots(tmp_path) == [1, 10]
+    assert snapshots.list_snapshots(tmp_path / "elsewhere") == []
     with pytest.raises(SnapshotError, match=r"epoch-0002/meta\.json: no complete snapshot"):
-        store.load_split(tmp_path, 2, "train")
+        snapshots.load_split(tmp_path, 2, "train")
 
 
 def test_rewrite_replaces_old_layout(tmp_path, tensors):
@@ -148,14 +149,14 @@ def test_rewrite_replaces_old_layout(tmp_path, tensors):
     tensors["train"] = (tensors["train"][0] * 2, tensors["train"][1])
     folder = write_single(tmp_path, tensors)
     assert not list(folder.glob("*-of-*"))
-    assert torch.equal(store.load_split(tmp_path, 1, "train")[0], tensors["train"][0])
-    store.verify_snapshot(tmp_path, 1)
+    assert torch.equal(snapshots.load_split(tmp_path, 1, "train")[0], tensors["train"][0])
+    snapshots.verify_snapshot(tmp_path, 1)
 
 
 def test_unknown_split_names_known_ones(tmp_path, tensors):
     write_single(tmp_path, tensors)
     with pytest.raises(SnapshotError, match=r"no 'val' split \(has train, test\)"):
-        store.load_split(tmp_path, 1, "val")
+        snapshots.load_split(tmp_path, 1, "val")
 
 
 @pytest.mark.parametrize(
@@ -170,13 +171,13 @@ def test_unknown_split_names_known_ones(tmp_path, tensors):
 def test_write_snapshot_rejects_bad_shapes(tmp_path, tensors, splits, message):
     write_single(tmp_path, tensors, epoch=1)
     with pytest.raises(SnapshotError, match=message):
-        store.write_snapshot(tmp_path, 1, splits, tensors["weight"], tensors["bias"])
+        snapshots.write_snapshot(tmp_path, 1, splits, tensors["weight"], tensors["bias"])
     with pytest.raises(SnapshotError, match=message):
-        store.write_snapshot(tmp_path, 2, splits, tensors["weight"], tensors["bias"])
+        snapshots.write_snapshot(tmp_path, 2, splits, tensors["weight"], tensors["bias"])
     # a rejected call changes nothing: epoch 1 is still complete and intact, 2 never began
-    assert store.list_snapshots(tmp_path) == [1]
-    store.verify_snapshot(tmp_path, 1)
-    assert not store.snapshot_dir(tmp_path, 2).exists()
+    assert snapshots.list_snapshots(tmp_path) == [1]
+    snapshots.verify_snapshot(tmp_path, 1)
+    assert not snapshots.snapshot_dir(tmp_path, 2).exists()
 
 
 # ---------------------------------------------------------------------------------------
@@ -192,16 +193,16 @@ def test_corrupt_file_is_named(tmp_path, tensors, damage):
     else:
         path.write_bytes(path.read_bytes()[:-40])
     readers = [
-        lambda: store.verify_snapshot(tmp_path, 1),
-        lambda: store.load_split(tmp_path, 1, "train"),
-        lambda: list(store.iter_split(tmp_path, 1, "train", chunk_rows=8)),
+        lambda: snapshots.verify_snapshot(tmp_path, 1),
+        lambda: snapshots.load_split(tmp_path, 1, "train"),
+        lambda: list(snapshots.iter_split(tmp_path, 1, "train", chunk_rows=8)),
     ]
     for read in readers:
         with pytest.raises(SnapshotError) as info:
             read()
         assert str(info.value).startswith(f"{path}: snapshot file is corrupt")
     # the other split is intact and still reads
-    assert torch.equal(store.load_split(tmp_path, 1, "test")[0], tensors["test"][0])
+    assert torch.equal(snapshots.load_split(tmp_path, 1, "test")[0], tensors["test"][0])
 
 
 def test_corrupt_classifier_and_shard_are_named(tmp_path, tensors):
@@ -209,17 +210,17 @@ def test_corrupt_classifier_and_shard_are_named(tmp_path, tensors):
     flip_byte(folder / "classifier.safetensors")
     flip_byte(folder / "train-00001-of-00002.safetensors")
     with pytest.raises(SnapshotError, match=r"classifier\.safetensors: snapshot file is corrupt"):
-        store.load_classifier(tmp_path, 1)
+        snapshots.load_classifier(tmp_path, 1)
     with pytest.raises(SnapshotError, match=r"train-00001-of-00002\.safetensors: .* corrupt"):
-        store.load_split(tmp_path, 1, "train")
+        snapshots.load_split(tmp_path, 1, "train")
 
 
 def test_missing_file_is_named(tmp_path, tensors):
     folder = write_single(tmp_path, tensors)
     (folder / "test.safetensors").unlink()
-    for read in (lambda: store.verify_snapshot(tmp_path, 1),
-                 lambda: store.load_split(tmp_path, 1, "test"),
-                 lambda: list(store.iter_split(tmp_path, 1, "test"))):
+    for read in (lambda: snapshots.verify_snapshot(tmp_path, 1),
+                 lambda: snapshots.load_split(tmp_path, 1, "test"),
+                 lambda: list(snapshots.iter_split(tmp_path, 1, "test"))):
         with pytest.raises(SnapshotError, match=r"test\.safetensors: snapshot file is missing"):
             read()
 
@@ -228,7 +229,7 @@ def test_truncated_file_without_verify_is_still_an_error(tmp_path, tensors):
     path = write_single(tmp_path, tensors) / "train.safetensors"
     path.write_bytes(path.read_bytes()[:30])
     with pytest.raises(SnapshotError, match="corrupt"):
-        store.load_split(tmp_path, 1, "train", verify=False)
+        snapshots.load_split(tmp_path, 1, "train", verify=False)
 
 
 def test_load_split_reads_each_file_once(tmp_path, tensors, monkeypatch):
@@ -237,14 +238,14 @@ def test_load_split_reads_each_file_once(tmp_path, tensors, monkeypatch):
     real = Path.read_bytes
     monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self.name) or real(self))
     monkeypatch.setattr(store, "sha256_file", None)  # hashing must use the bytes already read
-    store.load_split(tmp_path, 1, "train", verify=True)
+    snapshots.load_split(tmp_path, 1, "train", verify=True)
     assert reads == ["train-00000-of-00002.safetensors", "train-00001-of-00002.safetensors"]
 
 
 def test_iter_split_does_not_read_whole_files(tmp_path, tensors, monkeypatch):
     write_single(tmp_path, tensors)
     monkeypatch.setattr(Path, "read_bytes", None)  # streaming: hashed in blocks, sliced
-    assert len(list(store.iter_split(tmp_path, 1, "train", chunk_rows=32))) == 3
+    assert len(list(snapshots.iter_split(tmp_path, 1, "train", chunk_rows=32))) == 3
 
 
 # ---------------------------------------------------------------------------------------
@@ -295,7 +296,7 @@ def test_failed_snapshot_write_leaves_snapshot_incomplete(tmp_path, tensors, mon
     monkeypatch.setattr(os, "replace", fail_on_test)
     with pytest.raises(RunError, match=r"test\.safetensors: Input/output error"):
         write_single(tmp_path, tensors)
-    assert store.list_snapshots(tmp_path) == [] and no_temp_files(tmp_path)
+    assert snapshots.list_snapshots(tmp_path) == [] and no_temp_files(tmp_path)
 
 
 def test_written_files_follow_umask(tmp_path, tensors):

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nctools import store
+from nctools import snapshots, store
 from nctools.config import (
     Config,
     DataConfig,
@@ -74,14 +74,14 @@ def _history(run: Path):
 
 
 def _assert_same_snapshots(run_a: Path, run_b: Path) -> None:
-    assert store.list_snapshots(run_a) == store.list_snapshots(run_b)
-    for epoch in store.list_snapshots(run_a):
+    assert snapshots.list_snapshots(run_a) == snapshots.list_snapshots(run_b)
+    for epoch in snapshots.list_snapshots(run_a):
         for split in ("train", "test"):
-            (fa, la), (fb, lb) = store.load_split(run_a, epoch, split), store.load_split(
+            (fa, la), (fb, lb) = snapshots.load_split(run_a, epoch, split), snapshots.load_split(
                 run_b, epoch, split)
             assert torch.equal(fa, fb) and torch.equal(la, lb), (epoch, split)
-        for a, b in zip(store.load_classifier(run_a, epoch), store.load_classifier(run_b, epoch),
-                        strict=True):
+        classifiers = (snapshots.load_classifier(run, epoch) for run in (run_a, run_b))
+        for a, b in zip(*classifiers, strict=True):
             assert torch.equal(a, b)
 
 
@@ -95,7 +95,7 @@ def test_run_directory_holds_the_design_files(full_run):
         "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"]
     assert history["epoch"].tolist() == list(range(1, EPOCHS + 1))
     assert (history["seconds"] > 0).all()
-    assert store.list_snapshots(run) == SNAPSHOTS
+    assert snapshots.list_snapshots(run) == SNAPSHOTS
     assert [p.name for p in sorted((run / "snapshots").iterdir())] == [
         f"epoch-{e:04d}" for e in SNAPSHOTS]
     manifest = store.read_manifest(run)
@@ -111,10 +111,10 @@ def test_run_directory_holds_the_design_files(full_run):
 def test_snapshot_shapes_dtypes_and_checksums(full_run):
     _, run = full_run
     for epoch in SNAPSHOTS:
-        store.verify_snapshot(run, epoch)
-        train_f, train_y = store.load_split(run, epoch, "train")
-        test_f, _ = store.load_split(run, epoch, "test")
-        weight, bias = store.load_classifier(run, epoch)
+        snapshots.verify_snapshot(run, epoch)
+        train_f, train_y = snapshots.load_split(run, epoch, "train")
+        test_f, _ = snapshots.load_split(run, epoch, "test")
+        weight, bias = snapshots.load_classifier(run, epoch)
         assert train_f.shape == (48, 32) and test_f.shape == (24, 32)
         assert train_f.dtype == test_f.dtype == torch.float32
         assert train_y.dtype == torch.int64
@@ -176,9 +176,9 @@ def test_saved_features_equal_a_fresh_pass_of_the_checkpoint(full_run):
             images = getattr(data, split).images
             fresh = torch.cat([model.features(images[i : i + batch])
                                for i in range(0, len(images), batch)])
-            saved, _ = store.load_split(run, EPOCHS, split)
+            saved, _ = snapshots.load_split(run, EPOCHS, split)
             assert torch.equal(saved, fresh), split
-        weight, bias = store.load_classifier(run, EPOCHS)
+        weight, bias = snapshots.load_classifier(run, EPOCHS)
         assert torch.equal(weight, model.classifier.weight)
         assert torch.equal(bias, model.classifier.bias)
         # the history's test metrics of the last epoch are those of this model
@@ -268,11 +268,11 @@ def test_float16_snapshots_are_the_float32_features_rounded(full_run, tmp_path):
     cfg16 = replace(cfg, train=replace(cfg.train, epochs=2),
                     snapshot=replace(cfg.snapshot, epochs=[1], dtype="float16"))
     run16 = T.train(cfg16, tmp_path / "run16")
-    store.verify_snapshot(run16, 1)
-    assert store.read_meta(run16, 1)["dtype"] == "float16"
+    snapshots.verify_snapshot(run16, 1)
+    assert snapshots.read_meta(run16, 1)["dtype"] == "float16"
     for split in ("train", "test"):
-        f16, _ = store.load_split(run16, 1, split)
-        f32, _ = store.load_split(run, 1, split)
+        f16, _ = snapshots.load_split(run16, 1, split)
+        f32, _ = snapshots.load_split(run, 1, split)
         assert f16.dtype == torch.float16
         assert torch.equal(f16, f32.half()), split
 
@@ -346,7 +346,7 @@ def test_files_past_the_checkpoint_are_rewritten_on_resume(full_run, tmp_path, m
     monkeypatch.undo()
     store.append_history(out, {"epoch": 4, "lr": 9.0, "train_loss": 9.0, "train_acc": 0.0,
                                "test_loss": 9.0, "test_acc": 0.0, "seconds": 1.0})
-    partial = store.snapshot_dir(out, 4)
+    partial = snapshots.snapshot_dir(out, 4)
     partial.mkdir(parents=True)
     (partial / "train.safetensors").write_bytes(b"half a file")
     T.train(cfg, out)
@@ -418,7 +418,7 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
     manifest = store.read_manifest(out)
     assert (manifest["status"], manifest["epochs_done"]) == ("diverged", 2)
     assert store.read_history(out)["epoch"].tolist() == [1, 2]
-    assert store.list_snapshots(out) == [1, 2]
+    assert snapshots.list_snapshots(out) == [1, 2]
     state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert state["epoch"] == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
@@ -455,4 +455,4 @@ def test_epoch_order_depends_on_seed_and_epoch_only():
 
 def test_snapshot_schedule_is_the_config_one(full_run):
     cfg, run = full_run
-    assert store.list_snapshots(run) == snapshot_schedule(cfg.snapshot.epochs, EPOCHS)
+    assert snapshots.list_snapshots(run) == snapshot_schedule(cfg.snapshot.epochs, EPOCHS)

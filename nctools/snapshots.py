@@ -1,0 +1,371 @@
+"""Snapshots in the run directory: features, labels and classifier at one epoch.
+
+Layout (DESIGN.md "Run directory")::
+
+    RUN/snapshots/epoch-NNNN/{train,test}.safetensors  classifier.safetensors  meta.json
+
+Every file goes through :mod:`nctools.store`'s atomic writes (temp name, fsync, rename)
+and gets its size and sha256 in ``meta.json``, which is written last: a snapshot
+directory without it is incomplete and ignored. Under torchrun each rank writes its own
+shard and rank 0 merges their metas (:func:`finalize_sharded_snapshot`).
+
+Usage::
+
+    write_snapshot(run, epoch=5, splits={"train": (features, labels)}, weight=W, bias=b)
+    features, labels = load_split(run, 5, "train")       # features: (N, D), labels: (N,)
+    for chunk, chunk_labels in iter_split(run, 5, "train", chunk_rows=4096): ...
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
+
+from nctools import store
+from nctools.errors import SnapshotError
+from nctools.store import PathLike
+
+META_FILE = "meta.json"
+CLASSIFIER_FILE = "classifier.safetensors"
+SNAPSHOT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+META_FORMAT = 1
+_EPOCH_DIR = re.compile(r"epoch-(\d+)")
+
+
+# ---------------------------------------------------------------------------------------
+# Snapshots: writing
+
+
+def snapshot_dir(run_dir: PathLike, epoch: int) -> Path:
+    """``RUN/snapshots/epoch-NNNN`` (four digits at least)."""
+    return Path(run_dir) / store.SNAPSHOTS_DIR / f"epoch-{epoch:04d}"
+
+
+def _shard_suffix(shard: tuple[int, int] | None) -> str:
+    return "" if shard is None else f"-{shard[0]:05d}-of-{shard[1]:05d}"
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], sync_dir: bool = True) -> dict:
+    """Write a safetensors file atomically; returns its meta entry (sha256, bytes)."""
+    entry: dict = {}
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp))
+        # hash the temp file before the rename: the page cache makes this read cheap
+        entry.update(sha256=store.sha256_file(tmp), bytes=tmp.stat().st_size)
+
+    store._atomic_write(path, write, sync_dir)
+    return entry
+
+
+def _clear_snapshot(folder: Path, whole: bool) -> None:
+    """Make a re-written snapshot incomplete first (meta.json goes), then drop stale files."""
+    (folder / META_FILE).unlink(missing_ok=True)
+    if not whole:  # other shards may be writing beside us; finalize removes leftovers
+        return
+    for stale in folder.iterdir():
+        if stale.is_file() and (stale.suffix == ".safetensors" or stale.name.startswith("meta-")):
+            stale.unlink(missing_ok=True)
+
+
+def _check_snapshot_inputs(splits: dict, weight: torch.Tensor, bias: torch.Tensor | None,
+                           dtype: str, shard: tuple[int, int] | None) -> tuple[int, int]:
+    """Raise SnapshotError on inconsistent shapes; returns (C, D)."""
+    if dtype not in SNAPSHOT_DTYPES:
+        raise SnapshotError(f"snapshot dtype must be one of {', '.join(SNAPSHOT_DTYPES)}, "
+                            f"got {dtype!r}")
+    if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
+        raise SnapshotError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
+    if weight.ndim != 2:
+        raise SnapshotError(f"classifier weight must be (C, D), got shape {tuple(weight.shape)}")
+    C, D = weight.shape
+    if bias is not None and tuple(bias.shape) != (C,):
+        raise SnapshotError(f"classifier bias must be ({C},), got shape {tuple(bias.shape)}")
+    if not splits:
+        raise SnapshotError("write_snapshot needs at least one split")
+    for name, (features, labels) in splits.items():
+        if features.ndim != 2 or features.shape[1] != D:
+            raise SnapshotError(f"{name} features must be (N, {D}) to match the classifier, "
+                                f"got shape {tuple(features.shape)}")
+        if tuple(labels.shape) != (features.shape[0],):
+            raise SnapshotError(f"{name} labels must be ({features.shape[0]},), "
+                                f"got shape {tuple(labels.shape)}")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= C):
+            raise SnapshotError(f"{name} labels must lie in [0, {C}), "
+                                f"got [{int(labels.min())}, {int(labels.max())}]")
+    return C, D
+
+
+def write_snapshot(
+    run_dir: PathLike,
+    epoch: int,
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    dtype: str = "float32",
+    shard: tuple[int, int] | None = None,
+    extra_meta: dict | None = None,
+) -> Path:
+    """Save the features of each split and the classifier at ``epoch``; returns the folder.
+
+    ``splits``: name -> (features (N, D), labels (N,)); features are stored in ``dtype``
+    (float32 | float16), labels as int64. ``weight``: (C, D), ``bias``: (C,) or None
+    (stored as zeros), both float32. ``extra_meta`` is merged into meta.json.
+    With ``shard=(rank, world)`` this rank writes ``train-RRRRR-of-WWWWW.safetensors`` and
+    ``meta-RRRRR-of-WWWWW.json`` (rank 0 also the classifier); rank 0 then calls
+    :func:`finalize_sharded_snapshot` after a barrier to write meta.json.
+    """
+    C, D = _check_snapshot_inputs(splits, weight, bias, dtype, shard)
+    has_bias = bias is not None
+    weight = weight.detach().to("cpu", torch.float32).contiguous()
+    bias = bias.detach().to("cpu", torch.float32).contiguous() if has_bias else torch.zeros(C)
+    folder = snapshot_dir(run_dir, epoch)
+    folder.mkdir(parents=True, exist_ok=True)
+    _clear_snapshot(folder, whole=shard is None)  # only once the inputs are known to be good
+    suffix = _shard_suffix(shard)
+    files: dict[str, dict] = {}
+    split_meta: dict[str, dict] = {}
+    for name, (features, labels) in splits.items():
+        file = f"{name}{suffix}.safetensors"
+        files[file] = _save_tensors(folder / file, {
+            "features": features.detach().to("cpu", SNAPSHOT_DTYPES[dtype]).contiguous(),
+            "labels": labels.detach().to("cpu", torch.int64).contiguous(),
+        }, sync_dir=False)
+        split_meta[name] = {"files": [file], "rows": [features.shape[0]]}
+    classifier = None
+    if shard is None or shard[0] == 0:
+        files[CLASSIFIER_FILE] = _save_tensors(folder / CLASSIFIER_FILE,
+                                               {"weight": weight, "bias": bias}, sync_dir=False)
+        classifier = {"file": CLASSIFIER_FILE, "weight_shape": [C, D], "bias_shape": [C],
+                      "dtype": "float32", "has_bias": has_bias}
+    store._fsync_dir(folder)  # the renames above are durable before meta.json names them
+    meta = _meta(epoch, dtype, C, D, split_meta, classifier, files, extra_meta)
+    if shard is None:
+        store._write_json(folder / META_FILE, meta)  # last: the snapshot is complete from here on
+    else:
+        meta["shard"] = list(shard)
+        store._write_json(folder / f"meta{suffix}.json", meta)
+    return folder
+
+
+def _meta(epoch: int, dtype: str, C: int, D: int, split_meta: dict, classifier: dict | None,
+          files: dict, extra: dict | None) -> dict:
+    import nctools  # at call time: the package may still be importing this module
+
+    meta = {
+        "format": META_FORMAT,
+        "epoch": epoch,
+        "nctools_version": nctools.__version__,
+        "num_classes": C,
+        "dim": D,
+        "dtype": dtype,
+        "labels_dtype": "int64",
+        "splits": {name: {**entry, "shape": [sum(entry["rows"]), D]}
+                   for name, entry in split_meta.items()},
+        "classifier": classifier,
+        "files": files,
+    }
+    clash = set(extra or {}) & set(meta)
+    if clash:
+        raise SnapshotError(f"extra_meta may not set the reserved keys {sorted(clash)}")
+    meta.update(extra or {})
+    return meta
+
+
+def finalize_sharded_snapshot(run_dir: PathLike, epoch: int, world: int) -> Path:
+    """Merge the ``meta-RRRRR-of-WWWWW.json`` parts of all ranks into meta.json (rank 0).
+
+    Splits list their shard files in rank order, so readers see one split.
+    """
+    folder = snapshot_dir(run_dir, epoch)
+    parts = []
+    for rank in range(world):
+        part = folder / f"meta{_shard_suffix((rank, world))}.json"
+        try:
+            parts.append(json.loads(part.read_text()))
+        except FileNotFoundError:
+            raise SnapshotError(f"{part}: shard meta is missing; did rank {rank} write "
+                                f"its snapshot?") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise SnapshotError(f"{part}: shard meta is corrupt ({exc})") from None
+    meta = parts[0]
+    if meta.get("classifier") is None:
+        raise SnapshotError(f"{folder}: rank 0 did not write the classifier")
+    for rank, part in enumerate(parts[1:], start=1):
+        for key in ("epoch", "dim", "num_classes", "dtype"):
+            if part[key] != meta[key]:
+                raise SnapshotError(f"{folder}: rank {rank} wrote {key}={part[key]}, "
+                                    f"rank 0 wrote {meta[key]}")
+        if set(part["splits"]) != set(meta["splits"]):
+            raise SnapshotError(f"{folder}: rank {rank} wrote splits {sorted(part['splits'])}, "
+                                f"rank 0 wrote {sorted(meta['splits'])}")
+        for name, entry in part["splits"].items():
+            merged = meta["splits"][name]
+            merged["files"] += entry["files"]
+            merged["rows"] += entry["rows"]
+            merged["shape"] = [sum(merged["rows"]), meta["dim"]]
+        meta["files"].update(part["files"])
+    del meta["shard"]
+    meta["world"] = world
+    store._write_json(folder / META_FILE, meta)
+    for stale in folder.iterdir():  # parts, and files of an earlier layout meta does not list
+        stale_data = stale.suffix == ".safetensors" and stale.name not in meta["files"]
+        if stale.is_file() and (stale.name.startswith("meta-") or stale_data):
+            stale.unlink(missing_ok=True)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------
+# Snapshots: reading
+
+
+def list_snapshots(run_dir: PathLike) -> list[int]:
+    """Epochs with a complete snapshot (one whose meta.json exists), ascending."""
+    root = Path(run_dir) / store.SNAPSHOTS_DIR
+    if not root.is_dir():
+        return []
+    epochs = []
+    for folder in root.iterdir():
+        match = _EPOCH_DIR.fullmatch(folder.name)
+        if match and (folder / META_FILE).is_file():
+            epochs.append(int(match.group(1)))
+    return sorted(epochs)
+
+
+def read_meta(run_dir: PathLike, epoch: int) -> dict:
+    """The parsed meta.json of the snapshot at ``epoch``."""
+    path = snapshot_dir(run_dir, epoch) / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SnapshotError(f"{path}: no complete snapshot at epoch {epoch} "
+                            f"(have {list_snapshots(run_dir)})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SnapshotError(f"{path}: snapshot meta is corrupt ({exc})") from None
+    problem = _meta_problem(meta)
+    if problem:
+        raise SnapshotError(f"{path}: snapshot meta is corrupt ({problem})")
+    return meta
+
+
+def _meta_problem(meta: Any) -> str | None:
+    """What makes a parsed meta.json unusable by the readers below, or None."""
+    if not isinstance(meta, dict):
+        return f"expected an object, found {type(meta).__name__}"
+    files, splits = meta.get("files"), meta.get("splits")
+    if not isinstance(files, dict) or not isinstance(splits, dict):
+        return "it lacks the 'files' or 'splits' tables"
+    for name, entry in files.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                and isinstance(entry.get("bytes"), int)):
+            return f"no sha256 and size for {name}"
+    listed = [CLASSIFIER_FILE]
+    for split in splits.values():
+        listed += split.get("files", []) if isinstance(split, dict) else [None]
+    unknown = [name for name in listed if name not in files]
+    return f"no checksum for {unknown[0]}" if unknown else None
+
+
+def verify_snapshot(run_dir: PathLike, epoch: int) -> None:
+    """Check the size and sha256 of every file of a snapshot; SnapshotError names a bad one."""
+    meta = read_meta(run_dir, epoch)
+    folder = snapshot_dir(run_dir, epoch)
+    for name, expected in meta["files"].items():
+        store._check_file(folder / name, expected)
+
+
+def _split_files(run_dir: PathLike, epoch: int, split: str) -> tuple[Path, dict, list[str]]:
+    meta = read_meta(run_dir, epoch)
+    if split not in meta["splits"]:
+        raise SnapshotError(f"{snapshot_dir(run_dir, epoch)}: no {split!r} split "
+                            f"(has {', '.join(meta['splits'])})")
+    return snapshot_dir(run_dir, epoch), meta, meta["splits"][split]["files"]
+
+
+def _load_file(path: Path, expected: dict, verify: bool) -> dict[str, torch.Tensor]:
+    """Read a safetensors file once; hash those same bytes when ``verify``."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise SnapshotError(f"{path}: snapshot file is missing") from None
+    if verify:
+        store._check_file(path, expected, data)
+    try:
+        return load_safetensors(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise SnapshotError(f"{path}: snapshot file is corrupt ({exc})") from None
+
+
+def load_split(
+    run_dir: PathLike, epoch: int, split: str, verify: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (N, D) in the stored dtype and labels (N,) int64 of one split.
+
+    Sharded snapshots are concatenated in rank order. ``verify`` checks each file's sha256
+    on the bytes read (each file is read once).
+    """
+    folder, meta, names = _split_files(run_dir, epoch, split)
+    feats, labels = [], []
+    for name in names:
+        tensors = _load_file(folder / name, meta["files"][name], verify)
+        feats.append(tensors["features"])
+        labels.append(tensors["labels"])
+    if len(names) == 1:
+        return feats[0], labels[0]
+    return torch.cat(feats), torch.cat(labels)
+
+
+def iter_split(
+    run_dir: PathLike, epoch: int, split: str, chunk_rows: int = 65536, verify: bool = True
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Stream one split as (features (n, D), labels (n,)) chunks of at most ``chunk_rows``.
+
+    Memory stays O(chunk_rows * D) whatever N is (each chunk is copied out of a mapping
+    that is closed before the chunk is yielded).
+    Chunks do not span shard files; concatenated, they equal :func:`load_split`.
+    Each file's sha256 is checked (streamed) before any of its rows is yielded.
+    """
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    folder, meta, names = _split_files(run_dir, epoch, split)
+    for name in names:
+        path = folder / name
+        if verify:
+            store._check_file(path, meta["files"][name])
+        elif not path.is_file():
+            raise SnapshotError(f"{path}: snapshot file is missing")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                rows = f.get_slice("features").get_shape()[0]
+        except (SafetensorError, ValueError, RuntimeError) as exc:
+            raise SnapshotError(f"{path}: snapshot file is corrupt ({exc})") from None
+        for start in range(0, rows, chunk_rows):
+            yield _read_rows(path, start, min(start + chunk_rows, rows))
+
+
+def _read_rows(path: Path, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [start, stop) of a split file, copied out of a mapping that is closed again:
+    pages of a mapping held open stay resident, so streaming would grow with N."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_slice("features")[start:stop], f.get_slice("labels")[start:stop]
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise SnapshotError(f"{path}: snapshot file is corrupt ({exc})") from None
+
+
+def load_classifier(
+    run_dir: PathLike, epoch: int, verify: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last-layer classifier at ``epoch``: weight (C, D) and bias (C,), float32."""
+    meta = read_meta(run_dir, epoch)
+    path = snapshot_dir(run_dir, epoch) / CLASSIFIER_FILE
+    tensors = _load_file(path, meta["files"][CLASSIFIER_FILE], verify)
+    return tensors["weight"], tensors["bias"]
