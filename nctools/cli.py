@@ -275,7 +275,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
 
 
 def _device(name: str):
-    from nctools.train import resolve_device
+    from nctools.steps import resolve_device
 
     try:
         return resolve_device(name)

@@ -29,13 +29,11 @@ from __future__ import annotations
 import io
 import logging
 import math
-import re
 import shlex
 import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -50,13 +48,12 @@ import nctools
 from nctools import snapshots, store
 from nctools.config import (
     Config,
-    TrainConfig,
     diff_configs,
     load_config,
     save_config,
     snapshot_schedule,
 )
-from nctools.data import Dataset, Split, iterate_batches, load_dataset
+from nctools.data import Dataset, load_dataset
 from nctools.distributed import (
     DistInfo,
     barrier,
@@ -71,6 +68,15 @@ from nctools.distributed import (
 from nctools.errors import CheckpointError, ConfigError, RunError
 from nctools.features import extract_features
 from nctools.models import build_model
+from nctools.steps import (
+    batch_loss,
+    build_optimizer,
+    build_scheduler,
+    epoch_generator,
+    rank_batches,
+    resolve_device,
+    train_step,
+)
 from nctools.writer import BackgroundWriter
 
 log = logging.getLogger(__name__)
@@ -79,127 +85,6 @@ CONFIG_FILE, CHECKPOINT_FILE = store.CONFIG_FILE, store.CHECKPOINT_FILE
 # where a run continues, and how often it looks at the test split, do not change what it is
 RESUME_MAY_CHANGE = ("train.device", "train.eval_every")
 EVAL_BATCH_FACTOR = 4  # no activations kept for backward; beyond ~128 rows a CPU gains nothing
-
-
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda[:N]`` must exist here."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec != "cpu" and not re.fullmatch(r"cuda(:\d+)?", spec):
-        raise ConfigError(f"train.device: {spec!r} is not auto, cpu, cuda or cuda:N")
-    device = torch.device(spec)
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device.type == "cuda" and (device.index or 0) >= gpus:
-        raise ConfigError(f"train.device: {spec!r} requested but this machine has {gpus} GPUs")
-    return device
-
-
-def build_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.SGD:
-    """SGD with momentum and weight decay on every parameter, as in Papyan et al. (2020)."""
-    return torch.optim.SGD(
-        model.parameters(), lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay
-    )
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, tc: TrainConfig
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-epoch schedule: ``multistep`` multiplies by ``gamma`` after ``round(m * epochs)``
-    for each milestone fraction ``m`` (the paper: /10 at 1/3 and 2/3), ``cosine`` anneals
-    to 0 over all epochs, ``constant`` keeps ``lr``."""
-    sched = torch.optim.lr_scheduler
-    if tc.schedule == "multistep":
-        # >= 1: a milestone at 0 would decay the lr before the first epoch
-        milestones = [max(1, round(m * tc.epochs)) for m in tc.milestones]
-        return sched.MultiStepLR(optimizer, milestones=milestones, gamma=tc.gamma)
-    if tc.schedule == "cosine":
-        return sched.CosineAnnealingLR(optimizer, T_max=tc.epochs)
-    if tc.schedule == "constant":
-        return sched.ConstantLR(optimizer, factor=1.0, total_iters=0)
-    raise ConfigError(f"train.schedule: {tc.schedule!r} is not multistep, cosine or constant")
-
-
-def batch_loss(logits: Tensor, labels: Tensor, loss: str, reduction: str = "mean") -> Tensor:
-    """Mean (or with ``reduction="sum"`` total) loss of a batch; ``logits``: (B, C),
-    ``labels``: (B,).
-
-    ``ce`` is cross-entropy; ``mse`` is the squared error to one-hot targets summed over
-    classes and averaged over the batch (Han, Papyan & Donoho, ICLR 2022).
-    """
-    if loss == "ce":
-        return F.cross_entropy(logits, labels, reduction=reduction)
-    if loss == "mse":
-        target = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
-        per_sample = (logits - target).pow(2).sum(dim=1)
-        return per_sample.mean() if reduction == "mean" else per_sample.sum()
-    raise ConfigError(f"train.loss: {loss!r} is not ce or mse")
-
-
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The generator of epoch ``epoch``'s shuffle and augmentation: a function of
-    ``(seed, epoch)`` only, so a resumed run replays the same batches."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-
-
-def train_step(
-    model: nn.Module, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, loss: str,
-    autocast, scale: float | None = None,
-) -> tuple[Tensor, Tensor]:
-    """One SGD step on a batch; returns (summed loss, number correct) as device tensors,
-    so the loop never waits on the GPU.
-
-    ``scale=None`` minimises the batch's mean loss (one process). Under DDP a rank holds
-    some rows of a global batch of ``n`` rows and minimises ``scale * (sum of its losses)``
-    with ``scale = K / n``: DDP averages the K ranks' gradients, which gives the gradient
-    of the global mean loss however unevenly the rows are split.
-    """
-    with autocast:
-        logits = model(x)
-    if scale is None:
-        value = batch_loss(logits.float(), y, loss)
-        total = value.detach() * len(y)
-    else:
-        total = batch_loss(logits.float(), y, loss, reduction="sum")
-        value = total * scale
-        total = total.detach()
-    optimizer.zero_grad(set_to_none=True)
-    value.backward()
-    optimizer.step()
-    return total, (logits.detach().argmax(dim=1) == y).sum()
-
-
-def rank_batches(
-    split: Split, order: Tensor, batch_size: int, augment: bool,
-    generator: torch.Generator, dist: DistInfo,
-) -> Iterator[tuple[Tensor, Tensor, int]]:
-    """This rank's rows of each global batch of ``order``: (images, labels, global rows).
-
-    One process yields whole batches. Under DDP rank r takes rows r, r + K, ... of every
-    global batch (``DistributedSampler``'s sharding, without its padding: the last, short
-    batch stays as one process has it, and a rank may get no rows of it). Every rank
-    yields as many batches as there are global ones, so the collectives stay in step.
-    An in-memory split with augmentation is augmented a global batch at a time, so the
-    random crops and flips are those of one process; a lazy (image-folder) split loads
-    only this rank's rows and draws its own augmentation.
-    """
-    if not dist.distributed:
-        for x, y in iterate_batches(split, order, batch_size, augment, generator):
-            yield x, y, len(y)
-        return
-    rank, world = dist.rank, dist.world_size
-    if augment and not split.lazy:
-        for x, y in iterate_batches(split, order, batch_size, augment, generator):
-            yield x[rank::world], y[rank::world], len(y)
-        return
-    if augment:  # its own stream, so the ranks do not crop their rows alike
-        generator = torch.Generator().manual_seed(int(generator.initial_seed()) * world + rank)
-    local = iterate_batches(split, order[rank::world], batch_size // world, augment, generator)
-    x = y = None
-    for start in range(0, len(order), batch_size):
-        batch = next(local, None)
-        # Only the short last batch can leave a rank without rows (_setup ensures N >= K).
-        x, y = batch if batch is not None else (x[:0], y[:0])
-        yield x, y, min(batch_size, len(order) - start)
 
 
 class _StopOnSignal:
