@@ -17,7 +17,6 @@ summed with ``torch.distributed.all_reduce``.
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,10 +26,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from nctools import metrics
+from nctools.decisions import DecisionTally
 from nctools.stats import ClassStats
 
 F64 = torch.float64
-F32_UNIT = 2.0**-24  # unit roundoff of float32
 SMALL_CLASSES = 256  # below this, C x C work runs on one thread
 CHUNK_ELEMENTS = 1 << 22  # feature values per chunk streamed from disk (e.g. 8192 x 512)
 
@@ -216,133 +215,6 @@ def collapse_metrics(
     }
 
 
-class DecisionTally:
-    """Counts of NC4 events (Papyan et al. 2020, Fig. 7), fed block by block.
-
-    ``ClassStats.update`` hands over each block of samples h and its centred form
-    x = h - s_y (float64), so both rules are evaluated without another pass:
-
-    - the classifier argmax_k w_k.h + b_k, from h itself;
-    - the nearest class centre argmin_k ||h - m_k||^2, ranked by the equivalent
-      argmax_k x.(m_k - r) + (s_y - r).(m_k - r) - ||m_k - r||^2 / 2 for a common
-      reference r (the global mean), which keeps the dot products free of cancellation
-      against an offset. With a basis B whose span holds the centres, x.(m_k - r) is
-      (x @ B) @ centre_coords, an r-dimensional product.
-
-    The products run in float32 and the decisions stay those of float64: see
-    :class:`SureArgmax`.
-
-    Args:
-        weight: (C, D), bias: (C,) float64 classifier.
-        shift: (C, D) the s_c of the blocks.   reference: (D,) r.
-        ncc_means: (C, D) centres m_k of the NCC rule; None means the shift (own means).
-        centre_coords: (r, C) coordinates of the centres s_k - r in the ClassStats basis
-            B, when the blocks arrive with x @ B computed and the centres are the shift.
-    """
-
-    def __init__(
-        self,
-        weight: Tensor,
-        bias: Tensor,
-        shift: Tensor,
-        reference: Tensor,
-        ncc_means: Tensor | None = None,
-        centre_coords: Tensor | None = None,
-    ) -> None:
-        centres = (shift if ncc_means is None else ncc_means) - reference
-        self.in_basis = centre_coords is not None and ncc_means is None
-        self.classifier = SureArgmax(weight.T, bias)
-        # + (s_y - r).(m_k - r) - ||m_k - r||^2 / 2: row y for the samples of class y
-        self.centre_offset = (shift - reference) @ centres.T - centres.square().sum(1) / 2
-        self.ncc = SureArgmax(centre_coords if self.in_basis else centres.T, self.centre_offset)
-        self.decisions: list[tuple[Tensor | int, Tensor, Tensor]] = []
-
-    def fresh(self) -> DecisionTally:
-        """A tally sharing these precomputed matrices, with no decisions yet."""
-        other = copy.copy(self)
-        other.decisions = []
-        return other
-
-    @property
-    def counts(self) -> Tensor:
-        """(3,) float64: rows where the two rules disagree, rows the classifier gets
-        right, rows the NCC rule gets right."""
-        device = self.centre_offset.device
-        if not self.decisions:
-            return torch.zeros(3, dtype=F64, device=device)
-        labels = torch.cat(
-            [y if isinstance(y, Tensor) else p.new_full(p.shape, y) for y, p, _ in self.decisions]
-        )
-        predicted = torch.cat([p for _, p, _ in self.decisions])
-        nearest = torch.cat([q for _, _, q in self.decisions])
-        hits = (predicted != nearest, predicted == labels, nearest == labels)
-        return torch.stack([hit.sum() for hit in hits]).to(F64)
-
-    def add(
-        self, labels: Tensor | int, h: Tensor, x: Tensor, projected: Tensor | None = None
-    ) -> None:
-        """Tally one block: labels (rows,) (or one int when the whole block is of one
-        class), samples h (rows, D) in any float dtype, x = h - s_y (rows, D) float64, and
-        x @ B (rows, r) when the statistics keep a basis."""
-        if self.in_basis and projected is None:
-            raise ValueError("DecisionTally: centres in a basis need blocks with x @ basis")
-        predicted = self.classifier(h, labels)
-        nearest = self.ncc(projected if self.in_basis else x, labels)
-        self.decisions.append((labels, predicted, nearest))
-
-
-class SureArgmax:
-    """argmax_k (x.a_k + o_k) exactly as float64 decides it, at float32 speed.
-
-    Scores are formed in float32 (one matrix product with the offset added): with the
-    inputs rounded too, each is within E = (n + 6) u (||x|| max_k ||a_k|| + max |o|) of
-    the exact score (Higham, Accuracy and Stability of Numerical Algorithms, 2002,
-    eq. 3.5; u = 2^-24, any summation order; ||x|| is taken in float32 and enlarged by its
-    own worst rounding). A row where only the top score lies within 4 E of the top has
-    the float64 winner; the few rows where several do are recomputed in float64.
-
-    Args:
-        matrix: (n, C) float64 A with columns a_k.
-        offset: (C,) float64 o, the same for every row, or (C', C): row y is the offset of
-            the samples labelled y.
-    """
-
-    def __init__(self, matrix: Tensor, offset: Tensor) -> None:
-        self.matrix, self.offset = matrix.contiguous(), offset.contiguous()
-        self.matrix32 = matrix.T.float().contiguous()  # (C, n): A^T x^T is MKL's fast shape
-        self.offset32 = offset.float()
-        n = matrix.shape[0]
-        self.unit = 4 * (n + 8) * F32_UNIT * (1 + 2 * (n + 2) * F32_UNIT)
-        self.max_norm = float(matrix.norm(dim=0).max())
-        self.max_offset = float(offset.abs().max())
-        columns = matrix.shape[1]
-        # (C, 2): a row of 0/1 flags times this gives (how many are set, which one)
-        self.count_index = torch.stack(
-            [torch.ones(columns), torch.arange(columns, dtype=torch.float32)], 1
-        ).to(matrix.device)
-
-    def __call__(self, x: Tensor, labels: Tensor | int) -> Tensor:
-        """Winners (rows,) int64 for x (rows, n) in any float dtype, labelled ``labels``
-        (rows,) or one int for the whole block (used only with a per-label offset)."""
-        x32 = x.float()
-        offset = self.offset32 if self.offset.ndim == 1 else self.offset32[labels]
-        scores = torch.addmm(offset.T if offset.ndim == 2 else offset[:, None],
-                             self.matrix32, x32.T).T  # fmt: skip
-        norms = torch.linalg.vector_norm(x32, dim=1)
-        slack = norms.mul_(self.unit * self.max_norm).add_(self.unit * self.max_offset)
-        close = scores >= (scores.amax(1) - slack)[:, None]
-        count, index = (close.float() @ self.count_index).unbind(1)
-        winner = index.long()
-        unsure = count != 1
-        if bool(unsure.any()):
-            rows = torch.nonzero(unsure).flatten()
-            offset = self.offset
-            if offset.ndim == 2:
-                offset = offset[labels] if isinstance(labels, int) else offset[labels[rows]]
-            winner[rows] = (x[rows].to(F64) @ self.matrix + offset).argmax(1)
-        return winner
-
-
 def class_means(
     features: Tensor | np.ndarray, labels: Tensor | np.ndarray, num_classes: int
 ) -> Tensor:
@@ -392,7 +264,7 @@ def _accumulate(
         parts[0].merge(part)
     if tally is not None:
         for other in tallies[1:]:
-            tallies[0].decisions += other.decisions
+            tallies[0].tallied += other.counts.to(torch.int64)
     return parts[0], tallies[0]
 
 
