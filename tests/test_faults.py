@@ -636,7 +636,8 @@ def test_a_full_disk_stops_training_naming_the_file_and_resume_recovers(
 def test_a_real_write_failure_in_torch_save_is_one_line(config_file, reference, tmp_path,
                                                        monkeypatch, capsys):
     """The kernel refuses the checkpoint's bytes (file size limit, as a full disk would):
-    torch.save's own error must still become one line naming the checkpoint."""
+    the failed write (of the bytes torch.save serialised at the epoch end) must become one
+    line naming the checkpoint, and the previous checkpoint stays whole."""
     import resource
     run = tmp_path / "run"
     stop_at_step(monkeypatch, 2 * STEPS_PER_EPOCH + 1, interrupt)
