@@ -24,7 +24,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from nctools import cli, snapshots, store
+from nctools import cli, saved_model, snapshots, store
 from nctools.analysis import analyze
 from nctools.config import (
     Config,
@@ -337,7 +337,7 @@ def test_measure_under_torchrun_equals_one_process(tmp_path, split):
     run_ranks(_measure_rank, argv, str(tmp_path))
     assert (tmp_path / "stdout1.txt").read_text() == ""  # rank 0 alone prints
     got = json.loads((tmp_path / "stdout0.txt").read_text())
-    expected = cli.measure_checkpoint("convnet", tmp_path / "model.pt", "synthetic", split,
+    expected = saved_model.measure_checkpoint("convnet", tmp_path / "model.pt", "synthetic", split,
                                       batch_size=96, device="cpu")
     assert got.keys() == expected.keys()
     for key, value in expected.items():

@@ -1,0 +1,187 @@
+"""NC metrics of a saved network on a split of a data set: the ``nctools measure`` command.
+
+Usage::
+
+    from nctools.saved_model import measure_checkpoint
+    metrics = measure_checkpoint("resnet18", "resnet18_cifar10.pt", "cifar10", split="test")
+
+The checkpoint is read with ``torch.load(weights_only=True)`` and may be an nctools
+``checkpoint.pt`` (then its run's ``config.yaml`` gives the model settings, and the data
+settings when the data set is the run's) or a plain state_dict, torchvision ResNet names
+included. Features are the input of the last ``nn.Linear`` (or of a named one), taken with
+a forward hook; under torchrun every rank takes its rows and the statistics are summed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from nctools.errors import CheckpointError, ConfigError, NctoolsError
+
+
+def _device(name: str):
+    from nctools.steps import resolve_device
+
+    try:
+        return resolve_device(name)
+    except ConfigError as exc:  # same rule as train.device, named as the user wrote it
+        raise ConfigError(str(exc).replace("train.device", "--device")) from None
+
+
+def feature_layer(model, name: str | None):
+    """The nn.Linear whose input are the features: ``name``, else ``classifier``, else the last."""
+    from torch import nn
+
+    modules = dict(model.named_modules())
+    if name is not None:
+        if name not in modules:
+            linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+            raise NctoolsError(f"--layer {name!r}: no such module; nn.Linear layers: {linears}")
+        if not isinstance(modules[name], nn.Linear):
+            raise NctoolsError(
+                f"--layer {name!r} is a {type(modules[name]).__name__}, not an nn.Linear"
+            )
+        return modules[name]
+    if isinstance(getattr(model, "classifier", None), nn.Linear):
+        return model.classifier  # nctools networks name their last layer so
+    linears = [m for m in modules.values() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise NctoolsError(f"{type(model).__name__} has no nn.Linear layer to measure")
+    return linears[-1]
+
+
+def hooked_features(model, layer, split, batch_size: int, device, rows: range | None = None):
+    """Inputs of ``layer`` over a whole split: features (N, D) float32, labels (N,) int64.
+
+    A forward hook, not ``model.features``, so that any Linear can be measured (``--layer``).
+    Eval mode, no gradients, the split's order, no augmentation (as in every snapshot).
+    ``rows``: only these contiguous rows (a torchrun rank's shard; may be empty).
+    """
+    import torch
+
+    from nctools.data import iterate_batches
+
+    rows = range(len(split.labels)) if rows is None else rows
+    if len(rows) == 0:
+        return torch.zeros(0, layer.in_features), torch.zeros(0, dtype=torch.long)
+
+    captured = []
+    handle = layer.register_forward_hook(
+        lambda _mod, inputs, _out: captured.append(inputs[0].detach().flatten(1).float().cpu())
+    )
+    labels = []
+    model.eval()
+    try:
+        with torch.no_grad():
+            indices = torch.arange(rows.start, rows.stop)
+            for images, y in iterate_batches(split, indices, batch_size):
+                model(images.to(device))
+                labels.append(y)
+    finally:
+        handle.remove()
+    return torch.cat(captured), torch.cat(labels).long()
+
+
+def measure_checkpoint(
+    arch: str, checkpoint: str | Path, dataset: str, split: str = "train",
+    layer: str | None = None, num_classes: int | None = None, data_root: str | None = None,
+    batch_size: int = 256, device: str = "auto",
+) -> dict[str, float]:
+    """METRICS.md metrics of a saved network on ``split`` of ``dataset``.
+
+    The checkpoint is read only by :func:`nctools.store.load_checkpoint`
+    (``torch.load(weights_only=True)``), so it cannot run code. On the test split NC4 and
+    ``ncc_accuracy`` use the training class means (METRICS.md, "On other data").
+    Under torchrun each rank extracts its own contiguous rows and the statistics are
+    summed with all_reduce (:func:`nctools.measure.measure_chunks`); every rank returns
+    the metrics of the whole split.
+    """
+    from nctools import models, store
+    from nctools.config import DataConfig, ModelConfig, load_config
+    from nctools.data import load_dataset
+    from nctools.measure import class_means, measure
+
+    if arch not in models.ARCHS:
+        valid = ", ".join(models.ARCHS)
+        raise NctoolsError(f"--arch {arch!r}: unknown architecture; valid names: {valid}")
+    state = store.load_checkpoint(Path(checkpoint))
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # an nctools checkpoint.pt
+    data_cfg, seed, model_cfg = DataConfig(dataset=dataset), 0, ModelConfig(arch=arch)
+    run_config = Path(checkpoint).parent / "config.yaml"
+    if run_config.is_file():  # a run's checkpoint: its network, and its data if the same set
+        saved = load_config(run_config)
+        if saved.model.arch == arch:
+            model_cfg = saved.model
+        if saved.data.dataset.lower() == dataset.lower():
+            # the run's subsets and their standardisation: the features it trained on
+            data_cfg, seed = replace(saved.data), saved.seed
+    if data_root is not None:
+        data_cfg.root = data_root
+    try:
+        data = load_dataset(data_cfg, seed=seed)
+    except ConfigError as exc:  # named as the user wrote it, not as a config key
+        raise ConfigError(str(exc).replace("data.dataset", "--dataset")) from None
+    classes = num_classes or data.num_classes
+    model = models.build_model(model_cfg, classes, data.in_channels, data.image_size)
+    try:
+        models.load_state_dict_compat(model, state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{checkpoint} does not fit {arch} with {classes} classes "
+                              f"and {data.in_channels} input channels: {exc}") from None
+    from nctools.distributed import dist_from_env, process_group, rank_device
+
+    info = dist_from_env()
+    dev = rank_device(_device(device), info, key="--device")
+    model.to(dev)
+    linear = feature_layer(model, layer)
+    weight, bias = linear.weight.detach().cpu(), None
+    if linear.bias is not None:
+        bias = linear.bias.detach().cpu()
+    if info.distributed:
+        with process_group(info, dev):
+            return _measure_shards(model, linear, data, split, batch_size, dev, info,
+                                   weight, bias, checkpoint)
+    features, labels = hooked_features(model, linear, getattr(data, split), batch_size, dev)
+    means = None
+    if split == "test":
+        train_features, train_labels = hooked_features(model, linear, data.train, batch_size, dev)
+        means = class_means(train_features, train_labels, weight.shape[0])
+    try:
+        return measure(features, labels, weight, bias, num_classes=weight.shape[0],
+                       class_means=means)
+    except ValueError as exc:  # e.g. labels beyond --num-classes
+        raise NctoolsError(f"measure --checkpoint {checkpoint}: {exc}") from None
+
+
+def _measure_shards(model, linear, data, split: str, batch_size: int, dev, info,
+                    weight, bias, checkpoint) -> dict[str, float]:
+    """:func:`measure_checkpoint` on this rank's rows, statistics summed over the ranks."""
+    import torch
+
+    from nctools.distributed import shard_rows
+    from nctools.measure import measure_chunks
+    from nctools.stats import ClassStats
+
+    def shard(name: str):
+        part = getattr(data, name)
+        return hooked_features(model, linear, part, batch_size, dev,
+                               shard_rows(len(part.labels), batch_size, info))
+
+    num_classes = weight.shape[0]
+    features, labels = shard(split)
+    try:
+        means = None
+        if split == "test":  # counts and sums only: the train class means, in one pass
+            train_features, train_labels = shard("train")
+            dim = train_features.shape[1]
+            stats = ClassStats(num_classes, dim, basis=torch.zeros(dim, 0), device=dev)
+            stats.update(train_features, train_labels).all_reduce()
+            stats.check_nonempty()
+            means = stats.class_means()
+        result, _ = measure_chunks(lambda: [(features, labels)], weight, bias, num_classes,
+                                   class_means=means, device=dev)
+        return result
+    except ValueError as exc:
+        raise NctoolsError(f"measure --checkpoint {checkpoint}: {exc}") from None
