@@ -9,9 +9,12 @@ Usage::
 Each epoch appends one row to ``RUN/history.csv``, then (on a snapshot epoch) writes the
 features of the full train/test splits and the classifier, then ``RUN/checkpoint.pt``; so a
 checkpoint always lies at or behind everything else on disk, and resuming from it
-rewrites whatever came later. A resumed CPU run is bit-identical to an uninterrupted one:
-the batch order and augmentation of epoch ``e`` come from a generator seeded by
-``(seed, e)`` alone, and the global RNG state travels in the checkpoint.
+rewrites whatever came later. The history row, checkpoint and manifest are serialised at
+the end of the epoch and written, in that order, while the next epoch trains
+(:mod:`nctools.writer`); the pieces of a step live in :mod:`nctools.steps`. A resumed
+CPU run is bit-identical to an uninterrupted one: the batch order and augmentation of
+epoch ``e`` come from a generator seeded by ``(seed, e)`` alone, and the global RNG state
+travels in the checkpoint.
 
 Under ``torchrun --nproc_per_node=K -m nctools train CONFIG`` the same loop runs on K
 processes with DistributedDataParallel (:mod:`nctools.distributed`): every rank draws the
