@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from nctools import metrics
+from nctools import metrics, native
 from nctools.decisions import DecisionTally
 from nctools.stats import ClassStats
 
@@ -249,9 +249,14 @@ def _accumulate(
     parts += [make_stats() for _ in range(workers - 1)]
     tallies = [tally.fresh() for _ in parts] if tally is not None else [None] * workers
 
+    fused = native.SecondPass.for_pass(parts[0], tally)  # None: the torch route
+
     def work(i: int, feats: Tensor, labs: Tensor) -> None:
         _check_labels(labs, parts[i].num_classes)
-        parts[i].update(feats, labs, on_block=None if tallies[i] is None else tallies[i].add)
+        if fused is not None and feats.device.type == "cpu":
+            fused.update(parts[i], tallies[i], feats, labs)
+        else:
+            parts[i].update(feats, labs, on_block=None if tallies[i] is None else tallies[i].add)
 
     with intra_op_threads(1), ThreadPoolExecutor(workers) as pool:
         for feats, labs in chunks():

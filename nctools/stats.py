@@ -36,6 +36,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from nctools import native
+
 F64 = torch.float64
 _STATE = ("counts", "sums", "sq_norms", "scatter")
 BLOCK_ELEMENTS = 1 << 18  # float64 elements of one centred block: 2 MiB, stays in cache
@@ -139,7 +141,7 @@ class ClassStats:
                 (``measure`` tallies NC4). h and x live in reused buffers: they are valid
                 only during the call.
         """
-        h, y = self._checked(features, labels)
+        h, y = self.checked(features, labels)
         if h.shape[0] == 0:
             return self
         self._set_new_shifts(h, y)
@@ -175,9 +177,14 @@ class ClassStats:
         keeps the mean to ~n * 1e-16 of their size), so blocks of consecutive rows are
         summed as they come (no gathering) and sum(h - s_c) = sum(h) - n_c s_c.
         """
+        raw = torch.zeros_like(self.sums)
+        lib = native.library() if self.device.type == "cpu" else None
+        if lib is not None:  # one fused sweep (nctools/kernels/passes.c)
+            native.class_sums(lib, h, y, raw)
+            self.sums += raw - batch_counts.to(F64)[:, None] * self.shift
+            return
         block_rows = min(max(1, BLOCK_ELEMENTS // self.dim), h.shape[0])
         converted = torch.empty(block_rows, self.dim, dtype=F64, device=self.device)
-        raw = torch.zeros_like(self.sums)
         for start in range(0, h.shape[0], block_rows):
             rows = y[start : start + block_rows]
             block = converted[: rows.shape[0]]
@@ -247,7 +254,8 @@ class ClassStats:
             self.scatter.addmm_(projected_t, projected_t.T)
         return projected_t.T
 
-    def _checked(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def checked(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(features, int64 labels) on the state's device; ValueError if malformed."""
         features = torch.as_tensor(features)
         labels = torch.as_tensor(labels)
         if features.ndim != 2 or features.shape[1] != self.dim:

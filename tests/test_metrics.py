@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import reference_metrics
 
-from nctools import decisions, measure, metrics
+from nctools import decisions, measure, metrics, native
 from nctools import stats as stats_module
 from nctools.measure import METRIC_KEYS, class_means
 
@@ -60,7 +60,7 @@ def test_keys_are_the_contract():
     ],
 )
 @pytest.mark.parametrize("group_min_rows", [0, 10**9])
-def test_matches_reference_float64(case, group_min_rows, monkeypatch):
+def test_matches_reference_float64(case, group_min_rows, monkeypatch, kernels):
     monkeypatch.setattr(stats_module, "GROUP_MIN_ROWS", group_min_rows)
     features, labels, weight, bias = clusters(**case)
     want = reference_metrics(features, labels, weight, bias)
@@ -74,7 +74,7 @@ def test_torch_inputs_and_no_bias():
     assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
-def test_float32_agrees_with_float64_reference():
+def test_float32_agrees_with_float64_reference(kernels):
     features, labels, weight, bias = clusters(10, 64, 50, seed=1)
     want = reference_metrics(features, labels, weight, bias)
     got = measure(
@@ -87,7 +87,7 @@ def test_float32_agrees_with_float64_reference():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_low_precision_inputs_are_accumulated_in_float64(dtype):
+def test_low_precision_inputs_are_accumulated_in_float64(dtype, kernels):
     features, labels, weight, bias = clusters(5, 16, 40, seed=2)
     low = torch.tensor(features).to(dtype)
     low_weight = torch.tensor(weight).to(dtype)
@@ -97,7 +97,7 @@ def test_low_precision_inputs_are_accumulated_in_float64(dtype):
     assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
-def test_class_means_from_another_split_drive_nc4_only():
+def test_class_means_from_another_split_drive_nc4_only(kernels):
     train = clusters(6, 10, 40, seed=4)
     test_features, test_labels, _, _ = clusters(6, 10, 15, spread=2.0, seed=5)
     weight, bias = train[2], train[3]
@@ -122,7 +122,7 @@ def simplex_etf(num_classes, dim, rng):
 
 
 @pytest.mark.parametrize("num_classes,dim", [(4, 10), (10, 32), (3, 3)])
-def test_exact_collapse_gives_zeros(num_classes, dim):
+def test_exact_collapse_gives_zeros(num_classes, dim, kernels):
     rng = np.random.default_rng(7)
     etf = simplex_etf(num_classes, dim, rng)
     offset = np.zeros(dim)
@@ -138,7 +138,7 @@ def test_exact_collapse_gives_zeros(num_classes, dim):
 
 
 @pytest.mark.parametrize("group_min_rows", [0, 10**9])
-def test_large_offset_collapsed_regime(group_min_rows, monkeypatch):
+def test_large_offset_collapsed_regime(group_min_rows, monkeypatch, kernels):
     """Features around 1e3 with within-class std 1e-3: shifted sums keep the digits."""
     monkeypatch.setattr(stats_module, "GROUP_MIN_ROWS", group_min_rows)
     rng = np.random.default_rng(11)
@@ -227,7 +227,7 @@ def test_bad_bias_num_classes_and_class_means():
         measure(features.tolist(), labels, weight)
 
 
-def test_near_tied_classifier_decisions_match_float64():
+def test_near_tied_classifier_decisions_match_float64(kernels):
     """Logits closer than float32 can resolve are re-decided in float64 (NC4 exactness)."""
     features, labels, weight, bias = clusters(6, 16, 60, spread=2.0, seed=12)
     weight[1] = weight[0] + 1e-9 * np.random.default_rng(0).normal(size=16)  # near twins
@@ -245,7 +245,7 @@ def test_near_tied_classifier_decisions_match_float64():
 
 
 @pytest.mark.parametrize("other_means", [False, True])
-def test_near_tied_centre_decisions_match_float64(other_means, monkeypatch):
+def test_near_tied_centre_decisions_match_float64(other_means, monkeypatch, kernels):
     """Class centres closer than float32 can resolve: the NCC rule is re-decided in
     float64, for the split's own means (products in the eigenbasis) and for means given
     from another split (products in feature space)."""
@@ -259,6 +259,8 @@ def test_near_tied_centre_decisions_match_float64(other_means, monkeypatch):
     assert got["ncc_mismatch"] == want["ncc_mismatch"]
     assert got["ncc_accuracy"] == want["ncc_accuracy"]
     # the data need the re-decision: trusting float32 alone (no slack) gets them wrong
+    # (the torch route's float32 products; the C kernels decide in float64 throughout)
+    monkeypatch.setenv(native.SWITCH, "0")
     monkeypatch.setattr(decisions, "F32_UNIT", 0.0)
     rough = measure(features, labels, weight, bias, class_means=given)
     assert rough["ncc_accuracy"] != want["ncc_accuracy"]
@@ -268,7 +270,7 @@ def test_near_tied_centre_decisions_match_float64(other_means, monkeypatch):
 
 
 @pytest.mark.parametrize("workers", [2, 3])
-def test_worker_threads_give_the_reference_numbers(workers):
+def test_worker_threads_give_the_reference_numbers(workers, kernels):
     """On the CPU each pass shares rows among torch.get_num_threads() workers and merges."""
     features, labels, weight, bias = clusters(7, 12, 40, imbalance=True, seed=13)
     want = reference_metrics(features, labels, weight, bias)

@@ -1,0 +1,130 @@
+"""measure's C kernels (nctools/kernels/passes.c): the torch route's numbers, built once.
+
+The kernels and the torch route compute the same float64 quantities in different
+orders, so every metric agrees to rounding and every NC4 decision exactly; the
+reference comparisons of test_metrics.py run through both routes as well.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from reference import reference_metrics
+from test_metrics import CONTRACT_KEYS, clusters
+
+from nctools import ClassStats, measure, native
+from nctools.measure import class_means
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler here")
+
+
+def both_routes(monkeypatch, *args, **kwargs):
+    """measure(*args) through the kernels, then through the torch route."""
+    fused = measure(*args, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setenv(native.SWITCH, "0")
+        plain = measure(*args, **kwargs)
+    return fused, plain
+
+
+def assert_same(fused, plain):
+    for key in CONTRACT_KEYS:
+        assert math.isclose(fused[key], plain[key], rel_tol=1e-11, abs_tol=1e-13), (
+            key, fused[key], plain[key],
+        )  # fmt: skip
+    for key in ("ncc_mismatch", "accuracy", "ncc_accuracy"):
+        assert fused[key] == plain[key], key
+
+
+CASES = [
+    dict(num_classes=2, dim=3, per_class=9),
+    dict(num_classes=3, dim=5, per_class=13, imbalance=True),
+    dict(num_classes=7, dim=33, per_class=40, imbalance=True, spread=2.5),
+    dict(num_classes=12, dim=40, per_class=25, spread=3.0),
+    dict(num_classes=6, dim=16, per_class=30, spread=1e-3, offset=1e3),  # collapsed
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("other_means", [False, True])
+def test_kernels_give_the_torch_route_numbers(case, other_means, monkeypatch):
+    """Small call slices, row blocks and matrix slices, so every remainder is taken."""
+    monkeypatch.setattr(native, "CALL_ROWS", 10)
+    monkeypatch.setattr(native, "CACHE_DOUBLES", 8 * case["dim"])  # blocks of 8 rows
+    features, labels, weight, bias = clusters(**case)
+    given = None
+    if other_means:
+        given = class_means(features, labels, case["num_classes"]).numpy() + 0.3
+    fused, plain = both_routes(monkeypatch, features, labels, weight, bias, class_means=given)
+    assert_same(fused, plain)
+    want = reference_metrics(features, labels, weight, bias, class_means=given)
+    for key in CONTRACT_KEYS:
+        assert math.isclose(fused[key], want[key], rel_tol=1e-7, abs_tol=1e-12), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_every_float_dtype_and_a_strided_view(dtype, monkeypatch):
+    features, labels, weight, bias = clusters(5, 20, 30, imbalance=True, seed=3)
+    low = torch.tensor(features).to(dtype)
+    strided = low.T.contiguous().T  # same values, column-major: not row-contiguous
+    assert not strided.is_contiguous()
+    fused, plain = both_routes(monkeypatch, strided, labels, weight, bias)
+    assert_same(fused, plain)
+    want = reference_metrics(low.double().numpy(), labels, weight, bias)
+    for key in CONTRACT_KEYS:
+        assert math.isclose(fused[key], want[key], rel_tol=1e-9, abs_tol=1e-12), key
+
+
+def test_class_sums_in_any_chunking(kernels):
+    """Pass 1 (counts and means only) through the kernels, chunk by chunk."""
+    features, labels, _, _ = clusters(6, 11, 20, imbalance=True, offset=50.0, seed=8)
+    stats = ClassStats(6, 11, basis=torch.zeros(11, 0))
+    for start in range(0, len(labels), 17):
+        stats.update(torch.tensor(features[start : start + 17]), labels[start : start + 17])
+    want = np.stack([features[labels == c].mean(0) for c in range(6)])
+    np.testing.assert_allclose(stats.class_means().numpy(), want, rtol=1e-13)
+    np.testing.assert_array_equal(stats.counts.numpy(), np.bincount(labels))
+
+
+def test_built_once_then_loaded_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NCTOOLS_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_state", {})
+    assert native.available()
+    built = native.built_path()
+    assert built.parent == tmp_path and built.exists()
+    stamp = built.stat().st_mtime_ns
+    monkeypatch.setattr(native, "_state", {})  # as a new process starts
+
+    def no_build(*args):
+        raise AssertionError("the cached build was not used")
+
+    monkeypatch.setattr(native, "_build", no_build)
+    assert native.available()
+    assert built.stat().st_mtime_ns == stamp
+
+
+def test_an_unloadable_cached_file_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("NCTOOLS_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_state", {})
+    native.built_path().write_bytes(b"not a shared library")
+    assert native.available()
+    assert native.built_path().read_bytes() != b"not a shared library"
+
+
+def test_without_a_compiler_measure_takes_the_torch_route(tmp_path, monkeypatch):
+    monkeypatch.setenv("NCTOOLS_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(native, "_state", {})
+    assert not native.available()
+    assert list(tmp_path.iterdir()) == []  # no half-written file left behind
+    features, labels, weight, bias = clusters(4, 9, 15, seed=5)
+    want = reference_metrics(features, labels, weight, bias)
+    got = measure(features, labels, weight, bias)
+    for key in CONTRACT_KEYS:
+        assert math.isclose(got[key], want[key], rel_tol=1e-9, abs_tol=1e-12), key
+
+
+def test_the_switch_turns_the_kernels_off(monkeypatch):
+    monkeypatch.setenv(native.SWITCH, "0")
+    assert native.library() is None and not native.available()
