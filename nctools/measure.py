@@ -258,15 +258,18 @@ def _accumulate(
         else:
             parts[i].update(feats, labs, on_block=None if tallies[i] is None else tallies[i].add)
 
-    with intra_op_threads(1), ThreadPoolExecutor(workers) as pool:
+    with intra_op_threads(1), ThreadPoolExecutor(max(1, workers - 1)) as pool:
         for feats, labs in chunks():
             step = -(-labs.shape[0] // workers)
             shares = [slice(i * step, (i + 1) * step) for i in range(workers)]
-            jobs = [pool.submit(work, i, feats[r], labs[r]) for i, r in enumerate(shares)]
+            jobs = [pool.submit(work, i, feats[r], labs[r]) for i, r in enumerate(shares) if i]
+            # share 0 runs here: waiting for a pool thread to win the GIL back from the
+            # others' Python preamble would start it up to a switch interval (5 ms) late
+            work(0, feats[shares[0]], labs[shares[0]])
             for job in jobs:
                 job.result()
-    for part in parts[1:]:
-        parts[0].merge(part)
+        for part in parts[1:]:  # C x D work: waking the intra-op threads would cost more
+            parts[0].merge(part)
     if tally is not None:
         for other in tallies[1:]:
             tallies[0].tallied += other.counts.to(torch.int64)

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from nctools.stats import ClassStats
 
 SOURCE = Path(__file__).with_name("kernels") / "passes.c"
-ABI = 3  # nct_abi() of the source this module speaks to
+ABI = 4  # nct_abi() of the source this module speaks to
 SWITCH = "NCTOOLS_NATIVE"  # "0" turns the kernels off
 # -ffp-contract=fast: fused multiply-adds, which ISO C modes would otherwise forbid
 FLAG_SETS = (
@@ -108,7 +108,7 @@ def _build(compiler: str, target: Path) -> None:
     for flags in FLAG_SETS:
         command = [compiler, "-O3", "-std=c99", "-fPIC", "-shared", *flags, str(SOURCE)]
         done = subprocess.run(
-            [*command, "-o", str(temporary)], capture_output=True, timeout=300, check=False
+            [*command, "-o", str(temporary), "-lm"], capture_output=True, timeout=300, check=False
         )
         if done.returncode == 0:
             os.replace(temporary, target)
@@ -134,7 +134,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, name).restype = None
     for name in ("nct_second_pass_f32", "nct_second_pass_f64"):
         getattr(lib, name).argtypes = [_POINTER, _POINTER, _INT, _INT, _INT, _POINTER,
-                                       _POINTER, _INT, _INT, *[_POINTER] * 8, _INT]  # fmt: skip
+                                       _POINTER, _INT, _INT, *[_POINTER] * 13, _INT]  # fmt: skip
         getattr(lib, name).restype = None
 
 
@@ -170,14 +170,18 @@ class SecondPass:
         self.lib = lib
         self.num_classes, self.dim = stats.num_classes, stats.dim
         self.width = stats.basis.shape[1]
-        weight_t = tally.classifier.matrix  # (D, C)
-        rows = [stats.basis_t, weight_t.T] + ([] if tally.in_basis else [tally.ncc.matrix.T])
-        self.matrix = torch.cat(rows).to(F64).contiguous()  # (k + C [+ C], D)
+        rows = [stats.basis_t] + ([] if tally.in_basis else [tally.ncc.matrix.T])
+        self.matrix = torch.cat(rows).to(F64).contiguous()  # (k [+ C], D): float64 products
         self.coords = tally.ncc.matrix.T.contiguous() if tally.in_basis else None  # (C, k)
-        self.shift = stats.shift.contiguous()
-        # h.w_q + b_q = x.w_q + (s_y.w_q + b_q): row y of the classifier's offset
-        self.cls_offset = (self.shift @ weight_t + tally.classifier.offset).contiguous()
         self.ncc_offset = tally.centre_offset.expand(self.num_classes, -1).contiguous()
+        self.shift = stats.shift.contiguous()
+        # The classifier as SureArgmax scores it: float32 products, bound, float64 rescue,
+        # where h.w_q + b_q = x.w_q + (s_y.w_q + b_q) (row y of the float64 offset).
+        rule = tally.classifier
+        self.w32, self.b32 = rule.matrix32.contiguous(), rule.offset32.contiguous()
+        self.w64 = rule.matrix.T.contiguous()  # (C, D)
+        self.cls_offset = (self.shift @ rule.matrix + rule.offset).contiguous()
+        self.bound = torch.tensor([rule.unit, rule.max_norm, rule.max_offset], dtype=F64)
 
     @classmethod
     def for_pass(cls, stats: ClassStats, tally: DecisionTally | None) -> SecondPass | None:
@@ -198,14 +202,18 @@ class SecondPass:
         stats.counts += torch.bincount(y, minlength=self.num_classes).to(F64)
         events = torch.zeros(3, dtype=torch.int64)
         block = max(4, CACHE_DOUBLES // self.dim // 4 * 4)  # rows: a multiple of the tile
-        work = torch.empty(block * (self.dim + self.matrix.shape[0] + self.num_classes), dtype=F64)
+        work = torch.empty(block * (self.dim + self.matrix.shape[0] + self.num_classes + 1),
+                           dtype=F64)  # fmt: skip
+        work32 = torch.empty(block * (self.dim + self.num_classes), dtype=torch.float32)
         coords = None if self.coords is None else self.coords.data_ptr()
         for rows, y_rows, suffix in _rows(h, y):
             getattr(self.lib, f"nct_second_pass_{suffix}")(
                 rows.data_ptr(), y_rows.data_ptr(), rows.shape[0], self.dim, self.num_classes,
                 self.shift.data_ptr(), self.matrix.data_ptr(), self.matrix.shape[0],
-                self.width, coords, self.cls_offset.data_ptr(), self.ncc_offset.data_ptr(),
-                stats.sums.data_ptr(), stats.sq_norms.data_ptr(), stats.scatter.data_ptr(),
-                events.data_ptr(), work.data_ptr(), block,
+                self.width, coords, self.ncc_offset.data_ptr(), self.w32.data_ptr(),
+                self.b32.data_ptr(), self.w64.data_ptr(), self.cls_offset.data_ptr(),
+                self.bound.data_ptr(), stats.sums.data_ptr(), stats.sq_norms.data_ptr(),
+                stats.scatter.data_ptr(), events.data_ptr(), work.data_ptr(),
+                work32.data_ptr(), block,
             )  # fmt: skip
         tally.tallied += events.to(tally.tallied.device)

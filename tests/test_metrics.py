@@ -227,21 +227,26 @@ def test_bad_bias_num_classes_and_class_means():
         measure(features.tolist(), labels, weight)
 
 
-def test_near_tied_classifier_decisions_match_float64(kernels):
-    """Logits closer than float32 can resolve are re-decided in float64 (NC4 exactness)."""
+def test_near_tied_classifier_decisions_match_float64(kernels, monkeypatch):
+    """Logits closer than float32 can resolve are re-decided in float64 (NC4 exactness),
+    by the torch route and by the C kernels alike (both score the classifier in float32)."""
     features, labels, weight, bias = clusters(6, 16, 60, spread=2.0, seed=12)
-    weight[1] = weight[0] + 1e-9 * np.random.default_rng(0).normal(size=16)  # near twins
+    weight[1] = weight[0] + 1e-7 * np.random.default_rng(0).normal(size=16)  # near twins
     bias[1] = bias[0]
     want = reference_metrics(features, labels, weight, bias)
-    got = measure(
+    args = (
         torch.tensor(features, dtype=torch.float32).double(),
         torch.from_numpy(labels),
         torch.from_numpy(weight),
         torch.from_numpy(bias),
     )
+    got = measure(*args)
     assert got["accuracy"] == want["accuracy"]
     assert got["ncc_mismatch"] == want["ncc_mismatch"]
     assert (np.argmax(features @ weight.T + bias, 1) == 1).sum() > 0  # class 1 does win rows
+    # the data need the re-decision: trusting float32 alone (no slack) gets them wrong
+    monkeypatch.setattr(decisions, "F32_UNIT", 0.0)
+    assert measure(*args)["accuracy"] != want["accuracy"]
 
 
 @pytest.mark.parametrize("other_means", [False, True])
