@@ -48,17 +48,20 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("other_means", [False, True])
-def test_kernels_give_the_torch_route_numbers(case, other_means, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kernels_give_the_torch_route_numbers(case, other_means, dtype, monkeypatch):
     """Small call slices, row blocks and matrix slices, so every remainder is taken."""
     monkeypatch.setattr(native, "CALL_ROWS", 10)
     monkeypatch.setattr(native, "CACHE_DOUBLES", 8 * case["dim"])  # blocks of 8 rows
     features, labels, weight, bias = clusters(**case)
+    features = torch.tensor(features).to(dtype)
+    values = features.double().numpy()  # what the reference sees: the values dtype holds
     given = None
     if other_means:
         given = class_means(features, labels, case["num_classes"]).numpy() + 0.3
     fused, plain = both_routes(monkeypatch, features, labels, weight, bias, class_means=given)
     assert_same(fused, plain)
-    want = reference_metrics(features, labels, weight, bias, class_means=given)
+    want = reference_metrics(values, labels, weight, bias, class_means=given)
     for key in CONTRACT_KEYS:
         assert math.isclose(fused[key], want[key], rel_tol=1e-7, abs_tol=1e-12), key
 

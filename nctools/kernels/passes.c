@@ -131,6 +131,7 @@ CLASS_SUMS(nct_class_sums_f64, double)
  * Rows go in blocks of block_rows (a multiple of TILE) and mat in slices of as many
  * rows, so that a block and a slice stay in the L2 cache together. work holds
  * block_rows * (D + m + C + 1) doubles, work32 block_rows * (D + C) floats. */
+#define IS_F32(T) (sizeof(T) == sizeof(float))
 #define SECOND_PASS(NAME, T)                                                                 \
     void NAME(const T *h, const int64_t *y, int64_t n, int64_t D, int64_t C,                 \
               const double *shift, const double *mat, int64_t m, int64_t k,                  \
@@ -144,7 +145,7 @@ CLASS_SUMS(nct_class_sums_f64, double)
         float *h32 = work32, *scores = h32 + block_rows * D;                                 \
         for (int64_t start = 0; start < n; start += block_rows) {                            \
             int64_t rows = n - start < block_rows ? n - start : block_rows;                  \
-            int64_t tiles = (rows + TILE - 1) / TILE;                                        \
+            int64_t tiles = (rows + TILE - 1) / TILE, whole = rows / TILE * TILE;            \
             for (int64_t r = 0; r < tiles * TILE; r++) {                                     \
                 double *xr = x + r * D;                                                      \
                 float *hr = h32 + r * D;                                                     \
@@ -160,10 +161,12 @@ CLASS_SUMS(nct_class_sums_f64, double)
                 for (int64_t j = 0; j < D; j++) {                                            \
                     double v = (double)row[j] - s[j];                                        \
                     xr[j] = v; sum[j] += v; sq += v * v;                                     \
-                    hr[j] = (float)row[j]; hh += (double)row[j] * (double)row[j];            \
+                    hh += (double)row[j] * (double)row[j];                                   \
                 }                                                                            \
                 sq_norms[c] += sq;                                                           \
                 norms[r] = sqrt(hh);                                                         \
+                if (!IS_F32(T) || r >= whole) /* float32 rows, padded to whole tiles */      \
+                    for (int64_t j = 0; j < D; j++) hr[j] = (float)row[j];                   \
             }                                                                                \
             for (int64_t q = 0; q < m; q += block_rows) {                                    \
                 int64_t cols = m - q < block_rows ? m - q : block_rows;                      \
@@ -172,7 +175,9 @@ CLASS_SUMS(nct_class_sums_f64, double)
                               out + t * TILE * m + q, m);                                    \
             }                                                                                \
             for (int64_t t = 0; t < tiles; t++) {                                            \
-                tile_dots_f32(h32 + t * TILE * D, D, w32, D, C, D, scores + t * TILE * C, C); \
+                const float *h32_tile = IS_F32(T) && (t + 1) * TILE <= whole                 \
+                    ? (const float *)(h + (start + t * TILE) * D) : h32 + t * TILE * D;      \
+                tile_dots_f32(h32_tile, D, w32, D, C, D, scores + t * TILE * C, C);          \
                 if (coords)                                                                  \
                     tile_dots(out + t * TILE * m, m, coords, k, C, k, near + t * TILE * C, C); \
             }                                                                                \
