@@ -109,10 +109,10 @@ def run_case(n: int, d: int, c: int, repeats: int, route: str) -> dict[str, floa
 
 
 def loop_seconds(n: int, d: int, c: int) -> float:
-    """The per-sample loop on LOOP_SUBSET samples, scaled linearly to n."""
+    """The per-sample loop on LOOP_SUBSET samples (median of 3 runs), scaled linearly to n."""
     features, labels, _, _ = synthetic(n, d, c)
     subset = min(LOOP_SUBSET, n)
-    t_loop = median_seconds(lambda: per_sample_loop(features[:subset], labels[:subset], c), 1)
+    t_loop = median_seconds(lambda: per_sample_loop(features[:subset], labels[:subset], c), 3)
     return t_loop * n / subset
 
 
@@ -131,7 +131,7 @@ def main() -> None:
         print("the C kernels cannot be built here (no compiler?): timing the torch route only")
         routes = ["torch"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; per-sample loop timed "
-          f"on {LOOP_SUBSET} samples and scaled linearly to N")  # fmt: skip
+          f"on {LOOP_SUBSET} samples (median of 3) and scaled linearly to N")  # fmt: skip
     header = (
         f"{'N':>7} {'D':>5} {'C':>4} {'route':>7} | {'measure s':>9} {'H^T H s':>8} "
         f"{'ratio':>6} | {'loop s':>8} {'speedup':>8} | {'peak MiB':>8} {'x feats':>7}"
