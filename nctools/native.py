@@ -42,7 +42,8 @@ FLAG_SETS = (
     ("-ffp-contract=fast", "-fopenmp-simd"),
     (),
 )
-CALL_ROWS = 1 << 14  # rows per kernel call: bounded scratch for float16 input
+CALL_ROWS = 1 << 14  # rows per kernel call (Ctrl-C is seen between calls)
+COPY_ELEMENTS = 1 << 18  # values per call when rows must be copied: 1 MiB of float32
 CACHE_DOUBLES = 1 << 14  # a block of rows (and a slice of the matrix) in pass 2: 128 KiB
 F64 = torch.float64
 _POINTER, _INT = ctypes.c_void_p, ctypes.c_int64
@@ -140,12 +141,15 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 def _rows(features: Tensor, labels: Tensor):
     """(float32 or float64 contiguous rows, int64 contiguous labels, dtype suffix) in
-    slices of CALL_ROWS; float16/bfloat16 become float32 (exactly) one slice at a time."""
-    for start in range(0, features.shape[0], CALL_ROWS):
-        h = features[start : start + CALL_ROWS]
+    slices of CALL_ROWS rows; float16/bfloat16 (and non-contiguous) rows are copied to
+    float32 (exactly) one slice of COPY_ELEMENTS at a time."""
+    ready = features.dtype in (torch.float32, F64) and features.is_contiguous()
+    step = CALL_ROWS if ready else max(1, COPY_ELEMENTS // max(1, features.shape[1]))
+    for start in range(0, features.shape[0], step):
+        h = features[start : start + step]
         if h.dtype not in (torch.float32, F64):
             h = h.float()
-        y = labels[start : start + CALL_ROWS].to(torch.int64).contiguous()
+        y = labels[start : start + step].to(torch.int64).contiguous()
         yield h.contiguous(), y, "f64" if h.dtype == F64 else "f32"
 
 

@@ -68,6 +68,7 @@ def test_kernels_give_the_torch_route_numbers(case, other_means, dtype, monkeypa
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_every_float_dtype_and_a_strided_view(dtype, monkeypatch):
+    monkeypatch.setattr(native, "COPY_ELEMENTS", 7 * 20)  # copied in slices of 7 rows
     features, labels, weight, bias = clusters(5, 20, 30, imbalance=True, seed=3)
     low = torch.tensor(features).to(dtype)
     strided = low.T.contiguous().T  # same values, column-major: not row-contiguous
