@@ -7,20 +7,20 @@ Usage::
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import math
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import UnionType
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any
 
 import yaml
 
+from nctools import typed_yaml
 from nctools.errors import ConfigError
+from nctools.typed_yaml import show as _show
 
 
 @dataclass
@@ -92,9 +92,8 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------
-# Loading: YAML -> dataclasses, with errors that name the file and the dotted key.
+# Loading: YAML -> dataclasses (nctools.typed_yaml), errors naming the file and key.
 
-_SCI_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 LOSSES = ("ce", "mse")
 SCHEDULES = ("multistep", "cosine", "constant")
@@ -102,196 +101,14 @@ SNAPSHOT_DTYPES = ("float32", "float16")
 SPLITS = ("train", "test")
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice (PyYAML silently keeps the last)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _yaml_type(value: Any) -> str:
-    """The YAML name of a Python value's type, for error messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, dict):
-        return "mapping"
-    return type(value).__name__
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _describe(tp: Any) -> str:
-    """``int | None`` -> ``'int or null'``; ``list[float]`` -> ``'list of float'``."""
-    if tp is type(None):
-        return "null"
-    if get_origin(tp) in (Union, UnionType):
-        return " or ".join(_describe(arg) for arg in get_args(tp))
-    if get_origin(tp) is list:
-        return f"list of {_describe(get_args(tp)[0])}"
-    return tp.__name__
-
-
-def _coerce(value: Any, tp: Any) -> Any:
-    """Return ``value`` as type ``tp`` or raise TypeError; only int -> float converts."""
-    if get_origin(tp) in (Union, UnionType):
-        for arg in get_args(tp):
-            try:
-                return _coerce(value, arg)
-            except TypeError:
-                continue
-        raise TypeError
-    if tp is type(None):
-        if value is None:
-            return None
-        raise TypeError
-    if get_origin(tp) is list:
-        if not isinstance(value, list):
-            raise TypeError
-        return [_coerce(item, get_args(tp)[0]) for item in value]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise TypeError
-    if tp is int:
-        # bool is a subclass of int in Python, but `epochs: true` is a mistake
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise TypeError
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # YAML 1.1 (PyYAML) reads `5e-4` without a dot as a string; it is meant as a number
-        if isinstance(value, str) and _SCI_FLOAT.match(value.strip()):
-            return float(value)
-        raise TypeError
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise TypeError
-    raise TypeError(f"unsupported annotation {tp!r}")  # pragma: no cover - a coding error
-
-
-def _all_keys(cls: type | None = None, prefix: str = "") -> list[str]:
-    """Every dotted key of the config, sections included: ``['name', ..., 'train.lr', ...]``."""
-    cls = Config if cls is None else cls
-    keys = []
-    for name, tp in get_type_hints(cls).items():
-        keys.append(prefix + name)
-        if is_dataclass(tp):
-            keys.extend(_all_keys(tp, f"{prefix}{name}."))
-    return keys
-
-
-def _at(source: str, key: str) -> str:
-    """``'cfg.yaml: train.lr'``, or just the key when there is no file to name."""
-    return f"{source}: {key}" if source else key
-
-
-def _unknown_key(source: str, key: str, valid: Sequence[str]) -> ConfigError:
-    # a key known in another section (`seed` under train), else a near miss among its
-    # siblings (`train.epoch`); whole dotted keys would match on the section name alone
-    section, _, leaf = key.rpartition(".")
-    same_leaf = [k for k in _all_keys() if k.rsplit(".", 1)[-1] == leaf]
-    close = [f"{section}.{m}" if section else m
-             for m in difflib.get_close_matches(leaf, valid, n=1, cutoff=0.6)]
-    hint = (f" (did you mean '{(same_leaf or close)[0]}'?)" if same_leaf or close
-            else f"; valid keys here: {', '.join(valid)}")
-    return ConfigError(f"{_at(source, key)}: unknown key{hint}")
-
-
-def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
-    """Map a (nested) mapping onto dataclass ``cls``, checking keys and types."""
-    if data is None:  # `model:` with nothing under it keeps the defaults
-        data = {}
-    where = prefix.rstrip(".") or "top level"
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{_at(source, where)}: expected a mapping, got {_yaml_type(data)} {_show(data)}"
-        )
-    hints = get_type_hints(cls)
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}{name}"
-        if name not in hints:
-            raise _unknown_key(source, key, [f.name for f in fields(cls)])
-        tp = hints[name]
-        if is_dataclass(tp):
-            kwargs[name] = _build(tp, value, key + ".", source)
-            continue
-        try:
-            kwargs[name] = _coerce(value, tp)
-        except TypeError:
-            raise ConfigError(
-                f"{_at(source, key)}: expected {_describe(tp)}, "
-                f"got {_yaml_type(value)} {_show(value)}"
-            ) from None
-    return cls(**kwargs)
-
-
 def config_from_dict(data: dict, source: str = "<dict>") -> Config:
     """Build a :class:`Config` from a nested mapping; ``source`` names it in errors."""
-    return _build(Config, data, "", source)
+    return typed_yaml.build(Config, data, source=source)
 
 
 def config_to_dict(cfg: Config) -> dict:
     """The config as a nested dict of plain YAML types (the inverse of config_from_dict)."""
     return asdict(cfg)
-
-
-def _field_type(key: str) -> Any:
-    """The annotation of dotted ``key``, or None when no such field exists."""
-    cls: Any = Config
-    tp: Any = None
-    for part in key.split("."):
-        if not is_dataclass(cls):
-            return None
-        tp = get_type_hints(cls).get(part)
-        if tp is None:
-            return None
-        cls = tp
-    return tp
-
-
-def _apply_override(data: dict, item: str) -> str:
-    """Set one ``key=value`` on the nested dict ``data``; returns the source label."""
-    source = f"--set {item}"
-    key, sep, raw = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: {key}: cannot parse value {raw!r} ({exc})") from None
-    # `--set name=2024` or `--set train.device=cuda:` mean text, whatever YAML makes of them
-    if _field_type(key) is str and not isinstance(value, str):
-        value = raw.strip()
-    parts = key.split(".")
-    node = data
-    for depth, part in enumerate(parts):
-        if not isinstance(node, dict):
-            raise ConfigError(f"{source}: {key}: unknown key ({'.'.join(parts[:depth])} "
-                              "is a value, not a section)")
-        if part not in node:
-            raise _unknown_key(source, ".".join(parts[: depth + 1]), list(node))
-        if depth < len(parts) - 1:
-            node = node[part]
-    leaf = parts[-1]
-    if isinstance(node.get(leaf), dict) and isinstance(value, dict):
-        node[leaf].update(value)  # `train={epochs: 3}` changes one key, keeps the rest
-    else:
-        node[leaf] = value
-    return source
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
@@ -302,32 +119,14 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
     Raises ConfigError naming the file (or the override) and the dotted key at fault.
     """
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file ({exc.strerror or exc})") from None
-    try:
-        data = yaml.load(text, Loader=_StrictLoader)  # safe: a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" line {mark.line + 1}:" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{path}:{line} YAML syntax error: {problem}") from None
-    if not isinstance(data, dict):
-        got = "an empty file" if data is None else f"{_yaml_type(data)} {_show(data)}"
-        raise ConfigError(
-            f"{path}: top level must be a mapping with keys "
-            f"{', '.join(f.name for f in fields(Config))}; got {got}"
-        )
+    data = typed_yaml.read_mapping(path, Config)
     cfg = config_from_dict(data, str(path))
     if overrides:
         if isinstance(overrides, str):  # a lone string would be split into characters
             overrides = [overrides]
         merged = config_to_dict(cfg)
         for item in overrides:
-            source = _apply_override(merged, item)
+            source = typed_yaml.apply_override(Config, merged, item)
             cfg = config_from_dict(merged, source)  # type errors name the override at fault
     try:
         validate(cfg)
@@ -344,39 +143,20 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
     atomic_write_text(path, text)
 
 
-def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for name, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{name}."))
-        else:
-            flat[prefix + name] = value
-    return flat
-
-
-def _format_value(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list):
-        return "[" + ", ".join(_format_value(v) for v in value) + "]"
-    return str(value)
-
-
 def diff_configs(a: Config, b: Config, ignore: Sequence[str] = ()) -> list[str]:
     """Lines ``"train.lr: 0.05 -> 0.1"`` for every dotted key where ``a`` and ``b`` differ.
 
     ``ignore`` lists dotted keys (or whole sections, e.g. ``"train"``) left out of the
     comparison, for settings that may change on resume such as ``train.device``.
     """
-    flat_a, flat_b = _flatten(config_to_dict(a)), _flatten(config_to_dict(b))
+    flat_a, flat_b = (typed_yaml.flatten(config_to_dict(x)) for x in (a, b))
     lines = []
     for key in flat_a:
         if any(key == skip or key.startswith(skip + ".") for skip in ignore):
             continue
         if flat_a[key] != flat_b[key]:
-            lines.append(f"{key}: {_format_value(flat_a[key])} -> {_format_value(flat_b[key])}")
+            show = typed_yaml.format_value
+            lines.append(f"{key}: {show(flat_a[key])} -> {show(flat_b[key])}")
     return lines
 
 
@@ -449,7 +229,7 @@ def validate(cfg: Config) -> None:
     Data set and architecture names are checked where their lists live (data.py, models.py).
     """
     # a Config built in code has not been through the loader's type checks
-    cfg = _build(Config, config_to_dict(cfg), "", "")
+    cfg = typed_yaml.build(Config, config_to_dict(cfg))
     data, model, train, snap = cfg.data, cfg.model, cfg.train, cfg.snapshot
     _check(bool(cfg.name.strip()), "name", "a non-empty string", cfg.name)
     _check(cfg.seed >= 0, "seed", ">= 0", cfg.seed)
