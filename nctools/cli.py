@@ -175,7 +175,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _check_resume_changes(run: Path, cfg) -> None:
     """Refuse a CONFIG or --set that would change the run being resumed (never ignore it)."""
     from nctools.config import diff_configs, load_config
-    from nctools.train import RESUME_MAY_CHANGE
+    from nctools.run_state import RESUME_MAY_CHANGE
 
     diffs = diff_configs(load_config(run / "config.yaml"), cfg, ignore=RESUME_MAY_CHANGE)
     if diffs:

@@ -1,0 +1,205 @@
+"""What a training run holds, and what of it survives on disk: checkpoint, manifest, resume.
+
+Usage (by :mod:`nctools.train`)::
+
+    config, checkpoint = open_run(run_dir, config, resume)   # new, resumed or finished run
+    start = load_checkpoint(run, checkpoint)                 # the last completed epoch
+    with StopOnSignal() as stop: ...                         # Ctrl-C / SIGTERM: stop cleanly
+
+A checkpoint holds the model, optimizer, scheduler and RNG states (tensors and plain values,
+loadable with ``weights_only``); the manifest (``run.json``) says how far the run got and
+how it ended. A run directory holding a run of another config is refused, unless resumed
+with its own saved config; only ``RESUME_MAY_CHANGE`` may differ silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import warnings
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import nctools
+from nctools import store
+from nctools.config import Config, diff_configs, load_config
+from nctools.data import Dataset
+from nctools.distributed import DistInfo
+from nctools.errors import CheckpointError, RunError
+from nctools.writer import BackgroundWriter
+
+log = logging.getLogger("nctools.train")
+
+CONFIG_FILE, CHECKPOINT_FILE = store.CONFIG_FILE, store.CHECKPOINT_FILE
+# where a run continues, and how often it looks at the test split, do not change what it is
+RESUME_MAY_CHANGE = ("train.device", "train.eval_every")
+
+
+class StopOnSignal:
+    """The first Ctrl-C (SIGINT) or SIGTERM (what a batch scheduler sends before its
+    time limit) asks the loop to stop after the current step, with a resumable state on
+    disk; a second signal aborts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, at_epoch_end: bool = False) -> None:
+        self.requested = False
+        # under torchrun the ranks stop together after the epoch (agreed in its all_reduce):
+        # a rank that left mid-epoch would leave the others waiting in a collective
+        self.at_epoch_end = at_epoch_end
+        self.agreed = False  # some rank was signalled before the last epoch's all_reduce
+        self._previous: dict[int, object] = {}
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether to stop now that an epoch is complete (the same on every rank)."""
+        return self.agreed if self.at_epoch_end else self.requested
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("%s received: stopping after the current %s (again to abort)",
+                    signal.Signals(signum).name, "epoch" if self.at_epoch_end else "step")
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+
+@dataclass
+class Run:
+    """What one training run holds while it trains."""
+
+    config: Config
+    run_dir: Path
+    dist: DistInfo
+    device: torch.device
+    dataset: Dataset
+    model: nn.Module  # the bare network: features, classifier, state_dict
+    net: nn.Module  # what trains: the model, or its distributed wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    schedule: list[int]  # snapshot epochs
+    autocast: AbstractContextManager
+    manifest: dict
+    tpt_onset: int | None = None
+    writer: BackgroundWriter = field(default_factory=BackgroundWriter)  # per-epoch files
+
+
+def record_progress(run: Run, progress: dict) -> None:
+    """Once the checkpoint is on disk: the manifest says how far the run got."""
+    run.manifest.update(progress)
+    store.write_manifest(run.run_dir, dict(run.manifest))
+
+
+def save_checkpoint(run: Run, epoch: int) -> None:
+    """Write the training state now (see :func:`checkpoint_state`)."""
+    store.save_checkpoint(run.run_dir / CHECKPOINT_FILE, checkpoint_state(run, epoch))
+
+
+def checkpoint_state(run: Run, epoch: int) -> dict:
+    """Model, optimizer, scheduler, RNG state: tensors and plain values (weights_only)."""
+    return {
+        "epoch": epoch,
+        "tpt_onset_epoch": run.tpt_onset,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else [],
+        "nctools_version": nctools.__version__,
+    }
+
+
+def load_checkpoint(run: Run, path: Path) -> int:
+    """Restore ``run`` from ``path``; returns the last completed epoch."""
+    state = store.load_checkpoint(path)
+    try:
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if run.device.type == "cuda":  # a resumed run may see fewer GPUs than it saved
+            for index, rng in enumerate(state["rng_cuda"][: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(rng, index)
+        run.tpt_onset = state["tpt_onset_epoch"]
+        return int(state["epoch"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: cannot resume from this checkpoint ({e})") from e
+
+
+def open_run(run_dir: Path, config: Config, resume: bool) -> tuple[Config | None, Path | None]:
+    """Decide between a new run, a resumed one and a finished one.
+
+    Returns the config to train with (None when the run is already complete) and the
+    checkpoint to resume from (None for a fresh start).
+    """
+    saved_path = run_dir / CONFIG_FILE
+    if not saved_path.exists():
+        if resume:
+            raise RunError(f"{run_dir}: no run to resume (no {CONFIG_FILE} there)")
+        if run_dir.is_dir() and any(not store.is_temp_name(p.name) for p in run_dir.iterdir()):
+            raise RunError(
+                f"{run_dir} holds files but no nctools run (no {CONFIG_FILE}); use another "
+                "--out, or an empty or new folder"
+            )
+        return config, None
+    saved = load_config(saved_path)
+    diffs = diff_configs(saved, config, ignore=RESUME_MAY_CHANGE)
+    if diffs and not resume:
+        raise RunError(
+            f"{run_dir} holds a run of another config ({'; '.join(diffs)}); use another "
+            "--out, or pass resume=True / --resume to continue it with its saved config"
+        )
+    if diffs:
+        warnings.warn(f"{run_dir}: resuming with its saved {CONFIG_FILE}; ignored: "
+                      f"{'; '.join(diffs)}", stacklevel=3)
+    manifest = store.read_manifest(run_dir) if (run_dir / store.MANIFEST_FILE).exists() else {}
+    if manifest.get("status") == "completed" and manifest.get("epochs_done") == saved.train.epochs:
+        log.info("%s is complete (%d epochs); nothing to do", run_dir, saved.train.epochs)
+        return None, None
+    checkpoint = run_dir / CHECKPOINT_FILE
+    config = replace(saved, train=replace(saved.train, device=config.train.device))
+    return config, checkpoint if checkpoint.exists() else None
+
+
+def new_manifest(config: Config, dataset: Dataset, model: nn.Module, device, schedule,
+                 world_size: int = 1) -> dict:
+    """The manifest (``run.json``) of a run that starts or resumes now."""
+    return {
+        "name": config.name,
+        "status": "running",
+        "nctools_version": nctools.__version__,
+        "torch_version": torch.__version__,
+        "device": str(device),
+        "world_size": world_size,
+        "dataset": dataset.name,
+        "num_train": len(dataset.train),
+        "num_test": len(dataset.test),
+        "num_classes": dataset.num_classes,
+        "feature_dim": model.classifier.in_features,
+        "epochs": config.train.epochs,
+        "epochs_done": 0,
+        "tpt_onset_epoch": None,
+        "snapshot_epochs": list(schedule),
+    }
+
+
+def set_status(run: Run, status: str) -> None:
+    """Record how the run ended (completed, interrupted, diverged) once its files are."""
+    run.writer.wait()  # the epoch's own files first; a failed one raises here
+    run.manifest["status"] = status
+    if run.dist.is_main:
+        store.write_manifest(run.run_dir, run.manifest)
