@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_epilog(
             "nctools measure --arch resnet18 --checkpoint runs/c10/checkpoint.pt "
             "--dataset cifar10 --split test --json",
+            "nctools measure --arch convnet --checkpoint model.pt --dataset mnist5k "
+            "--set model.width=16 --set data.samples_per_class=50",
         ),
     )
     p.add_argument("--arch", required=True, help="network architecture, e.g. resnet18")
@@ -132,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", metavar="DIR", help="where torchvision data sets live")
     p.add_argument("--batch-size", type=int, default=256, metavar="B")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a data.*, model.* or seed setting (repeatable), e.g. "
+                        "data.samples_per_class=50 or model.width=16")  # fmt: skip
     p.set_defaults(func=cmd_measure)
     return parser
 
@@ -259,7 +264,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
     result = measure_checkpoint(
         arch=args.arch, checkpoint=args.checkpoint, dataset=args.dataset, split=args.split,
         layer=args.layer, num_classes=args.num_classes, data_root=args.data_root,
-        batch_size=args.batch_size, device=args.device,
+        batch_size=args.batch_size, device=args.device, overrides=args.overrides,
     )
     if not dist_from_env().is_main:  # every rank holds the result; rank 0 prints it
         return 0

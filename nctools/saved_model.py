@@ -14,6 +14,7 @@ a forward hook; under torchrun every rank takes its rows and the statistics are 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +28,33 @@ def _device(name: str):
         return resolve_device(name)
     except ConfigError as exc:  # same rule as train.device, named as the user wrote it
         raise ConfigError(str(exc).replace("train.device", "--device")) from None
+
+
+def _override(data_cfg, model_cfg, seed: int, overrides: Sequence[str]):
+    """(data, model, seed) settings after ``--set KEY=VALUE`` items, validated as in a run."""
+    from dataclasses import asdict
+
+    from nctools import typed_yaml
+    from nctools.config import Config, config_from_dict, validate
+
+    if isinstance(overrides, str):  # a lone string would be split into characters
+        overrides = [overrides]
+    merged = asdict(Config(seed=seed, data=data_cfg, model=model_cfg))
+    cfg = config_from_dict(merged)
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key in ("data.dataset", "model.arch"):
+            flag = "--dataset" if key == "data.dataset" else "--arch"
+            raise ConfigError(f"--set {item}: give {key} as {flag}")
+        if key != "seed" and not key.startswith(("data.", "model.")):
+            raise ConfigError(f"--set {item}: measure takes data.*, model.* and seed only")
+        source = typed_yaml.apply_override(Config, merged, item)
+        cfg = config_from_dict(merged, source)
+    try:
+        validate(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"--set: {exc}") from None
+    return cfg.data, cfg.model, cfg.seed
 
 
 def feature_layer(model, name: str | None):
@@ -86,9 +114,14 @@ def hooked_features(model, layer, split, batch_size: int, device, rows: range | 
 def measure_checkpoint(
     arch: str, checkpoint: str | Path, dataset: str, split: str = "train",
     layer: str | None = None, num_classes: int | None = None, data_root: str | None = None,
-    batch_size: int = 256, device: str = "auto",
+    batch_size: int = 256, device: str = "auto", overrides: Sequence[str] = (),
 ) -> dict[str, float]:
     """METRICS.md metrics of a saved network on ``split`` of ``dataset``.
+
+    The data and network settings are ``dataset``'s and ``arch``'s defaults, or a run's
+    (see the module docstring), then ``overrides``: ``KEY=VALUE`` of ``data.*``,
+    ``model.*`` and ``seed`` (the subsets' seed), as ``--set`` of ``nctools train``, e.g.
+    ``["data.samples_per_class=50", "model.width=16"]``.
 
     The checkpoint is read only by :func:`nctools.store.load_checkpoint`
     (``torch.load(weights_only=True)``), so it cannot run code. On the test split NC4 and
@@ -117,6 +150,8 @@ def measure_checkpoint(
         if saved.data.dataset.lower() == dataset.lower():
             # the run's subsets and their standardisation: the features it trained on
             data_cfg, seed = replace(saved.data), saved.seed
+    if overrides:
+        data_cfg, model_cfg, seed = _override(data_cfg, model_cfg, seed, overrides)
     if data_root is not None:
         data_cfg.root = data_root
     try:

@@ -314,3 +314,37 @@ def test_measure_a_run_checkpoint_uses_the_run_model_settings(capsys, tmp_path):
     expected = measure(features, labels, weight, bias)
     for key in METRIC_KEYS:
         assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-9), key
+
+
+def test_measure_set_gives_a_plain_checkpoint_the_run_settings(capsys, tmp_path):
+    """Without the run's config.yaml beside it, the same checkpoint measures the same
+    once --set gives the run's data subsets, seed and network width."""
+    from nctools.train import train
+
+    sets = ["data.dataset=synthetic", "data.samples_per_class=20", "seed=5",
+            "data.test_samples_per_class=null", "model.width=4"]
+    config = load_config(files("nctools") / "configs" / "demo.yaml",
+                         [*sets, "train.epochs=1", "snapshot.epochs=all", "train.device=cpu"])
+    run = train(config, tmp_path / "run")
+    plain = tmp_path / "plain.pt"
+    plain.write_bytes((run / "checkpoint.pt").read_bytes())
+    argv = ["--arch", "convnet", "--checkpoint", str(plain), "--dataset", "synthetic"]
+    got = run_json(capsys, *argv, *[f"--set={item}" for item in sets[1:]])
+    weight, bias = snapshots.load_classifier(run, 1)
+    features, labels = snapshots.load_split(run, 1, "train")
+    expected = measure(features, labels, weight, bias)
+    for key in METRIC_KEYS:
+        assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-9), key
+    # without them the network does not fit (width 32 by default): a one-line error
+    assert main(["measure", *argv]) == 2
+    assert "does not fit convnet" in capsys.readouterr().err
+    for bad, message in [
+        ("train.lr=0.1", "--set train.lr=0.1: measure takes data.*, model.* and seed only"),
+        ("model.arch=vgg11", "--set model.arch=vgg11: give model.arch as --arch"),
+        ("data.samples_per_clas=3", "did you mean 'data.samples_per_class'"),
+        ("data.samples_per_class=0", "--set: data.samples_per_class: must be"),
+    ]:
+        assert main(["measure", *argv, "--set", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("nctools: error: ") and message in err, err
+        assert err.count("\n") == 1
