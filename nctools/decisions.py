@@ -61,7 +61,7 @@ class DecisionTally:
         self.in_basis = centre_coords is not None and ncc_means is None
         self.classifier = SureArgmax(weight.T, bias)
         # + (s_y - r).(m_k - r) - ||m_k - r||^2 / 2: row y for the samples of class y
-        self.centre_offset = (shift - reference) @ centres.T - centres.square().sum(1) / 2
+        self.centre_offset = PairOffsets(shift - reference, centres, -centres.square().sum(1) / 2)
         self.ncc = SureArgmax(centre_coords if self.in_basis else centres.T, self.centre_offset)
         self.decisions: list[tuple[Tensor | int, Tensor, Tensor]] = []  # not yet counted
         self.pending_rows = 0
@@ -111,6 +111,41 @@ class DecisionTally:
             self._flush()
 
 
+class PairOffsets:
+    """The (C', C) offsets o[y, k] = a_y.b_k + c_k of samples labelled y, held as their
+    factors: a float32 table for the float32 scores, float64 rows formed on demand.
+
+    At C = 10,000 classes a float64 table would take 0.8 GB; the float32 one takes 0.4 GB
+    and is filled in blocks of rows, so no C x C float64 matrix exists at any time.
+
+    Args:
+        left: (C', D) float64 a_y.  right: (C, D) float64 b_k.  constant: (C,) float64 c_k.
+    """
+
+    BLOCK_ELEMENTS = 1 << 22  # float64 values of one block of rows (32 MiB)
+
+    def __init__(self, left: Tensor, right: Tensor, constant: Tensor) -> None:
+        self.left, self.right, self.constant = left, right.T.contiguous(), constant
+        self.shape = (left.shape[0], right.shape[0])
+        self.table32 = torch.empty(self.shape, dtype=torch.float32, device=left.device)
+        self.max_abs = 0.0
+        step = max(1, self.BLOCK_ELEMENTS // max(1, self.shape[1]))
+        for start in range(0, self.shape[0], step):
+            block = self.rows(torch.arange(start, min(start + step, self.shape[0])))
+            self.table32[start : start + step] = block
+            self.max_abs = max(self.max_abs, float(block.abs().max()))
+
+    def rows(self, labels: Tensor | int) -> Tensor:
+        """(len(labels), C) float64 offsets of samples labelled ``labels`` ((1, C) for an int)."""
+        if isinstance(labels, int):
+            labels = torch.tensor([labels], device=self.left.device)
+        return torch.addmm(self.constant, self.left[labels], self.right)
+
+    def full(self) -> Tensor:
+        """The whole (C', C) float64 table (for few classes)."""
+        return self.rows(torch.arange(self.shape[0], device=self.left.device))
+
+
 class SureArgmax:
     """argmax_k (x.a_k + o_k) exactly as float64 decides it, at float32 speed.
 
@@ -123,18 +158,23 @@ class SureArgmax:
 
     Args:
         matrix: (n, C) float64 A with columns a_k.
-        offset: (C,) float64 o, the same for every row, or (C', C): row y is the offset of
-            the samples labelled y.
+        offset: (C,) float64 o, the same for every row, or per label: a (C', C) float64
+            tensor or :class:`PairOffsets`, whose row y is the offset of the samples
+            labelled y.
     """
 
-    def __init__(self, matrix: Tensor, offset: Tensor) -> None:
-        self.matrix, self.offset = matrix.contiguous(), offset.contiguous()
+    def __init__(self, matrix: Tensor, offset: Tensor | PairOffsets) -> None:
+        self.matrix, self.offset = matrix.contiguous(), offset
         self.matrix32 = matrix.T.float().contiguous()  # (C, n): A^T x^T is MKL's fast shape
-        self.offset32 = offset.float()
+        if isinstance(offset, PairOffsets):
+            self.offset32, self.max_offset = offset.table32, offset.max_abs
+        else:
+            self.offset = offset.contiguous()
+            self.offset32, self.max_offset = offset.float(), float(offset.abs().max())
+        self.per_label = len(self.offset32.shape) == 2
         n = matrix.shape[0]
         self.unit = 4 * (n + 8) * F32_UNIT * (1 + 2 * (n + 2) * F32_UNIT)
         self.max_norm = float(matrix.norm(dim=0).max())
-        self.max_offset = float(offset.abs().max())
         columns = matrix.shape[1]
         # (C, 2): a row of 0/1 flags times this gives (how many are set, which one)
         self.count_index = torch.stack(
@@ -145,7 +185,7 @@ class SureArgmax:
         """Winners (rows,) int64 for x (rows, n) in any float dtype, labelled ``labels``
         (rows,) or one int for the whole block (used only with a per-label offset)."""
         x32 = x.float()
-        offset = self.offset32 if self.offset.ndim == 1 else self.offset32[labels]
+        offset = self.offset32[labels] if self.per_label else self.offset32
         scores = torch.addmm(offset.T if offset.ndim == 2 else offset[:, None],
                              self.matrix32, x32.T).T  # fmt: skip
         norms = torch.linalg.vector_norm(x32, dim=1)
@@ -157,7 +197,9 @@ class SureArgmax:
         if bool(unsure.any()):
             rows = torch.nonzero(unsure).flatten()
             offset = self.offset
-            if offset.ndim == 2:
-                offset = offset[labels] if isinstance(labels, int) else offset[labels[rows]]
+            if self.per_label:
+                wanted = labels if isinstance(labels, int) else labels[rows]
+                pair = isinstance(offset, PairOffsets)
+                offset = offset.rows(wanted) if pair else offset[wanted]
             winner[rows] = (x[rows].to(F64) @ self.matrix + offset).argmax(1)
         return winner

@@ -177,7 +177,7 @@ class SecondPass:
         rows = [stats.basis_t] + ([] if tally.in_basis else [tally.ncc.matrix.T])
         self.matrix = torch.cat(rows).to(F64).contiguous()  # (k [+ C], D): float64 products
         self.coords = tally.ncc.matrix.T.contiguous() if tally.in_basis else None  # (C, k)
-        self.ncc_offset = tally.centre_offset.expand(self.num_classes, -1).contiguous()
+        self.ncc_offset = tally.centre_offset.full().contiguous()  # (C, C): few classes
         self.shift = stats.shift.contiguous()
         # The classifier as SureArgmax scores it: float32 products, bound, float64 rescue,
         # where h.w_q + b_q = x.w_q + (s_y.w_q + b_q) (row y of the float64 offset).

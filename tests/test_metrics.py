@@ -302,3 +302,19 @@ def test_nearly_merged_classes_give_a_nonnegative_finite_nc1():
     want = reference_metrics(features, labels, weight)
     assert math.isfinite(got["nc1"]) and got["nc1"] > 0
     assert got["nc1"] == pytest.approx(want["nc1"], rel=1e-3)
+
+
+def test_pair_offsets_in_row_blocks_equal_the_whole_table(monkeypatch):
+    """The per-label NCC offsets, held as factors and filled two rows at a time."""
+    gen = torch.Generator().manual_seed(3)
+    left = torch.randn(7, 5, generator=gen, dtype=torch.float64)
+    right = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    constant = torch.randn(6, generator=gen, dtype=torch.float64)
+    want = left @ right.T + constant
+    monkeypatch.setattr(decisions.PairOffsets, "BLOCK_ELEMENTS", 2 * 6)
+    pairs = decisions.PairOffsets(left, right, constant)
+    torch.testing.assert_close(pairs.full(), want, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(pairs.table32, want.float(), rtol=1e-6, atol=1e-6)
+    assert pairs.max_abs == pytest.approx(float(want.abs().max()), rel=1e-14)
+    torch.testing.assert_close(pairs.rows(torch.tensor([4, 0])), want[[4, 0]])
+    torch.testing.assert_close(pairs.rows(3), want[3:4])
