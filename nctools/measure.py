@@ -11,7 +11,9 @@ re-centres every sample on its exact class mean, keeps Sigma_W only along the <=
 eigenvectors of Sigma_B (all NC1 needs; no D x D inverse), and tallies the classifier
 and nearest-class-centre decisions (NC4). The same passes run on chunks streamed from
 disk (`measure_chunks`) and across processes (``group``), where the statistics are
-summed with ``torch.distributed.all_reduce``.
+summed with ``torch.distributed.all_reduce``. On the CPU each pass runs through the C
+kernels of :mod:`nctools.native` (one sweep per row) when they can be built, else
+through torch operations on blocks of rows (the same numbers, to rounding).
 """
 
 from __future__ import annotations
@@ -263,8 +265,8 @@ def _accumulate(
             step = -(-labs.shape[0] // workers)
             shares = [slice(i * step, (i + 1) * step) for i in range(workers)]
             jobs = [pool.submit(work, i, feats[r], labs[r]) for i, r in enumerate(shares) if i]
-            # share 0 runs here: waiting for a pool thread to win the GIL back from the
-            # others' Python preamble would start it up to a switch interval (5 ms) late
+            # share 0 runs in this thread, which would otherwise only wait: a pool thread
+            # starts its share milliseconds late (waking a CPU, taking the GIL)
             work(0, feats[shares[0]], labs[shares[0]])
             for job in jobs:
                 job.result()

@@ -1,4 +1,4 @@
-"""Fused float64 kernels for `measure`'s two passes, compiled from C on first use.
+"""Fused kernels for `measure`'s two passes, compiled from C on first use.
 
 Usage::
 
@@ -8,7 +8,9 @@ Usage::
 `measure` calls them by itself on CPU tensors; they give the numbers of the torch route
 (`ClassStats.update` + `DecisionTally`), rounding aside, in one sweep over each row
 instead of a dozen (Papyan, Han & Donoho, PNAS 2020: the NC1 second moments along
-Sigma_B's eigenvectors and both NC4 decisions, in float64). The source is compiled
+Sigma_B's eigenvectors and both NC4 decisions, in float64; the classifier's scores in
+float32 under `decisions.SureArgmax`'s rounding bound, re-scored in float64 where the
+bound cannot decide). The source is compiled
 with the system C compiler (``$CC``, else ``cc``; -O3, -march=native where accepted) into
 a cache folder keyed by the source, the compiler and the CPU: ``$NCTOOLS_CACHE``, else
 ``$XDG_CACHE_HOME/nctools``, else ``~/.cache/nctools``. Without a compiler, or with
