@@ -10,6 +10,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from reference import reference_metrics
 from test_metrics import CONTRACT_KEYS, clusters
 
@@ -132,3 +134,25 @@ def test_without_a_compiler_measure_takes_the_torch_route(tmp_path, monkeypatch)
 def test_the_switch_turns_the_kernels_off(monkeypatch):
     monkeypatch.setenv(native.SWITCH, "0")
     assert native.library() is None and not native.available()
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    num_classes=st.integers(2, 12),
+    dim=st.integers(1, 40),
+    per_class=st.integers(1, 12),
+    float32=st.booleans(),
+    block_rows=st.sampled_from([4, 8, 64]),
+)
+def test_any_shape_gives_the_torch_route_numbers(seed, num_classes, dim, per_class, float32,
+                                                 block_rows):
+    """Shapes where D is not a multiple of the vector width, N not of the tile, C > D
+    (pass 2 then keeps the whole D x D moment, on the torch route), single-row classes."""
+    features, labels, weight, bias = clusters(num_classes, dim, per_class, imbalance=True,
+                                              spread=2.0, seed=seed)  # fmt: skip
+    inputs = torch.tensor(features, dtype=torch.float32 if float32 else torch.float64)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native, "CACHE_DOUBLES", block_rows * dim)
+        patch.setattr(native, "CALL_ROWS", 13)
+        assert_same(*both_routes(patch, inputs, labels, weight, bias))
