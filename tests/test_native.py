@@ -44,6 +44,7 @@ CASES = [
     dict(num_classes=3, dim=5, per_class=13, imbalance=True),
     dict(num_classes=7, dim=33, per_class=40, imbalance=True, spread=2.5),
     dict(num_classes=12, dim=40, per_class=25, spread=3.0),
+    dict(num_classes=20, dim=48, per_class=12, spread=3.0),  # 19 + 20 (+ 20) matrix rows
     dict(num_classes=6, dim=16, per_class=30, spread=1e-3, offset=1e3),  # collapsed
 ]
 
