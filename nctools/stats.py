@@ -27,7 +27,6 @@ with k = 0 keeps counts and sums only: the class means, in one cheap pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,11 +35,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from nctools import native
+from nctools import blocks, native
 
 F64 = torch.float64
 _STATE = ("counts", "sums", "sq_norms", "scatter")
-BLOCK_ELEMENTS = 1 << 18  # float64 elements of one centred block: 2 MiB, stays in cache
 GROUP_MIN_ROWS = 256  # group a chunk by class when classes average at least this many rows
 
 
@@ -120,13 +118,14 @@ class ClassStats:
         self,
         features: Tensor,
         labels: Tensor,
-        on_block: Callable[[Tensor | int, Tensor, Tensor, Tensor | None], None] | None = None,
+        on_block: blocks.OnBlock | None = None,
     ) -> ClassStats:
         """Add a chunk of samples.
 
         Each sample enters as x = h - s_y, formed once in float64 per cache-sized block of
-        rows and read there by a sum, a dot product and one matrix product. Two equivalent
-        routes keep those products large: with few, large classes the rows of each class
+        rows and read there by a sum, a dot product and one matrix product
+        (:mod:`nctools.blocks`). Two equivalent routes keep those products large: with
+        few, large classes the rows of each class
         are gathered block by block (a stable sort of the labels) and centred by
         broadcasting the class's shift; with many small classes, blocks of consecutive
         rows are centred by gathering each row's shift.
@@ -150,9 +149,9 @@ class ClassStats:
         if not self.keeps_moments and on_block is None:
             self._update_sums(h, y, batch_counts)
         elif h.shape[0] >= GROUP_MIN_ROWS * int((batch_counts > 0).sum()):
-            self._update_by_class(h, y, batch_counts, on_block)
+            blocks.add_by_class(self, h, y, batch_counts, on_block)
         else:
-            self._update_by_rows(h, y, on_block)
+            blocks.add_by_rows(self, h, y, on_block)
         return self
 
     def _set_new_shifts(self, h: Tensor, y: Tensor) -> None:
@@ -174,85 +173,16 @@ class ClassStats:
         """Counts and sums only: raw float64 row sums per class, then re-centred.
 
         Without second moments the shift buys no accuracy (a float64 sum of n values
-        keeps the mean to ~n * 1e-16 of their size), so blocks of consecutive rows are
-        summed as they come (no gathering) and sum(h - s_c) = sum(h) - n_c s_c.
+        keeps the mean to ~n * 1e-16 of their size), so rows are summed as they come (no
+        gathering) and sum(h - s_c) = sum(h) - n_c s_c.
         """
         raw = torch.zeros_like(self.sums)
         lib = native.library() if self.device.type == "cpu" else None
         if lib is not None:  # one fused sweep (nctools/kernels/passes.c)
             native.class_sums(lib, h, y, raw)
-            self.sums += raw - batch_counts.to(F64)[:, None] * self.shift
-            return
-        block_rows = min(max(1, BLOCK_ELEMENTS // self.dim), h.shape[0])
-        converted = torch.empty(block_rows, self.dim, dtype=F64, device=self.device)
-        for start in range(0, h.shape[0], block_rows):
-            rows = y[start : start + block_rows]
-            block = converted[: rows.shape[0]]
-            block.copy_(h[start : start + block_rows])
-            raw.index_add_(0, rows, block)
-        self.sums += raw - batch_counts.to(F64)[:, None] * self.shift
-
-    def _update_by_class(self, h: Tensor, y: Tensor, batch_counts: Tensor, on_block) -> None:
-        grouped = h.shape[0] < 2 or bool((y[1:] >= y[:-1]).all())
-        order = None if grouped else torch.argsort(y, stable=True)
-        ends, counts = torch.cumsum(batch_counts, 0).tolist(), batch_counts.tolist()
-        block_rows = min(max(1, BLOCK_ELEMENTS // self.dim), max(counts))
-        # Reused block buffers: fresh large allocations cost page faults on every call.
-        centred = torch.empty(block_rows, self.dim, dtype=F64, device=self.device)
-        gathered = None if grouped else torch.empty_like(centred, dtype=h.dtype)
-        for c in torch.nonzero(batch_counts).flatten().tolist():
-            begin = ends[c] - counts[c]
-            for start in range(begin, ends[c], block_rows):
-                stop = min(start + block_rows, ends[c])
-                if grouped:
-                    block = h[start:stop]
-                else:
-                    rows = order[start:stop]
-                    block = torch.index_select(h, 0, rows, out=gathered[: stop - start])
-                # convert, then subtract in float64: a mixed-dtype sub would allocate a
-                # float64 temporary per block (page faults, serialised across threads)
-                x = centred[: stop - start]
-                x.copy_(block).sub_(self.shift[c])
-                self.sums[c] += x.sum(0)
-                projected = None
-                if self.keeps_moments:
-                    flat = x.view(-1)
-                    self.sq_norms[c] += torch.dot(flat, flat)
-                    projected = self._add_second_moment(x)
-                if on_block is not None:
-                    on_block(c, block, x, projected)
-
-    def _update_by_rows(self, h: Tensor, y: Tensor, on_block) -> None:
-        block_rows = min(max(1, BLOCK_ELEMENTS // self.dim), h.shape[0])
-        centred = torch.empty(block_rows, self.dim, dtype=F64, device=self.device)
-        shifts = torch.empty_like(centred)
-        for start in range(0, h.shape[0], block_rows):
-            rows = y[start : start + block_rows]
-            x = centred[: rows.shape[0]]
-            x.copy_(h[start : start + block_rows])  # x = h - s_y, all in float64
-            x.sub_(torch.index_select(self.shift, 0, rows, out=shifts[: rows.shape[0]]))
-            self.sums.index_add_(0, rows, x)
-            projected = None
-            if self.keeps_moments:
-                self.sq_norms.index_add_(0, rows, torch.linalg.vector_norm(x, dim=1).square())
-                projected = self._add_second_moment(x)
-            if on_block is not None:
-                on_block(rows, h[start : start + block_rows], x, projected)
-
-    def _add_second_moment(self, x: Tensor) -> Tensor | None:
-        """Add x^T x (or its restriction to the basis) for a centred block x: (rows, D).
-
-        Returns x @ basis (rows, k), or None when the full D x D moment is kept.
-        """
-        if self.basis is None:
-            self.scatter.addmm_(x.T, x)
-            return None
-        projected_t = self.basis_t @ x.T  # (k, rows)
-        if self.diagonal:
-            self.scatter += projected_t.square().sum(1)
         else:
-            self.scatter.addmm_(projected_t, projected_t.T)
-        return projected_t.T
+            blocks.add_sums(self, h, y, raw)
+        self.sums += raw - batch_counts.to(F64)[:, None] * self.shift
 
     def checked(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """(features, int64 labels) on the state's device; ValueError if malformed."""
