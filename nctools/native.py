@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import subprocess
@@ -50,6 +51,7 @@ CACHE_DOUBLES = 1 << 14  # a block of rows (and a slice of the matrix) in pass 2
 F64 = torch.float64
 _POINTER, _INT = ctypes.c_void_p, ctypes.c_int64
 
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state: dict[str, ctypes.CDLL | None] = {}
 
@@ -90,6 +92,7 @@ def _load() -> ctypes.CDLL | None:
     """Load the built kernels, building them first if absent (or unloadable)."""
     compiler = os.environ.get("CC", "cc")
     target = built_path(compiler)
+    problem = ""
     for attempt in range(2):
         try:
             if attempt or not target.exists():
@@ -99,8 +102,9 @@ def _load() -> ctypes.CDLL | None:
                 raise OSError(f"{target}: ABI {lib.nct_abi()}, expected {ABI}")
             _declare(lib)
             return lib
-        except (OSError, subprocess.SubprocessError):
-            continue
+        except (OSError, subprocess.SubprocessError) as exc:
+            problem = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
+    log.info("C kernels unavailable (%s); measure takes the torch route, 2-3x slower", problem)
     return None
 
 

@@ -119,11 +119,13 @@ def test_an_unloadable_cached_file_is_rebuilt(tmp_path, monkeypatch):
     assert native.built_path().read_bytes() != b"not a shared library"
 
 
-def test_without_a_compiler_measure_takes_the_torch_route(tmp_path, monkeypatch):
+def test_without_a_compiler_measure_takes_the_torch_route(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("NCTOOLS_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setattr(native, "_state", {})
-    assert not native.available()
+    with caplog.at_level("INFO", logger="nctools.native"):
+        assert not native.available()
+    assert "no-such-compiler" in caplog.text and "torch route" in caplog.text  # says why
     assert list(tmp_path.iterdir()) == []  # no half-written file left behind
     features, labels, weight, bias = clusters(4, 9, 15, seed=5)
     want = reference_metrics(features, labels, weight, bias)
