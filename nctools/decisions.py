@@ -158,20 +158,18 @@ class SureArgmax:
 
     Args:
         matrix: (n, C) float64 A with columns a_k.
-        offset: (C,) float64 o, the same for every row, or per label: a (C', C) float64
-            tensor or :class:`PairOffsets`, whose row y is the offset of the samples
-            labelled y.
+        offset: (C,) float64 o, the same for every row, or per label a
+            :class:`PairOffsets`, whose row y is the offset of the samples labelled y.
     """
 
     def __init__(self, matrix: Tensor, offset: Tensor | PairOffsets) -> None:
         self.matrix, self.offset = matrix.contiguous(), offset
         self.matrix32 = matrix.T.float().contiguous()  # (C, n): A^T x^T is MKL's fast shape
-        if isinstance(offset, PairOffsets):
+        self.per_label = isinstance(offset, PairOffsets)
+        if self.per_label:
             self.offset32, self.max_offset = offset.table32, offset.max_abs
         else:
-            self.offset = offset.contiguous()
             self.offset32, self.max_offset = offset.float(), float(offset.abs().max())
-        self.per_label = len(self.offset32.shape) == 2
         n = matrix.shape[0]
         self.unit = 4 * (n + 8) * F32_UNIT * (1 + 2 * (n + 2) * F32_UNIT)
         self.max_norm = float(matrix.norm(dim=0).max())
@@ -198,8 +196,6 @@ class SureArgmax:
             rows = torch.nonzero(unsure).flatten()
             offset = self.offset
             if self.per_label:
-                wanted = labels if isinstance(labels, int) else labels[rows]
-                pair = isinstance(offset, PairOffsets)
-                offset = offset.rows(wanted) if pair else offset[wanted]
+                offset = offset.rows(labels if isinstance(labels, int) else labels[rows])
             winner[rows] = (x[rows].to(F64) @ self.matrix + offset).argmax(1)
         return winner

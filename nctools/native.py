@@ -205,7 +205,9 @@ class SecondPass:
         )  # fmt: skip
         return cls(lib, stats, tally) if fits else None
 
-    def update(self, stats: ClassStats, tally: DecisionTally, features: Tensor, labels: Tensor):
+    def update(
+        self, stats: ClassStats, tally: DecisionTally, features: Tensor, labels: Tensor
+    ) -> None:
         """Add features (n, D) with labels (n,) to ``stats`` and ``tally``: the state
         `ClassStats.update(features, labels, on_block=tally.add)` would reach."""
         h, y = stats.checked(features, labels)
