@@ -7,16 +7,50 @@ Public API (stable names)::
     nctools.analyze(run_dir) -> pandas.DataFrame
     nctools.load_config(path, overrides=()) -> Config
     nctools.train(config, out_dir) -> Path
+
+``import nctools`` imports neither torch nor pandas: each name is loaded on first use
+(PEP 562 module ``__getattr__``), so the command line answers ``--help`` at once.
+The package's layout, bottom to top (a stage imports only from stages below it):
+``config`` -> ``data`` -> ``models`` -> ``metrics`` -> ``runs`` -> ``training`` ->
+``analysis`` -> ``integrations`` -> ``cli``.
 """
 
-# Imported eagerly: ``nctools.measure`` and ``nctools.train`` are both a module and a
-# function, and only an eager ``from ... import`` makes the function win reliably.
-from nctools.analysis import analyze
-from nctools.config import load_config
-from nctools.measure import measure
-from nctools.stats import ClassStats
-from nctools.train import train
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["ClassStats", "__version__", "analyze", "load_config", "measure", "train"]
+__version__ = "0.2.0"
+
+# public name -> the module that defines it
+_PUBLIC = {
+    "measure": "nctools.metrics.measure",
+    "measure_chunks": "nctools.metrics.measure",
+    "ClassStats": "nctools.metrics.stats",
+    "analyze": "nctools.analysis.tables",
+    "load_config": "nctools.config.schema",
+    "train": "nctools.training.loop",
+}
+
+__all__ = [
+    "ClassStats", "__version__", "analyze", "load_config", "measure", "measure_chunks", "train",
+]  # fmt: skip
+
+if TYPE_CHECKING:
+    from nctools.analysis.tables import analyze
+    from nctools.config.schema import load_config
+    from nctools.metrics.measure import measure, measure_chunks
+    from nctools.metrics.stats import ClassStats
+    from nctools.training.loop import train
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'nctools' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

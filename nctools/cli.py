@@ -145,9 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from nctools.config import load_config
-    from nctools.distributed import dist_from_env
-    from nctools.train import train
+    from nctools.config.schema import load_config
+    from nctools.training.distributed import dist_from_env
+    from nctools.training.loop import train
 
     say = print if dist_from_env().is_main else _silent  # under torchrun rank 0 alone speaks
 
@@ -179,8 +179,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _check_resume_changes(run: Path, cfg) -> None:
     """Refuse a CONFIG or --set that would change the run being resumed (never ignore it)."""
-    from nctools.config import diff_configs, load_config
-    from nctools.run_state import RESUME_MAY_CHANGE
+    from nctools.config.schema import diff_configs, load_config
+    from nctools.training.run_state import RESUME_MAY_CHANGE
 
     diffs = diff_configs(load_config(run / "config.yaml"), cfg, ignore=RESUME_MAY_CHANGE)
     if diffs:
@@ -192,7 +192,7 @@ def _check_resume_changes(run: Path, cfg) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from nctools.analysis import analyze
+    from nctools.analysis.tables import analyze
 
     for run in args.runs:
         table = analyze(run, strict=args.strict)
@@ -215,8 +215,8 @@ def summary(table) -> str:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from nctools.analysis import analyze, read_table
-    from nctools.plots import figure_format, plot_runs
+    from nctools.analysis.plots import figure_format, plot_runs
+    from nctools.analysis.tables import analyze, read_table
 
     runs = [Path(r) for r in args.runs]
     if args.out:
@@ -235,10 +235,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from importlib.resources import as_file, files
 
-    from nctools.analysis import analyze
-    from nctools.config import load_config
-    from nctools.plots import plot_runs
-    from nctools.train import train
+    from nctools.analysis.plots import plot_runs
+    from nctools.analysis.tables import analyze
+    from nctools.config.schema import load_config
+    from nctools.training.loop import train
 
     with as_file(files("nctools") / "configs" / "demo.yaml") as path:
         cfg = load_config(path, args.overrides)
@@ -258,8 +258,8 @@ def _silent(*args, **kwargs) -> None:
 
 
 def cmd_measure(args: argparse.Namespace) -> int:
-    from nctools.distributed import dist_from_env
-    from nctools.saved_model import measure_checkpoint
+    from nctools.analysis.saved_model import measure_checkpoint
+    from nctools.training.distributed import dist_from_env
 
     result = measure_checkpoint(
         arch=args.arch, checkpoint=args.checkpoint, dataset=args.dataset, split=args.split,

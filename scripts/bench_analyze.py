@@ -24,8 +24,8 @@ import time
 
 import torch
 
-from nctools import snapshots
-from nctools.analysis import measure_snapshot
+from nctools.analysis.tables import measure_snapshot
+from nctools.runs import snapshots
 
 
 def synthetic(n: int, d: int, c: int, seed: int) -> tuple[torch.Tensor, ...]:

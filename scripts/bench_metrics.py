@@ -1,4 +1,4 @@
-"""Benchmark `nctools.measure` against a per-sample loop and one float32 H^T H.
+"""Benchmark `nctools.metrics.measure` against a per-sample loop and one float32 H^T H.
 
 Usage::
 

@@ -11,9 +11,9 @@ Cases (each in a fresh subprocess, so one case's memory never counts against ano
 - ``large-n``: a float16 snapshot of N = 2,000,000 x D = 512 (C = 10; a 2 GB file) is
   written to a temporary directory, then ``nctools.analysis.measure_snapshot`` verifies
   its sha256 and streams it twice. Target: peak resident memory <= 1 GB.
-- ``c1000``: ``nctools.measure`` on N = 100,000 x D = 512 float32, C = 1,000 classes.
+- ``c1000``: ``nctools.metrics.measure`` on N = 100,000 x D = 512 float32, C = 1,000 classes.
   Target: under 30 s.
-- ``c10000``: ``nctools.measure`` on N = 200,000 x D = 256 float32, C = 10,000 classes.
+- ``c10000``: ``nctools.metrics.measure`` on N = 200,000 x D = 256 float32, C = 10,000 classes.
   Target: completes with peak resident memory <= 4 GB.
 
 Seconds cover the measured call only (not data generation or imports). Peak RSS is the
@@ -91,14 +91,14 @@ def clusters(n: int, dim: int, num_classes: int, seed: int = 0):
 
 def warm_up() -> None:
     """Run every code path once on tiny data: library loading is not the case's memory."""
-    from nctools.measure import measure
+    from nctools.metrics.measure import measure
 
     gen = torch.Generator().manual_seed(1)
     measure(torch.randn(600, 8, generator=gen), torch.arange(600) % 3, torch.randn(3, 8))
 
 
 def write_snapshot(folder: Path, n: int, dim: int, num_classes: int) -> None:
-    from nctools import snapshots
+    from nctools.runs import snapshots
 
     labels, features, weight = clusters(n, dim, num_classes)
     half = torch.empty(n, dim, dtype=torch.float16)
@@ -111,8 +111,8 @@ def write_snapshot(folder: Path, n: int, dim: int, num_classes: int) -> None:
 def child(case: str, folder: Path) -> dict:
     """One case in this (fresh) process: returns seconds, peak RSS and RSS before the call."""
     import nctools  # noqa: F401  (the imports count towards "after imports")
-    from nctools.analysis import measure_snapshot
-    from nctools.measure import measure
+    from nctools.analysis.tables import measure_snapshot
+    from nctools.metrics.measure import measure
 
     if case == "write-large-n":
         write_snapshot(folder, 2_000_000, 512, 10)

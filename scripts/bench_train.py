@@ -46,13 +46,14 @@ from pathlib import Path
 
 import torch
 
-from nctools import snapshots, store
-from nctools.config import Config, DataConfig, ModelConfig, load_config
-from nctools.data import iterate_batches, load_dataset
-from nctools.features import extract_features
-from nctools.models import build_model
+from nctools.config.schema import Config, DataConfig, ModelConfig, load_config
+from nctools.data.sets import load_dataset
+from nctools.data.splits import iterate_batches
+from nctools.models.features import extract_features
+from nctools.models.networks import build_model
+from nctools.runs import snapshots, store
 
-T = importlib.import_module("nctools.train")  # the module, not the function
+T = importlib.import_module("nctools.training.loop")  # the module, not the function
 
 
 def demo_config() -> Config:
@@ -117,7 +118,7 @@ class BareLoop:
 
 
 def paired_epochs(cfg: Config, out: Path, bare: BareLoop) -> list[tuple[float, float]]:
-    """(bare, nctools) seconds of each epoch: nctools.train runs its epochs (a snapshot
+    """(bare, nctools) seconds of each epoch: nctools.training.loop runs its epochs (a snapshot
     only at the last), and before each of them the bare loop runs the same epoch, so both
     sides of a pair see the same machine speed."""
     run_epoch, pairs = T._run_epoch, []

@@ -5,12 +5,12 @@ Usage::
     python scripts/gpu_check.py                    # any machine with an NVIDIA GPU
     python scripts/gpu_check.py --out runs/gpu     # keep the run directory
 
-1. ``nctools.train`` runs ResNet18 (CIFAR stem, D = 512) on CIFAR-shaped synthetic data,
+1. ``nctools.training.loop`` runs ResNet18 (CIFAR stem, D = 512) on CIFAR-shaped synthetic data,
    50,000 training images of 3 x 32 x 32 in 10 classes (and 10,000 test images), batch
    128, bf16 autocast and channels_last, for 3 epochs: epoch 1 warms cuDNN up, epoch 2
    is the steady-state epoch reported (training plus the test-set evaluation), epoch 3
    also extracts and writes a snapshot.
-2. ``nctools.measure`` on the GPU: N = 1,000,000 features of D = 512 in C = 1,000 classes
+2. ``nctools.metrics.measure`` on the GPU: N = 1,000,000 features of D = 512 in C = 1,000 classes
    (float32, 2 GB), after a warm-up call; a 20,000-row subset is also measured on the CPU
    and must agree to 1e-9 (relative; metrics above 1e-6).
 
@@ -32,16 +32,16 @@ import torch
 
 def train_epoch(out: Path) -> tuple[float, float, Path]:
     """Seconds of the first and the steady-state epoch of ResNet18 on synthetic CIFAR."""
-    from nctools import store
-    from nctools.config import (
+    from nctools.config.schema import (
         Config,
         DataConfig,
         ModelConfig,
         SnapshotConfig,
         TrainConfig,
-        save_config,
     )
-    from nctools.train import train
+    from nctools.runs import store
+    from nctools.runs.store import save_config
+    from nctools.training.loop import train
 
     config = Config(
         name="gpu-check",
@@ -60,7 +60,7 @@ def train_epoch(out: Path) -> tuple[float, float, Path]:
 
 def measure_large(n: int = 1_000_000, dim: int = 512, num_classes: int = 1000) -> float:
     """Seconds of ``nctools.measure`` on (n, dim) CUDA features; checks a subset on the CPU."""
-    from nctools.measure import measure
+    from nctools.metrics.measure import measure
 
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)

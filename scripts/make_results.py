@@ -29,10 +29,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from nctools.analysis import analyze
-from nctools.config import load_config
-from nctools.plots import plot_runs
-from nctools.train import train
+from nctools.analysis.plots import plot_runs
+from nctools.analysis.tables import analyze
+from nctools.config.schema import load_config
+from nctools.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 COPIED = ("metrics.csv", "history.csv", "run.json", "config.yaml")

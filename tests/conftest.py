@@ -14,18 +14,3 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import torch  # after the thread settings, which torch reads at import
 
 torch.set_num_threads(1)
-
-
-import pytest  # noqa: E402
-
-from nctools import native  # noqa: E402
-
-
-@pytest.fixture(params=["native", "torch"])
-def kernels(request, monkeypatch):
-    """Run a test through measure's C kernels and through its torch route."""
-    if request.param == "torch":
-        monkeypatch.setenv(native.SWITCH, "0")
-    elif not native.available():
-        pytest.skip("no C compiler here: the kernels cannot be built")
-    return request.param

@@ -8,12 +8,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from nctools import analysis, snapshots, store
-from nctools.analysis import COLUMNS, analyze
-from nctools.config import Config, DataConfig, ModelConfig, SnapshotConfig, TrainConfig
+from nctools.analysis import tables as analysis
+from nctools.analysis.tables import COLUMNS, analyze
+from nctools.config.schema import Config, DataConfig, ModelConfig, SnapshotConfig, TrainConfig
 from nctools.errors import RunError, SnapshotError
-from nctools.measure import METRIC_KEYS, class_means, measure, measure_chunks
-from nctools.train import train
+from nctools.metrics.measure import METRIC_KEYS, class_means, measure, measure_chunks
+from nctools.runs import files, snapshots, store
+from nctools.training.loop import train
 
 
 def tiny_config() -> Config:
@@ -151,8 +152,8 @@ def test_onset_from_history_without_manifest(run):
     (run / "run.json").unlink()
     history = store.read_history(run)
     history.loc[history["epoch"] >= 2, "train_acc"] = 1.0
-    store.atomic_write_text(run / "history.csv", history.to_csv(index=False))
+    files.atomic_write_text(run / "history.csv", history.to_csv(index=False))
     assert set(analyze(run)["tpt_onset_epoch"]) == {2.0}
     history["train_acc"] = 0.5
-    store.atomic_write_text(run / "history.csv", history.to_csv(index=False))
+    files.atomic_write_text(run / "history.csv", history.to_csv(index=False))
     assert analyze(run)["tpt_onset_epoch"].isna().all()  # zero training error not reached

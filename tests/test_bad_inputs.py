@@ -4,7 +4,7 @@ Every command-line case runs ``nctools.cli.main(argv)`` in this process and chec
 contract of errors.py: exit status 2, exactly one stderr line ``nctools: error: ...``
 naming the culprit (file, key or argument), no traceback, and nothing on disk changed
 (the sha256 of every file of the scratch folder, before and after). Two cases also run
-as real ``python -m nctools`` processes. Every ValueError of ``nctools.measure`` is
+as real ``python -m nctools`` processes. Every ValueError of ``nctools.metrics.measure`` is
 checked for its class and for the argument it names.
 """
 
@@ -25,12 +25,12 @@ import numpy as np
 import pytest
 import torch
 
-from nctools import store
 from nctools.cli import main
-from nctools.config import ModelConfig, load_config
-from nctools.measure import measure
-from nctools.models import build_model
-from nctools.train import train
+from nctools.config.schema import ModelConfig, load_config
+from nctools.metrics.measure import measure
+from nctools.models.networks import build_model
+from nctools.runs import store
+from nctools.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = """\
@@ -368,7 +368,7 @@ API_CASES: dict[str, tuple[dict, str]] = {
     "features Inf": ({"features": with_nan(F, float("inf"))}, r"^features contain NaN or Inf"),
     "labels short": ({"labels": Y[:5]}, r"^labels has shape \(5,\) but features has 6 rows"),
     "labels 2-D": ({"labels": Y[:, None]}, r"^labels has shape \(6, 1\) but features has 6"),
-    "labels float": ({"labels": Y.float()}, r"^labels must be integers, got dtype torch\.float32"),
+    "labels float": ({"labels": Y.float()}, r"^labels must be integers, got dtype float32"),
     "labels too large": ({"labels": Y + 1}, r"^labels must lie in \[0, 3\).*from 1 to 3"),
     "labels negative": ({"labels": Y - 1}, r"^labels must lie in \[0, 3\).*from -1 to 1"),
     "labels a list": ({"labels": Y.tolist()}, r"^labels must be a torch\.Tensor"),

@@ -15,12 +15,13 @@ import torch
 import torchvision
 from torch import nn
 
-import nctools.analysis
-import nctools.data
-from nctools import cli, snapshots
+import nctools.analysis.tables
+import nctools.data.sets
+from nctools import cli
 from nctools.cli import main
-from nctools.config import load_config
-from nctools.measure import METRIC_KEYS, class_means, measure
+from nctools.config.schema import load_config
+from nctools.metrics.measure import METRIC_KEYS, class_means, measure
+from nctools.runs import snapshots
 
 TINY_YAML = """\
 name: tiny
@@ -38,14 +39,14 @@ snapshot: {epochs: all}
 @pytest.fixture
 def small_synthetic(monkeypatch):
     """`--dataset synthetic` at 8 x 8 pixels, 8 + 4 samples per class: a ResNet pass in ms."""
-    real = nctools.data.load_dataset
+    real = nctools.data.sets.load_dataset
 
     def small(cfg, seed):
         cfg = dataclasses.replace(cfg, train_per_class=8, test_per_class=4, image_size=8)
         return real(cfg, seed)
 
-    monkeypatch.setattr(nctools.data, "load_dataset", small)
-    return lambda: small(nctools.data.DataConfig(dataset="synthetic"), seed=0)
+    monkeypatch.setattr(nctools.data.sets, "load_dataset", small)
+    return lambda: small(nctools.data.sets.DataConfig(dataset="synthetic"), seed=0)
 
 
 @pytest.fixture
@@ -163,7 +164,7 @@ def test_train_analyze_plot_workflow(capsys, tmp_path, monkeypatch):
     assert main(["plot", str(run)]) == 0
     assert capsys.readouterr().out == f"wrote {run / 'figures' / 'collapse.png'}\n"
     assert (run / "figures" / "collapse.png").read_bytes().startswith(b"\x89PNG")
-    table = nctools.analysis.read_table(run / "metrics.csv")
+    table = nctools.analysis.tables.read_table(run / "metrics.csv")
     assert sorted(table["epoch"].unique()) == [1, 2, 3]
 
     assert main(["analyze", str(run)]) == 0
@@ -300,7 +301,7 @@ def test_measure_a_run_checkpoint_uses_the_run_model_settings(capsys, tmp_path):
     """A run's checkpoint.pt (a convnet of non-default width) is rebuilt from its config.yaml,
     and its data set with the run's subsets, seed and standardisation: the metrics equal
     those of the run's last snapshot, taken from the same weights."""
-    from nctools.train import train
+    from nctools.training.loop import train
 
     config = load_config(files("nctools") / "configs" / "demo.yaml", [
         "data.dataset=synthetic", "data.samples_per_class=20", "seed=5",
@@ -319,7 +320,7 @@ def test_measure_a_run_checkpoint_uses_the_run_model_settings(capsys, tmp_path):
 def test_measure_set_gives_a_plain_checkpoint_the_run_settings(capsys, tmp_path):
     """Without the run's config.yaml beside it, the same checkpoint measures the same
     once --set gives the run's data subsets, seed and network width."""
-    from nctools.train import train
+    from nctools.training.loop import train
 
     sets = ["data.dataset=synthetic", "data.samples_per_class=20", "seed=5",
             "data.test_samples_per_class=null", "model.width=4"]

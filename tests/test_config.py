@@ -12,17 +12,17 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nctools.config import (
+from nctools.config.schema import (
     Config,
     ConfigError,
     config_from_dict,
     config_to_dict,
     diff_configs,
     load_config,
-    save_config,
     snapshot_schedule,
     validate,
 )
+from nctools.runs.store import save_config
 
 
 def write(tmp_path, text: str, name: str = "cfg.yaml"):

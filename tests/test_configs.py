@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from nctools.config import load_config, snapshot_schedule
-from nctools.data import DATASETS
-from nctools.models import ARCHS
-from nctools.train import build_optimizer, build_scheduler
+from nctools.config.schema import load_config, snapshot_schedule
+from nctools.data.splits import DATASETS
+from nctools.models.networks import ARCHS
+from nctools.training.loop import build_optimizer, build_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))

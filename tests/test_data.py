@@ -9,16 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from nctools import data as ncdata
-from nctools.config import DataConfig
-from nctools.data import (
-    DATASETS,
-    Split,
-    augment_batch,
-    iterate_batches,
-    load_dataset,
-    mnist5k_split_indices,
-)
+from nctools.config.schema import DataConfig
+from nctools.data import sets as ncdata
+from nctools.data.sets import load_dataset, mnist5k_split_indices
+from nctools.data.splits import DATASETS, Split, augment_batch, iterate_batches
 from nctools.errors import ConfigError, DataError
 
 

@@ -24,18 +24,24 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from nctools import cli, saved_model, snapshots, store
-from nctools.analysis import analyze
-from nctools.config import (
+from nctools import cli
+from nctools.analysis import saved_model
+from nctools.analysis.tables import analyze
+from nctools.config.schema import (
     Config,
     DataConfig,
     ModelConfig,
     SnapshotConfig,
     TrainConfig,
-    save_config,
 )
-from nctools.data import load_dataset
-from nctools.distributed import (
+from nctools.data.sets import load_dataset
+from nctools.errors import ConfigError, RunError
+from nctools.metrics.measure import measure
+from nctools.models.features import extract_features
+from nctools.models.networks import build_model
+from nctools.runs import snapshots, store
+from nctools.runs.store import save_config
+from nctools.training.distributed import (
     DistInfo,
     GlobalBatchNorm,
     dist_from_env,
@@ -43,12 +49,8 @@ from nctools.distributed import (
     rank_device,
     shard_rows,
 )
-from nctools.errors import ConfigError, RunError
-from nctools.features import extract_features
-from nctools.measure import measure
-from nctools.models import build_model
 
-T = sys.modules["nctools.train"]  # the module; `nctools.train` is also the function
+T = sys.modules["nctools.training.loop"]  # the module; `nctools.training.loop` is also the function
 
 EPOCHS, SNAPSHOTS = 4, [2, 4]
 HISTORY = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc"]

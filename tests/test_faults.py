@@ -37,15 +37,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import nctools.plots  # noqa: F401  (imported ahead: plot is timed against training)
-from nctools import analysis, snapshots, store
-from nctools.analysis import analyze, read_table
+import nctools.analysis.plots  # noqa: F401  (imported ahead: plot is timed against training)
+from nctools.analysis import tables as analysis
+from nctools.analysis.tables import analyze, read_table
 from nctools.cli import main
-from nctools.config import load_config
+from nctools.config.schema import load_config
 from nctools.errors import RunError, SnapshotError
-from nctools.measure import METRIC_KEYS
+from nctools.metrics.measure import METRIC_KEYS
+from nctools.runs import files, snapshots, store
 
-T = importlib.import_module("nctools.train")  # the module; `nctools.train` is also the function
+T = importlib.import_module("nctools.training.loop")
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 20260517  # the kill moments
@@ -570,7 +571,7 @@ def test_a_damaged_snapshot_is_named_and_the_other_epochs_analyzed(reference, tm
 
 
 def settle_writes() -> None:
-    """Let the files of the epochs trained so far reach the disk: nctools.train writes
+    """Let the files of the epochs trained so far reach the disk: nctools.training.loop writes
     each epoch's history, checkpoint and manifest while the next epoch trains."""
     for thread in threading.enumerate():
         if thread.name == "nctools-writer":
@@ -580,7 +581,7 @@ def settle_writes() -> None:
 def full_disk_at(monkeypatch, name: str, epoch: int | None = None) -> list[Path]:
     """From now on, the write of ``name`` (at ``epoch``'s snapshot, if given) fills the
     disk: some bytes reach the temp file, then ENOSPC. Returns the paths that failed."""
-    real, failed = store._atomic_write, []
+    real, failed = files.atomic_write, []
 
     def write(path, writer, sync_dir=True):
         path = Path(path)
@@ -596,7 +597,7 @@ def full_disk_at(monkeypatch, name: str, epoch: int | None = None) -> list[Path]
 
         real(path, filling, sync_dir)
 
-    monkeypatch.setattr(store, "_atomic_write", write)
+    monkeypatch.setattr(files, "atomic_write", write)
     return failed
 
 
@@ -674,14 +675,14 @@ def test_an_unwritable_run_directory_fails_before_touching_the_run(config_file, 
     monkeypatch.undo()
     capsys.readouterr()
     before = tree_hashes(run)
-    real = store._atomic_write
+    real = files.atomic_write
 
     def read_only(path, writer, *rest):
         def denied(tmp: Path) -> None:
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp))
         real(path, denied, *rest)
 
-    monkeypatch.setattr(store, "_atomic_write", read_only)
+    monkeypatch.setattr(files, "atomic_write", read_only)
     assert main(["train", str(config_file), "--out", str(run)]) == 2
     err = capsys.readouterr().err
     assert err == f"nctools: error: cannot write {run / 'history.csv'}: Permission denied\n"

@@ -1,4 +1,4 @@
-"""nctools.measure and nctools.metrics against an independent NumPy reference (METRICS.md)."""
+"""measure and the functional metrics against an independent NumPy reference (METRICS.md)."""
 
 import math
 
@@ -9,9 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import reference_metrics
 
-from nctools import decisions, measure, metrics, native
-from nctools import stats as stats_module
-from nctools.measure import METRIC_KEYS, class_means
+from nctools import measure
+from nctools.metrics import decisions
+from nctools.metrics import functional as metrics
+from nctools.metrics import stats as stats_module
+from nctools.metrics.measure import METRIC_KEYS, class_means
 
 # METRICS.md, in order: the contract for the returned keys.
 CONTRACT_KEYS = (
@@ -59,9 +61,9 @@ def test_keys_are_the_contract():
         dict(num_classes=2, dim=3, per_class=10),
     ],
 )
-@pytest.mark.parametrize("group_min_rows", [0, 10**9])
-def test_matches_reference_float64(case, group_min_rows, monkeypatch, kernels):
-    monkeypatch.setattr(stats_module, "GROUP_MIN_ROWS", group_min_rows)
+@pytest.mark.parametrize("block_elements", [40, 1 << 21])  # many blocks, one
+def test_matches_reference_float64(case, block_elements, monkeypatch):
+    monkeypatch.setattr(stats_module, "BLOCK_ELEMENTS", block_elements)
     features, labels, weight, bias = clusters(**case)
     want = reference_metrics(features, labels, weight, bias)
     assert_close(measure(features, labels, weight, bias), want, rtol=1e-9, atol=1e-12)
@@ -74,7 +76,7 @@ def test_torch_inputs_and_no_bias():
     assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
-def test_float32_agrees_with_float64_reference(kernels):
+def test_float32_agrees_with_float64_reference():
     features, labels, weight, bias = clusters(10, 64, 50, seed=1)
     want = reference_metrics(features, labels, weight, bias)
     got = measure(
@@ -87,7 +89,7 @@ def test_float32_agrees_with_float64_reference(kernels):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_low_precision_inputs_are_accumulated_in_float64(dtype, kernels):
+def test_low_precision_inputs_are_accumulated_in_float64(dtype):
     features, labels, weight, bias = clusters(5, 16, 40, seed=2)
     low = torch.tensor(features).to(dtype)
     low_weight = torch.tensor(weight).to(dtype)
@@ -97,7 +99,7 @@ def test_low_precision_inputs_are_accumulated_in_float64(dtype, kernels):
     assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
-def test_class_means_from_another_split_drive_nc4_only(kernels):
+def test_class_means_from_another_split_drive_nc4_only():
     train = clusters(6, 10, 40, seed=4)
     test_features, test_labels, _, _ = clusters(6, 10, 15, spread=2.0, seed=5)
     weight, bias = train[2], train[3]
@@ -122,7 +124,7 @@ def simplex_etf(num_classes, dim, rng):
 
 
 @pytest.mark.parametrize("num_classes,dim", [(4, 10), (10, 32), (3, 3)])
-def test_exact_collapse_gives_zeros(num_classes, dim, kernels):
+def test_exact_collapse_gives_zeros(num_classes, dim):
     rng = np.random.default_rng(7)
     etf = simplex_etf(num_classes, dim, rng)
     offset = np.zeros(dim)
@@ -137,10 +139,10 @@ def test_exact_collapse_gives_zeros(num_classes, dim, kernels):
     assert got["accuracy"] == 1.0 and got["ncc_accuracy"] == 1.0
 
 
-@pytest.mark.parametrize("group_min_rows", [0, 10**9])
-def test_large_offset_collapsed_regime(group_min_rows, monkeypatch, kernels):
+@pytest.mark.parametrize("block_elements", [40, 1 << 21])  # many blocks, one
+def test_large_offset_collapsed_regime(block_elements, monkeypatch):
     """Features around 1e3 with within-class std 1e-3: shifted sums keep the digits."""
-    monkeypatch.setattr(stats_module, "GROUP_MIN_ROWS", group_min_rows)
+    monkeypatch.setattr(stats_module, "BLOCK_ELEMENTS", block_elements)
     rng = np.random.default_rng(11)
     num_classes, dim = 5, 20
     means = 1e3 + rng.normal(size=(num_classes, dim))
@@ -227,9 +229,8 @@ def test_bad_bias_num_classes_and_class_means():
         measure(features.tolist(), labels, weight)
 
 
-def test_near_tied_classifier_decisions_match_float64(kernels, monkeypatch):
-    """Logits closer than float32 can resolve are re-decided in float64 (NC4 exactness),
-    by the torch route and by the C kernels alike (both score the classifier in float32)."""
+def test_near_tied_classifier_decisions_match_float64(monkeypatch):
+    """Logits closer than float32 can resolve are re-decided in float64 (NC4 exactness)."""
     features, labels, weight, bias = clusters(6, 16, 60, spread=2.0, seed=12)
     weight[1] = weight[0] + 1e-7 * np.random.default_rng(0).normal(size=16)  # near twins
     bias[1] = bias[0]
@@ -250,7 +251,7 @@ def test_near_tied_classifier_decisions_match_float64(kernels, monkeypatch):
 
 
 @pytest.mark.parametrize("other_means", [False, True])
-def test_near_tied_centre_decisions_match_float64(other_means, monkeypatch, kernels):
+def test_near_tied_centre_decisions_match_float64(other_means, monkeypatch):
     """Class centres closer than float32 can resolve: the NCC rule is re-decided in
     float64, for the split's own means (products in the eigenbasis) and for means given
     from another split (products in feature space)."""
@@ -264,8 +265,6 @@ def test_near_tied_centre_decisions_match_float64(other_means, monkeypatch, kern
     assert got["ncc_mismatch"] == want["ncc_mismatch"]
     assert got["ncc_accuracy"] == want["ncc_accuracy"]
     # the data need the re-decision: trusting float32 alone (no slack) gets them wrong
-    # (the torch route's float32 products; the C kernels decide in float64 throughout)
-    monkeypatch.setenv(native.SWITCH, "0")
     monkeypatch.setattr(decisions, "F32_UNIT", 0.0)
     rough = measure(features, labels, weight, bias, class_means=given)
     assert rough["ncc_accuracy"] != want["ncc_accuracy"]
@@ -274,16 +273,16 @@ def test_near_tied_centre_decisions_match_float64(other_means, monkeypatch, kern
     assert 0 < (nearest[labels <= 1] == 1).sum() < (labels <= 1).sum()  # a real near-tie
 
 
-@pytest.mark.parametrize("workers", [2, 3])
-def test_worker_threads_give_the_reference_numbers(workers, kernels):
-    """On the CPU each pass shares rows among torch.get_num_threads() workers and merges."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_intra_op_threads_give_the_reference_numbers_and_stay_as_set(threads):
+    """measure leans on torch's own intra-op threads and never changes the setting."""
     features, labels, weight, bias = clusters(7, 12, 40, imbalance=True, seed=13)
     want = reference_metrics(features, labels, weight, bias)
     before = torch.get_num_threads()
-    torch.set_num_threads(workers)
+    torch.set_num_threads(threads)
     try:
         got = measure(features, labels, weight, bias)
-        assert torch.get_num_threads() == workers  # restored after the passes
+        assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
     assert_close(got, want, rtol=1e-9, atol=1e-12)

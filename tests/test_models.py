@@ -8,9 +8,9 @@ import torchvision
 from torch import nn
 from torchvision.models.vgg import cfgs, make_layers
 
-from nctools.config import ModelConfig
+from nctools.config.schema import ModelConfig
 from nctools.errors import CheckpointError, ConfigError
-from nctools.models import ARCHS, build_model, feature_dim, load_state_dict_compat
+from nctools.models.networks import ARCHS, build_model, feature_dim, load_state_dict_compat
 
 # D for each arch at the defaults: widths 4 * 32 (convnet), 512 / 2048 (ResNet), 512 (VGG);
 # DenseNet-BC 40, k=12: 24 + 6k = 96 -> 48, 48 + 6k = 120 -> 60, 60 + 6k = 132.

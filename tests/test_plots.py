@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nctools import plots
+from nctools.analysis import plots
+from nctools.analysis.plots import PANELS, collapse_figure, plot_runs
 from nctools.errors import NctoolsError
-from nctools.plots import PANELS, collapse_figure, plot_runs
 
 NC_METRICS = [p.metric for p in PANELS]
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nctools import snapshots, store
-from nctools.analysis import measure_snapshot
-from nctools.measure import METRIC_KEYS, class_means, measure
+from nctools.analysis.tables import measure_snapshot
+from nctools.metrics.measure import METRIC_KEYS, class_means, measure
+from nctools.runs import snapshots, store
 
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -93,8 +93,8 @@ def test_a_corrupt_file_is_refused_before_streaming(tmp_path):
 ANALYZE = textwrap.dedent("""
     import json, sys
     import torch
-    from nctools.analysis import measure_snapshot
-    from nctools.measure import measure
+    from nctools.analysis.tables import measure_snapshot
+    from nctools.metrics.measure import measure
 
     def peak_mb():  # this process's own high-water mark (ru_maxrss has the parent's)
         with open("/proc/self/status") as status:

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nctools import ClassStats
-from nctools import stats as stats_module
+from nctools.metrics import stats as stats_module
 
 
 def data(num_classes=4, dim=6, n=120, offset=0.0, spread=1.0, seed=0):
@@ -47,10 +47,11 @@ def assert_matches(stats, ref, rtol=1e-10):
     assert stats.within_class_trace() == pytest.approx(np.trace(ref["within"]), rel=rtol)
 
 
-@pytest.fixture(params=["by_class", "by_rows"])
+@pytest.fixture(params=["small_blocks", "one_block"])
 def route(request, monkeypatch):
-    """Run a test through both accumulation routes of ClassStats.update."""
-    monkeypatch.setattr(stats_module, "GROUP_MIN_ROWS", 0 if request.param == "by_class" else 10**9)
+    """Run a test with chunks cut into blocks of 5 rows and with whole chunks as one block."""
+    rows = 5 if request.param == "small_blocks" else 1 << 18
+    monkeypatch.setattr(stats_module, "BLOCK_ELEMENTS", rows * 8)
     return request.param
 
 
@@ -118,27 +119,27 @@ def test_basis_keeps_the_moment_inside_its_span(route):
         projected.within_class_var_along(torch.eye(8, dtype=torch.float64)[:, :2])
 
 
-def test_diagonal_keeps_the_moments_along_the_basis_vectors(route, tmp_path):
-    """diagonal=True: the diagonal of the k x k moment, through updates, merges in any
-    order, re-centring (merge of differently shifted states) and save/load."""
+def test_basis_moments_merge_recentre_and_round_trip(route, tmp_path):
+    """The k x k moment in an orthonormal basis, through updates, merges in any order,
+    re-centring (merge of differently shifted states) and save/load; along the basis
+    vectors themselves its diagonal is the variance."""
     features, labels = data(dim=8, seed=7)
     basis = torch.linalg.qr(torch.randn(8, 3, dtype=torch.float64)).Q
-    full = ClassStats(4, 8, basis=basis).update(features, labels)
-    want = torch.diagonal(full.within_class_cov())
-    parts = [ClassStats(4, 8, basis=basis, diagonal=True) for _ in range(3)]
+    full = ClassStats(4, 8).update(features, labels)
+    want = basis.T @ full.within_class_cov() @ basis
+    parts = [ClassStats(4, 8, basis=basis) for _ in range(3)]
     for part, rows in zip(parts, (slice(0, 7), slice(7, 40), slice(40, None)), strict=True):
         part.update(features[rows], labels[rows])  # each part picks its own shifts
     merged = parts[2].merge(parts[0]).merge(parts[1])
     torch.testing.assert_close(merged.within_class_cov(), want, rtol=1e-10, atol=1e-13)
-    torch.testing.assert_close(merged.within_class_var_along(basis), want, rtol=1e-10, atol=1e-13)
-    merged.save(tmp_path / "diag.safetensors")
-    loaded = ClassStats.load(tmp_path / "diag.safetensors")
-    assert loaded.diagonal and torch.equal(loaded.scatter, merged.scatter)
-    with pytest.raises(ValueError, match="must be the basis itself"):
-        merged.within_class_var_along(basis[:, :2])
+    torch.testing.assert_close(
+        merged.within_class_var_along(basis), torch.diagonal(want), rtol=1e-10, atol=1e-13
+    )
+    merged.save(tmp_path / "basis.safetensors")
+    loaded = ClassStats.load(tmp_path / "basis.safetensors")
+    assert torch.equal(loaded.scatter, merged.scatter) and torch.equal(loaded.basis, basis)
     with pytest.raises(ValueError, match="different bases"):
-        merged.merge(ClassStats(4, 8, basis=basis))
-
+        merged.merge(ClassStats(4, 8))
 
 def test_save_load_round_trip(tmp_path):
     features, labels = data(seed=5)
@@ -167,7 +168,7 @@ def test_update_errors_name_the_problem():
     stats = ClassStats(3, 4)
     with pytest.raises(ValueError, match=r"features must have shape \(n, 4\)"):
         stats.update(torch.zeros(5, 3), torch.zeros(5, dtype=torch.long))
-    with pytest.raises(ValueError, match="labels has 4 entries"):
+    with pytest.raises(ValueError, match=r"labels has shape \(4,\) but features has 5 rows"):
         stats.update(torch.zeros(5, 4), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
         stats.update(torch.zeros(2, 4), torch.tensor([0, 3]))

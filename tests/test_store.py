@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
-from nctools import snapshots, store
 from nctools.errors import CheckpointError, RunError, SnapshotError
+from nctools.runs import files, snapshots, store
 
 N, D, C = 90, 6, 3
 
@@ -71,7 +71,7 @@ def test_single_layout_round_trip_exact(tmp_path, tensors):
     meta = snapshots.read_meta(tmp_path, 7)
     assert (meta["epoch"], meta["num_classes"], meta["dim"], meta["lr"]) == (7, C, D, 0.05)
     assert meta["splits"]["train"]["shape"] == [N, D] and meta["dtype"] == "float32"
-    assert meta["files"]["train.safetensors"]["sha256"] == store.sha256_file(
+    assert meta["files"]["train.safetensors"]["sha256"] == files.sha256_file(
         folder / "train.safetensors")
     snapshots.verify_snapshot(tmp_path, 7)
 
@@ -237,7 +237,7 @@ def test_load_split_reads_each_file_once(tmp_path, tensors, monkeypatch):
     reads = []
     real = Path.read_bytes
     monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self.name) or real(self))
-    monkeypatch.setattr(store, "sha256_file", None)  # hashing must use the bytes already read
+    monkeypatch.setattr(files, "sha256_file", None)  # hashing must use the bytes already read
     snapshots.load_split(tmp_path, 1, "train", verify=True)
     assert reads == ["train-00000-of-00002.safetensors", "train-00001-of-00002.safetensors"]
 
@@ -258,14 +258,14 @@ def no_temp_files(folder: Path) -> bool:
 
 def test_failed_replace_keeps_old_file(tmp_path, monkeypatch):
     path = tmp_path / "run.json"
-    store.atomic_write_text(path, "old")
+    files.atomic_write_text(path, "old")
 
     def disk_full(src, dst):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "replace", disk_full)
     with pytest.raises(RunError) as info:
-        store.atomic_write_text(path, "new")
+        files.atomic_write_text(path, "new")
     assert str(info.value) == f"cannot write {path}: No space left on device"
     assert path.read_text() == "old" and no_temp_files(tmp_path)
 

@@ -19,8 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nctools import snapshots, store
-from nctools.config import (
+from nctools.config.schema import (
     Config,
     DataConfig,
     ModelConfig,
@@ -29,11 +28,12 @@ from nctools.config import (
     load_config,
     snapshot_schedule,
 )
-from nctools.data import load_dataset
+from nctools.data.sets import load_dataset
 from nctools.errors import ConfigError, RunError
-from nctools.models import build_model
+from nctools.models.networks import build_model
+from nctools.runs import snapshots, store
 
-T = importlib.import_module("nctools.train")  # the module; `nctools.train` may be the function
+T = importlib.import_module("nctools.training.loop")
 
 EPOCHS = 6
 SNAPSHOTS = [1, 2, 4, 6]
@@ -203,7 +203,7 @@ def test_tpt_onset_is_the_first_epoch_of_zero_training_error(full_run):
 def test_bf16_changes_nothing_on_the_cpu(full_run, tmp_path, caplog):
     cfg, run = full_run
     other = replace(cfg, train=replace(cfg.train, bf16=True))
-    with caplog.at_level("INFO", logger="nctools.train"):
+    with caplog.at_level("INFO", logger="nctools.training.loop"):
         out = T.train(other, tmp_path / "run")
     assert _history(out).equals(_history(run))
     _assert_same_snapshots(out, run)
@@ -300,7 +300,8 @@ def test_resume_after_ctrl_c_is_bit_identical(full_run, tmp_path, monkeypatch, c
     cfg, run = full_run
     out = tmp_path / "run"
     _interrupt_at_step(monkeypatch, step=8)  # 3 steps per epoch: inside epoch 3
-    with pytest.raises(KeyboardInterrupt), caplog.at_level("WARNING", logger="nctools.train"):
+    logger = "nctools.training.loop"
+    with pytest.raises(KeyboardInterrupt), caplog.at_level("WARNING", logger=logger):
         T.train(cfg, out)
     manifest = store.read_manifest(out)
     assert (manifest["status"], manifest["epochs_done"]) == ("interrupted", 2)

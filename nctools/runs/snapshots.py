@@ -4,7 +4,7 @@ Layout (DESIGN.md "Run directory")::
 
     RUN/snapshots/epoch-NNNN/{train,test}.safetensors  classifier.safetensors  meta.json
 
-Every file goes through :mod:`nctools.store`'s atomic writes (temp name, fsync, rename)
+Every file goes through :mod:`nctools.runs.store`'s atomic writes (temp name, fsync, rename)
 and gets its size and sha256 in ``meta.json``, which is written last: a snapshot
 directory without it is incomplete and ignored. Under torchrun each rank writes its own
 shard and rank 0 merges their metas (:func:`finalize_sharded_snapshot`).
@@ -29,9 +29,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from nctools import store
+from nctools.runs import files, store
+from nctools import __version__
 from nctools.errors import SnapshotError
-from nctools.store import PathLike
+from nctools.runs.files import PathLike
 
 META_FILE = "meta.json"
 CLASSIFIER_FILE = "classifier.safetensors"
@@ -60,9 +61,9 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], sync_dir: bool =
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp))
         # hash the temp file before the rename: the page cache makes this read cheap
-        entry.update(sha256=store.sha256_file(tmp), bytes=tmp.stat().st_size)
+        entry.update(sha256=files.sha256_file(tmp), bytes=tmp.stat().st_size)
 
-    store._atomic_write(path, write, sync_dir)
+    files.atomic_write(path, write, sync_dir)
     return entry
 
 
@@ -131,39 +132,38 @@ def write_snapshot(
     folder.mkdir(parents=True, exist_ok=True)
     _clear_snapshot(folder, whole=shard is None)  # only once the inputs are known to be good
     suffix = _shard_suffix(shard)
-    files: dict[str, dict] = {}
+    written: dict[str, dict] = {}
     split_meta: dict[str, dict] = {}
     for name, (features, labels) in splits.items():
         file = f"{name}{suffix}.safetensors"
-        files[file] = _save_tensors(folder / file, {
+        written[file] = _save_tensors(folder / file, {
             "features": features.detach().to("cpu", SNAPSHOT_DTYPES[dtype]).contiguous(),
             "labels": labels.detach().to("cpu", torch.int64).contiguous(),
         }, sync_dir=False)
         split_meta[name] = {"files": [file], "rows": [features.shape[0]]}
     classifier = None
     if shard is None or shard[0] == 0:
-        files[CLASSIFIER_FILE] = _save_tensors(folder / CLASSIFIER_FILE,
+        written[CLASSIFIER_FILE] = _save_tensors(folder / CLASSIFIER_FILE,
                                                {"weight": weight, "bias": bias}, sync_dir=False)
         classifier = {"file": CLASSIFIER_FILE, "weight_shape": [C, D], "bias_shape": [C],
                       "dtype": "float32", "has_bias": has_bias}
-    store._fsync_dir(folder)  # the renames above are durable before meta.json names them
-    meta = _meta(epoch, dtype, C, D, split_meta, classifier, files, extra_meta)
+    files.fsync_dir(folder)  # the renames above are durable before meta.json names them
+    meta = _meta(epoch, dtype, C, D, split_meta, classifier, written, extra_meta)
     if shard is None:
-        store._write_json(folder / META_FILE, meta)  # last: the snapshot is complete from here on
+        files.write_json(folder / META_FILE, meta)  # last: the snapshot is complete from here on
     else:
         meta["shard"] = list(shard)
-        store._write_json(folder / f"meta{suffix}.json", meta)
+        files.write_json(folder / f"meta{suffix}.json", meta)
     return folder
 
 
 def _meta(epoch: int, dtype: str, C: int, D: int, split_meta: dict, classifier: dict | None,
-          files: dict, extra: dict | None) -> dict:
-    import nctools  # at call time: the package may still be importing this module
+          written: dict, extra: dict | None) -> dict:
 
     meta = {
         "format": META_FORMAT,
         "epoch": epoch,
-        "nctools_version": nctools.__version__,
+        "nctools_version": __version__,
         "num_classes": C,
         "dim": D,
         "dtype": dtype,
@@ -171,7 +171,7 @@ def _meta(epoch: int, dtype: str, C: int, D: int, split_meta: dict, classifier: 
         "splits": {name: {**entry, "shape": [sum(entry["rows"]), D]}
                    for name, entry in split_meta.items()},
         "classifier": classifier,
-        "files": files,
+        "files": written,
     }
     clash = set(extra or {}) & set(meta)
     if clash:
@@ -215,7 +215,7 @@ def finalize_sharded_snapshot(run_dir: PathLike, epoch: int, world: int) -> Path
         meta["files"].update(part["files"])
     del meta["shard"]
     meta["world"] = world
-    store._write_json(folder / META_FILE, meta)
+    files.write_json(folder / META_FILE, meta)
     for stale in folder.iterdir():  # parts, and files of an earlier layout meta does not list
         stale_data = stale.suffix == ".safetensors" and stale.name not in meta["files"]
         if stale.is_file() and (stale.name.startswith("meta-") or stale_data):
@@ -260,17 +260,17 @@ def _meta_problem(meta: Any) -> str | None:
     """What makes a parsed meta.json unusable by the readers below, or None."""
     if not isinstance(meta, dict):
         return f"expected an object, found {type(meta).__name__}"
-    files, splits = meta.get("files"), meta.get("splits")
-    if not isinstance(files, dict) or not isinstance(splits, dict):
+    written, splits = meta.get("files"), meta.get("splits")
+    if not isinstance(written, dict) or not isinstance(splits, dict):
         return "it lacks the 'files' or 'splits' tables"
-    for name, entry in files.items():
+    for name, entry in written.items():
         if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
                 and isinstance(entry.get("bytes"), int)):
             return f"no sha256 and size for {name}"
     listed = [CLASSIFIER_FILE]
     for split in splits.values():
         listed += split.get("files", []) if isinstance(split, dict) else [None]
-    unknown = [name for name in listed if name not in files]
+    unknown = [name for name in listed if name not in written]
     return f"no checksum for {unknown[0]}" if unknown else None
 
 
@@ -279,7 +279,7 @@ def verify_snapshot(run_dir: PathLike, epoch: int) -> None:
     meta = read_meta(run_dir, epoch)
     folder = snapshot_dir(run_dir, epoch)
     for name, expected in meta["files"].items():
-        store._check_file(folder / name, expected)
+        files.check_file(folder / name, expected)
 
 
 def _split_files(run_dir: PathLike, epoch: int, split: str) -> tuple[Path, dict, list[str]]:
@@ -297,7 +297,7 @@ def _load_file(path: Path, expected: dict, verify: bool) -> dict[str, torch.Tens
     except FileNotFoundError:
         raise SnapshotError(f"{path}: snapshot file is missing") from None
     if verify:
-        store._check_file(path, expected, data)
+        files.check_file(path, expected, data)
     try:
         return load_safetensors(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
@@ -339,7 +339,7 @@ def iter_split(
     for name in names:
         path = folder / name
         if verify:
-            store._check_file(path, meta["files"][name])
+            files.check_file(path, meta["files"][name])
         elif not path.is_file():
             raise SnapshotError(f"{path}: snapshot file is missing")
         try:
@@ -356,7 +356,8 @@ def _read_rows(path: Path, start: int, stop: int) -> tuple[torch.Tensor, torch.T
     pages of a mapping held open stay resident, so streaming would grow with N."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return f.get_slice("features")[start:stop], f.get_slice("labels")[start:stop]
+            # a label slice is a view of the whole label array: clone it free
+            return f.get_slice("features")[start:stop], f.get_slice("labels")[start:stop].clone()
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise SnapshotError(f"{path}: snapshot file is corrupt ({exc})") from None
 

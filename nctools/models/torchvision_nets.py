@@ -1,8 +1,8 @@
-"""The torchvision-based networks of :mod:`nctools.models`: ResNet, VGG-BN, DenseNet.
+"""The torchvision-based networks of :mod:`nctools.models.networks`: ResNet, VGG-BN, DenseNet.
 
 Usage::
 
-    from nctools.models import build_model   # builds these through :func:`build`
+    from nctools.models.networks import build_model   # builds these through :func:`build`
 
 Kept apart so that importing nctools does not import torchvision (about 2 s): only a run
 that builds one of these networks pays for it. Each keeps torchvision's state_dict keys,
@@ -21,10 +21,10 @@ from torchvision.models.densenet import DenseNet
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.models.vgg import VGG, cfgs, make_layers
 
-from nctools.config import ModelConfig
+from nctools.config.schema import ModelConfig
 from nctools.errors import ConfigError
-from nctools.models import SMALL_IMAGE
 
+SMALL_IMAGE = 32  # at or below this size the stem keeps full resolution
 _RESNET_LAYERS = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
     "resnet34": (BasicBlock, [3, 4, 6, 3]),

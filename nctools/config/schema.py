@@ -16,11 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from nctools import typed_yaml
+from nctools.config import typed_yaml
+from nctools.config.typed_yaml import show as _show
 from nctools.errors import ConfigError
-from nctools.typed_yaml import show as _show
 
 
 @dataclass
@@ -92,7 +90,7 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------
-# Loading: YAML -> dataclasses (nctools.typed_yaml), errors naming the file and key.
+# Loading: YAML -> dataclasses (nctools.config.typed_yaml), errors naming the file and key.
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 LOSSES = ("ce", "mse")
@@ -133,14 +131,6 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return cfg
-
-
-def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    """Write ``cfg`` as YAML (section order kept) atomically; load_config reads it back equal."""
-    from nctools.store import atomic_write_text  # store imports torch; keep config light
-
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
-    atomic_write_text(path, text)
 
 
 def diff_configs(a: Config, b: Config, ignore: Sequence[str] = ()) -> list[str]:

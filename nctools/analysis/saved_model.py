@@ -2,7 +2,7 @@
 
 Usage::
 
-    from nctools.saved_model import measure_checkpoint
+    from nctools.analysis.saved_model import measure_checkpoint
     metrics = measure_checkpoint("resnet18", "resnet18_cifar10.pt", "cifar10", split="test")
 
 The checkpoint is read with ``torch.load(weights_only=True)`` and may be an nctools
@@ -22,7 +22,7 @@ from nctools.errors import CheckpointError, ConfigError, NctoolsError
 
 
 def _device(name: str):
-    from nctools.steps import resolve_device
+    from nctools.training.steps import resolve_device
 
     try:
         return resolve_device(name)
@@ -34,8 +34,8 @@ def _override(data_cfg, model_cfg, seed: int, overrides: Sequence[str]):
     """(data, model, seed) settings after ``--set KEY=VALUE`` items, validated as in a run."""
     from dataclasses import asdict
 
-    from nctools import typed_yaml
-    from nctools.config import Config, config_from_dict, validate
+    from nctools.config import typed_yaml
+    from nctools.config.schema import Config, config_from_dict, validate
 
     if isinstance(overrides, str):  # a lone string would be split into characters
         overrides = [overrides]
@@ -88,7 +88,7 @@ def hooked_features(model, layer, split, batch_size: int, device, rows: range | 
     """
     import torch
 
-    from nctools.data import iterate_batches
+    from nctools.data.splits import iterate_batches
 
     rows = range(len(split.labels)) if rows is None else rows
     if len(rows) == 0:
@@ -130,10 +130,11 @@ def measure_checkpoint(
     summed with all_reduce (:func:`nctools.measure.measure_chunks`); every rank returns
     the metrics of the whole split.
     """
-    from nctools import models, store
-    from nctools.config import DataConfig, ModelConfig, load_config
-    from nctools.data import load_dataset
-    from nctools.measure import class_means, measure
+    from nctools.config.schema import DataConfig, ModelConfig, load_config
+    from nctools.data.sets import load_dataset
+    from nctools.metrics.measure import class_means, measure
+    from nctools.models import networks as models
+    from nctools.runs import store
 
     if arch not in models.ARCHS:
         valid = ", ".join(models.ARCHS)
@@ -165,7 +166,7 @@ def measure_checkpoint(
     except CheckpointError as exc:
         raise CheckpointError(f"{checkpoint} does not fit {arch} with {classes} classes "
                               f"and {data.in_channels} input channels: {exc}") from None
-    from nctools.distributed import dist_from_env, process_group, rank_device
+    from nctools.training.distributed import dist_from_env, process_group, rank_device
 
     info = dist_from_env()
     dev = rank_device(_device(device), info, key="--device")
@@ -195,9 +196,9 @@ def _measure_shards(model, linear, data, split: str, batch_size: int, dev, info,
     """:func:`measure_checkpoint` on this rank's rows, statistics summed over the ranks."""
     import torch
 
-    from nctools.distributed import shard_rows
-    from nctools.measure import measure_chunks
-    from nctools.stats import ClassStats
+    from nctools.metrics.measure import measure_chunks
+    from nctools.metrics.stats import ClassStats
+    from nctools.training.distributed import shard_rows
 
     def shard(name: str):
         part = getattr(data, name)

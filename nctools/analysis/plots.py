@@ -184,7 +184,7 @@ def plot_runs(
     out: str | Path,
 ) -> Path:
     """Draw :func:`collapse_figure` and save it atomically to ``out`` (.png, .pdf or .svg)."""
-    from nctools.store import atomic_write_bytes
+    from nctools.runs.files import atomic_write_bytes
 
     out = Path(out)
     fmt = figure_format(out)  # fail before the (slow) drawing

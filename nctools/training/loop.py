@@ -2,8 +2,8 @@
 
 Usage::
 
-    from nctools.config import load_config
-    from nctools.train import train
+    from nctools.config.schema import load_config
+    from nctools.training.loop import train
     run_dir = train(load_config("configs/demo.yaml"), "runs/demo")   # resumes if interrupted
 
 Each epoch appends one row to ``RUN/history.csv``, then (on a snapshot epoch) writes the
@@ -11,14 +11,14 @@ features of the full train/test splits and the classifier, then ``RUN/checkpoint
 checkpoint always lies at or behind everything else on disk, and resuming from it
 rewrites whatever came later. The history row, checkpoint and manifest are serialised at
 the end of the epoch and written, in that order, while the next epoch trains
-(:mod:`nctools.writer`); the pieces of a step live in :mod:`nctools.steps`, the
-checkpoint, manifest and resume rules in :mod:`nctools.run_state`. A resumed
+(:mod:`nctools.training.writer`); the pieces of a step live in :mod:`nctools.training.steps`, the
+checkpoint, manifest and resume rules in :mod:`nctools.training.run_state`. A resumed
 CPU run is bit-identical to an uninterrupted one: the batch order and augmentation of
 epoch ``e`` come from a generator seeded by ``(seed, e)`` alone, and the global RNG state
 travels in the checkpoint.
 
 Under ``torchrun --nproc_per_node=K -m nctools train CONFIG`` the same loop runs on K
-processes with DistributedDataParallel (:mod:`nctools.distributed`): every rank draws the
+processes with DistributedDataParallel (:mod:`nctools.training.distributed`): every rank draws the
 same permutation of epoch ``e``, and global batch ``j`` (``train.batch_size`` rows, as in
 one process) is split ``DistributedSampler``-style, rank r taking its rows r, r + K, ...;
 losses are weighted so that DDP's average of the ranks' gradients is the gradient of the
@@ -44,14 +44,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from nctools import snapshots, store
-from nctools.config import (
+from nctools.config.schema import (
     Config,
-    save_config,
     snapshot_schedule,
 )
-from nctools.data import load_dataset
-from nctools.distributed import (
+from nctools.data.sets import load_dataset
+from nctools.errors import ConfigError, RunError
+from nctools.models.features import extract_features
+from nctools.models.networks import build_model
+from nctools.runs import files, snapshots, store
+from nctools.runs.store import save_config
+from nctools.training.distributed import (
     DistInfo,
     barrier,
     dist_from_env,
@@ -62,10 +65,7 @@ from nctools.distributed import (
     sum_over_ranks,
     wrap_model,
 )
-from nctools.errors import ConfigError, RunError
-from nctools.features import extract_features
-from nctools.models import build_model
-from nctools.run_state import (
+from nctools.training.run_state import (
     Run,
     StopOnSignal,
     checkpoint_state,
@@ -76,7 +76,7 @@ from nctools.run_state import (
     save_checkpoint,
     set_status,
 )
-from nctools.steps import (
+from nctools.training.steps import (
     batch_loss,
     build_optimizer,
     build_scheduler,
@@ -273,7 +273,7 @@ def _run_epoch(run: Run, epoch: int, stop: StopOnSignal) -> dict:
         progress = {"epochs_done": epoch, "tpt_onset_epoch": run.tpt_onset}
         run.writer.submit(
             *history,
-            partial(store.atomic_write_bytes, run.run_dir / CHECKPOINT_FILE, buffer.getvalue()),
+            partial(files.atomic_write_bytes, run.run_dir / CHECKPOINT_FILE, buffer.getvalue()),
             partial(record_progress, run, progress),
         )
     return row

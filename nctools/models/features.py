@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from nctools.data import Split, iterate_batches
+from nctools.data.splits import Split, iterate_batches
 from nctools.errors import DataError
 
 

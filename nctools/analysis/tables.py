@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from nctools import snapshots, store
-from nctools.config import load_config
+from nctools.config.schema import load_config
 from nctools.errors import RunError, SnapshotError
-from nctools.measure import CHUNK_ELEMENTS, METRIC_KEYS, measure_chunks
+from nctools.metrics.measure import CHUNK_ELEMENTS, METRIC_KEYS, measure_chunks
+from nctools.runs import files, snapshots, store
 
 IN_MEMORY_BYTES = 128 * 2**20  # a split up to this size is read once and measured in memory
 
@@ -89,7 +89,7 @@ def analyze(run_dir: str | Path, strict: bool = False) -> pd.DataFrame:
     else:
         table = pd.concat(frames, ignore_index=True)
     table = _join_history(run_dir, table)
-    store.atomic_write_text(run_dir / METRICS_FILE, table.to_csv(index=False))
+    files.atomic_write_text(run_dir / METRICS_FILE, table.to_csv(index=False))
     # The table is as old as the snapshots it read: one rewritten since then is stale.
     os.utime(run_dir / METRICS_FILE, ns=(started, started))
     return table

@@ -1,6 +1,6 @@
 """What a training run holds, and what of it survives on disk: checkpoint, manifest, resume.
 
-Usage (by :mod:`nctools.train`)::
+Usage (by :mod:`nctools.training.loop`)::
 
     config, checkpoint = open_run(run_dir, config, resume)   # new, resumed or finished run
     start = load_checkpoint(run, checkpoint)                 # the last completed epoch
@@ -25,15 +25,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import nctools
-from nctools import store
-from nctools.config import Config, diff_configs, load_config
-from nctools.data import Dataset
-from nctools.distributed import DistInfo
+from nctools import __version__
+from nctools.config.schema import Config, diff_configs, load_config
+from nctools.data.splits import Dataset
 from nctools.errors import CheckpointError, RunError
-from nctools.writer import BackgroundWriter
+from nctools.runs import files, store
+from nctools.training.distributed import DistInfo
+from nctools.training.writer import BackgroundWriter
 
-log = logging.getLogger("nctools.train")
+log = logging.getLogger("nctools.training.loop")
 
 CONFIG_FILE, CHECKPOINT_FILE = store.CONFIG_FILE, store.CHECKPOINT_FILE
 # where a run continues, and how often it looks at the test split, do not change what it is
@@ -119,7 +119,7 @@ def checkpoint_state(run: Run, epoch: int) -> dict:
         "scheduler": run.scheduler.state_dict(),
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else [],
-        "nctools_version": nctools.__version__,
+        "nctools_version": __version__,
     }
 
 
@@ -150,7 +150,7 @@ def open_run(run_dir: Path, config: Config, resume: bool) -> tuple[Config | None
     if not saved_path.exists():
         if resume:
             raise RunError(f"{run_dir}: no run to resume (no {CONFIG_FILE} there)")
-        if run_dir.is_dir() and any(not store.is_temp_name(p.name) for p in run_dir.iterdir()):
+        if run_dir.is_dir() and any(not files.is_temp_name(p.name) for p in run_dir.iterdir()):
             raise RunError(
                 f"{run_dir} holds files but no nctools run (no {CONFIG_FILE}); use another "
                 "--out, or an empty or new folder"
@@ -181,7 +181,7 @@ def new_manifest(config: Config, dataset: Dataset, model: nn.Module, device, sch
     return {
         "name": config.name,
         "status": "running",
-        "nctools_version": nctools.__version__,
+        "nctools_version": __version__,
         "torch_version": torch.__version__,
         "device": str(device),
         "world_size": world_size,

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from nctools.config import DataConfig
-from nctools.data import DIGIT_SETS, TORCHVISION_DIRS, Dataset, Split
+from nctools.config.schema import DataConfig
+from nctools.data.splits import DIGIT_SETS, TORCHVISION_DIRS, Dataset, Split
 from nctools.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

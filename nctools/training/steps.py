@@ -7,7 +7,7 @@ Usage::
     gen = epoch_generator(config.seed, epoch)        # the batch order of this epoch
     loss, hits = train_step(model, x, y, optimizer, "ce", nullcontext())
 
-The loop around them, snapshots and resume are :mod:`nctools.train`.
+The loop around them, snapshots and resume are :mod:`nctools.training.loop`.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nctools.config import TrainConfig
-from nctools.data import Split, iterate_batches
-from nctools.distributed import DistInfo
+from nctools.config.schema import TrainConfig
+from nctools.data.splits import Split, iterate_batches
 from nctools.errors import ConfigError
+from nctools.training.distributed import DistInfo
 
 
 def resolve_device(spec: str) -> torch.device:

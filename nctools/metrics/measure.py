@@ -2,7 +2,7 @@
 
 Usage::
 
-    from nctools import measure
+    from nctools.metrics import measure
     metrics = measure(features, labels, weight, bias)   # dict of METRICS.md keys -> float
 
 Two streaming passes over the features, in float64 chunks so memory stays within about
@@ -11,28 +11,27 @@ re-centres every sample on its exact class mean, keeps Sigma_W only along the <=
 eigenvectors of Sigma_B (all NC1 needs; no D x D inverse), and tallies the classifier
 and nearest-class-centre decisions (NC4). The same passes run on chunks streamed from
 disk (`measure_chunks`) and across processes (``group``), where the statistics are
-summed with ``torch.distributed.all_reduce``. On the CPU each pass runs through the C
-kernels of :mod:`nctools.native` (one sweep per row) when they can be built, else
-through torch operations on blocks of rows (the same numbers, to rounding).
+summed with ``torch.distributed.all_reduce``. Both passes are :class:`ClassStats`
+updates, the one accumulation route (torch operations on blocks of rows, CPU or CUDA);
+torch's own intra-op threads parallelise them, and the caller's thread settings are left
+as they are.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from nctools import metrics, native
-from nctools.decisions import DecisionTally
-from nctools.stats import ClassStats
+from nctools.metrics import functional as metrics
+from nctools.metrics.decisions import DecisionTally
+from nctools.metrics.inputs import as_tensor, check_finite, check_labels, check_num_classes
+from nctools.metrics.stats import ClassStats
 
 F64 = torch.float64
-SMALL_CLASSES = 256  # below this, C x C work runs on one thread
 CHUNK_ELEMENTS = 1 << 22  # feature values per chunk streamed from disk (e.g. 8192 x 512)
 
 METRIC_KEYS = (
@@ -73,8 +72,8 @@ def measure(
         ValueError naming the argument: mismatched lengths, labels outside [0, C), a
         weight of the wrong shape, NaN or Inf, an empty class, C < 2, empty input.
     """
-    features = _as_tensor("features", features)
-    labels = _as_tensor("labels", labels)
+    features = as_tensor("features", features)
+    labels = as_tensor("labels", labels)
     if features.ndim != 2:
         raise ValueError(f"features must be 2-D (N, D), got shape {tuple(features.shape)}")
     if features.shape[0] == 0 or features.shape[1] == 0:
@@ -83,13 +82,13 @@ def measure(
         raise ValueError(
             f"labels has shape {tuple(labels.shape)} but features has {features.shape[0]} rows"
         )
-    weight = _as_tensor("weight", weight)
+    weight = as_tensor("weight", weight)
     if weight.ndim != 2 or weight.shape[1] != features.shape[1]:
         raise ValueError(
             f"weight must have shape (C, D) with D = {features.shape[1]} (the features' "
             f"width), got {tuple(weight.shape)}"
         )
-    _check_labels(labels, weight.shape[0] if num_classes is None else num_classes)
+    check_labels(labels, check_num_classes(weight.shape[0] if num_classes is None else num_classes))
 
     def chunks() -> Iterator[tuple[Tensor, Tensor]]:
         yield features, labels
@@ -128,13 +127,13 @@ def measure_chunks(
     dim = weight64.shape[1]
     ncc_means = None
     if class_means is not None:
-        ncc_means = _as_tensor("class_means", class_means).to(device=device, dtype=F64)
+        ncc_means = as_tensor("class_means", class_means).to(device=device, dtype=F64)
         if tuple(ncc_means.shape) != (num_classes, dim):
             raise ValueError(
                 f"class_means must have shape (C, D) = {(num_classes, dim)}, "
                 f"got {tuple(ncc_means.shape)}"
             )
-        _check_finite("class_means", ncc_means)
+        check_finite("class_means", ncc_means)
 
     means_only = weight64[:0].T  # a basis of width 0: counts and sums only
     first, _ = _accumulate(
@@ -147,10 +146,8 @@ def measure_chunks(
         raise ValueError("features contain NaN or Inf values")
     first.check_nonempty()
     means = first.class_means()
-    with intra_op_threads(1 if device.type == "cpu" and num_classes < SMALL_CLASSES else
-                          torch.get_num_threads()):
-        eigvals, eigvecs = metrics.between_class_eig(means - first.global_mean())
     reference = first.global_mean()
+    eigvals, eigvecs = metrics.between_class_eig(means - reference)
     # Sigma_B^+ lives in the span of its r <= C - 1 eigenvectors V, so with r < D/2
     # Sigma_W is kept only there (an r x r moment); the same product x @ V serves the NCC
     # rule, as x.(mu_c - mu_G) = (x @ V) @ (M~ @ V)^T for means in that span.
@@ -160,7 +157,7 @@ def measure_chunks(
     second, tally = _accumulate(
         chunks,
         lambda: ClassStats(
-            num_classes, dim, shift=means, basis=basis, diagonal=basis is not None, device=device
+            num_classes, dim, shift=means, basis=basis, device=device
         ),
         tally,
     )
@@ -169,10 +166,7 @@ def measure_chunks(
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
 
-    # C x C work is tiny for few classes, where thread hand-offs would cost more than it.
-    small = device.type == "cpu" and num_classes < SMALL_CLASSES
-    with intra_op_threads(1 if small else torch.get_num_threads()):
-        result = collapse_metrics(second, weight64, eigvals, eigvecs)
+    result = collapse_metrics(second, weight64, eigvals, eigvecs)
     total = float(second.counts.sum())
     result["ncc_mismatch"] = float(counts[0]) / total
     result["accuracy"] = float(counts[1]) / total
@@ -221,8 +215,8 @@ def class_means(
     features: Tensor | np.ndarray, labels: Tensor | np.ndarray, num_classes: int
 ) -> Tensor:
     """(C, D) float64 class means of ``features`` (N, D) grouped by ``labels`` (N,)."""
-    features = _as_tensor("features", features)
-    labels = _as_tensor("labels", labels)
+    features = as_tensor("features", features)
+    labels = as_tensor("labels", labels)
     rows = _chunk_rows(features.shape[1], num_classes)
     no_basis = torch.zeros(features.shape[1], 0)  # counts and means only
     stats = ClassStats(num_classes, features.shape[1], basis=no_basis, device=features.device)
@@ -238,83 +232,16 @@ def _accumulate(
     make_stats: Callable[[], ClassStats],
     tally: DecisionTally | None = None,
 ) -> tuple[ClassStats, DecisionTally | None]:
-    """One pass over the chunks into fresh statistics (and NC4 tallies).
-
-    On the CPU the rows of each chunk are shared among ``torch.get_num_threads()``
-    worker threads, each running single-threaded torch ops on its own accumulator; the
-    partial statistics are merged at the end (merge is an addition). One multi-threaded
-    stream of many block-sized ops would spend its time in thread barriers, above all on
-    a busy machine.
-    """
-    parts = [make_stats()]
-    workers = torch.get_num_threads() if parts[0].device.type == "cpu" else 1
-    parts += [make_stats() for _ in range(workers - 1)]
-    tallies = [tally.fresh() for _ in parts] if tally is not None else [None] * workers
-
-    fused = native.SecondPass.for_pass(parts[0], tally)  # None: the torch route
-
-    def work(i: int, feats: Tensor, labs: Tensor) -> None:
-        _check_labels(labs, parts[i].num_classes)
-        if fused is not None and feats.device.type == "cpu":
-            fused.update(parts[i], tallies[i], feats, labs)
-        else:
-            parts[i].update(feats, labs, on_block=None if tallies[i] is None else tallies[i].add)
-
-    with intra_op_threads(1), ThreadPoolExecutor(max(1, workers - 1)) as pool:
-        for feats, labs in chunks():
-            step = -(-labs.shape[0] // workers)
-            shares = [slice(i * step, (i + 1) * step) for i in range(workers)]
-            jobs = [pool.submit(work, i, feats[r], labs[r]) for i, r in enumerate(shares) if i]
-            # share 0 runs in this thread, which would otherwise only wait: a pool thread
-            # starts its share milliseconds late (waking a CPU, taking the GIL)
-            work(0, feats[shares[0]], labs[shares[0]])
-            for job in jobs:
-                job.result()
-        for part in parts[1:]:  # C x D work: waking the intra-op threads would cost more
-            parts[0].merge(part)
-    if tally is not None:
-        for other in tallies[1:]:
-            tallies[0].tallied += other.counts.to(torch.int64)
-    return parts[0], tallies[0]
-
-
-@contextlib.contextmanager
-def intra_op_threads(count: int) -> Iterator[None]:
-    """Run the block with ``count`` torch intra-op threads, then restore the setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    """One pass over the chunks into fresh statistics (and NC4 tallies)."""
+    stats = make_stats()
+    on_block = None if tally is None else tally.add
+    for feats, labs in chunks():
+        stats.update(feats, labs, on_block=on_block)
+    return stats, tally
 
 
 def _chunk_rows(dim: int, num_classes: int) -> int:
     return max(1, CHUNK_ELEMENTS // (dim + 2 * num_classes))
-
-
-def _as_tensor(name: str, value: Tensor | np.ndarray) -> Tensor:
-    if isinstance(value, Tensor):
-        return value
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(value)
-    raise ValueError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
-
-
-def _check_finite(name: str, value: Tensor) -> None:
-    if not bool(torch.isfinite(value).all()):
-        raise ValueError(f"{name} contains NaN or Inf values")
-
-
-def _check_labels(labels: Tensor, num_classes: int) -> None:
-    labels = _as_tensor("labels", labels)
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(
-            f"labels must lie in [0, {num_classes}) (C = {num_classes}), "
-            f"got values from {int(labels.min())} to {int(labels.max())}"
-        )
 
 
 def _classifier(
@@ -323,27 +250,24 @@ def _classifier(
     num_classes: int | None,
     device: torch.device | str | None,
 ) -> tuple[Tensor, Tensor, int]:
-    weight = _as_tensor("weight", weight)
+    weight = as_tensor("weight", weight)
     if weight.ndim != 2:
         raise ValueError(f"weight must have shape (C, D), got {tuple(weight.shape)}")
-    if num_classes is None:
-        num_classes = weight.shape[0]
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    num_classes = check_num_classes(weight.shape[0] if num_classes is None else num_classes)
     if weight.shape[0] != num_classes:
         raise ValueError(
             f"weight must have shape (C, D) with C = num_classes = {num_classes}, "
             f"got {tuple(weight.shape)}"
         )
     weight = weight.to(device=device if device is not None else weight.device, dtype=F64)
-    _check_finite("weight", weight)
+    check_finite("weight", weight)
     if bias is None:
         bias = torch.zeros(num_classes, dtype=F64, device=weight.device)
     else:
-        bias = _as_tensor("bias", bias).to(device=weight.device, dtype=F64)
+        bias = as_tensor("bias", bias).to(device=weight.device, dtype=F64)
         if tuple(bias.shape) != (num_classes,):
             raise ValueError(
                 f"bias must have shape (C,) = ({num_classes},), got {tuple(bias.shape)}"
             )
-        _check_finite("bias", bias)
+        check_finite("bias", bias)
     return weight, bias, num_classes

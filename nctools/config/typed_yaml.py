@@ -6,7 +6,7 @@ Usage::
     cfg = build(Config, data, source="cfg.yaml")        # ConfigError: "cfg.yaml: train.lr: ..."
     apply_override(Config, data, "train.epochs=3")      # one --set KEY=VALUE
 
-The machinery behind `nctools.config`, independent of its sections: a dataclass field
+The machinery behind `nctools.config.schema`, independent of its sections: a dataclass field
 annotated ``int``, ``float``, ``bool``, ``str``, ``list[...]``, ``X | None`` or another
 dataclass takes exactly that from YAML (only int -> float converts), an unknown key gets a
 "did you mean" hint, and values print back as YAML writes them.

@@ -8,25 +8,29 @@ Usage::
     stats.merge(other_shard_stats)           # or stats.all_reduce() under torch.distributed
     means = stats.class_means()              # (C, D)
 
-State is sum-reducible (counts, sums, second moments), so merging two accumulators is
-an addition and syncing across processes is one ``all_reduce(SUM)``, as in torchmetrics.
+State is sum-reducible as stored (counts, sums, second moments about a per-class
+reference fixed before accumulation), so merging two accumulators is an addition and
+syncing across processes is one ``all_reduce(SUM)``, as in torchmetrics. This is the
+only accumulation route nctools has: the same torch operations on the CPU and on CUDA.
 
 Accuracy in the collapsed regime: every sample is accumulated as h - s_c, where the
-shift s_c is a per-class reference point near the class mean (the first batch's class
-mean unless given). Second moments about s_c are then of the size of the within-class
-spread itself, so recovering Sigma_W = E[(h - mu_c)(h - mu_c)^T] does not cancel
-digits against a large offset (features around 1e3 with a within-class std of 1e-3
-keep ~10 significant digits in float64, where raw moments keep ~4).
+shift s_c is a per-class reference point near the class mean (given, or the class's first
+sample). Second moments about s_c are then of the size of the within-class spread itself,
+so recovering Sigma_W = E[(h - mu_c)(h - mu_c)^T] does not cancel digits against a large
+offset (features around 1e3 with a within-class std of 1e-3 keep ~10 significant digits
+in float64, where raw moments keep ~4). Shifts taken from the data differ between
+processes; :meth:`all_reduce` agrees on one per class first (an exact re-centring).
 
-With ``basis`` (a D x k matrix B) the second moment is kept only inside its span, as
-the k x k matrix sum (B^T x)(B^T x)^T, instead of the whole D x D one: that is all NC1
-needs once the class means are known, since Sigma_B^+ lives in their span
-(``nctools.measure`` runs this as its second pass, with B = the centred means). A basis
-with k = 0 keeps counts and sums only: the class means, in one cheap pass.
+With ``basis`` (a D x k matrix B) the second moment is kept only inside its span, as the
+k x k matrix sum (B^T x)(B^T x)^T, instead of the whole D x D one: that is all NC1 needs
+once the class means are known, since Sigma_B^+ lives in their span (``nctools.measure``
+runs this as its second pass, with B = Sigma_B's eigenvectors). A basis with k = 0 keeps
+counts and sums only: the class means, in one cheap pass.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,11 +39,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from nctools import blocks, native
+from nctools.metrics.inputs import as_tensor, check_labels, dtype_name
 
 F64 = torch.float64
 _STATE = ("counts", "sums", "sq_norms", "scatter")
-GROUP_MIN_ROWS = 256  # group a chunk by class when classes average at least this many rows
+BLOCK_ELEMENTS = 1 << 18  # float64 values of one centred block of rows (2 MiB: in cache)
+OnBlock = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], None]
 
 
 class ClassStats:
@@ -48,19 +53,16 @@ class ClassStats:
     Args:
         num_classes: C.
         dim: D, the feature dimension.
-        shift: optional (C, D) per-class reference points. Give the same shift on every
-            process to skip the shift agreement in :meth:`all_reduce`; give the class means
-            (from a first pass) for the most accurate second moments.
+        shift: optional (C, D) per-class reference points, fixed for the whole
+            accumulation. Give the same shift on every process and :meth:`all_reduce` is
+            one SUM; give the class means (from a first pass) for the most accurate second
+            moments. Without it each class takes its first sample.
         basis: optional (D, k) matrix B; keep the second moment only inside its span.
-        diagonal: with a basis, keep only the diagonal of that k x k moment, the second
-            moments along the basis vectors themselves (all NC1 needs when B is Sigma_B's
-            eigenbasis; k multiply-adds per sample instead of k^2).
         device: where the state lives (default: the shift's device, else the CPU).
 
     State (all float64):
         counts: (C,) n_c.  sums: (C, D) sum of h - s_c.  sq_norms: (C,) sum ||h - s_c||^2.
-        scatter: (D, D) sum (h - s_y)(h - s_y)^T, or (k, k) B^T (that) B with a basis,
-            or its diagonal (k,) with ``diagonal``.
+        scatter: (D, D) sum (h - s_y)(h - s_y)^T, or (k, k) B^T (that) B with a basis.
     """
 
     def __init__(
@@ -70,11 +72,12 @@ class ClassStats:
         *,
         shift: Tensor | None = None,
         basis: Tensor | None = None,
-        diagonal: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
-        if num_classes < 1 or dim < 1:
-            raise ValueError(f"num_classes and dim must be positive, got {num_classes}, {dim}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
         if device is None:
             device = shift.device if shift is not None else "cpu"
         self.num_classes, self.dim = num_classes, dim
@@ -87,23 +90,17 @@ class ClassStats:
             self.has_shift = torch.zeros(num_classes, dtype=torch.bool, device=device)
         else:
             _check_shape("shift", shift, (num_classes, dim))
-            self.shift = shift.to(device=device, dtype=F64).clone()
+            self.shift = shift.detach().to(device=device, dtype=F64).clone()
             self.has_shift = torch.ones(num_classes, dtype=torch.bool, device=device)
-        self.basis = None
-        self.keeps_moments = basis is None or basis.shape[-1] > 0
+        self.basis: Tensor | None = None
         if basis is not None:
             if basis.ndim != 2 or basis.shape[0] != dim:
                 raise ValueError(f"basis must have shape (D={dim}, k), got {tuple(basis.shape)}")
-            self.basis = basis.to(device=device, dtype=F64).contiguous()
-            self.basis_t = self.basis.T.contiguous()  # (k, D): B^T x^T is the faster product
+            self.basis = basis.detach().to(device=device, dtype=F64).contiguous()
             width = self.basis.shape[1]
-            shape = (width,) if diagonal else (width, width)
-            self.scatter = torch.zeros(shape, dtype=F64, device=device)
-        elif diagonal:
-            raise ValueError("diagonal=True keeps the second moment along a basis: give one")
+            self.scatter = torch.zeros(width, width, dtype=F64, device=device)
         else:
             self.scatter = torch.zeros(dim, dim, dtype=F64, device=device)
-        self.diagonal = diagonal
 
     @property
     def device(self) -> torch.device:
@@ -113,45 +110,64 @@ class ClassStats:
     def num_samples(self) -> int:
         return int(self.counts.sum())
 
+    @property
+    def keeps_moments(self) -> bool:
+        """False for a basis of width 0: counts and sums only."""
+        return self.scatter.numel() > 0
+
     # ----------------------------------------------------------------- accumulation
     def update(
-        self,
-        features: Tensor,
-        labels: Tensor,
-        on_block: blocks.OnBlock | None = None,
+        self, features: Tensor, labels: Tensor, on_block: OnBlock | None = None
     ) -> ClassStats:
         """Add a chunk of samples.
 
-        Each sample enters as x = h - s_y, formed once in float64 per cache-sized block of
-        rows and read there by a sum, a dot product and one matrix product
-        (:mod:`nctools.blocks`). Two equivalent routes keep those products large: with
-        few, large classes the rows of each class
-        are gathered block by block (a stable sort of the labels) and centred by
-        broadcasting the class's shift; with many small classes, blocks of consecutive
-        rows are centred by gathering each row's shift.
+        The chunk is taken in blocks of rows (``BLOCK_ELEMENTS`` float64 values each):
+        each block is converted to float64 once, centred on its rows' shifts
+        (x = h - s_y), and read by one ``index_add`` for the sums, one for the squared
+        norms and one matrix product for the second moment (or its restriction to the
+        basis). The same torch operations run on every device.
 
         Args:
-            features: (n, D) any float dtype, any device (moved to the state's device).
+            features: (n, D) any float dtype, any device (moved to the state's device);
+                with or without grad (detached: statistics are not differentiated).
             labels: (n,) integers in [0, C).
-            on_block: optional ``fn(y, h, x, xb)`` called with each block's labels
-                (rows,), or the class as an int when the block is all of one class, its
-                samples h (rows, D) as given, their centred form x = h - s_y (rows, D)
-                float64, and x @ basis (None without a basis), so a caller can reuse them
-                (``measure`` tallies NC4). h and x live in reused buffers: they are valid
-                only during the call.
+            on_block: optional ``fn(y, h, x, xb)`` called with each block's labels (rows,),
+                its samples h (rows, D) as given, their centred form x = h - s_y
+                (rows, D) float64, and x @ basis (rows, k) (None without a basis), so a
+                caller can reuse them (``measure`` tallies NC4). x lives in a reused
+                buffer: valid only during the call.
+
+        Raises:
+            ValueError naming the argument: wrong shapes, non-float features, non-integer
+            labels or labels outside [0, C), NaN or Inf features. Nothing is added then.
         """
         h, y = self.checked(features, labels)
         if h.shape[0] == 0:
             return self
         self._set_new_shifts(h, y)
-        batch_counts = torch.bincount(y, minlength=self.num_classes)
-        self.counts += batch_counts.to(F64)
-        if not self.keeps_moments and on_block is None:
-            self._update_sums(h, y, batch_counts)
-        elif h.shape[0] >= GROUP_MIN_ROWS * int((batch_counts > 0).sum()):
-            blocks.add_by_class(self, h, y, batch_counts, on_block)
-        else:
-            blocks.add_by_rows(self, h, y, on_block)
+        self.counts += torch.bincount(y, minlength=self.num_classes).to(F64)
+        block_rows = min(max(1, BLOCK_ELEMENTS // self.dim), h.shape[0])
+        # reused buffers: fresh large allocations per block cost page faults and let the
+        # allocator's heap grow with the number of blocks
+        centred = torch.empty(block_rows, self.dim, dtype=F64, device=self.device)
+        shifts = torch.empty_like(centred)
+        for start in range(0, h.shape[0], block_rows):
+            rows = y[start : start + block_rows]
+            block = h[start : start + block_rows]
+            x = centred[: rows.shape[0]]
+            x.copy_(block)  # converted, then centred, in float64
+            x.sub_(torch.index_select(self.shift, 0, rows, out=shifts[: rows.shape[0]]))
+            self.sums.index_add_(0, rows, x)
+            projected = None
+            if self.keeps_moments:
+                self.sq_norms.index_add_(0, rows, torch.linalg.vector_norm(x, dim=1).square())
+                if self.basis is None:
+                    self.scatter.addmm_(x.T, x)
+                else:
+                    projected = x @ self.basis
+                    self.scatter.addmm_(projected.T, projected)
+            if on_block is not None:
+                on_block(rows, block, x, projected)
         return self
 
     def _set_new_shifts(self, h: Tensor, y: Tensor) -> None:
@@ -169,43 +185,33 @@ class ClassStats:
             self.shift[new] = h[first[new]].to(F64)
             self.has_shift |= new
 
-    def _update_sums(self, h: Tensor, y: Tensor, batch_counts: Tensor) -> None:
-        """Counts and sums only: raw float64 row sums per class, then re-centred.
-
-        Without second moments the shift buys no accuracy (a float64 sum of n values
-        keeps the mean to ~n * 1e-16 of their size), so rows are summed as they come (no
-        gathering) and sum(h - s_c) = sum(h) - n_c s_c.
-        """
-        raw = torch.zeros_like(self.sums)
-        lib = native.library() if self.device.type == "cpu" else None
-        if lib is not None:  # one fused sweep (nctools/kernels/passes.c)
-            native.class_sums(lib, h, y, raw)
-        else:
-            blocks.add_sums(self, h, y, raw)
-        self.sums += raw - batch_counts.to(F64)[:, None] * self.shift
-
     def checked(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """(features, int64 labels) on the state's device; ValueError if malformed."""
-        features = torch.as_tensor(features)
-        labels = torch.as_tensor(labels)
+        """(features, int64 labels) on the state's device; ValueError if malformed.
+
+        The same checks as :func:`nctools.measure`: float features of shape (n, D), all
+        finite; integer labels (n,) in [0, C).
+        """
+        features = as_tensor("features", features).detach()
+        labels = as_tensor("labels", labels).detach()
         if features.ndim != 2 or features.shape[1] != self.dim:
             raise ValueError(
                 f"features must have shape (n, {self.dim}), got {tuple(features.shape)}"
             )
-        if labels.shape != features.shape[:1]:
+        if labels.ndim != 1 or labels.shape[0] != features.shape[0]:
             raise ValueError(
-                f"labels has {labels.numel()} entries but features has {features.shape[0]} rows"
+                f"labels has shape {tuple(labels.shape)} but features has "
+                f"{features.shape[0]} rows"
             )
         if not features.dtype.is_floating_point:
-            raise ValueError(f"features must be floating point, got dtype {features.dtype}")
+            raise ValueError(f"features must be floating point, got dtype {dtype_name(features)}")
+        check_labels(labels, self.num_classes)
         h = features.to(device=self.device)
-        y = labels.to(device=self.device, dtype=torch.long)
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
-            raise ValueError(
-                f"labels must lie in [0, {self.num_classes}), "
-                f"got values from {int(y.min())} to {int(y.max())}"
-            )
-        return h, y
+        # in blocks of rows: a whole-chunk mask would be a chunk-sized temporary
+        step = max(1, BLOCK_ELEMENTS // self.dim)
+        for start in range(0, h.shape[0], step):
+            if not bool(torch.isfinite(h[start : start + step]).all()):
+                raise ValueError("features contain NaN or Inf values")
+        return h, labels.to(device=self.device, dtype=torch.long)
 
     def merge(self, other: ClassStats) -> ClassStats:
         """Add another accumulator's samples into this one (the order does not matter)."""
@@ -215,15 +221,17 @@ class ClassStats:
                 f"into {(self.num_classes, self.dim)}"
             )
         if (self.basis is None) != (other.basis is None) or (
-            self.basis is not None and not torch.equal(self.basis, other.basis.to(self.device))
-        ) or self.diagonal != other.diagonal:
+            self.basis is not None
+            and other.basis is not None
+            and not torch.equal(self.basis, other.basis.to(self.device))
+        ):
             raise ValueError("cannot merge ClassStats kept in different bases")
         adopt = other.has_shift.to(self.device) & ~self.has_shift
         self.shift[adopt] = other.shift.to(self.device)[adopt]
         self.has_shift |= adopt
-        state = other._state_about(self.shift)
+        state = other.state_about(self.shift)
         for name, value in zip(_STATE, state, strict=True):
-            getattr(self, name).add_(value)
+            getattr(self, name).add_(value.to(self.device))
         return self
 
     def all_reduce(self, group: dist.ProcessGroup | None = None) -> ClassStats:
@@ -242,7 +250,7 @@ class ClassStats:
             dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
             seen = packed[:, -1] > 0
             agreed = torch.where(seen[:, None], packed[:, :-1] / packed[:, -1:].clamp_min(1), 0.0)
-            state = self._state_about(agreed)
+            state = self.state_about(agreed)
             for name, value in zip(_STATE, state, strict=True):
                 setattr(self, name, value)
             self.shift, self.has_shift = agreed, seen
@@ -255,27 +263,24 @@ class ClassStats:
             offset += value.numel()
         return self
 
-    def _state_about(self, new_shift: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """This state re-centred from ``self.shift`` to ``new_shift`` (C, D), exactly.
+    def state_about(self, new_shift: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(counts, sums, sq_norms, scatter) re-centred from ``self.shift`` to ``new_shift``
+        (C, D), exactly.
 
         With d_c = s_c - s'_c and h - s' = (h - s) + d: sums gain n d, squared norms gain
-        2 sum.d + n ||d||^2, and the second moment gains T^T d + d^T T + d^T diag(n) d.
+        2 sum.d + n ||d||^2, and the second moment gains T^T d + d^T T + d^T diag(n) d
+        (T the sums; with a basis B, each of these projected on B).
         """
         new_shift = new_shift.to(self.device)
         delta = self.shift - new_shift
         n = self.counts
         sums = self.sums + n[:, None] * delta
         sq_norms = self.sq_norms + 2.0 * (self.sums * delta).sum(1) + n * delta.square().sum(1)
-        if self.basis is None:
-            cross = self.sums.T @ delta
-            scatter = self.scatter + cross + cross.T + delta.T @ (n[:, None] * delta)
-        elif self.diagonal:  # the diagonal of the line below
-            t_b, d_b = self.sums @ self.basis, delta @ self.basis
-            scatter = self.scatter + 2.0 * (t_b * d_b).sum(0) + (n[:, None] * d_b.square()).sum(0)
-        else:
-            t_b, d_b = self.sums @ self.basis, delta @ self.basis
-            cross = t_b.T @ d_b
-            scatter = self.scatter + cross + cross.T + d_b.T @ (n[:, None] * d_b)
+        t, d = self.sums, delta
+        if self.basis is not None:
+            t, d = t @ self.basis, d @ self.basis
+        cross = t.T @ d
+        scatter = self.scatter + cross + cross.T + d.T @ (n[:, None] * d)
         return self.counts.clone(), sums, sq_norms, scatter
 
     # ----------------------------------------------------------------- derived statistics
@@ -309,11 +314,9 @@ class ClassStats:
 
     def within_class_cov(self) -> Tensor:
         """Sigma_W = (1/N) sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T: (D, D), or with a
-        basis B its (k, k) restriction B^T Sigma_W B (its diagonal (k,) with ``diagonal``)."""
+        basis B its (k, k) restriction B^T Sigma_W B."""
         n = self.counts
         sums = self.sums if self.basis is None else self.sums @ self.basis
-        if self.diagonal:
-            return (self.scatter - (sums.square() / n[:, None]).sum(0)) / n.sum()
         return (self.scatter - sums.T @ (sums / n[:, None])) / n.sum()
 
     def within_class_var_along(self, vectors: Tensor) -> Tensor:
@@ -325,10 +328,8 @@ class ClassStats:
         """
         vectors = vectors.to(device=self.device, dtype=F64)
         cov = self.within_class_cov()
-        if self.diagonal:
-            if not torch.equal(vectors, self.basis):
-                raise ValueError("with diagonal=True, vectors must be the basis itself")
-            return cov
+        if self.basis is not None and torch.equal(vectors, self.basis):
+            return torch.diagonal(cov).clone()
         if self.basis is None:
             return ((cov @ vectors) * vectors).sum(0)
         coords = torch.linalg.lstsq(self.basis.cpu(), vectors.cpu(), driver="gelsd").solution
@@ -351,7 +352,6 @@ class ClassStats:
         meta = {
             "format": "nctools.ClassStats/1",
             "fixed_shift": str(int(self.fixed_shift)),
-            "diagonal": str(int(self.diagonal)),
         }
         save_file(tensors, str(path), metadata=meta)
 
@@ -368,8 +368,7 @@ class ClassStats:
         num_classes, dim = tensors["sums"].shape
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
-        diagonal = meta.get("diagonal") == "1" and "basis" in tensors
-        stats = cls(num_classes, dim, basis=tensors.get("basis"), diagonal=diagonal, device=device)
+        stats = cls(num_classes, dim, basis=tensors.get("basis"), device=device)
         for name in _STATE:
             _check_shape(f"{path}: {name}", tensors[name], tuple(getattr(stats, name).shape))
             setattr(stats, name, tensors[name].to(F64))

@@ -21,7 +21,6 @@ from torch import Tensor
 
 F64 = torch.float64
 F32_UNIT = 2.0**-24  # unit roundoff of float32
-FLUSH_ROWS = 1 << 16  # decisions kept before they are counted
 
 
 class DecisionTally:
@@ -63,14 +62,11 @@ class DecisionTally:
         # + (s_y - r).(m_k - r) - ||m_k - r||^2 / 2: row y for the samples of class y
         self.centre_offset = PairOffsets(shift - reference, centres, -centres.square().sum(1) / 2)
         self.ncc = SureArgmax(centre_coords if self.in_basis else centres.T, self.centre_offset)
-        self.decisions: list[tuple[Tensor | int, Tensor, Tensor]] = []  # not yet counted
-        self.pending_rows = 0
         self.tallied = torch.zeros(3, dtype=torch.int64, device=weight.device)
 
     def fresh(self) -> DecisionTally:
         """A tally sharing these precomputed matrices, with no decisions yet."""
         other = copy.copy(self)
-        other.decisions, other.pending_rows = [], 0
         other.tallied = torch.zeros(3, dtype=torch.int64, device=self.tallied.device)
         return other
 
@@ -78,22 +74,7 @@ class DecisionTally:
     def counts(self) -> Tensor:
         """(3,) float64: rows where the two rules disagree, rows the classifier gets
         right, rows the NCC rule gets right."""
-        self._flush()
         return self.tallied.to(F64)
-
-    def _flush(self) -> None:
-        """Count the decisions kept so far: a few ops per ~64k rows, not per block, and
-        memory that does not grow with N."""
-        if not self.decisions:
-            return
-        labels = torch.cat(
-            [y if isinstance(y, Tensor) else p.new_full(p.shape, y) for y, p, _ in self.decisions]
-        )
-        predicted = torch.cat([p for _, p, _ in self.decisions])
-        nearest = torch.cat([q for _, _, q in self.decisions])
-        hits = (predicted != nearest, predicted == labels, nearest == labels)
-        self.tallied += torch.stack([hit.sum() for hit in hits])
-        self.decisions, self.pending_rows = [], 0
 
     def add(
         self, labels: Tensor | int, h: Tensor, x: Tensor, projected: Tensor | None = None
@@ -105,10 +86,8 @@ class DecisionTally:
             raise ValueError("DecisionTally: centres in a basis need blocks with x @ basis")
         predicted = self.classifier(h, labels)
         nearest = self.ncc(projected if self.in_basis else x, labels)
-        self.decisions.append((labels, predicted, nearest))
-        self.pending_rows += predicted.shape[0]
-        if self.pending_rows >= FLUSH_ROWS:
-            self._flush()
+        hits = (predicted != nearest, predicted == labels, nearest == labels)
+        self.tallied += torch.stack([hit.sum() for hit in hits])
 
 
 class PairOffsets:

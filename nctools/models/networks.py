@@ -7,7 +7,7 @@ Usage::
     logits = model.classifier(h)   # (B, C); model(x) is the same
 
 ResNet, VGG (with batch norm) and DenseNet build on torchvision's classes
-(:mod:`nctools.tv_nets`, imported when first needed) and keep their
+(:mod:`nctools.models.torchvision_nets`, imported when first needed) and keep their
 state_dict keys, except that the last layer is always named ``classifier`` (torchvision's
 ResNet calls it ``fc``; :func:`load_state_dict_compat` maps it). For images of 32 px or
 less the ImageNet stem (7x7 stride-2 conv + max-pool) becomes a 3x3 stride-1 conv, as in
@@ -22,7 +22,7 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from nctools.config import ModelConfig
+from nctools.config.schema import ModelConfig
 from nctools.errors import CheckpointError, ConfigError
 
 ARCHS = (
@@ -36,7 +36,6 @@ ARCHS = (
     "vgg19",
     "densenet",
 )
-SMALL_IMAGE = 32  # at or below this size the stem keeps full resolution
 
 
 def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
@@ -48,7 +47,7 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size
         return ConvNet(num_classes, in_channels, cfg.width)
     if arch in ARCHS:
         # torchvision takes ~2 s to import: only runs that build its networks pay for it
-        from nctools import tv_nets
+        from nctools.models import torchvision_nets as tv_nets
 
         return tv_nets.build(arch, cfg, num_classes, in_channels, image_size)
     raise ConfigError(f"model.arch: unknown architecture {cfg.arch!r}; valid: {', '.join(ARCHS)}")

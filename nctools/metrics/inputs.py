@@ -1,0 +1,59 @@
+"""The checks every measuring entry point applies to its inputs, in one place.
+
+`nctools.measure`, `measure_chunks` and `ClassStats.update` refuse the same things with
+the same messages: each names the argument and what was wrong with it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def as_tensor(name: str, value: Tensor | np.ndarray) -> Tensor:
+    """``value`` as a torch tensor (numpy arrays shared, not copied; a big-endian or
+    otherwise non-native array is converted); ValueError naming ``name`` otherwise."""
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        if not value.dtype.isnative:
+            value = value.astype(value.dtype.newbyteorder("="))
+        try:
+            return torch.from_numpy(value)
+        except TypeError as err:
+            raise ValueError(
+                f"{name}: numpy dtype {value.dtype} is not supported ({err})"
+            ) from None
+    raise ValueError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
+
+
+def dtype_name(value: Tensor | np.ndarray) -> str:
+    """The dtype as the user wrote it: ``float32`` for numpy and torch alike."""
+    return str(value.dtype).removeprefix("torch.")
+
+
+def check_labels(labels: Tensor, num_classes: int) -> None:
+    """ValueError unless ``labels`` (n,) are integers in [0, num_classes)."""
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integers, got dtype {dtype_name(labels)}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}) (C = {num_classes}), "
+            f"got values from {int(labels.min())} to {int(labels.max())}"
+        )
+
+
+def check_finite(name: str, value: Tensor) -> None:
+    """ValueError naming ``name`` if ``value`` holds NaN or Inf."""
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def check_num_classes(num_classes: object) -> int:
+    """``num_classes`` as an int >= 2; ValueError for 10.0, '10', True, 1."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
+        raise ValueError(f"num_classes must be an int, got {num_classes!r}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    return int(num_classes)
