@@ -10,7 +10,6 @@ checked for its class and for the argument it names.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -31,6 +30,7 @@ from nctools.metrics.measure import measure
 from nctools.models.networks import build_model
 from nctools.runs import store
 from nctools.training.loop import train
+from tests.helpers import tree_hashes
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = """\
@@ -67,11 +67,6 @@ def scratch(finished, tmp_path) -> Path:
     shutil.copytree(finished, tmp_path / "run")
     (tmp_path / "tiny.yaml").write_text(TINY)
     return tmp_path
-
-
-def tree_hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 # ----------------------------------------------------------------------------- preparations

@@ -2,7 +2,6 @@
 
 import itertools
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import torch.multiprocessing as mp
 
 from nctools import ClassStats
 from nctools.metrics import stats as stats_module
+from tests.helpers import free_port
 
 
 def data(num_classes=4, dim=6, n=120, offset=0.0, spread=1.0, seed=0):
@@ -177,12 +177,6 @@ def test_update_errors_name_the_problem():
         stats.check_nonempty()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _all_reduce_worker(rank, world, port, out_dir):
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
@@ -197,7 +191,7 @@ def _all_reduce_worker(rank, world, port, out_dir):
 
 
 def test_all_reduce_across_two_processes_equals_one_pass(tmp_path):
-    port = _free_port()
+    port = free_port()
     mp.spawn(_all_reduce_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     features, labels = data(n=200, offset=50.0, seed=7)
     ref = reference(features, labels, 4)

@@ -18,7 +18,7 @@ from nctools.data.splits import DATASETS
 from nctools.models.networks import ARCHS
 from nctools.training.loop import build_optimizer, build_scheduler
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 GRID = sorted((ROOT / "configs" / "papyan2020").glob("*.yaml"))
 PAPER_SETS = {"mnist", "fashionmnist", "cifar10", "cifar100", "svhn", "stl10", "imagenet"}

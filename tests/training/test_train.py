@@ -21,9 +21,6 @@ import torch.nn.functional as F
 
 from nctools.config.schema import (
     Config,
-    DataConfig,
-    ModelConfig,
-    SnapshotConfig,
     TrainConfig,
     load_config,
     snapshot_schedule,
@@ -32,6 +29,7 @@ from nctools.data.sets import load_dataset
 from nctools.errors import ConfigError, RunError
 from nctools.models.networks import build_model
 from nctools.runs import snapshots, store
+from tests import helpers
 
 T = importlib.import_module("nctools.training.loop")
 
@@ -41,16 +39,7 @@ SNAPSHOTS = [1, 2, 4, 6]
 
 def tiny_config(**train) -> Config:
     """3 classes x 16 images of 1 x 8 x 8; convnet width 8 (D = 32); 3 batches per epoch."""
-    return Config(
-        name="tiny",
-        seed=3,
-        data=DataConfig(dataset="synthetic", num_classes=3, train_per_class=16,
-                        test_per_class=8, channels=1, image_size=8),
-        model=ModelConfig(arch="convnet", width=8),
-        train=TrainConfig(**{"epochs": EPOCHS, "batch_size": 16, "lr": 0.05,
-                             "device": "cpu", **train}),
-        snapshot=SnapshotConfig(epochs=list(SNAPSHOTS)),
-    )
+    return helpers.tiny_config(snapshots=list(SNAPSHOTS), **{"epochs": EPOCHS, **train})
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -10,22 +10,15 @@ import pytest
 
 from nctools.analysis import tables as analysis
 from nctools.analysis.tables import COLUMNS, analyze
-from nctools.config.schema import Config, DataConfig, ModelConfig, SnapshotConfig, TrainConfig
 from nctools.errors import RunError, SnapshotError
 from nctools.metrics.measure import METRIC_KEYS, class_means, measure, measure_chunks
 from nctools.runs import files, snapshots, store
 from nctools.training.loop import train
+from tests import helpers
 
 
-def tiny_config() -> Config:
-    return Config(
-        name="tiny",
-        data=DataConfig(dataset="synthetic", num_classes=4, train_per_class=16,
-                        test_per_class=8, image_size=8),
-        model=ModelConfig(arch="convnet", width=8),
-        train=TrainConfig(epochs=3, batch_size=32, device="cpu"),
-        snapshot=SnapshotConfig(epochs="all"),
-    )
+def tiny_config():
+    return helpers.tiny_config(num_classes=4, image_size=8, batch_size=32)
 
 
 @pytest.fixture(scope="module")

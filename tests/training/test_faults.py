@@ -15,7 +15,6 @@ exactly as ``python -m nctools`` does.
 from __future__ import annotations
 
 import errno
-import hashlib
 import importlib
 import json
 import os
@@ -45,10 +44,11 @@ from nctools.config.schema import load_config
 from nctools.errors import RunError, SnapshotError
 from nctools.metrics.measure import METRIC_KEYS
 from nctools.runs import files, snapshots, store
+from tests.helpers import tree_hashes
 
 T = importlib.import_module("nctools.training.loop")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SEED = 20260517  # the kill moments
 EPOCHS = 6
 STEPS_PER_EPOCH = 3  # 48 training images, batches of 16
@@ -213,12 +213,6 @@ def checkpoint_epoch(run: Path) -> int:
 
 def temps(run: Path) -> list[Path]:
     return sorted(run.rglob(TEMP))
-
-
-def tree_hashes(root: Path) -> dict[str, str]:
-    """sha256 of every file under ``root`` (temp files too), by relative path."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def assert_nothing_partial(run: Path) -> None:

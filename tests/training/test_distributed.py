@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,10 +28,7 @@ from nctools.analysis import saved_model
 from nctools.analysis.tables import analyze
 from nctools.config.schema import (
     Config,
-    DataConfig,
     ModelConfig,
-    SnapshotConfig,
-    TrainConfig,
 )
 from nctools.data.sets import load_dataset
 from nctools.errors import ConfigError, RunError
@@ -49,6 +45,8 @@ from nctools.training.distributed import (
     rank_device,
     shard_rows,
 )
+from tests import helpers
+from tests.helpers import free_port
 
 T = sys.modules["nctools.training.loop"]  # the module; `nctools.training.loop` is also the function
 
@@ -57,23 +55,10 @@ HISTORY = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc"]
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def tiny_config() -> Config:
+def tiny_config():
     """51 training images (batches of 8: the last has 3 rows, split 2 + 1), 24 test."""
-    return Config(
-        name="tiny",
-        seed=3,
-        data=DataConfig(dataset="synthetic", num_classes=3, train_per_class=17,
-                        test_per_class=8, channels=1, image_size=8),
-        model=ModelConfig(arch="convnet", width=8),
-        train=TrainConfig(epochs=EPOCHS, batch_size=8, lr=0.05, device="cpu"),
-        snapshot=SnapshotConfig(epochs=list(SNAPSHOTS)),
-    )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return helpers.tiny_config(train_per_class=17, epochs=EPOCHS, batch_size=8,
+                               snapshots=list(SNAPSHOTS))
 
 
 def _as_rank(rank: int, world: int, port: int, fn, args) -> None:
@@ -84,7 +69,7 @@ def _as_rank(rank: int, world: int, port: int, fn, args) -> None:
 
 def run_ranks(fn, *args, world: int = 2) -> None:
     """``fn(rank, *args)`` in ``world`` forked processes with torchrun's environment."""
-    mp.start_processes(_as_rank, args=(world, _free_port(), fn, args), nprocs=world,
+    mp.start_processes(_as_rank, args=(world, free_port(), fn, args), nprocs=world,
                        join=True, start_method="fork")
 
 
@@ -244,7 +229,7 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_epoch(one_run, tmp
     waiting in a collective, and the run resumes to the uninterrupted result."""
     run = tmp_path / "run"
     context = mp.start_processes(
-        _as_rank, args=(2, _free_port(), _signalled_on_one_rank, (str(run), str(tmp_path))),
+        _as_rank, args=(2, free_port(), _signalled_on_one_rank, (str(run), str(tmp_path))),
         nprocs=2, join=False, start_method="fork")
     deadline = time.monotonic() + 120
     while not context.join(timeout=1):

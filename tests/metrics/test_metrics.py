@@ -7,13 +7,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import reference_metrics
 
 from nctools import measure
 from nctools.metrics import decisions
 from nctools.metrics import functional as metrics
 from nctools.metrics import stats as stats_module
 from nctools.metrics.measure import METRIC_KEYS, class_means
+from tests.helpers import clusters
+from tests.reference import reference_metrics
 
 # METRICS.md, in order: the contract for the returned keys.
 CONTRACT_KEYS = (
@@ -21,22 +22,6 @@ CONTRACT_KEYS = (
     "equiangular_weights", "maxangle_means", "maxangle_weights", "etf_means", "etf_weights",
     "self_duality", "ncc_mismatch", "accuracy", "ncc_accuracy",
 )  # fmt: skip
-
-
-def clusters(num_classes, dim, per_class, spread=1.0, offset=0.0, imbalance=False, seed=0):
-    """Gaussian class clusters with a classifier near the means (float64 NumPy)."""
-    rng = np.random.default_rng(seed)
-    means = rng.normal(size=(num_classes, dim)) * 3 + offset
-    if imbalance:
-        sizes = rng.integers(2, 3 * per_class, size=num_classes)
-    else:
-        sizes = np.full(num_classes, per_class)
-    labels = np.repeat(np.arange(num_classes), sizes)
-    rng.shuffle(labels)
-    features = means[labels] + spread * rng.normal(size=(labels.size, dim))
-    weight = means - means.mean(0) + 0.7 * rng.normal(size=(num_classes, dim))
-    bias = 0.1 * rng.normal(size=num_classes)
-    return features, labels, weight, bias
 
 
 def assert_close(got, want, rtol, atol=0.0):

@@ -1,0 +1,92 @@
+"""What several test files share: tiny run configs, class clusters, free ports, tree
+hashes, and a user network factory (``tests.helpers:make_net`` on the command line)."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from nctools.config.schema import Config, DataConfig, ModelConfig, SnapshotConfig, TrainConfig
+
+
+def tiny_config(
+    *,
+    num_classes: int = 3,
+    train_per_class: int = 16,
+    test_per_class: int = 8,
+    channels: int = 1,
+    image_size: int = 8,
+    width: int = 8,
+    seed: int = 3,
+    snapshots: str | list[int] = "all",
+    **train: object,
+) -> Config:
+    """A run on synthetic images that trains in well under a second an epoch on the CPU:
+    convnet of ``width`` (D = 4 x width), ``train`` overriding TrainConfig's fields
+    (epochs 3, batch size 16, lr 0.05 and the CPU unless given)."""
+    return Config(
+        name="tiny",
+        seed=seed,
+        data=DataConfig(dataset="synthetic", num_classes=num_classes,
+                        train_per_class=train_per_class, test_per_class=test_per_class,
+                        channels=channels, image_size=image_size),
+        model=ModelConfig(arch="convnet", width=width),
+        train=TrainConfig(**{"epochs": 3, "batch_size": 16, "lr": 0.05, "device": "cpu",
+                             **train}),  # type: ignore[arg-type]
+        snapshot=SnapshotConfig(epochs=snapshots),
+    )
+
+
+def clusters(num_classes, dim, per_class, spread=1.0, offset=0.0, imbalance=False, seed=0):
+    """Gaussian class clusters with a classifier near the means (float64 NumPy):
+    features (N, dim), labels (N,), weight (C, dim), bias (C,)."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(num_classes, dim)) * 3 + offset
+    if imbalance:
+        sizes = rng.integers(2, 3 * per_class, size=num_classes)
+    else:
+        sizes = np.full(num_classes, per_class)
+    labels = np.repeat(np.arange(num_classes), sizes)
+    rng.shuffle(labels)
+    features = means[labels] + spread * rng.normal(size=(labels.size, dim))
+    weight = means - means.mean(0) + 0.7 * rng.normal(size=(num_classes, dim))
+    bias = 0.1 * rng.normal(size=num_classes)
+    return features, labels, weight, bias
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for a gloo process group)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` (temp files too), by relative path."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+class SmallNet(nn.Module):
+    """A user's own network: two conv blocks, pooling, and a linear head."""
+
+    def __init__(self, num_classes: int = 3, in_channels: int = 1, width: int = 8) -> None:
+        super().__init__()
+        self.block1 = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU())
+        self.block2 = nn.Sequential(nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.block2(self.block1(x))).flatten(1))
+
+
+def make_net(num_classes: int = 3, in_channels: int = 1) -> nn.Module:
+    """Factory for ``--model tests.helpers:make_net``."""
+    torch.manual_seed(0)
+    return SmallNet(num_classes, in_channels)
