@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nctools.errors import NctoolsError, RunError
+from nctools.runs.layout import CONFIG_FILE, METRICS_FILE
 
 # The rows of the short table `nctools analyze` prints (METRICS.md keys).
 SUMMARY_METRICS = (
@@ -163,14 +164,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = Path(args.out) if args.out else config if config and config.is_dir() else None
     if run is None:
         raise NctoolsError("train --resume: give the run directory with --out RUN")
-    if not (run / "config.yaml").is_file():
+    if not (run / CONFIG_FILE).is_file():
         raise RunError(f"train --resume: no run to resume at {run} (no config.yaml there)")
     if config is None or config.is_dir():
-        config = run / "config.yaml"
+        config = run / CONFIG_FILE
     cfg = load_config(config, args.overrides)
     # Without changes the run's own config.yaml is authoritative; with a CONFIG or --set,
     # they must describe the same run (only keys like train.device may differ).
-    same = config == run / "config.yaml" and not args.overrides
+    same = config == run / CONFIG_FILE and not args.overrides
     if not same:
         _check_resume_changes(run, cfg)
     say(f"run saved in {train(cfg, run, resume=same)}")
@@ -182,12 +183,12 @@ def _check_resume_changes(run: Path, cfg) -> None:
     from nctools.config.schema import diff_configs, load_config
     from nctools.training.run_state import RESUME_MAY_CHANGE
 
-    diffs = diff_configs(load_config(run / "config.yaml"), cfg, ignore=RESUME_MAY_CHANGE)
+    diffs = diff_configs(load_config(run / CONFIG_FILE), cfg, ignore=RESUME_MAY_CHANGE)
     if diffs:
         raise RunError(
             f"train --resume: the given CONFIG/--set would change the run in {run} "
             f"({'; '.join(diffs)}); resume without them to continue with "
-            f"{run / 'config.yaml'}, or use another --out for a new run"
+            f"{run / CONFIG_FILE}, or use another --out for a new run"
         )
 
 
@@ -226,7 +227,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     figure_format(out)  # a bad extension fails before any analysis runs
     tables = []
     for run in runs:
-        csv = run / "metrics.csv"
+        csv = run / METRICS_FILE
         tables.append(read_table(csv) if csv.is_file() else analyze(run))
     print(f"wrote {plot_runs(tables, out)}")
     return 0

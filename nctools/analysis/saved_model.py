@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from nctools.errors import CheckpointError, ConfigError, NctoolsError
+from nctools.runs.layout import CONFIG_FILE
 
 
 def _device(name: str):
@@ -143,7 +144,7 @@ def measure_checkpoint(
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # an nctools checkpoint.pt
     data_cfg, seed, model_cfg = DataConfig(dataset=dataset), 0, ModelConfig(arch=arch)
-    run_config = Path(checkpoint).parent / "config.yaml"
+    run_config = Path(checkpoint).parent / CONFIG_FILE
     if run_config.is_file():  # a run's checkpoint: its network, and its data if the same set
         saved = load_config(run_config)
         if saved.model.arch == arch:

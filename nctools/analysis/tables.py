@@ -27,12 +27,13 @@ from nctools.config.schema import load_config
 from nctools.errors import RunError, SnapshotError
 from nctools.metrics.measure import CHUNK_ELEMENTS, METRIC_KEYS, measure_chunks
 from nctools.runs import files, snapshots, store
+from nctools.runs.layout import CONFIG_FILE, MANIFEST_FILE, METRICS_FILE
 
 IN_MEMORY_BYTES = 128 * 2**20  # a split up to this size is read once and measured in memory
 
-METRICS_FILE = "metrics.csv"
 KEY_COLUMNS = ["run", "dataset", "arch", "epoch", "split", "metric", "value"]
-HISTORY_COLUMNS = ["lr", "train_loss", "train_acc", "test_loss", "test_acc"]
+# the history columns each metrics row carries (the epoch is a key column already)
+HISTORY_COLUMNS = [c for c in store.HISTORY_COLUMNS if c not in ("epoch", "seconds")]
 COLUMNS = [*KEY_COLUMNS, *HISTORY_COLUMNS, "tpt_onset_epoch"]
 SPLIT_ORDER = ("train", "test")  # train first: the test split needs the train class means
 # Values read back must be the very floats written: pandas 3 parses floats exactly by
@@ -62,7 +63,7 @@ def analyze(run_dir: str | Path, strict: bool = False) -> pd.DataFrame:
             f"{run_dir} has no snapshots to analyze; make some with "
             f"`nctools train CONFIG --out {run_dir} --set snapshot.epochs=all`"
         )
-    config = load_config(run_dir / "config.yaml")
+    config = load_config(run_dir / CONFIG_FILE)
     ident = {"run": run_dir.resolve().name, "dataset": config.data.dataset,
              "arch": config.model.arch}
 
@@ -206,7 +207,7 @@ def _join_history(run_dir: Path, table: pd.DataFrame) -> pd.DataFrame:
 def _tpt_onset(run_dir: Path, history: pd.DataFrame) -> float:
     """First epoch with zero training error: run.json's ``tpt_onset_epoch``, else the
     history's first ``train_acc == 1`` (runs without a manifest); NaN before the onset."""
-    manifest = store.read_manifest(run_dir) if (run_dir / "run.json").is_file() else {}
+    manifest = store.read_manifest(run_dir) if (run_dir / MANIFEST_FILE).is_file() else {}
     onset = manifest.get("tpt_onset_epoch")
     if onset is None:
         reached = history.loc[history["train_acc"] >= 1.0, "epoch"]

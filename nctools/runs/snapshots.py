@@ -32,11 +32,11 @@ from safetensors.torch import save_file
 from nctools.runs import files, store
 from nctools import __version__
 from nctools.errors import SnapshotError
+from nctools.config.schema import SNAPSHOT_DTYPES as SNAPSHOT_DTYPE_NAMES
 from nctools.runs.files import PathLike
+from nctools.runs.layout import CLASSIFIER_FILE, META_FILE
 
-META_FILE = "meta.json"
-CLASSIFIER_FILE = "classifier.safetensors"
-SNAPSHOT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+SNAPSHOT_DTYPES = {name: getattr(torch, name) for name in SNAPSHOT_DTYPE_NAMES}
 META_FORMAT = 1
 _EPOCH_DIR = re.compile(r"epoch-(\d+)")
 

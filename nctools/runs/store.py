@@ -37,19 +37,13 @@ from safetensors import SafetensorError
 from nctools.config.schema import Config, config_to_dict
 from nctools.errors import CheckpointError, RunError, SnapshotError
 from nctools.runs import files
+from nctools.runs.layout import CONFIG_FILE, MANIFEST_FILE, HISTORY_FILE, CHECKPOINT_FILE, METRICS_FILE, SNAPSHOTS_DIR, HISTORY_COLUMNS
 from nctools.runs.files import PathLike, atomic_torch_save, atomic_write_text, write_json
 
 if TYPE_CHECKING:
     import pandas as pd
 
 
-CONFIG_FILE = "config.yaml"
-MANIFEST_FILE = "run.json"
-HISTORY_FILE = "history.csv"
-CHECKPOINT_FILE = "checkpoint.pt"
-METRICS_FILE = "metrics.csv"
-SNAPSHOTS_DIR = "snapshots"
-HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
 
 
 
