@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nctools.errors import NctoolsError, RunError
-from nctools.runs.layout import CONFIG_FILE, METRICS_FILE
+from nctools.runs.layout import CONFIG_FILE, FIGURES_DIR, METRICS_FILE
 
 # The rows of the short table `nctools analyze` prints (METRICS.md keys).
 SUMMARY_METRICS = (
@@ -223,7 +223,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
     else:
-        out = runs[0] / "figures" / "collapse.png" if len(runs) == 1 else Path("collapse.png")
+        out = runs[0] / FIGURES_DIR / "collapse.png" if len(runs) == 1 else Path("collapse.png")
     figure_format(out)  # a bad extension fails before any analysis runs
     tables = []
     for run in runs:
@@ -234,22 +234,19 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from importlib.resources import as_file, files
-
     from nctools.analysis.plots import plot_runs
     from nctools.analysis.tables import analyze
     from nctools.config.schema import load_config
     from nctools.training.loop import train
 
-    with as_file(files("nctools") / "configs" / "demo.yaml") as path:
-        cfg = load_config(path, args.overrides)
+    cfg = load_config("demo", args.overrides)
     # train() continues a run of the same config, so a second `nctools demo` picks up
     # where an interrupted one stopped (and a finished one is not trained again).
     run = train(cfg, Path(args.out))
     table = analyze(run)
-    figure = plot_runs(table, run / "figures" / "collapse.png")
+    figure = plot_runs(table, run / FIGURES_DIR / "collapse.png")
     print(summary(table))
-    print(f"metrics table: {run / 'metrics.csv'}")
+    print(f"metrics table: {run / METRICS_FILE}")
     print(f"figure:        {figure}")
     return 0
 

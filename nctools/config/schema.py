@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -112,11 +113,15 @@ def config_to_dict(cfg: Config) -> dict:
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config, apply ``key=value`` overrides, validate and return it.
 
+    ``path`` is a file, or the name of a config shipped with nctools (``demo``,
+    ``papyan2020/cifar10-resnet18``; see :func:`packaged_configs`) when no such file exists.
     Overrides use dotted keys and YAML values: ``train.epochs=3``, ``snapshot.epochs=all``,
     ``snapshot.epochs=[1,5,10]``, ``data.samples_per_class=null``.
     Raises ConfigError naming the file (or the override) and the dotted key at fault.
     """
     path = Path(path)
+    if not path.exists():
+        path = _packaged(path)
     data = typed_yaml.read_mapping(path, Config)
     cfg = config_from_dict(data, str(path))
     if overrides:
@@ -131,6 +136,23 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return cfg
+
+
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped inside the package (the repository's ``configs/``)."""
+    root = Path(str(files("nctools.configs")))
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def _packaged(path: Path) -> Path:
+    """The shipped config named ``path`` (with or without ``.yaml``), or ConfigError."""
+    name = path.as_posix().removesuffix(".yaml")
+    if name in packaged_configs():
+        return Path(str(files("nctools.configs"))) / f"{name}.yaml"
+    raise ConfigError(
+        f"{path}: config file not found (nor a config shipped with nctools: "
+        f"{', '.join(packaged_configs())})"
+    )
 
 
 def diff_configs(a: Config, b: Config, ignore: Sequence[str] = ()) -> list[str]:

@@ -1,0 +1,1 @@
+"""Optional integrations with other libraries (each an extra: `pip install neural-collapse[lightning]`)."""
