@@ -192,12 +192,9 @@ def test_train_analyze_plot_workflow(capsys, tmp_path, monkeypatch):
 
 
 def test_demo_config_is_packaged_and_valid():
-    with files("nctools").joinpath("configs", "demo.yaml").open() as f:
+    with files("nctools.configs").joinpath("demo.yaml").open() as f:
         assert "mnist5k" in f.read()
-    from importlib.resources import as_file
-
-    with as_file(files("nctools") / "configs" / "demo.yaml") as path:
-        cfg = load_config(path)
+    cfg = load_config("demo")
     assert (cfg.name, cfg.data.dataset, cfg.model.arch) == ("demo", "mnist5k", "convnet")
 
 
@@ -303,7 +300,7 @@ def test_measure_a_run_checkpoint_uses_the_run_model_settings(capsys, tmp_path):
     those of the run's last snapshot, taken from the same weights."""
     from nctools.training.loop import train
 
-    config = load_config(files("nctools") / "configs" / "demo.yaml", [
+    config = load_config("demo", [
         "data.dataset=synthetic", "data.samples_per_class=20", "seed=5",
         "data.test_samples_per_class=null", "model.width=4",
         "train.epochs=2", "snapshot.epochs=all", "train.device=cpu"])
@@ -324,7 +321,7 @@ def test_measure_set_gives_a_plain_checkpoint_the_run_settings(capsys, tmp_path)
 
     sets = ["data.dataset=synthetic", "data.samples_per_class=20", "seed=5",
             "data.test_samples_per_class=null", "model.width=4"]
-    config = load_config(files("nctools") / "configs" / "demo.yaml",
+    config = load_config("demo",
                          [*sets, "train.epochs=1", "snapshot.epochs=all", "train.device=cpu"])
     run = train(config, tmp_path / "run")
     plain = tmp_path / "plain.pt"

@@ -87,9 +87,23 @@ def test_grid_has_a_vgg_a_resnet_and_a_densenet_per_data_set():
         assert families == set(FAMILIES), dataset
 
 
+def test_every_repository_config_is_shipped_and_loads_by_name(tmp_path, monkeypatch):
+    """From any folder: `papyan2020/NAME` (with or without .yaml) is the shipped file."""
+    from nctools.config.schema import packaged_configs
+
+    names = {str(p.relative_to(ROOT / "configs").with_suffix("")) for p in CONFIGS}
+    assert set(packaged_configs()) == names
+    monkeypatch.chdir(tmp_path)
+    assert load_config("papyan2020/mnist-resnet18") == load_config(
+        ROOT / "configs" / "papyan2020" / "mnist-resnet18.yaml"
+    )
+
+
 def test_demo_config_is_mnist5k_convnet_and_one_file():
-    packaged = Path(str(files("nctools") / "configs" / "demo.yaml"))
-    assert (ROOT / "configs" / "demo.yaml").resolve() == packaged.resolve()
+    packaged = Path(str(files("nctools.configs") / "demo.yaml"))
+    repo = ROOT / "configs" / "demo.yaml"
+    assert not repo.is_symlink() and repo.resolve() == packaged.resolve()
     cfg = load_config(packaged)
+    assert load_config("demo") == cfg == load_config("demo.yaml")
     assert (cfg.data.dataset, cfg.model.arch) == ("mnist5k", "convnet")
     assert cfg.snapshot.epochs.startswith("log:")
