@@ -1,1 +1,2 @@
-"""Optional integrations with other libraries (each an extra: `pip install neural-collapse[lightning]`)."""
+"""Optional integrations with other libraries, each an extra
+(``pip install neural-collapse[lightning]``)."""
