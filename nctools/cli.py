@@ -22,6 +22,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from nctools.errors import NctoolsError, RunError
 from nctools.runs.layout import CONFIG_FILE, FIGURES_DIR, METRICS_FILE
@@ -40,7 +41,7 @@ class _UsageError(NctoolsError):
 class _Parser(argparse.ArgumentParser):
     """argparse whose errors are one line like every other nctools error (no usage dump)."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise _UsageError(f"{message} (see `{self.prog} --help`)")
 
 
@@ -156,12 +157,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.config is None:
             raise NctoolsError("train: give a CONFIG file (or --resume --out RUN)")
         cfg = load_config(args.config, args.overrides)
-        run = Path(args.out) if args.out else Path("runs") / cfg.name
-        say(f"run saved in {train(cfg, run)}")
+        out = Path(args.out) if args.out else Path("runs") / cfg.name
+        say(f"run saved in {train(cfg, out)}")
         return 0
     # --resume: `nctools train --resume --out RUN` or `nctools train RUN --resume`.
     config = Path(args.config) if args.config else None
-    run = Path(args.out) if args.out else config if config and config.is_dir() else None
+    run: Path | None = (Path(args.out) if args.out
+                        else config if config and config.is_dir() else None)
     if run is None:
         raise NctoolsError("train --resume: give the run directory with --out RUN")
     if not (run / CONFIG_FILE).is_file():

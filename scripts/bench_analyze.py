@@ -23,6 +23,7 @@ import tempfile
 import time
 
 import torch
+from synthetic import clusters
 
 from nctools.analysis.tables import measure_snapshot
 from nctools.runs import snapshots
@@ -30,12 +31,8 @@ from nctools.runs import snapshots
 
 def synthetic(n: int, d: int, c: int, seed: int) -> tuple[torch.Tensor, ...]:
     """features (n, d) float32, labels (n,), weight (c, d), bias (c,)."""
-    gen = torch.Generator().manual_seed(seed)
-    means = torch.randn(c, d, generator=gen) * 2
-    labels = torch.randint(0, c, (n,), generator=gen)
-    weight = means + 0.5 * torch.randn(c, d, generator=gen)
-    return means[labels] + torch.randn(n, d, generator=gen), labels, weight, torch.zeros(c)
-
+    labels, rows_of, weight, bias = clusters(n, d, c, seed)
+    return rows_of(slice(0, n)), labels, weight, bias
 
 def timed(fn) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process) of one call."""

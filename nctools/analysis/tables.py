@@ -16,16 +16,19 @@ followed by calling :func:`analyze` again.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
+from torch import Tensor
 
 from nctools.config.schema import load_config
 from nctools.errors import RunError, SnapshotError
-from nctools.metrics.measure import CHUNK_ELEMENTS, METRIC_KEYS, measure_chunks
+from nctools.metrics.measure import CHUNK_ELEMENTS, METRIC_KEYS, Chunks, measure_chunks
 from nctools.runs import files, snapshots, store
 from nctools.runs.layout import CONFIG_FILE, MANIFEST_FILE, METRICS_FILE
 
@@ -109,6 +112,12 @@ def _rewritten_since(run_dir: Path, epochs: list[int], since_ns: int) -> set[int
     return stale
 
 
+def _streamed(run_dir: Path, epoch: int, split: str, rows: int, passes: Iterator[bool]
+              ) -> Iterator[tuple[Tensor, Tensor]]:
+    """One pass over a split's file in chunks of ``rows``: (n, D), (n,) per chunk."""
+    return snapshots.iter_split(run_dir, epoch, split, rows, verify=next(passes))
+
+
 def measure_snapshot(run_dir: Path, epoch: int, chunk_rows: int | None = None) -> list[dict]:
     """Rows ``{"split", "metric", "value"}`` of one snapshot, every METRICS.md key per split.
 
@@ -132,16 +141,11 @@ def measure_snapshot(run_dir: Path, epoch: int, chunk_rows: int | None = None) -
         size = sum(meta["files"][name]["bytes"] for name in names)
         if chunk_rows is None and size <= IN_MEMORY_BYTES:
             held = [snapshots.load_split(run_dir, epoch, split)]  # features: (N, D), labels: (N,)
-
-            def chunks(held: list = held) -> list:
-                return held
+            chunks: Chunks = functools.partial(list, held)
         else:
             passes = iter([True, False])  # hash the files on the first pass only
-
-            def chunks(split: str = split, passes=passes):  # (n, D), (n,) per chunk
-                return snapshots.iter_split(run_dir, epoch, split, stream_rows, verify=next(passes))
-
-        means = train_means if split != "train" else None
+            chunks = functools.partial(_streamed, run_dir, epoch, split, stream_rows, passes)
+        means: Tensor | None = train_means if split != "train" else None
         values, split_means = measure_chunks(chunks, weight, bias, num_classes,
                                              class_means=means)
         if split == "train":

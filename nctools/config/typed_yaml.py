@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from types import UnionType
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, Union, cast, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -115,7 +115,7 @@ def all_keys(cls: type, prefix: str = "") -> list[str]:
     for name, tp in get_type_hints(cls).items():
         keys.append(prefix + name)
         if is_dataclass(tp):
-            keys.extend(all_keys(tp, f"{prefix}{name}."))
+            keys.extend(all_keys(cast(type, tp), f"{prefix}{name}."))
     return keys
 
 
@@ -158,7 +158,7 @@ def build(
             raise unknown_key(root, source, key, [f.name for f in fields(cls)])
         tp = hints[name]
         if is_dataclass(tp):
-            kwargs[name] = build(tp, value, key + ".", source, root)
+            kwargs[name] = build(cast(type, tp), value, key + ".", source, root)
             continue
         try:
             kwargs[name] = coerce(value, tp)

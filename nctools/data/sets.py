@@ -27,6 +27,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,9 +68,10 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
         data.test = balanced_subset(
             data.test, cfg.test_samples_per_class, data.num_classes, seed, "test_samples_per_class"
         )
-    if not data.train.lazy:
+    if isinstance(data.train.images, Tensor):  # in memory (not a lazy image folder)
         mean, std = channel_stats(data.train.images)
         for split in (data.train, data.test):
+            assert isinstance(split.images, Tensor)
             split.images.sub_(mean[None, :, None, None]).div_(std[None, :, None, None])
     return data
 
@@ -98,10 +100,11 @@ def balanced_subset(
             )
         keep.append(members[torch.randperm(members.numel(), generator=gen)[:samples_per_class]])
     idx = torch.sort(torch.cat(keep)).values
-    if split.lazy:
-        images = torch.utils.data.Subset(split.images, idx.tolist())
-    else:
+    images: Tensor | torch.utils.data.Dataset
+    if isinstance(split.images, Tensor):
         images = split.images[idx]
+    else:
+        images = torch.utils.data.Subset(split.images, idx.tolist())
     return Split(images, split.labels[idx], split.hflip)
 
 
@@ -162,7 +165,7 @@ def _mnist5k_arrays(root: str | None) -> tuple[np.ndarray, np.ndarray]:
     return X, y
 
 
-def _write_npz(path: Path, **arrays: np.ndarray) -> None:
+def _write_npz(path: Path, **arrays: Any) -> None:
     """Write to a temporary name then rename, so readers never see a half-written cache."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

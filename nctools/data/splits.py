@@ -86,6 +86,7 @@ def iterate_batches(
         return
     for start in range(0, indices.numel(), batch_size):
         idx = indices[start : start + batch_size].to(split.labels.device)
+        assert isinstance(split.images, Tensor)  # not lazy
         # index_select, not images[idx]: several times faster on the CPU for row gathers
         images = split.images.index_select(0, idx)
         if augment:
@@ -128,6 +129,7 @@ def _iterate_lazy(
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Batches of a lazy split through a DataLoader over a Subset in the index order."""
     workers = min(8, os.cpu_count() or 1)
+    assert not isinstance(split.images, Tensor)  # lazy
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(split.images, indices.tolist()),
         batch_size=batch_size,

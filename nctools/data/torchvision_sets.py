@@ -12,6 +12,7 @@ names the folder torchvision looked in.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ def torchvision_set(cfg: DataConfig, name: str) -> Dataset:
     }[name]
     splits = []
     for train in (True, False):
+        kwargs: dict[str, object]
         if name in ("svhn", "stl10"):
             kwargs = {"split": "train" if train else "test"}
         else:
@@ -66,7 +68,7 @@ def torchvision_set(cfg: DataConfig, name: str) -> Dataset:
     )
 
 
-def _to_tensors(ds: object) -> tuple[Tensor, Tensor]:
+def _to_tensors(ds: Any) -> tuple[Tensor, Tensor]:
     """A torchvision data set's arrays as images (N, C, H, W) float32 in [0, 1], labels (N,)."""
     data = torch.as_tensor(np.asarray(ds.data))
     if data.ndim == 3:  # MNIST family: (N, H, W)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from nctools.data.splits import Split, iterate_batches
 from nctools.errors import DataError
+from nctools.models.networks import feature_dim, penultimate
 
 
 @torch.no_grad()
@@ -51,7 +52,7 @@ def extract_features(
     if indices is None:
         indices = torch.arange(len(split.labels))
     elif indices.numel() == 0:  # a rank without rows still writes its (empty) shard
-        dim = model.classifier.in_features
+        dim = feature_dim(model)
         return torch.zeros(0, dim), torch.zeros(0, dtype=torch.long)
     was_training = model.training
     model.eval()
@@ -59,7 +60,7 @@ def extract_features(
     labels: list[Tensor] = []
     try:
         for x, y in iterate_batches(split, indices, batch_size, augment=False):
-            out = model.features(x.to(device, non_blocking=True))
+            out = penultimate(model, x.to(device, non_blocking=True))
             feats.append(out.float().cpu())
             labels.append(y.cpu())
     finally:

@@ -18,7 +18,8 @@ No pretrained weights are ever loaded.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import cast
 
 from torch import Tensor, nn
 
@@ -53,9 +54,23 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size
     raise ConfigError(f"model.arch: unknown architecture {cfg.arch!r}; valid: {', '.join(ARCHS)}")
 
 
+def classifier_of(model: nn.Module) -> nn.Linear:
+    """The last linear layer ``model.classifier`` of an nctools network: W (C, D), b (C,)."""
+    layer = model.classifier
+    if not isinstance(layer, nn.Linear):
+        raise TypeError(f"model.classifier must be an nn.Linear, got {type(layer).__name__}")
+    return layer
+
+
+def penultimate(model: nn.Module, images: Tensor) -> Tensor:
+    """``model.features(images)``: the penultimate features (B, D) of an nctools network."""
+    features = cast(Callable[[Tensor], Tensor], model.features)
+    return features(images)
+
+
 def feature_dim(model: nn.Module) -> int:
     """D, the width of ``model.features(x)``: (B, D)."""
-    return int(model.classifier.in_features)
+    return classifier_of(model).in_features
 
 
 class ConvNet(nn.Module):

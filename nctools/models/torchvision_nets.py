@@ -14,6 +14,7 @@ by Papyan, Han & Donoho (PNAS 2020).
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -127,7 +128,8 @@ class CifarVGG(VGG):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -147,6 +149,8 @@ class CifarDenseNet(DenseNet):
     and transitions halve the channels. features: (B, D) after BN, ReLU, global pool.
     """
 
+    features: nn.Module  # torchvision's trunk, then wrapped in a PooledTrunk
+
     def __init__(
         self,
         depth: int = 40,
@@ -162,13 +166,14 @@ class CifarDenseNet(DenseNet):
         n = (depth - 4) // 6
         init = 2 * growth_rate
         super().__init__(growth_rate, (n, n, n), init, num_classes=num_classes)
-        if image_size <= SMALL_IMAGE:
-            self.features.conv0 = nn.Conv2d(in_channels, init, 3, padding=1, bias=False)
-            self.features.pool0 = nn.Identity()
-        else:
-            self.features.conv0 = nn.Conv2d(in_channels, init, 7, 2, padding=3, bias=False)
-        nn.init.kaiming_normal_(self.features.conv0.weight)
-        self.features = PooledTrunk(self.features, final_relu=True)
+        trunk = cast(nn.Sequential, self.features)
+        small = image_size <= SMALL_IMAGE
+        stem = nn.Conv2d(in_channels, init, *((3, 1, 1) if small else (7, 2, 3)), bias=False)
+        trunk.conv0 = stem
+        if small:
+            trunk.pool0 = nn.Identity()
+        nn.init.kaiming_normal_(stem.weight)
+        self.features = PooledTrunk(trunk, final_relu=True)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))

@@ -127,7 +127,7 @@ def write_snapshot(
     C, D = _check_snapshot_inputs(splits, weight, bias, dtype, shard)
     has_bias = bias is not None
     weight = weight.detach().to("cpu", torch.float32).contiguous()
-    bias = bias.detach().to("cpu", torch.float32).contiguous() if has_bias else torch.zeros(C)
+    bias = torch.zeros(C) if bias is None else bias.detach().to("cpu", torch.float32).contiguous()
     folder = snapshot_dir(run_dir, epoch)
     folder.mkdir(parents=True, exist_ok=True)
     _clear_snapshot(folder, whole=shard is None)  # only once the inputs are known to be good
@@ -269,7 +269,7 @@ def _meta_problem(meta: Any) -> str | None:
             return f"no sha256 and size for {name}"
     listed = [CLASSIFIER_FILE]
     for split in splits.values():
-        listed += split.get("files", []) if isinstance(split, dict) else [None]
+        listed += split.get("files", []) if isinstance(split, dict) else ["<missing>"]
     unknown = [name for name in listed if name not in written]
     return f"no checksum for {unknown[0]}" if unknown else None
 

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -128,9 +129,10 @@ def process_group(info: DistInfo, device: torch.device) -> Iterator[None]:
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
+    extra: dict[str, Any] = {"device_id": device} if cuda else {}
     dist.init_process_group(
         "nccl" if cuda else "gloo", init_method="env://", rank=info.rank,
-        world_size=info.world_size, timeout=TIMEOUT, **({"device_id": device} if cuda else {}),
+        world_size=info.world_size, timeout=TIMEOUT, **extra,
     )
     try:
         yield
@@ -220,6 +222,8 @@ class GlobalBatchNorm(_BatchNorm):
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
         if self.track_running_stats:
+            assert self.num_batches_tracked is not None  # tracked statistics exist
+            assert self.running_mean is not None and self.running_var is not None
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
@@ -233,7 +237,8 @@ class GlobalBatchNorm(_BatchNorm):
 def _differentiable_sum(values: Tensor) -> Tensor:
     """Sum over ranks whose backward sums the gradients over ranks (all_reduce is linear)."""
     if hasattr(collectives, "all_reduce_backward"):  # autograd-aware from torch 2.10 or so
-        return collectives.wait_tensor(collectives.all_reduce(values, "sum", dist.group.WORLD))
+        world = cast(Any, dist.group.WORLD)
+        return collectives.wait_tensor(collectives.all_reduce(values, "sum", world))
     from torch.distributed.nn.functional import all_reduce  # older torch: deprecated later
 
     return all_reduce(values)

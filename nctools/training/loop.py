@@ -51,7 +51,7 @@ from nctools.config.schema import (
 from nctools.data.sets import load_dataset
 from nctools.errors import ConfigError, RunError
 from nctools.models.features import extract_features
-from nctools.models.networks import build_model
+from nctools.models.networks import build_model, classifier_of
 from nctools.runs import files, snapshots, store
 from nctools.runs.store import save_config
 from nctools.training.distributed import (
@@ -119,10 +119,11 @@ def train(config: Config, out_dir: str | Path, resume: bool = False) -> Path:
 def _train(config: Config, run_dir: Path, resume: bool, dist: DistInfo,
            device: torch.device) -> Path:
     """:func:`train` once the process group (if any) exists."""
-    config, checkpoint = open_run(run_dir, config, resume)
+    opened, checkpoint = open_run(run_dir, config, resume)
     barrier()  # every rank has read the run directory before rank 0 writes to it
-    if config is None:
+    if opened is None:
         return run_dir
+    config = opened
     run = _setup(config, run_dir, dist, device)
     start = 0
     if checkpoint is not None:
@@ -238,8 +239,8 @@ def _run_epoch(run: Run, epoch: int, stop: StopOnSignal) -> dict:
     splits = {}
     for name in sorted(names):
         part = getattr(run.dataset, name)
-        rows = shard_rows(len(part), batch, dist)
-        indices = torch.arange(rows.start, rows.stop)
+        share = shard_rows(len(part), batch, dist)
+        indices = torch.arange(share.start, share.stop)
         splits[name] = extract_features(run.model, part, batch, device, indices=indices)
     test_loss, test_hits = _classify(run.model, *splits["test"], tc.loss) if evaluate else (0, 0)
     local = [test_loss, test_hits, float(stop.requested)]
@@ -282,7 +283,7 @@ def _run_epoch(run: Run, epoch: int, stop: StopOnSignal) -> dict:
 @torch.no_grad()
 def _classify(model: nn.Module, features: Tensor, labels: Tensor, loss: str) -> tuple[float, int]:
     """Summed loss and number correct of the classifier on ``features`` (N, D), on the CPU."""
-    clf = model.classifier
+    clf = classifier_of(model)
     bias = None if clf.bias is None else clf.bias.detach().float().cpu()
     logits = F.linear(features, clf.weight.detach().float().cpu(), bias)
     hits = int((logits.argmax(dim=1) == labels).sum())
@@ -291,7 +292,7 @@ def _classify(model: nn.Module, features: Tensor, labels: Tensor, loss: str) -> 
 
 def _write_snapshot(run: Run, epoch: int, splits: dict[str, tuple[Tensor, Tensor]]) -> None:
     """One file per split; under DDP one shard per rank, merged by rank 0 after a barrier."""
-    clf, dist = run.model.classifier, run.dist
+    clf, dist = classifier_of(run.model), run.dist
     snapshots.write_snapshot(
         run.run_dir, epoch, {s: splits[s] for s in run.config.snapshot.splits},
         clf.weight.detach().float().cpu(),

@@ -21,6 +21,7 @@ import warnings
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ from nctools import __version__
 from nctools.config.schema import Config, diff_configs, load_config
 from nctools.data.splits import Dataset
 from nctools.errors import CheckpointError, RunError
+from nctools.models.networks import feature_dim
 from nctools.runs import files, store
 from nctools.training.distributed import DistInfo
 from nctools.training.writer import BackgroundWriter
@@ -53,7 +55,7 @@ class StopOnSignal:
         # a rank that left mid-epoch would leave the others waiting in a collective
         self.at_epoch_end = at_epoch_end
         self.agreed = False  # some rank was signalled before the last epoch's all_reduce
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Any] = {}
 
     @property
     def should_stop(self) -> bool:
@@ -189,7 +191,7 @@ def new_manifest(config: Config, dataset: Dataset, model: nn.Module, device, sch
         "num_train": len(dataset.train),
         "num_test": len(dataset.test),
         "num_classes": dataset.num_classes,
-        "feature_dim": model.classifier.in_features,
+        "feature_dim": feature_dim(model),
         "epochs": config.train.epochs,
         "epochs_done": 0,
         "tpt_onset_epoch": None,

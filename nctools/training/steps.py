@@ -138,9 +138,12 @@ def rank_batches(
     if augment:  # its own stream, so the ranks do not crop their rows alike
         generator = torch.Generator().manual_seed(int(generator.initial_seed()) * world + rank)
     local = iterate_batches(split, order[rank::world], batch_size // world, augment, generator)
-    x = y = None
+    last: tuple[Tensor, Tensor] | None = None
     for start in range(0, len(order), batch_size):
         batch = next(local, None)
         # Only the short last batch can leave a rank without rows (_setup ensures N >= K).
-        x, y = batch if batch is not None else (x[:0], y[:0])
+        if batch is None:
+            assert last is not None
+            batch = (last[0][:0], last[1][:0])
+        last = x, y = batch
         yield x, y, min(batch_size, len(order) - start)
