@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -152,6 +154,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     say = print if dist_from_env().is_main else _silent  # under torchrun rank 0 alone speaks
 
+    _check_out(args.out)
     if not args.resume:
         if args.config is None:
             raise NctoolsError("train: give a CONFIG file (or --resume --out RUN)")
@@ -219,6 +222,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from nctools.analysis.plots import figure_format, plot_runs
     from nctools.analysis.tables import analyze, read_table
 
+    _check_out(args.out, "FILE")
     runs = [Path(r) for r in args.runs]
     if args.out:
         out = Path(args.out)
@@ -239,6 +243,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from nctools.config.schema import load_config
     from nctools.training.loop import train
 
+    _check_out(args.out, "DIR")
     cfg = load_config("demo", args.overrides)
     # train() continues a run of the same config, so a second `nctools demo` picks up
     # where an interrupted one stopped (and a finished one is not trained again).
@@ -249,6 +254,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"metrics table: {run / METRICS_FILE}")
     print(f"figure:        {figure}")
     return 0
+
+
+def _check_out(out: str | None, meta: str = "RUN") -> None:
+    """An empty ``--out`` is a mistake (an unset shell variable), not the default."""
+    if out is not None and not out.strip():
+        raise NctoolsError(f"--out: empty path; give a {meta}, or leave --out out for the "
+                           "default")
 
 
 def _silent(*args, **kwargs) -> None:
@@ -267,7 +279,9 @@ def cmd_measure(args: argparse.Namespace) -> int:
     if not dist_from_env().is_main:  # every rank holds the result; rank 0 prints it
         return 0
     if args.json:
-        print(json.dumps(result, indent=2))
+        # strict JSON has no NaN: an undefined metric is null
+        plain = {k: (v if math.isfinite(v) else None) for k, v in result.items()}
+        print(json.dumps(plain, indent=2, allow_nan=False))
     else:
         width = max(len(k) for k in result)
         print("\n".join(f"{k:<{width}}  {v:.6g}" for k, v in result.items()))
@@ -292,6 +306,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             args = parser.parse_args(argv)
             return args.func(args)
+        except BrokenPipeError:
+            # `nctools analyze RUN | head -1`: the reader left; stop quietly, as Unix tools
+            # do, and keep Python from complaining when it flushes stdout at exit
+            _quiet_stdout()
+            return 141  # 128 + SIGPIPE, the status of a tool the pipe ended
         except (NctoolsError, OSError) as exc:
             # An OSError (a full disk, a folder where a file should be) is the machine's
             # answer, not a bug in nctools: named in one line like the user errors.
@@ -305,3 +324,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("nctools: interrupted", file=sys.stderr)
             return 130
+
+
+def _quiet_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a descriptor (captured in tests)
+        pass

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -284,12 +285,71 @@ CASES: dict[str, Case] = {
                                       "be loaded safely",
                                       interrupted(pickle_payload("run/checkpoint.pt"))),
     "measure a checkpoint of another network": Case(  # the run's net has 3 classes
-        (*MEASURE, "{tmp}/run/checkpoint.pt", "--num-classes", "10"),
-        "{tmp}/run/checkpoint.pt does not fit convnet with 10 classes and 1 input channels"),
+        (*MEASURE, "{tmp}/run/checkpoint.pt", "--num-classes", "2"),
+        "{tmp}/run/checkpoint.pt does not fit convnet with 2 classes and 1 input channels"),
     "measure a pickle payload": Case((*MEASURE, "{tmp}/evil.pt"),
                                      "{tmp}/evil.pt: checkpoint cannot be loaded safely",
                                      pickle_payload("evil.pt")),
 }
+
+
+def a_fifo(name: str) -> Callable[[Path], None]:
+    def make(tmp: Path) -> None:
+        os.mkfifo(tmp / name)
+    return make
+
+
+def a_dangling_link(tmp: Path) -> None:
+    (tmp / "dangling").symlink_to(tmp / "nowhere")
+
+
+def a_folder(name: str) -> Callable[[Path], None]:
+    def make(tmp: Path) -> None:
+        (tmp / name).mkdir()
+    return make
+
+
+# The second catalogue: inputs that gave a traceback, a hang or a silent default.
+CASES.update({
+    "config not UTF-8": Case(TRAIN_BAD, "{tmp}/bad.yaml: config file is not UTF-8 text",
+                             overwrite("bad.yaml", b"name: caf\xe9\n")),
+    "config a FIFO": Case(("train", "{tmp}/pipe.yaml"), "{tmp}/pipe.yaml: cannot read config "
+                          "file (not a regular file)", a_fifo("pipe.yaml")),
+    "config a folder": Case(("train", "{tmp}/conf.yaml"), "{tmp}/conf.yaml: cannot read config "
+                            "file (a directory)", a_folder("conf.yaml")),
+    "seed too large": Case((*TRAIN_RUN, "--set", "seed=99999999999999999999999"),
+                           "seed: must be in [0, 4294967295], got 99999999999999999999999"),
+    "epochs too many": Case((*TRAIN_RUN, "--set", "train.epochs=1000000000000"),
+                            "train.epochs: must be <= 1000000, got 1000000000000"),
+    "image size beyond memory": Case(
+        (*TRAIN_BAD[:2], "--out", "{tmp}/new", "--set", "data.image_size=100000"),
+        "data: 39 synthetic images of 1x100000x100000 float32 would need",
+        bad_config("name: tiny", "name: tiny")),
+    "name with a path": Case(("train", "{tmp}/bad.yaml"), "{tmp}/bad.yaml: name: must be a "
+                             "plain folder name", bad_config("name: tiny", "name: ../../x")),
+    "--out empty": Case(("train", "{tmp}/tiny.yaml", "--out", ""), "--out: empty path"),
+    "plot --out empty": Case(("plot", "{tmp}/run", "--out", ""), "--out: empty path"),
+    "--out a file": Case(("train", "{tmp}/tiny.yaml", "--out", "{tmp}/afile"),
+                         "{tmp}/afile: is a file, not a run folder", a_file),
+    "--out a dangling link": Case(("train", "{tmp}/tiny.yaml", "--out", "{tmp}/dangling"),
+                                  "{tmp}/dangling: is a symbolic link to {tmp}/nowhere, which "
+                                  "does not exist", a_dangling_link),
+    "measure --batch-size 0": Case((*MEASURE, "{tmp}/run/checkpoint.pt", "--batch-size", "0"),
+                                   "--batch-size: must be an int >= 1, got 0"),
+    "measure --batch-size -5": Case((*MEASURE, "{tmp}/run/checkpoint.pt", "--batch-size",
+                                     "-5"), "--batch-size: must be an int >= 1, got -5"),
+    "measure --num-classes 0": Case((*MEASURE, "{tmp}/run/checkpoint.pt", "--num-classes",
+                                     "0"), "--num-classes: must be an int >= 2, got 0"),
+    "measure --num-classes huge": Case(
+        (*MEASURE, "{tmp}/run/checkpoint.pt", "--num-classes", "100000000000"),
+        "--num-classes 100000000000: more than the 3 classes of --dataset synthetic"),
+    "measure a checkpoint folder": Case((*MEASURE, "{tmp}/ckpt"),
+                                        "{tmp}/ckpt: is a directory, not a checkpoint file",
+                                        a_folder("ckpt")),
+    "measure a checkpoint FIFO": Case((*MEASURE, "{tmp}/ckpt"),
+                                      "{tmp}/ckpt: not a regular file, not a checkpoint",
+                                      a_fifo("ckpt")),
+})
 
 
 def expand(text: str, tmp: Path) -> str:
@@ -439,3 +499,60 @@ def test_cli_error_in_a_real_process(name, processes):
     assert_one_line_error(err, expand(CASES[name].culprit, tmp))
     assert tree_hashes(tmp) == before
     assert not (tmp / "marker").exists()
+
+
+# ----------------------------------------------------------------------------- second catalogue
+# Outcomes other than an error: a quiet exit, strict JSON, a warning beside a correct table.
+
+
+class _ClosedPipe:
+    """stdout whose reader has gone (`nctools analyze RUN | head -1`)."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def fileno(self) -> int:
+        raise OSError("no descriptor")
+
+
+def test_a_closed_pipe_ends_quietly(scratch, capsys, monkeypatch):
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdout", _ClosedPipe())
+    status = main(["analyze", str(scratch / "run")])
+    monkeypatch.undo()
+    assert status == 141  # 128 + SIGPIPE, as a Unix tool the pipe ended
+    assert capsys.readouterr().err == ""  # no "nctools: error: [Errno 32] Broken pipe"
+
+
+def test_measure_json_writes_null_for_nan(capsys, monkeypatch):
+    values = {"accuracy": 0.75, "nc1": float("nan"), "self_duality": float("inf")}
+    monkeypatch.setattr("nctools.analysis.saved_model.measure_checkpoint", lambda **_: values)
+    assert main([*MEASURE, "model.pt", "--json"]) == 0
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"not strict JSON: {constant}")
+
+    parsed = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert parsed == {"accuracy": 0.75, "nc1": None, "self_duality": None}
+
+
+@pytest.mark.parametrize("garbage", [b"3,a,b,c,d,e,f\n", b"garbage,x,y\n"])
+def test_a_garbage_history_row_warns_and_keeps_the_metrics(scratch, capsys, garbage):
+    """analyze measures the snapshots (they do not depend on history.csv) and says, in one
+    warning line, why the history columns are empty."""
+    assert main(["analyze", str(scratch / "run")]) == 0
+    good = pd.read_csv(scratch / "run" / "metrics.csv")
+    (scratch / "run" / "metrics.csv").unlink()
+    with open(scratch / "run" / "history.csv", "ab") as f:
+        f.write(garbage)
+    capsys.readouterr()
+    assert main(["analyze", str(scratch / "run")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("nctools: warning: ") and err.count("\n") == 1, err
+    assert f"{scratch / 'run' / 'history.csv'}: history is corrupt" in err
+    table = pd.read_csv(scratch / "run" / "metrics.csv")
+    assert table["value"].tolist() == good["value"].tolist()
+    assert table["train_loss"].isna().all()

@@ -186,7 +186,10 @@ def _join_history(run_dir: Path, table: pd.DataFrame) -> pd.DataFrame:
     a table made while the run was training gets the onset once it is known."""
     try:
         history = store.read_history(run_dir)
-    except (FileNotFoundError, SnapshotError, RunError):
+    except (FileNotFoundError, SnapshotError, RunError) as exc:
+        # the metrics do not depend on it: measured anyway, said once, never silently
+        warnings.warn(f"{exc}; the table is written without its history columns",
+                      stacklevel=3)
         history = pd.DataFrame(columns=["epoch"])
     history = history.reindex(columns=["epoch", *HISTORY_COLUMNS])
     history = history.drop_duplicates("epoch", keep="last")

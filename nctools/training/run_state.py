@@ -140,12 +140,23 @@ def load_checkpoint(run: Run, path: Path) -> int:
         raise CheckpointError(f"{path}: cannot resume from this checkpoint ({e})") from e
 
 
+def check_run_folder(run_dir: Path) -> None:
+    """RunError unless ``run_dir`` is a folder or a new path (not a file, not a link that
+    leads nowhere: mkdir would answer "File exists" for both)."""
+    if run_dir.is_symlink() and not run_dir.exists():
+        raise RunError(f"{run_dir}: is a symbolic link to {run_dir.readlink()}, which does not "
+                       "exist; give a folder as --out")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"{run_dir}: is a file, not a run folder; give a folder as --out")
+
+
 def open_run(run_dir: Path, config: Config, resume: bool) -> tuple[Config | None, Path | None]:
     """Decide between a new run, a resumed one and a finished one.
 
     Returns the config to train with (None when the run is already complete) and the
     checkpoint to resume from (None for a fresh start).
     """
+    check_run_folder(run_dir)
     saved_path = run_dir / CONFIG_FILE
     if not saved_path.exists():
         if resume:
