@@ -196,11 +196,14 @@ def _check_resume_changes(run: Path, cfg) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from nctools.analysis.tables import analyze
+    from nctools.analysis.tables import analyze, run_is_writable
 
     for run in args.runs:
         table = analyze(run, strict=args.strict)
-        print(f"wrote {Path(run) / 'metrics.csv'} ({len(table)} rows)")
+        if Path(run).is_dir() and run_is_writable(Path(run)):
+            print(f"wrote {Path(run) / METRICS_FILE} ({len(table)} rows)")
+        else:
+            print(f"{run} is read-only: {len(table)} rows measured in memory, not saved")
         print(summary(table))
     return 0
 
@@ -220,7 +223,7 @@ def summary(table) -> str:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from nctools.analysis.plots import figure_format, plot_runs
-    from nctools.analysis.tables import analyze, read_table
+    from nctools.analysis.tables import current_table, run_is_writable
 
     _check_out(args.out, "FILE")
     runs = [Path(r) for r in args.runs]
@@ -228,11 +231,17 @@ def cmd_plot(args: argparse.Namespace) -> int:
         out = Path(args.out)
     else:
         out = runs[0] / FIGURES_DIR / "collapse.png" if len(runs) == 1 else Path("collapse.png")
+        if len(runs) == 1 and runs[0].is_dir() and not run_is_writable(runs[0]):
+            raise RunError(f"{runs[0]} is read-only: give the figure a place elsewhere with "
+                           "--out FILE")
     figure_format(out)  # a bad extension fails before any analysis runs
-    tables = []
-    for run in runs:
-        csv = run / METRICS_FILE
-        tables.append(read_table(csv) if csv.is_file() else analyze(run))
+    # Every table is brought up to date first (incremental: only new snapshots are
+    # measured), so a run that went on training is drawn whole.
+    tables = [current_table(run) for run in runs]
+    names = [run.resolve().name for run in runs]
+    for i, run in enumerate(runs):  # runs/a/exp and runs/b/exp: told apart by their paths
+        if names.count(names[i]) > 1 and "run" in tables[i]:
+            tables[i] = tables[i].assign(run=str(run))
     print(f"wrote {plot_runs(tables, out)}")
     return 0
 

@@ -10,6 +10,7 @@ checked for its class and for the argument it names.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -24,6 +25,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from nctools.cli import main
 from nctools.config.schema import ModelConfig, load_config
@@ -309,6 +311,91 @@ def a_folder(name: str) -> Callable[[Path], None]:
     return make
 
 
+def rename_folder(epoch: int, name: str, copy: bool = False) -> Callable[[Path], None]:
+    """Move (or copy) the snapshot folder of ``epoch`` to ``snapshots/name``."""
+    def move(tmp: Path) -> None:
+        source = tmp / snapshot_file(epoch, "")
+        (shutil.copytree if copy else shutil.move)(source, source.parent / name)
+    return move
+
+
+def link_folder(epoch: int, to_epoch: int) -> Callable[[Path], None]:
+    """Replace the snapshot folder of ``epoch`` by a link to that of ``to_epoch``."""
+    def link(tmp: Path) -> None:
+        shutil.rmtree(tmp / snapshot_file(epoch, ""))
+        (tmp / snapshot_file(epoch, "")).symlink_to(f"epoch-{to_epoch:04d}")
+    return link
+
+
+def link_file(relative: Path, target: str) -> Callable[[Path], None]:
+    def link(tmp: Path) -> None:
+        (tmp / relative).unlink()
+        (tmp / relative).symlink_to(target)
+    return link
+
+
+def rename_in_meta(epoch: int, old: str, new: str, split: str = "train"):
+    def change(meta: dict) -> None:
+        meta["files"][new] = meta["files"].pop(old)
+        meta["splits"][split]["files"] = [new]
+    return edit_meta(epoch, change)
+
+
+def rewrite_split(epoch: int, split: str, change: Callable[[dict], None]):
+    """Change a split's tensors and give meta.json the new checksum: damage that only the
+    values can tell (what a faulty network or a buggy writer would leave)."""
+    def write(tmp: Path) -> None:
+        path = tmp / snapshot_file(epoch, f"{split}.safetensors")
+        tensors = load_file(path)
+        change(tensors)
+        save_file(tensors, path)
+        entry = {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                 "bytes": path.stat().st_size}
+        edit_meta(epoch, lambda meta: meta["files"].update({path.name: entry}))(tmp)
+    return write
+
+
+def nan_feature(tensors: dict) -> None:
+    tensors["features"][2, 1] = float("nan")
+
+
+def label_out_of_range(tensors: dict) -> None:
+    tensors["labels"][0] = 7
+
+
+# Damaged snapshots: a one-line error with --strict; skipped with one warning line without.
+SNAPSHOT_DAMAGE: dict[str, tuple[Callable[[Path], None], str, set[int]]] = {
+    # name: (damage, culprit, the epochs analysed without --strict)
+    "renamed epoch folder": (rename_folder(1, "epoch-0007"), "{tmp}/run/snapshots/epoch-0007/"
+                             "meta.json: snapshot meta is corrupt (it was written at epoch 1, "
+                             "but its folder is epoch-0007", {2, 3}),
+    "duplicate epoch folder": (rename_folder(1, "epoch-00001", copy=True),
+                               "{tmp}/run/snapshots/epoch-00001: not the name of a snapshot "
+                               "folder", {1, 2, 3}),
+    "epoch folder a link": (link_folder(2, 1), "{tmp}/run/snapshots/epoch-0002: is a symbolic "
+                            "link to epoch-0001", {1, 3}),
+    "split read from another file": (rename_in_meta(2, "train.safetensors", "test.safetensors"),
+                                     "the 'train' split names the file 'test.safetensors', not "
+                                     "its own", {1, 3}),
+    "file name leaving the folder": (rename_in_meta(3, "train.safetensors", "../../x"),
+                                     "file name '../../x' is not a plain name inside the "
+                                     "snapshot folder", {1, 2}),
+    "snapshot file linked to /dev/zero": (link_file(snapshot_file(2, "train.safetensors"),
+                                                    "/dev/zero"),
+                                          "{tmp}/run/snapshots/epoch-0002/train.safetensors: "
+                                          "snapshot file is not a regular file", {1, 3}),
+    "NaN features, valid checksums": (rewrite_split(2, "test", nan_feature),
+                                      "{tmp}/run/snapshots/epoch-0002: the test split cannot be "
+                                      "measured (features contain NaN or Inf", {1, 3}),
+    "labels out of range, valid checksums": (rewrite_split(1, "train", label_out_of_range),
+                                             "{tmp}/run/snapshots/epoch-0001: the train split "
+                                             "cannot be measured (labels must lie in [0, 3)",
+                                             {2, 3}),
+}
+CASES.update({f"--strict: {name}": Case(STRICT, culprit, damage)
+              for name, (damage, culprit, _) in SNAPSHOT_DAMAGE.items()})
+
+
 # The second catalogue: inputs that gave a traceback, a hang or a silent default.
 CASES.update({
     "config not UTF-8": Case(TRAIN_BAD, "{tmp}/bad.yaml: config file is not UTF-8 text",
@@ -556,3 +643,157 @@ def test_a_garbage_history_row_warns_and_keeps_the_metrics(scratch, capsys, garb
     table = pd.read_csv(scratch / "run" / "metrics.csv")
     assert table["value"].tolist() == good["value"].tolist()
     assert table["train_loss"].isna().all()
+
+
+@pytest.fixture(scope="module")
+def full_table(finished, tmp_path_factory) -> pd.DataFrame:
+    """The metrics table of the undamaged finished run."""
+    run = tmp_path_factory.mktemp("full") / "run"
+    shutil.copytree(finished, run)
+    assert main(["analyze", str(run)]) == 0
+    return pd.read_csv(run / "metrics.csv")
+
+
+@pytest.mark.parametrize("name", list(SNAPSHOT_DAMAGE))
+def test_a_bad_snapshot_is_skipped_with_one_warning(name, scratch, full_table, capsys):
+    damage, culprit, kept = SNAPSHOT_DAMAGE[name]
+    damage(scratch)
+    capsys.readouterr()
+    assert main(["analyze", str(scratch / "run")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("nctools: warning: ") and err.count("\n") == 1, err
+    assert expand(culprit, scratch) in err
+    table = pd.read_csv(scratch / "run" / "metrics.csv")
+    assert set(table["epoch"]) == kept  # every other epoch measured, none twice
+    assert len(table) == len(full_table[full_table["epoch"].isin(kept)])
+    expected = full_table[full_table["epoch"].isin(kept)].reset_index(drop=True)
+    assert table["value"].equals(expected["value"])
+
+
+def test_a_renamed_run_stays_one_run(scratch, full_table, capsys):
+    """Analysed under one name (epochs 1-2), renamed, analysed again: one run, every row
+    under its current name, the numbers those of one analysis."""
+    run = scratch / "run"
+    assert main(["analyze", str(run)]) == 0
+    table = pd.read_csv(run / "metrics.csv")
+    (run / "metrics.csv").write_text(table[table["epoch"] < 3].to_csv(index=False))
+    run.rename(scratch / "run-renamed")
+    assert main(["analyze", str(scratch / "run-renamed")]) == 0
+    table = pd.read_csv(scratch / "run-renamed" / "metrics.csv")
+    assert set(table["run"]) == {"run-renamed"}
+    assert table.drop(columns="run").equals(full_table.drop(columns="run"))
+
+
+def test_the_run_id_survives_a_resume(scratch, capsys):
+    run = scratch / "run"
+    first = store.read_manifest(run)["run_id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", first)
+    interrupted()(scratch)
+    shutil.move(run, scratch / "moved")
+    assert main(["train", "--resume", "--out", str(scratch / "moved")]) == 0
+    assert store.read_manifest(scratch / "moved")["run_id"] == first
+
+
+def test_ctrl_c_in_analyze_keeps_the_finished_snapshots(scratch, full_table, capsys,
+                                                        monkeypatch):
+    from nctools.analysis import tables
+
+    real = tables.measure_snapshot
+
+    def measure_until_3(run_dir, epoch, *args, **kwargs):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return real(run_dir, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(tables, "measure_snapshot", measure_until_3)
+    assert main(["analyze", str(scratch / "run")]) == 130
+    kept = pd.read_csv(scratch / "run" / "metrics.csv")
+    assert set(kept["epoch"]) == {1, 2}
+    assert kept.equals(full_table[full_table["epoch"] < 3].reset_index(drop=True))
+    monkeypatch.undo()
+    assert main(["analyze", str(scratch / "run")]) == 0  # goes on from there
+    assert pd.read_csv(scratch / "run" / "metrics.csv").equals(full_table)
+
+
+def capture_plots(monkeypatch) -> list:
+    """Stand-in for plot_runs: records the tables `nctools plot` would draw."""
+    drawn: list = []
+
+    def plot_runs(tables, out):
+        drawn.append((tables, out))
+        return out
+
+    monkeypatch.setattr("nctools.analysis.plots.plot_runs", plot_runs)
+    return drawn
+
+
+def test_plot_brings_a_stale_table_up_to_date(scratch, full_table, capsys, monkeypatch):
+    run = scratch / "run"
+    stale = full_table[full_table["epoch"] < 3]  # analysed while the run was at epoch 2
+    (run / "metrics.csv").write_text(stale.to_csv(index=False))
+    drawn = capture_plots(monkeypatch)
+    assert main(["plot", str(run)]) == 0
+    [(tables, out)] = drawn
+    assert out == run / "figures" / "collapse.png"
+    assert tables[0].equals(full_table)  # all three epochs, not the stale two
+    assert pd.read_csv(run / "metrics.csv").equals(full_table)
+
+
+def read_only(monkeypatch, folder: Path) -> None:
+    """Make ``folder`` look read-only to nctools (root may write anywhere, so chmod cannot)."""
+    real = os.access
+
+    def access(path, mode, *args, **kwargs):
+        if mode & os.W_OK and Path(path).resolve() == folder.resolve():
+            return False
+        return real(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+
+
+def test_a_read_only_run_is_analysed_in_memory(scratch, full_table, capsys, monkeypatch):
+    run = scratch / "run"
+    read_only(monkeypatch, run)
+    before = tree_hashes(scratch)
+    assert main(["analyze", str(run)]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"{run} is read-only: 90 rows measured in memory, not saved\n")
+    assert err == f"nctools: warning: {run} is read-only: metrics.csv was not updated (the " \
+                  "table was computed in memory)\n"
+    assert tree_hashes(scratch) == before
+
+
+def test_a_read_only_run_is_plotted_elsewhere(scratch, full_table, capsys, monkeypatch):
+    run = scratch / "run"
+    read_only(monkeypatch, run)
+    before = tree_hashes(scratch)
+    assert main(["plot", str(run)]) == 2
+    assert_one_line_error(capsys.readouterr().err, f"{run} is read-only: give the figure a "
+                          "place elsewhere with --out FILE")
+    drawn = capture_plots(monkeypatch)
+    assert main(["plot", str(run), "--out", str(scratch / "fig.png")]) == 0
+    [(tables, out)] = drawn
+    assert out == scratch / "fig.png" and tables[0].equals(full_table)
+    assert tree_hashes(scratch) == before
+
+
+def test_runs_of_one_name_get_distinct_legend_labels(scratch, full_table, capsys,
+                                                      monkeypatch):
+    from nctools.analysis.plots import collapse_figure
+
+    for folder in ("a", "b"):
+        (scratch / folder).mkdir()
+        shutil.copytree(scratch / "run", scratch / folder / "run")
+        (scratch / folder / "run" / "metrics.csv").write_text(full_table.to_csv(index=False))
+    drawn = capture_plots(monkeypatch)
+    assert main(["plot", str(scratch / "a" / "run"), str(scratch / "b" / "run"),
+                 "--out", str(scratch / "fig.png")]) == 0
+    [(tables, _)] = drawn
+    figure = collapse_figure(tables)
+    labels = [t.get_text() for t in figure.legends[0].get_texts()][:2]
+    assert labels == [f"synthetic / convnet ({scratch / 'a' / 'run'})",
+                      f"synthetic / convnet ({scratch / 'b' / 'run'})"]
+    # the same table twice (no paths to tell them apart): numbered
+    figure = collapse_figure([full_table, full_table])
+    labels = [t.get_text() for t in figure.legends[0].get_texts()][:2]
+    assert labels == ["synthetic / convnet (run) [1]", "synthetic / convnet (run) [2]"]

@@ -73,6 +73,7 @@ from nctools.training.run_state import (
     new_manifest,
     open_run,
     record_progress,
+    run_identity,
     save_checkpoint,
     set_status,
 )
@@ -199,7 +200,7 @@ def _setup(config: Config, run_dir: Path, dist: DistInfo, device: torch.device) 
     return Run(
         config, run_dir, dist, device, dataset, model, wrap_model(model, dist, device),
         optimizer, build_scheduler(optimizer, tc), schedule, autocast,
-        new_manifest(config, dataset, model, device, schedule, world),
+        new_manifest(config, dataset, model, device, schedule, world, run_identity(run_dir)),
     )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import uuid
 import warnings
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
@@ -186,11 +187,23 @@ def open_run(run_dir: Path, config: Config, resume: bool) -> tuple[Config | None
     return config, checkpoint if checkpoint.exists() else None
 
 
+def run_identity(run_dir: Path) -> str:
+    """The run's id: made once, when the run starts, and kept by every resume (``run.json``
+    ``run_id``), so a run stays the same run whatever its folder is called later."""
+    path = run_dir / store.MANIFEST_FILE
+    if path.is_file():
+        known = store.read_manifest(run_dir).get("run_id")
+        if isinstance(known, str) and known:
+            return known
+    return uuid.uuid4().hex
+
+
 def new_manifest(config: Config, dataset: Dataset, model: nn.Module, device, schedule,
-                 world_size: int = 1) -> dict:
+                 world_size: int = 1, run_id: str | None = None) -> dict:
     """The manifest (``run.json``) of a run that starts or resumes now."""
     return {
         "name": config.name,
+        "run_id": run_id or uuid.uuid4().hex,
         "status": "running",
         "nctools_version": __version__,
         "torch_version": torch.__version__,
