@@ -70,6 +70,7 @@ from nctools.training.run_state import (
     StopOnSignal,
     checkpoint_state,
     load_checkpoint,
+    mark_failed,
     new_manifest,
     open_run,
     record_progress,
@@ -165,6 +166,9 @@ def _train(config: Config, run_dir: Path, resume: bool, dist: DistInfo,
                 log.warning("interrupted after epoch %d of %d; resume with: %s%s",
                             run.manifest["epochs_done"], config.train.epochs,
                             "torchrun ... -m " if dist.distributed else "", command)
+            raise
+        except Exception as exc:
+            mark_failed(run, exc)  # run.json must not say "running" after a failed write
             raise
         finally:
             bar.close()

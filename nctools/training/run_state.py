@@ -227,3 +227,16 @@ def set_status(run: Run, status: str) -> None:
     run.manifest["status"] = status
     if run.dist.is_main:
         store.write_manifest(run.run_dir, run.manifest)
+
+
+def mark_failed(run: Run, error: BaseException) -> None:
+    """After an error that stopped training (a write that failed: disk full, read-only),
+    ``run.json`` says ``failed`` and why, not ``running``; best effort, as the disk that
+    refused a file may refuse this one too. A status already set (diverged) is kept."""
+    if run.manifest.get("status") != "running":
+        return
+    run.manifest["error"] = " ".join(str(error).split())[:500]
+    try:
+        set_status(run, "failed")
+    except Exception:  # the original error is the one to report
+        log.debug("could not record the failed status in run.json", exc_info=True)
