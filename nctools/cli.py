@@ -151,6 +151,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from nctools.config.schema import load_config
     from nctools.training.distributed import dist_from_env
     from nctools.training.loop import train
+    from nctools.training.run_state import check_resume_changes
 
     say = print if dist_from_env().is_main else _silent  # under torchrun rank 0 alone speaks
 
@@ -173,26 +174,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = run / CONFIG_FILE
     cfg = load_config(config, args.overrides)
     # Without changes the run's own config.yaml is authoritative; with a CONFIG or --set,
-    # they must describe the same run (only keys like train.device may differ).
-    same = config == run / CONFIG_FILE and not args.overrides
-    if not same:
-        _check_resume_changes(run, cfg)
-    say(f"run saved in {train(cfg, run, resume=same)}")
+    # they must describe the same run (run_state's rule: train.device may differ, and
+    # train.epochs may grow, extending the run).
+    if config != run / CONFIG_FILE or args.overrides:
+        check_resume_changes(run, cfg)
+    say(f"run saved in {train(cfg, run, resume=True)}")
     return 0
-
-
-def _check_resume_changes(run: Path, cfg) -> None:
-    """Refuse a CONFIG or --set that would change the run being resumed (never ignore it)."""
-    from nctools.config.schema import diff_configs, load_config
-    from nctools.training.run_state import RESUME_MAY_CHANGE
-
-    diffs = diff_configs(load_config(run / CONFIG_FILE), cfg, ignore=RESUME_MAY_CHANGE)
-    if diffs:
-        raise RunError(
-            f"train --resume: the given CONFIG/--set would change the run in {run} "
-            f"({'; '.join(diffs)}); resume without them to continue with "
-            f"{run / CONFIG_FILE}, or use another --out for a new run"
-        )
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:

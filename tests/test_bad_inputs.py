@@ -433,6 +433,13 @@ CASES.update({
     "measure a checkpoint folder": Case((*MEASURE, "{tmp}/ckpt"),
                                         "{tmp}/ckpt: is a directory, not a checkpoint file",
                                         a_folder("ckpt")),
+    "more epochs without --resume": Case(
+        (*TRAIN_RUN, "--set", "train.epochs=5"), "{tmp}/run holds a run of another config "
+        "(train.epochs: 3 -> 5); use another --out, or continue it with its saved config: "
+        "`nctools train --resume --out {tmp}/run` (add --set train.epochs=N to extend it)"),
+    "fewer epochs with --resume": Case(
+        ("train", "--resume", "--out", "{tmp}/run", "--set", "train.epochs=2"),
+        "(train.epochs: 3 -> 2 (a run can be extended, not shortened))"),
     "measure a checkpoint FIFO": Case((*MEASURE, "{tmp}/ckpt"),
                                       "{tmp}/ckpt: not a regular file, not a checkpoint",
                                       a_fifo("ckpt")),
@@ -462,6 +469,7 @@ def test_cli_error(name, scratch, capsys, monkeypatch):
     assert status == 2, err
     assert out == ""
     assert_one_line_error(err, expand(case.culprit, scratch))
+    assert "resume=True" not in err  # the Python argument, not the command line's
     assert tree_hashes(scratch) == before  # nothing lost, nothing half-written, nothing new
     assert not (scratch / "marker").exists()  # no code from a checkpoint ever ran
 

@@ -73,6 +73,7 @@ from nctools.training.run_state import (
     mark_failed,
     new_manifest,
     open_run,
+    record_extension,
     record_progress,
     run_identity,
     save_checkpoint,
@@ -131,6 +132,7 @@ def _train(config: Config, run_dir: Path, resume: bool, dist: DistInfo,
         start = load_checkpoint(run, checkpoint)  # every rank: they start alike
         if dist.is_main:
             log.info("resuming %s after epoch %d of %d", run_dir, start, config.train.epochs)
+        record_extension(run, start)  # more epochs than saved: config, manifest, schedule
     run.manifest.update(epochs_done=start, tpt_onset_epoch=run.tpt_onset)
     if dist.is_main:
         if checkpoint is None:
