@@ -538,6 +538,16 @@ API_CASES: dict[str, tuple[dict, str]] = {
     "class_means shape": ({"class_means": W[:2]}, r"^class_means must have shape \(C, D\) = "
                           r"\(3, 4\), got \(2, 4\)"),
     "class_means NaN": ({"class_means": with_nan(W)}, r"^class_means contains NaN or Inf"),
+    # the second catalogue (regressions: each once a TypeError, a torch name, or silence)
+    "labels numpy float": ({"labels": Y.numpy().astype(np.float64)},
+                           r"^labels must be integers, got dtype float64$"),
+    "labels numpy float32 big-endian": ({"labels": Y.numpy().astype(">f4")},
+                                        r"^labels must be integers, got dtype float32$"),
+    "features complex big-endian": ({"features": F.numpy().astype(">c8")},
+                                    r"^features must be floating point, got dtype complex64"),
+    "num_classes a float": ({"num_classes": 3.0}, r"^num_classes must be an int, got 3\.0"),
+    "num_classes a string": ({"num_classes": "3"}, r"^num_classes must be an int, got '3'"),
+    "num_classes True": ({"num_classes": True}, r"^num_classes must be an int, got True"),
 }
 
 
@@ -805,3 +815,48 @@ def test_runs_of_one_name_get_distinct_legend_labels(scratch, full_table, capsys
     figure = collapse_figure([full_table, full_table])
     labels = [t.get_text() for t in figure.legends[0].get_texts()][:2]
     assert labels == ["synthetic / convnet (run) [1]", "synthetic / convnet (run) [2]"]
+
+
+# ClassStats.update refuses what measure refuses, and adds nothing then.
+STATS_CASES: dict[str, tuple[object, object, str]] = {
+    "float labels": (F, torch.tensor([0.0, 0.9999, 1, 1, 2, 2]),
+                     r"^labels must be integers, got dtype float32$"),
+    "numpy float labels": (F, np.array([0.0, 0.9999, 1, 1, 2, 2]),
+                           r"^labels must be integers, got dtype float64$"),
+    "NaN features": (with_nan(F), Y, r"^features contain NaN or Inf"),
+    "Inf features": (with_nan(F, float("inf")), Y, r"^features contain NaN or Inf"),
+    "labels out of range": (F, Y + 1, r"^labels must lie in \[0, 3\)"),
+    "integer features": (F.long(), Y, r"^features must be floating point, got dtype int64"),
+}
+
+
+@pytest.mark.parametrize("name", list(STATS_CASES))
+def test_class_stats_refuses_what_measure_refuses(name):
+    from nctools.metrics.stats import ClassStats
+
+    features, labels, message = STATS_CASES[name]
+    stats = ClassStats(3, 4)
+    with pytest.raises(ValueError) as info:
+        stats.update(features, labels)
+    assert type(info.value) is ValueError
+    assert re.search(message, str(info.value)), str(info.value)
+    assert stats.num_samples == 0 and not stats.sums.any()  # nothing was added
+
+
+def test_big_endian_arrays_measure_as_native_ones():
+    native = measure(F, Y, W, B, num_classes=3)
+    swapped = measure(F.numpy().astype(">f4"), Y.numpy().astype(">i8"), W.numpy().astype(">f4"),
+                      B.numpy().astype(">f4"), num_classes=3)
+    assert swapped == native
+
+
+@pytest.mark.parametrize(("first", "again", "message"), [
+    (0, 0, r"^chunks yielded no rows: .*an exhausted iterator"),
+    (6, 0, r"^chunks yielded 6 rows on the first pass and 0 on the second"),
+])
+def test_an_exhausted_chunk_iterator_is_named(first, again, message):
+    from nctools.metrics.inputs import check_pass_rows
+
+    check_pass_rows(6, 6)
+    with pytest.raises(ValueError, match=message):
+        check_pass_rows(first, again)
