@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -150,9 +152,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from nctools.config.schema import load_config
     from nctools.training.distributed import dist_from_env
     from nctools.training.loop import train
+    from nctools.training.run_state import check_resume_changes
 
     say = print if dist_from_env().is_main else _silent  # under torchrun rank 0 alone speaks
 
+    _check_out(args.out)
     if not args.resume:
         if args.config is None:
             raise NctoolsError("train: give a CONFIG file (or --resume --out RUN)")
@@ -172,34 +176,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = run / CONFIG_FILE
     cfg = load_config(config, args.overrides)
     # Without changes the run's own config.yaml is authoritative; with a CONFIG or --set,
-    # they must describe the same run (only keys like train.device may differ).
-    same = config == run / CONFIG_FILE and not args.overrides
-    if not same:
-        _check_resume_changes(run, cfg)
-    say(f"run saved in {train(cfg, run, resume=same)}")
+    # they must describe the same run (run_state's rule: train.device may differ, and
+    # train.epochs may grow, extending the run).
+    if config != run / CONFIG_FILE or args.overrides:
+        check_resume_changes(run, cfg)
+    say(f"run saved in {train(cfg, run, resume=True)}")
     return 0
 
 
-def _check_resume_changes(run: Path, cfg) -> None:
-    """Refuse a CONFIG or --set that would change the run being resumed (never ignore it)."""
-    from nctools.config.schema import diff_configs, load_config
-    from nctools.training.run_state import RESUME_MAY_CHANGE
-
-    diffs = diff_configs(load_config(run / CONFIG_FILE), cfg, ignore=RESUME_MAY_CHANGE)
-    if diffs:
-        raise RunError(
-            f"train --resume: the given CONFIG/--set would change the run in {run} "
-            f"({'; '.join(diffs)}); resume without them to continue with "
-            f"{run / CONFIG_FILE}, or use another --out for a new run"
-        )
-
-
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from nctools.analysis.tables import analyze
+    from nctools.analysis.tables import analyze, run_is_writable
 
     for run in args.runs:
         table = analyze(run, strict=args.strict)
-        print(f"wrote {Path(run) / 'metrics.csv'} ({len(table)} rows)")
+        if Path(run).is_dir() and run_is_writable(Path(run)):
+            print(f"wrote {Path(run) / METRICS_FILE} ({len(table)} rows)")
+        else:
+            print(f"{run} is read-only: {len(table)} rows measured in memory, not saved")
         print(summary(table))
     return 0
 
@@ -219,18 +212,25 @@ def summary(table) -> str:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from nctools.analysis.plots import figure_format, plot_runs
-    from nctools.analysis.tables import analyze, read_table
+    from nctools.analysis.tables import current_table, run_is_writable
 
+    _check_out(args.out, "FILE")
     runs = [Path(r) for r in args.runs]
     if args.out:
         out = Path(args.out)
     else:
         out = runs[0] / FIGURES_DIR / "collapse.png" if len(runs) == 1 else Path("collapse.png")
+        if len(runs) == 1 and runs[0].is_dir() and not run_is_writable(runs[0]):
+            raise RunError(f"{runs[0]} is read-only: give the figure a place elsewhere with "
+                           "--out FILE")
     figure_format(out)  # a bad extension fails before any analysis runs
-    tables = []
-    for run in runs:
-        csv = run / METRICS_FILE
-        tables.append(read_table(csv) if csv.is_file() else analyze(run))
+    # Every table is brought up to date first (incremental: only new snapshots are
+    # measured), so a run that went on training is drawn whole.
+    tables = [current_table(run) for run in runs]
+    names = [run.resolve().name for run in runs]
+    for i, run in enumerate(runs):  # runs/a/exp and runs/b/exp: told apart by their paths
+        if names.count(names[i]) > 1 and "run" in tables[i]:
+            tables[i] = tables[i].assign(run=str(run))
     print(f"wrote {plot_runs(tables, out)}")
     return 0
 
@@ -241,6 +241,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from nctools.config.schema import load_config
     from nctools.training.loop import train
 
+    _check_out(args.out, "DIR")
     cfg = load_config("demo", args.overrides)
     # train() continues a run of the same config, so a second `nctools demo` picks up
     # where an interrupted one stopped (and a finished one is not trained again).
@@ -251,6 +252,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"metrics table: {run / METRICS_FILE}")
     print(f"figure:        {figure}")
     return 0
+
+
+def _check_out(out: str | None, meta: str = "RUN") -> None:
+    """An empty ``--out`` is a mistake (an unset shell variable), not the default."""
+    if out is not None and not out.strip():
+        raise NctoolsError(f"--out: empty path; give a {meta}, or leave --out out for the "
+                           "default")
 
 
 def _silent(*args, **kwargs) -> None:
@@ -269,7 +277,9 @@ def cmd_measure(args: argparse.Namespace) -> int:
     if not dist_from_env().is_main:  # every rank holds the result; rank 0 prints it
         return 0
     if args.json:
-        print(json.dumps(result, indent=2))
+        # strict JSON has no NaN: an undefined metric is null
+        plain = {k: (v if math.isfinite(v) else None) for k, v in result.items()}
+        print(json.dumps(plain, indent=2, allow_nan=False))
     else:
         width = max(len(k) for k in result)
         print("\n".join(f"{k:<{width}}  {v:.6g}" for k, v in result.items()))
@@ -294,6 +304,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             args = parser.parse_args(argv)
             return args.func(args)
+        except BrokenPipeError:
+            # `nctools analyze RUN | head -1`: the reader left; stop quietly, as Unix tools
+            # do, and keep Python from complaining when it flushes stdout at exit
+            _quiet_stdout()
+            return 141  # 128 + SIGPIPE, the status of a tool the pipe ended
         except (NctoolsError, OSError) as exc:
             # An OSError (a full disk, a folder where a file should be) is the machine's
             # answer, not a bug in nctools: named in one line like the user errors.
@@ -307,3 +322,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("nctools: interrupted", file=sys.stderr)
             return 130
+
+
+def _quiet_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a descriptor (captured in tests)
+        pass

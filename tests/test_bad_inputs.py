@@ -10,6 +10,7 @@ checked for its class and for the argument it names.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -21,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from nctools.cli import main
 from nctools.config.schema import ModelConfig, load_config
@@ -284,12 +287,163 @@ CASES: dict[str, Case] = {
                                       "be loaded safely",
                                       interrupted(pickle_payload("run/checkpoint.pt"))),
     "measure a checkpoint of another network": Case(  # the run's net has 3 classes
-        (*MEASURE, "{tmp}/run/checkpoint.pt", "--num-classes", "10"),
-        "{tmp}/run/checkpoint.pt does not fit convnet with 10 classes and 1 input channels"),
+        (*MEASURE, "{tmp}/run/checkpoint.pt", "--num-classes", "2"),
+        "{tmp}/run/checkpoint.pt does not fit convnet with 2 classes and 1 input channels"),
     "measure a pickle payload": Case((*MEASURE, "{tmp}/evil.pt"),
                                      "{tmp}/evil.pt: checkpoint cannot be loaded safely",
                                      pickle_payload("evil.pt")),
 }
+
+
+def a_fifo(name: str) -> Callable[[Path], None]:
+    def make(tmp: Path) -> None:
+        os.mkfifo(tmp / name)
+    return make
+
+
+def a_dangling_link(tmp: Path) -> None:
+    (tmp / "dangling").symlink_to(tmp / "nowhere")
+
+
+def a_folder(name: str) -> Callable[[Path], None]:
+    def make(tmp: Path) -> None:
+        (tmp / name).mkdir()
+    return make
+
+
+def rename_folder(epoch: int, name: str, copy: bool = False) -> Callable[[Path], None]:
+    """Move (or copy) the snapshot folder of ``epoch`` to ``snapshots/name``."""
+    def move(tmp: Path) -> None:
+        source = tmp / snapshot_file(epoch, "")
+        (shutil.copytree if copy else shutil.move)(source, source.parent / name)
+    return move
+
+
+def link_folder(epoch: int, to_epoch: int) -> Callable[[Path], None]:
+    """Replace the snapshot folder of ``epoch`` by a link to that of ``to_epoch``."""
+    def link(tmp: Path) -> None:
+        shutil.rmtree(tmp / snapshot_file(epoch, ""))
+        (tmp / snapshot_file(epoch, "")).symlink_to(f"epoch-{to_epoch:04d}")
+    return link
+
+
+def link_file(relative: Path, target: str) -> Callable[[Path], None]:
+    def link(tmp: Path) -> None:
+        (tmp / relative).unlink()
+        (tmp / relative).symlink_to(target)
+    return link
+
+
+def rename_in_meta(epoch: int, old: str, new: str, split: str = "train"):
+    def change(meta: dict) -> None:
+        meta["files"][new] = meta["files"].pop(old)
+        meta["splits"][split]["files"] = [new]
+    return edit_meta(epoch, change)
+
+
+def rewrite_split(epoch: int, split: str, change: Callable[[dict], None]):
+    """Change a split's tensors and give meta.json the new checksum: damage that only the
+    values can tell (what a faulty network or a buggy writer would leave)."""
+    def write(tmp: Path) -> None:
+        path = tmp / snapshot_file(epoch, f"{split}.safetensors")
+        tensors = load_file(path)
+        change(tensors)
+        save_file(tensors, path)
+        entry = {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                 "bytes": path.stat().st_size}
+        edit_meta(epoch, lambda meta: meta["files"].update({path.name: entry}))(tmp)
+    return write
+
+
+def nan_feature(tensors: dict) -> None:
+    tensors["features"][2, 1] = float("nan")
+
+
+def label_out_of_range(tensors: dict) -> None:
+    tensors["labels"][0] = 7
+
+
+# Damaged snapshots: a one-line error with --strict; skipped with one warning line without.
+SNAPSHOT_DAMAGE: dict[str, tuple[Callable[[Path], None], str, set[int]]] = {
+    # name: (damage, culprit, the epochs analysed without --strict)
+    "renamed epoch folder": (rename_folder(1, "epoch-0007"), "{tmp}/run/snapshots/epoch-0007/"
+                             "meta.json: snapshot meta is corrupt (it was written at epoch 1, "
+                             "but its folder is epoch-0007", {2, 3}),
+    "duplicate epoch folder": (rename_folder(1, "epoch-00001", copy=True),
+                               "{tmp}/run/snapshots/epoch-00001: not the name of a snapshot "
+                               "folder", {1, 2, 3}),
+    "epoch folder a link": (link_folder(2, 1), "{tmp}/run/snapshots/epoch-0002: is a symbolic "
+                            "link to epoch-0001", {1, 3}),
+    "split read from another file": (rename_in_meta(2, "train.safetensors", "test.safetensors"),
+                                     "the 'train' split names the file 'test.safetensors', not "
+                                     "its own", {1, 3}),
+    "file name leaving the folder": (rename_in_meta(3, "train.safetensors", "../../x"),
+                                     "file name '../../x' is not a plain name inside the "
+                                     "snapshot folder", {1, 2}),
+    "snapshot file linked to /dev/zero": (link_file(snapshot_file(2, "train.safetensors"),
+                                                    "/dev/zero"),
+                                          "{tmp}/run/snapshots/epoch-0002/train.safetensors: "
+                                          "snapshot file is not a regular file", {1, 3}),
+    "NaN features, valid checksums": (rewrite_split(2, "test", nan_feature),
+                                      "{tmp}/run/snapshots/epoch-0002: the test split cannot be "
+                                      "measured (features contain NaN or Inf", {1, 3}),
+    "labels out of range, valid checksums": (rewrite_split(1, "train", label_out_of_range),
+                                             "{tmp}/run/snapshots/epoch-0001: the train split "
+                                             "cannot be measured (labels must lie in [0, 3)",
+                                             {2, 3}),
+}
+CASES.update({f"--strict: {name}": Case(STRICT, culprit, damage)
+              for name, (damage, culprit, _) in SNAPSHOT_DAMAGE.items()})
+
+
+# The second catalogue: inputs that gave a traceback, a hang or a silent default.
+CASES.update({
+    "config not UTF-8": Case(TRAIN_BAD, "{tmp}/bad.yaml: config file is not UTF-8 text",
+                             overwrite("bad.yaml", b"name: caf\xe9\n")),
+    "config a FIFO": Case(("train", "{tmp}/pipe.yaml"), "{tmp}/pipe.yaml: cannot read config "
+                          "file (not a regular file)", a_fifo("pipe.yaml")),
+    "config a folder": Case(("train", "{tmp}/conf.yaml"), "{tmp}/conf.yaml: cannot read config "
+                            "file (a directory)", a_folder("conf.yaml")),
+    "seed too large": Case((*TRAIN_RUN, "--set", "seed=99999999999999999999999"),
+                           "seed: must be in [0, 4294967295], got 99999999999999999999999"),
+    "epochs too many": Case((*TRAIN_RUN, "--set", "train.epochs=1000000000000"),
+                            "train.epochs: must be <= 1000000, got 1000000000000"),
+    "image size beyond memory": Case(
+        (*TRAIN_BAD[:2], "--out", "{tmp}/new", "--set", "data.image_size=100000"),
+        "data: 39 synthetic images of 1x100000x100000 float32 would need",
+        bad_config("name: tiny", "name: tiny")),
+    "name with a path": Case(("train", "{tmp}/bad.yaml"), "{tmp}/bad.yaml: name: must be a "
+                             "plain folder name", bad_config("name: tiny", "name: ../../x")),
+    "--out empty": Case(("train", "{tmp}/tiny.yaml", "--out", ""), "--out: empty path"),
+    "plot --out empty": Case(("plot", "{tmp}/run", "--out", ""), "--out: empty path"),
+    "--out a file": Case(("train", "{tmp}/tiny.yaml", "--out", "{tmp}/afile"),
+                         "{tmp}/afile: is a file, not a run folder", a_file),
+    "--out a dangling link": Case(("train", "{tmp}/tiny.yaml", "--out", "{tmp}/dangling"),
+                                  "{tmp}/dangling: is a symbolic link to {tmp}/nowhere, which "
+                                  "does not exist", a_dangling_link),
+    "measure --batch-size 0": Case((*MEASURE, "{tmp}/run/checkpoint.pt", "--batch-size", "0"),
+                                   "--batch-size: must be an int >= 1, got 0"),
+    "measure --batch-size -5": Case((*MEASURE, "{tmp}/run/checkpoint.pt", "--batch-size",
+                                     "-5"), "--batch-size: must be an int >= 1, got -5"),
+    "measure --num-classes 0": Case((*MEASURE, "{tmp}/run/checkpoint.pt", "--num-classes",
+                                     "0"), "--num-classes: must be an int >= 2, got 0"),
+    "measure --num-classes huge": Case(
+        (*MEASURE, "{tmp}/run/checkpoint.pt", "--num-classes", "100000000000"),
+        "--num-classes 100000000000: more than the 3 classes of --dataset synthetic"),
+    "measure a checkpoint folder": Case((*MEASURE, "{tmp}/ckpt"),
+                                        "{tmp}/ckpt: is a directory, not a checkpoint file",
+                                        a_folder("ckpt")),
+    "more epochs without --resume": Case(
+        (*TRAIN_RUN, "--set", "train.epochs=5"), "{tmp}/run holds a run of another config "
+        "(train.epochs: 3 -> 5); use another --out, or continue it with its saved config: "
+        "`nctools train --resume --out {tmp}/run` (add --set train.epochs=N to extend it)"),
+    "fewer epochs with --resume": Case(
+        ("train", "--resume", "--out", "{tmp}/run", "--set", "train.epochs=2"),
+        "(train.epochs: 3 -> 2 (a run can be extended, not shortened))"),
+    "measure a checkpoint FIFO": Case((*MEASURE, "{tmp}/ckpt"),
+                                      "{tmp}/ckpt: not a regular file, not a checkpoint",
+                                      a_fifo("ckpt")),
+})
 
 
 def expand(text: str, tmp: Path) -> str:
@@ -315,6 +469,7 @@ def test_cli_error(name, scratch, capsys, monkeypatch):
     assert status == 2, err
     assert out == ""
     assert_one_line_error(err, expand(case.culprit, scratch))
+    assert "resume=True" not in err  # the Python argument, not the command line's
     assert tree_hashes(scratch) == before  # nothing lost, nothing half-written, nothing new
     assert not (scratch / "marker").exists()  # no code from a checkpoint ever ran
 
@@ -383,6 +538,16 @@ API_CASES: dict[str, tuple[dict, str]] = {
     "class_means shape": ({"class_means": W[:2]}, r"^class_means must have shape \(C, D\) = "
                           r"\(3, 4\), got \(2, 4\)"),
     "class_means NaN": ({"class_means": with_nan(W)}, r"^class_means contains NaN or Inf"),
+    # the second catalogue (regressions: each once a TypeError, a torch name, or silence)
+    "labels numpy float": ({"labels": Y.numpy().astype(np.float64)},
+                           r"^labels must be integers, got dtype float64$"),
+    "labels numpy float32 big-endian": ({"labels": Y.numpy().astype(">f4")},
+                                        r"^labels must be integers, got dtype float32$"),
+    "features complex big-endian": ({"features": F.numpy().astype(">c8")},
+                                    r"^features must be floating point, got dtype complex64"),
+    "num_classes a float": ({"num_classes": 3.0}, r"^num_classes must be an int, got 3\.0"),
+    "num_classes a string": ({"num_classes": "3"}, r"^num_classes must be an int, got '3'"),
+    "num_classes True": ({"num_classes": True}, r"^num_classes must be an int, got True"),
 }
 
 
@@ -439,3 +604,259 @@ def test_cli_error_in_a_real_process(name, processes):
     assert_one_line_error(err, expand(CASES[name].culprit, tmp))
     assert tree_hashes(tmp) == before
     assert not (tmp / "marker").exists()
+
+
+# ----------------------------------------------------------------------------- second catalogue
+# Outcomes other than an error: a quiet exit, strict JSON, a warning beside a correct table.
+
+
+class _ClosedPipe:
+    """stdout whose reader has gone (`nctools analyze RUN | head -1`)."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def fileno(self) -> int:
+        raise OSError("no descriptor")
+
+
+def test_a_closed_pipe_ends_quietly(scratch, capsys, monkeypatch):
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdout", _ClosedPipe())
+    status = main(["analyze", str(scratch / "run")])
+    monkeypatch.undo()
+    assert status == 141  # 128 + SIGPIPE, as a Unix tool the pipe ended
+    assert capsys.readouterr().err == ""  # no "nctools: error: [Errno 32] Broken pipe"
+
+
+def test_measure_json_writes_null_for_nan(capsys, monkeypatch):
+    values = {"accuracy": 0.75, "nc1": float("nan"), "self_duality": float("inf")}
+    monkeypatch.setattr("nctools.analysis.saved_model.measure_checkpoint", lambda **_: values)
+    assert main([*MEASURE, "model.pt", "--json"]) == 0
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"not strict JSON: {constant}")
+
+    parsed = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert parsed == {"accuracy": 0.75, "nc1": None, "self_duality": None}
+
+
+@pytest.mark.parametrize("garbage", [b"3,a,b,c,d,e,f\n", b"garbage,x,y\n"])
+def test_a_garbage_history_row_warns_and_keeps_the_metrics(scratch, capsys, garbage):
+    """analyze measures the snapshots (they do not depend on history.csv) and says, in one
+    warning line, why the history columns are empty."""
+    assert main(["analyze", str(scratch / "run")]) == 0
+    good = pd.read_csv(scratch / "run" / "metrics.csv")
+    (scratch / "run" / "metrics.csv").unlink()
+    with open(scratch / "run" / "history.csv", "ab") as f:
+        f.write(garbage)
+    capsys.readouterr()
+    assert main(["analyze", str(scratch / "run")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("nctools: warning: ") and err.count("\n") == 1, err
+    assert f"{scratch / 'run' / 'history.csv'}: history is corrupt" in err
+    table = pd.read_csv(scratch / "run" / "metrics.csv")
+    assert table["value"].tolist() == good["value"].tolist()
+    assert table["train_loss"].isna().all()
+
+
+@pytest.fixture(scope="module")
+def full_table(finished, tmp_path_factory) -> pd.DataFrame:
+    """The metrics table of the undamaged finished run."""
+    run = tmp_path_factory.mktemp("full") / "run"
+    shutil.copytree(finished, run)
+    assert main(["analyze", str(run)]) == 0
+    return pd.read_csv(run / "metrics.csv")
+
+
+@pytest.mark.parametrize("name", list(SNAPSHOT_DAMAGE))
+def test_a_bad_snapshot_is_skipped_with_one_warning(name, scratch, full_table, capsys):
+    damage, culprit, kept = SNAPSHOT_DAMAGE[name]
+    damage(scratch)
+    capsys.readouterr()
+    assert main(["analyze", str(scratch / "run")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("nctools: warning: ") and err.count("\n") == 1, err
+    assert expand(culprit, scratch) in err
+    table = pd.read_csv(scratch / "run" / "metrics.csv")
+    assert set(table["epoch"]) == kept  # every other epoch measured, none twice
+    assert len(table) == len(full_table[full_table["epoch"].isin(kept)])
+    expected = full_table[full_table["epoch"].isin(kept)].reset_index(drop=True)
+    assert table["value"].equals(expected["value"])
+
+
+def test_a_renamed_run_stays_one_run(scratch, full_table, capsys):
+    """Analysed under one name (epochs 1-2), renamed, analysed again: one run, every row
+    under its current name, the numbers those of one analysis."""
+    run = scratch / "run"
+    assert main(["analyze", str(run)]) == 0
+    table = pd.read_csv(run / "metrics.csv")
+    (run / "metrics.csv").write_text(table[table["epoch"] < 3].to_csv(index=False))
+    run.rename(scratch / "run-renamed")
+    assert main(["analyze", str(scratch / "run-renamed")]) == 0
+    table = pd.read_csv(scratch / "run-renamed" / "metrics.csv")
+    assert set(table["run"]) == {"run-renamed"}
+    assert table.drop(columns="run").equals(full_table.drop(columns="run"))
+
+
+def test_the_run_id_survives_a_resume(scratch, capsys):
+    run = scratch / "run"
+    first = store.read_manifest(run)["run_id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", first)
+    interrupted()(scratch)
+    shutil.move(run, scratch / "moved")
+    assert main(["train", "--resume", "--out", str(scratch / "moved")]) == 0
+    assert store.read_manifest(scratch / "moved")["run_id"] == first
+
+
+def test_ctrl_c_in_analyze_keeps_the_finished_snapshots(scratch, full_table, capsys,
+                                                        monkeypatch):
+    from nctools.analysis import tables
+
+    real = tables.measure_snapshot
+
+    def measure_until_3(run_dir, epoch, *args, **kwargs):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return real(run_dir, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(tables, "measure_snapshot", measure_until_3)
+    assert main(["analyze", str(scratch / "run")]) == 130
+    kept = pd.read_csv(scratch / "run" / "metrics.csv")
+    assert set(kept["epoch"]) == {1, 2}
+    assert kept.equals(full_table[full_table["epoch"] < 3].reset_index(drop=True))
+    monkeypatch.undo()
+    assert main(["analyze", str(scratch / "run")]) == 0  # goes on from there
+    assert pd.read_csv(scratch / "run" / "metrics.csv").equals(full_table)
+
+
+def capture_plots(monkeypatch) -> list:
+    """Stand-in for plot_runs: records the tables `nctools plot` would draw."""
+    drawn: list = []
+
+    def plot_runs(tables, out):
+        drawn.append((tables, out))
+        return out
+
+    monkeypatch.setattr("nctools.analysis.plots.plot_runs", plot_runs)
+    return drawn
+
+
+def test_plot_brings_a_stale_table_up_to_date(scratch, full_table, capsys, monkeypatch):
+    run = scratch / "run"
+    stale = full_table[full_table["epoch"] < 3]  # analysed while the run was at epoch 2
+    (run / "metrics.csv").write_text(stale.to_csv(index=False))
+    drawn = capture_plots(monkeypatch)
+    assert main(["plot", str(run)]) == 0
+    [(tables, out)] = drawn
+    assert out == run / "figures" / "collapse.png"
+    assert tables[0].equals(full_table)  # all three epochs, not the stale two
+    assert pd.read_csv(run / "metrics.csv").equals(full_table)
+
+
+def read_only(monkeypatch, folder: Path) -> None:
+    """Make ``folder`` look read-only to nctools (root may write anywhere, so chmod cannot)."""
+    real = os.access
+
+    def access(path, mode, *args, **kwargs):
+        if mode & os.W_OK and Path(path).resolve() == folder.resolve():
+            return False
+        return real(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+
+
+def test_a_read_only_run_is_analysed_in_memory(scratch, full_table, capsys, monkeypatch):
+    run = scratch / "run"
+    read_only(monkeypatch, run)
+    before = tree_hashes(scratch)
+    assert main(["analyze", str(run)]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"{run} is read-only: 90 rows measured in memory, not saved\n")
+    assert err == f"nctools: warning: {run} is read-only: metrics.csv was not updated (the " \
+                  "table was computed in memory)\n"
+    assert tree_hashes(scratch) == before
+
+
+def test_a_read_only_run_is_plotted_elsewhere(scratch, full_table, capsys, monkeypatch):
+    run = scratch / "run"
+    read_only(monkeypatch, run)
+    before = tree_hashes(scratch)
+    assert main(["plot", str(run)]) == 2
+    assert_one_line_error(capsys.readouterr().err, f"{run} is read-only: give the figure a "
+                          "place elsewhere with --out FILE")
+    drawn = capture_plots(monkeypatch)
+    assert main(["plot", str(run), "--out", str(scratch / "fig.png")]) == 0
+    [(tables, out)] = drawn
+    assert out == scratch / "fig.png" and tables[0].equals(full_table)
+    assert tree_hashes(scratch) == before
+
+
+def test_runs_of_one_name_get_distinct_legend_labels(scratch, full_table, capsys,
+                                                      monkeypatch):
+    from nctools.analysis.plots import collapse_figure
+
+    for folder in ("a", "b"):
+        (scratch / folder).mkdir()
+        shutil.copytree(scratch / "run", scratch / folder / "run")
+        (scratch / folder / "run" / "metrics.csv").write_text(full_table.to_csv(index=False))
+    drawn = capture_plots(monkeypatch)
+    assert main(["plot", str(scratch / "a" / "run"), str(scratch / "b" / "run"),
+                 "--out", str(scratch / "fig.png")]) == 0
+    [(tables, _)] = drawn
+    figure = collapse_figure(tables)
+    labels = [t.get_text() for t in figure.legends[0].get_texts()][:2]
+    assert labels == [f"synthetic / convnet ({scratch / 'a' / 'run'})",
+                      f"synthetic / convnet ({scratch / 'b' / 'run'})"]
+    # the same table twice (no paths to tell them apart): numbered
+    figure = collapse_figure([full_table, full_table])
+    labels = [t.get_text() for t in figure.legends[0].get_texts()][:2]
+    assert labels == ["synthetic / convnet (run) [1]", "synthetic / convnet (run) [2]"]
+
+
+# ClassStats.update refuses what measure refuses, and adds nothing then.
+STATS_CASES: dict[str, tuple[object, object, str]] = {
+    "float labels": (F, torch.tensor([0.0, 0.9999, 1, 1, 2, 2]),
+                     r"^labels must be integers, got dtype float32$"),
+    "numpy float labels": (F, np.array([0.0, 0.9999, 1, 1, 2, 2]),
+                           r"^labels must be integers, got dtype float64$"),
+    "NaN features": (with_nan(F), Y, r"^features contain NaN or Inf"),
+    "Inf features": (with_nan(F, float("inf")), Y, r"^features contain NaN or Inf"),
+    "labels out of range": (F, Y + 1, r"^labels must lie in \[0, 3\)"),
+    "integer features": (F.long(), Y, r"^features must be floating point, got dtype int64"),
+}
+
+
+@pytest.mark.parametrize("name", list(STATS_CASES))
+def test_class_stats_refuses_what_measure_refuses(name):
+    from nctools.metrics.stats import ClassStats
+
+    features, labels, message = STATS_CASES[name]
+    stats = ClassStats(3, 4)
+    with pytest.raises(ValueError) as info:
+        stats.update(features, labels)
+    assert type(info.value) is ValueError
+    assert re.search(message, str(info.value)), str(info.value)
+    assert stats.num_samples == 0 and not stats.sums.any()  # nothing was added
+
+
+def test_big_endian_arrays_measure_as_native_ones():
+    native = measure(F, Y, W, B, num_classes=3)
+    swapped = measure(F.numpy().astype(">f4"), Y.numpy().astype(">i8"), W.numpy().astype(">f4"),
+                      B.numpy().astype(">f4"), num_classes=3)
+    assert swapped == native
+
+
+@pytest.mark.parametrize(("first", "again", "message"), [
+    (0, 0, r"^chunks yielded no rows: .*an exhausted iterator"),
+    (6, 0, r"^chunks yielded 6 rows on the first pass and 0 on the second"),
+])
+def test_an_exhausted_chunk_iterator_is_named(first, again, message):
+    from nctools.metrics.inputs import check_pass_rows
+
+    check_pass_rows(6, 6)
+    with pytest.raises(ValueError, match=message):
+        check_pass_rows(first, again)

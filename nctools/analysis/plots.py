@@ -93,10 +93,12 @@ def _runs(tables: Sequence[pd.DataFrame | str | Path] | pd.DataFrame | str | Pat
             groups.append((label, run, rows))
     labels = [g[0] for g in groups]
     # Two runs of the same dataset and network (seeds, settings) need their names too.
-    return [
-        (f"{label} ({run})" if labels.count(label) > 1 else label, rows)
-        for label, run, rows in groups
-    ]
+    named = [f"{label} ({run})" if labels.count(label) > 1 else label
+             for label, run, _ in groups]
+    # and two of the same name (from different tables) a number: no two legend entries alike
+    distinct = [f"{label} [{named[:i].count(label) + 1}]" if named.count(label) > 1 else label
+                for i, label in enumerate(named)]
+    return [(label, rows) for label, (_, _, rows) in zip(distinct, groups, strict=True)]
 
 
 def _onset(rows: pd.DataFrame) -> float | None:

@@ -137,6 +137,11 @@ def measure_checkpoint(
     from nctools.models import networks as models
     from nctools.runs import store
 
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"--batch-size: must be an int >= 1, got {batch_size!r}")
+    if num_classes is not None and (isinstance(num_classes, bool)
+                                    or not isinstance(num_classes, int) or num_classes < 2):
+        raise ConfigError(f"--num-classes: must be an int >= 2, got {num_classes!r}")
     if arch not in models.ARCHS:
         valid = ", ".join(models.ARCHS)
         raise NctoolsError(f"--arch {arch!r}: unknown architecture; valid names: {valid}")
@@ -160,7 +165,12 @@ def measure_checkpoint(
         data = load_dataset(data_cfg, seed=seed)
     except ConfigError as exc:  # named as the user wrote it, not as a config key
         raise ConfigError(str(exc).replace("data.dataset", "--dataset")) from None
-    classes = num_classes or data.num_classes
+    if num_classes is not None and num_classes > data.num_classes:
+        # a class without samples leaves the metrics undefined: refused before the
+        # network (C outputs) is built, whatever its size
+        raise ConfigError(f"--num-classes {num_classes}: more than the {data.num_classes} "
+                          f"classes of --dataset {dataset}; every class needs samples")
+    classes = data.num_classes if num_classes is None else num_classes
     model = models.build_model(model_cfg, classes, data.in_channels, data.image_size)
     try:
         models.load_state_dict_compat(model, state)

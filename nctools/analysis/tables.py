@@ -48,8 +48,14 @@ def analyze(run_dir: str | Path, strict: bool = False) -> pd.DataFrame:
     """Measure every snapshot of ``run_dir`` not yet in ``RUN/metrics.csv`` and rewrite it.
 
     Returns the whole table (old and new rows), columns :data:`COLUMNS`, sorted by epoch,
-    split and metric order. A snapshot whose files fail their sha256 is skipped with a
-    warning naming the file, or raises :class:`SnapshotError` when ``strict``.
+    split and metric order. A snapshot that fails its checks (a file failing its sha256, a
+    meta.json that disagrees with its folder, NaN/Inf features or labels out of range) is
+    skipped with a one-line warning naming it, or raises :class:`SnapshotError` when
+    ``strict``. The table is written as it grows (at most every
+    :data:`SAVE_EVERY_SECONDS`, and on Ctrl-C), so an interrupted call keeps the snapshots
+    it finished. Old rows take the run's current name (a renamed run stays one run). A run
+    folder this process cannot write (a colleague's, a read-only mount) is analysed in
+    memory, with a warning, and nothing is written.
 
     Raises:
         RunError: no run directory at ``run_dir``, or a run without snapshots.
@@ -66,37 +72,88 @@ def analyze(run_dir: str | Path, strict: bool = False) -> pd.DataFrame:
             f"{run_dir} has no snapshots to analyze; make some with "
             f"`nctools train CONFIG --out {run_dir} --set snapshot.epochs=all`"
         )
+    for stray in snapshots.stray_snapshot_folders(run_dir):
+        _skip(f"{stray}: not the name of a snapshot folder (epoch-NNNN)", strict, "ignored ")
     config = load_config(run_dir / CONFIG_FILE)
     ident = {"run": run_dir.resolve().name, "dataset": config.data.dataset,
              "arch": config.model.arch}
 
+    writable = run_is_writable(run_dir)
     started = time.time_ns()
     old = _read_table(run_dir / METRICS_FILE)
     if old is not None:  # a resumed run rewrites the snapshots past its checkpoint
         stale = _rewritten_since(run_dir, epochs, (run_dir / METRICS_FILE).stat().st_mtime_ns)
         old = old[~old["epoch"].astype(int).isin(stale)]
+        old = old[KEY_COLUMNS].assign(**ident)  # one run, whatever its folder was called
     done = set(old["epoch"].astype(int)) if old is not None else set()
-    frames = [] if old is None else [old[KEY_COLUMNS]]
-    for epoch in epochs:
-        if epoch in done:
-            continue
-        try:
-            rows = measure_snapshot(run_dir, epoch)
-        except SnapshotError as exc:
-            if strict:
-                raise
-            warnings.warn(f"skipping the snapshot of epoch {epoch}: {exc}", stacklevel=2)
-            continue
-        frames.append(pd.DataFrame([{**ident, "epoch": epoch, **row} for row in rows]))
-    if not frames:  # every snapshot failed verification
-        table = pd.DataFrame(columns=KEY_COLUMNS)
-    else:
-        table = pd.concat(frames, ignore_index=True)
-    table = _join_history(run_dir, table)
-    files.atomic_write_text(run_dir / METRICS_FILE, table.to_csv(index=False))
-    # The table is as old as the snapshots it read: one rewritten since then is stale.
-    os.utime(run_dir / METRICS_FILE, ns=(started, started))
+    frames = [] if old is None else [old]
+    todo = [epoch for epoch in epochs if epoch not in done]
+    saved_at = time.monotonic()
+    try:
+        for epoch in todo:
+            try:
+                rows = measure_snapshot(run_dir, epoch)
+            except SnapshotError as exc:
+                _skip(str(exc), strict, f"skipping the snapshot of epoch {epoch}: ")
+                continue
+            frames.append(pd.DataFrame([{**ident, "epoch": epoch, **row} for row in rows]))
+            if writable and time.monotonic() - saved_at > SAVE_EVERY_SECONDS:
+                _save(run_dir, _table(run_dir, frames), started)
+                saved_at = time.monotonic()
+    except KeyboardInterrupt:
+        if writable:  # keep what this call finished
+            _save(run_dir, _table(run_dir, frames), started)
+        raise
+    table = _table(run_dir, frames)
+    if writable:
+        _save(run_dir, table, started)
+    elif todo:
+        warnings.warn(f"{run_dir} is read-only: {METRICS_FILE} was not updated (the table "
+                      "was computed in memory)", stacklevel=2)
     return table
+
+
+SAVE_EVERY_SECONDS = 10.0  # an interrupted or killed analysis loses at most this much work
+
+
+def run_is_writable(run_dir: Path) -> bool:
+    """Whether this process may write the run folder (False on a read-only mount)."""
+    return os.access(run_dir, os.W_OK)
+
+
+def current_table(run_dir: str | Path) -> pd.DataFrame:
+    """The run's metrics table brought up to date (:func:`analyze`: only snapshots not yet
+    in it are measured), or its ``metrics.csv`` as it is when the run kept no snapshots
+    (a published result folder)."""
+    run_dir = Path(run_dir).expanduser()
+    table_file = run_dir / METRICS_FILE
+    if table_file.is_file() and not snapshots.list_snapshots(run_dir):
+        return read_table(table_file)
+    return analyze(run_dir)
+
+
+def _skip(message: str, strict: bool, skipping: str) -> None:
+    """A snapshot that cannot be measured: SnapshotError when ``strict``, else a warning
+    (``skipping`` + the message)."""
+    if strict:
+        raise SnapshotError(message)
+    warnings.warn(skipping + message, stacklevel=3)
+
+
+def _table(run_dir: Path, frames: list[pd.DataFrame]) -> pd.DataFrame:
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=KEY_COLUMNS)
+    return _join_history(run_dir, table)
+
+
+def _save(run_dir: Path, table: pd.DataFrame, started: int) -> None:
+    """Write the table unless it is there already, as old as the snapshots it read."""
+    path = run_dir / METRICS_FILE
+    text = table.to_csv(index=False)
+    if path.is_file() and path.read_text(encoding="utf-8", errors="replace") == text:
+        return
+    files.atomic_write_text(path, text)
+    # The table is as old as the snapshots it read: one rewritten since then is stale.
+    os.utime(path, ns=(started, started))
 
 
 def _rewritten_since(run_dir: Path, epochs: list[int], since_ns: int) -> set[int]:
@@ -146,8 +203,12 @@ def measure_snapshot(run_dir: Path, epoch: int, chunk_rows: int | None = None) -
             passes = iter([True, False])  # hash the files on the first pass only
             chunks = functools.partial(_streamed, run_dir, epoch, split, stream_rows, passes)
         means: Tensor | None = train_means if split != "train" else None
-        values, split_means = measure_chunks(chunks, weight, bias, num_classes,
-                                             class_means=means)
+        try:
+            values, split_means = measure_chunks(chunks, weight, bias, num_classes,
+                                                 class_means=means)
+        except ValueError as exc:  # NaN features, labels out of range: this snapshot only
+            raise SnapshotError(f"{snapshots.snapshot_dir(run_dir, epoch)}: the {split} split "
+                                f"cannot be measured ({exc})") from None
         if split == "train":
             train_means = split_means
         rows += [{"split": split, "metric": key, "value": values[key]} for key in METRIC_KEYS]
@@ -190,7 +251,10 @@ def _join_history(run_dir: Path, table: pd.DataFrame) -> pd.DataFrame:
     a table made while the run was training gets the onset once it is known."""
     try:
         history = store.read_history(run_dir)
-    except (FileNotFoundError, SnapshotError, RunError):
+    except (FileNotFoundError, SnapshotError, RunError) as exc:
+        # the metrics do not depend on it: measured anyway, said once, never silently
+        warnings.warn(f"{exc}; the table is written without its history columns",
+                      stacklevel=3)
         history = pd.DataFrame(columns=["epoch"])
     history = history.reindex(columns=["epoch", *HISTORY_COLUMNS])
     history = history.drop_duplicates("epoch", keep="last")

@@ -98,6 +98,9 @@ LOSSES = ("ce", "mse")
 SCHEDULES = ("multistep", "cosine", "constant")
 SNAPSHOT_DTYPES = ("float32", "float16")
 SPLITS = ("train", "test")
+MAX_SEED = 2**32 - 1
+MAX_EPOCHS = 1_000_000  # the schedule, history and manifest hold one entry per epoch
+_SAFE_NAME = re.compile(r"[A-Za-z0-9._+-][A-Za-z0-9._+ -]*")
 
 
 def config_from_dict(data: dict, source: str = "<dict>") -> Config:
@@ -244,7 +247,11 @@ def validate(cfg: Config) -> None:
     cfg = typed_yaml.build(Config, config_to_dict(cfg))
     data, model, train, snap = cfg.data, cfg.model, cfg.train, cfg.snapshot
     _check(bool(cfg.name.strip()), "name", "a non-empty string", cfg.name)
-    _check(cfg.seed >= 0, "seed", ">= 0", cfg.seed)
+    # the name is the default run folder (runs/NAME): a path in it would write elsewhere
+    _check(_SAFE_NAME.fullmatch(cfg.name) is not None and cfg.name not in (".", ".."), "name",
+           "a plain folder name (letters, digits, . _ - +, no / or \\)", cfg.name)
+    # torch and NumPy generators take seeds of 64 bits; the epoch generator adds to it
+    _check(0 <= cfg.seed <= MAX_SEED, "seed", f"in [0, {MAX_SEED}]", cfg.seed)
     spc = data.samples_per_class
     _check(spc is None or spc >= 1, "data.samples_per_class", ">= 1 or null", spc)
     tspc = data.test_samples_per_class
@@ -258,6 +265,7 @@ def validate(cfg: Config) -> None:
         value = getattr(model, name)
         _check(value >= 1, f"model.{name}", ">= 1", value)
     _check(train.epochs >= 1, "train.epochs", ">= 1", train.epochs)
+    _check(train.epochs <= MAX_EPOCHS, "train.epochs", f"<= {MAX_EPOCHS}", train.epochs)
     _check(train.batch_size >= 1, "train.batch_size", ">= 1", train.batch_size)
     _check(train.loss in LOSSES, "train.loss", f"one of {', '.join(LOSSES)}", train.loss)
     _check(math.isfinite(train.lr) and train.lr > 0, "train.lr", "> 0", train.lr)

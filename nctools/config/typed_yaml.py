@@ -243,9 +243,16 @@ def read_mapping(path: Path, root: type) -> dict:
     """The top-level mapping of YAML file ``path`` (read strictly: no key twice);
     ConfigError naming the file, the line of a syntax error, or what the top level was."""
     try:
-        text = path.read_text()
+        # a FIFO or a device would block or never end: only a regular file is read
+        if path.exists() and not path.is_file():
+            kind = "a directory" if path.is_dir() else "not a regular file"
+            raise ConfigError(f"{path}: cannot read config file ({kind})")
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: config file is not UTF-8 text (byte {exc.start}: "
+                          f"{exc.reason})") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror or exc})") from None
     try:

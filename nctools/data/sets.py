@@ -23,6 +23,7 @@ split (after ``data.samples_per_class`` subsetting), applied to both splits.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import warnings
@@ -36,6 +37,7 @@ from torch import Tensor
 from nctools.config.schema import DataConfig
 from nctools.data.splits import DATASETS, Dataset, Split
 from nctools.errors import ConfigError, DataError
+from nctools.limits import check_fits
 
 MNIST5K_SPLIT_SEED = 0  # fixed, independent of the run seed: one split for every run
 MNIST5K_TRAIN_PER_CLASS = 400  # of the 500 digits per class; the other 100 are the test split
@@ -204,8 +206,11 @@ def _synthetic(cfg: DataConfig, seed: int) -> Dataset:
     for key in ("num_classes", "train_per_class", "test_per_class", "channels", "image_size"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"data.{key} must be >= 1, got {getattr(cfg, key)}")
-    gen = torch.Generator().manual_seed(seed)
     C, shape = cfg.num_classes, (cfg.channels, cfg.image_size, cfg.image_size)
+    images = C * (1 + cfg.train_per_class + cfg.test_per_class)  # means, train, test
+    check_fits("data", 4 * images * math.prod(shape),
+               f"{images} synthetic images of {'x'.join(map(str, shape))} float32")
+    gen = torch.Generator().manual_seed(seed)
     means = torch.randn(C, *shape, generator=gen)
 
     def draw(per_class: int) -> Split:

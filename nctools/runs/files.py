@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -195,11 +196,22 @@ def sha256_file(path: PathLike) -> str:
     return digest.hexdigest()
 
 
+def check_regular(path: Path) -> None:
+    """SnapshotError unless ``path`` is a regular file (after links): a device such as
+    /dev/zero or a FIFO would be read without end, or block."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise SnapshotError(f"{path}: snapshot file is missing") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a device, FIFO or socket"
+        raise SnapshotError(f"{path}: snapshot file is not a regular file ({kind})")
+
+
 def check_file(path: Path, expected: dict, data: bytes | None = None) -> None:
     """Raise SnapshotError unless ``path`` (or its bytes ``data``) matches its meta entry."""
     if data is None:
-        if not path.is_file():
-            raise SnapshotError(f"{path}: snapshot file is missing")
+        check_regular(path)
         size = path.stat().st_size
     else:
         size = len(data)

@@ -39,6 +39,7 @@ from nctools.runs.layout import CLASSIFIER_FILE, META_FILE
 SNAPSHOT_DTYPES = {name: getattr(torch, name) for name in SNAPSHOT_DTYPE_NAMES}
 META_FORMAT = 1
 _EPOCH_DIR = re.compile(r"epoch-(\d+)")
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")  # no path, not hidden
 
 
 # ---------------------------------------------------------------------------------------
@@ -228,21 +229,44 @@ def finalize_sharded_snapshot(run_dir: PathLike, epoch: int, world: int) -> Path
 
 
 def list_snapshots(run_dir: PathLike) -> list[int]:
-    """Epochs with a complete snapshot (one whose meta.json exists), ascending."""
+    """Epochs with a complete snapshot (one whose meta.json exists), ascending.
+
+    Only folders named as :func:`snapshot_dir` names them count: ``epoch-00001`` beside
+    ``epoch-0001`` would be the same epoch twice (see :func:`stray_snapshot_folders`).
+    """
     root = Path(run_dir) / store.SNAPSHOTS_DIR
     if not root.is_dir():
         return []
     epochs = []
     for folder in root.iterdir():
         match = _EPOCH_DIR.fullmatch(folder.name)
-        if match and (folder / META_FILE).is_file():
+        if match and folder.name == snapshot_dir(run_dir, int(match.group(1))).name \
+                and (folder / META_FILE).is_file():
             epochs.append(int(match.group(1)))
     return sorted(epochs)
+
+
+def stray_snapshot_folders(run_dir: PathLike) -> list[Path]:
+    """Folders ``epoch-N`` with a meta.json that :func:`list_snapshots` ignores because their
+    name is not the epoch's own (``epoch-00001``, ``epoch-1``): copies, never measured."""
+    root = Path(run_dir) / store.SNAPSHOTS_DIR
+    if not root.is_dir():
+        return []
+    return sorted(
+        folder for folder in root.iterdir()
+        if (match := _EPOCH_DIR.fullmatch(folder.name))
+        and folder.name != snapshot_dir(run_dir, int(match.group(1))).name
+        and (folder / META_FILE).is_file()
+    )
 
 
 def read_meta(run_dir: PathLike, epoch: int) -> dict:
     """The parsed meta.json of the snapshot at ``epoch``."""
     path = snapshot_dir(run_dir, epoch) / META_FILE
+    if path.parent.is_symlink():
+        # a link to another epoch's folder would measure that epoch's data twice
+        raise SnapshotError(f"{path.parent}: is a symbolic link to {path.parent.readlink()}; "
+                            "a snapshot folder must be the run's own")
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError:
@@ -250,10 +274,27 @@ def read_meta(run_dir: PathLike, epoch: int) -> dict:
                             f"(have {list_snapshots(run_dir)})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SnapshotError(f"{path}: snapshot meta is corrupt ({exc})") from None
-    problem = _meta_problem(meta)
+    problem = _meta_problem(meta) or _meta_mismatch(meta, epoch)
     if problem:
         raise SnapshotError(f"{path}: snapshot meta is corrupt ({problem})")
     return meta
+
+
+def _meta_mismatch(meta: dict, epoch: int) -> str | None:
+    """Where a well-formed meta.json disagrees with its folder, or None: the epoch it was
+    written at, file names that leave the folder, a split read from another split's file."""
+    if meta.get("epoch") != epoch:
+        return (f"it was written at epoch {meta.get('epoch')!r}, but its folder is "
+                f"{snapshot_dir('.', epoch).name}; a copied or renamed snapshot?")
+    for name in meta["files"]:
+        if not isinstance(name, str) or not _FILE_NAME.fullmatch(name) or name in (".", ".."):
+            return f"file name {name!r} is not a plain name inside the snapshot folder"
+    for split, entry in meta["splits"].items():
+        own = re.compile(re.escape(str(split)) + r"(-\d{5}-of-\d{5})?\.safetensors")
+        for name in entry.get("files", []):
+            if not own.fullmatch(name):
+                return f"the {split!r} split names the file {name!r}, not its own"
+    return None
 
 
 def _meta_problem(meta: Any) -> str | None:
@@ -291,9 +332,14 @@ def _split_files(run_dir: PathLike, epoch: int, split: str) -> tuple[Path, dict,
 
 
 def _load_file(path: Path, expected: dict, verify: bool) -> dict[str, torch.Tensor]:
-    """Read a safetensors file once; hash those same bytes when ``verify``."""
+    """Read a safetensors file once; hash those same bytes when ``verify``.
+
+    Only a regular file is read, and no more than meta.json says it holds (plus one byte to
+    tell a longer file): a link to /dev/zero or a FIFO must not be read without end."""
+    files.check_regular(path)
     try:
-        data = path.read_bytes()
+        with path.open("rb") as f:
+            data = f.read(expected["bytes"] + 1) if verify else f.read()
     except FileNotFoundError:
         raise SnapshotError(f"{path}: snapshot file is missing") from None
     if verify:
@@ -340,8 +386,8 @@ def iter_split(
         path = folder / name
         if verify:
             files.check_file(path, meta["files"][name])
-        elif not path.is_file():
-            raise SnapshotError(f"{path}: snapshot file is missing")
+        else:
+            files.check_regular(path)
         try:
             with safe_open(str(path), framework="pt") as f:
                 rows = f.get_slice("features").get_shape()[0]

@@ -135,6 +135,12 @@ def read_history(run_dir: PathLike) -> pd.DataFrame:
     epochs = history.get("epoch")
     if epochs is None or (len(epochs) and not pd.api.types.is_integer_dtype(epochs)):
         raise _corrupt_history(path, "no integer 'epoch' column")
+    for column in HISTORY_COLUMNS:  # every standard column holds numbers (NaN allowed)
+        if column in history and not pd.api.types.is_numeric_dtype(history[column]):
+            bad = pd.to_numeric(history[column], errors="coerce").isna() & history[column].notna()
+            row = int(bad.to_numpy().argmax()) + 2  # the header is line 1
+            raise _corrupt_history(path, f"line {row}: {column} is not a number: "
+                                         f"{history[column][bad].iloc[0]!r}")
     return history
 
 
@@ -162,6 +168,10 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
     CheckpointError naming the file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    if path.exists() and not path.is_file():  # a FIFO or device would block or never end
+        raise CheckpointError(f"{path}: not a regular file, not a checkpoint")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:

@@ -70,9 +70,12 @@ from nctools.training.run_state import (
     StopOnSignal,
     checkpoint_state,
     load_checkpoint,
+    mark_failed,
     new_manifest,
     open_run,
+    record_extension,
     record_progress,
+    run_identity,
     save_checkpoint,
     set_status,
 )
@@ -130,6 +133,7 @@ def _train(config: Config, run_dir: Path, resume: bool, dist: DistInfo,
         start = load_checkpoint(run, checkpoint)  # every rank: they start alike
         if dist.is_main:
             log.info("resuming %s after epoch %d of %d", run_dir, start, config.train.epochs)
+        record_extension(run, start)  # more epochs than saved: config, manifest, schedule
     run.manifest.update(epochs_done=start, tpt_onset_epoch=run.tpt_onset)
     if dist.is_main:
         if checkpoint is None:
@@ -166,6 +170,9 @@ def _train(config: Config, run_dir: Path, resume: bool, dist: DistInfo,
                             run.manifest["epochs_done"], config.train.epochs,
                             "torchrun ... -m " if dist.distributed else "", command)
             raise
+        except Exception as exc:
+            mark_failed(run, exc)  # run.json must not say "running" after a failed write
+            raise
         finally:
             bar.close()
             run.writer.close()  # no file is left half-way whatever stops the loop
@@ -200,7 +207,7 @@ def _setup(config: Config, run_dir: Path, dist: DistInfo, device: torch.device) 
     return Run(
         config, run_dir, dist, device, dataset, model, wrap_model(model, dist, device),
         optimizer, build_scheduler(optimizer, tc), schedule, autocast,
-        new_manifest(config, dataset, model, device, schedule, world),
+        new_manifest(config, dataset, model, device, schedule, world, run_identity(run_dir)),
     )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import uuid
 import warnings
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
@@ -27,12 +28,13 @@ import torch
 from torch import nn
 
 from nctools import __version__
-from nctools.config.schema import Config, diff_configs, load_config
+from nctools.config.schema import Config, TrainConfig, diff_configs, load_config
 from nctools.data.splits import Dataset
 from nctools.errors import CheckpointError, RunError
 from nctools.models.networks import feature_dim
 from nctools.runs import files, store
 from nctools.training.distributed import DistInfo
+from nctools.training.steps import build_scheduler
 from nctools.training.writer import BackgroundWriter
 
 log = logging.getLogger("nctools.training.loop")
@@ -142,12 +144,57 @@ def load_checkpoint(run: Run, path: Path) -> int:
         raise CheckpointError(f"{path}: cannot resume from this checkpoint ({e})") from e
 
 
+def check_run_folder(run_dir: Path) -> None:
+    """RunError unless ``run_dir`` is a folder or a new path (not a file, not a link that
+    leads nowhere: mkdir would answer "File exists" for both)."""
+    if run_dir.is_symlink() and not run_dir.exists():
+        raise RunError(f"{run_dir}: is a symbolic link to {run_dir.readlink()}, which does not "
+                       "exist; give a folder as --out")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"{run_dir}: is a file, not a run folder; give a folder as --out")
+
+
+def resume_changes(saved: Config, requested: Config) -> tuple[list[str], int]:
+    """The one rule of what a resume may change: ``(refused, epochs)``.
+
+    ``refused`` lists the differences (``"train.lr: 0.05 -> 0.1"``) that would make it
+    another run; ``RESUME_MAY_CHANGE`` keys are never among them, nor ``train.epochs``
+    when it grows: ``epochs`` is then the new count (a run extended by more epochs),
+    else the saved one. Fewer epochs than saved is refused (a run is not shortened).
+    """
+    refused = diff_configs(saved, requested, ignore=(*RESUME_MAY_CHANGE, "train.epochs"))
+    epochs = saved.train.epochs
+    if requested.train.epochs > epochs:
+        epochs = requested.train.epochs
+    elif requested.train.epochs < epochs:
+        refused.append(f"train.epochs: {epochs} -> {requested.train.epochs} (a run can be "
+                       "extended, not shortened)")
+    return refused, epochs
+
+
+def check_resume_changes(run_dir: Path, requested: Config) -> None:
+    """RunError when an explicitly given config (``nctools train --resume`` with CONFIG or
+    ``--set``) would change the run in ``run_dir`` beyond :func:`resume_changes`' rule."""
+    refused, _ = resume_changes(load_config(run_dir / CONFIG_FILE), requested)
+    if refused:
+        raise RunError(
+            f"train --resume: the given CONFIG/--set would change the run in {run_dir} "
+            f"({'; '.join(refused)}); resume without them to continue with "
+            f"{run_dir / CONFIG_FILE} (--set train.epochs=N extends it), or use another "
+            "--out for a new run"
+        )
+
+
 def open_run(run_dir: Path, config: Config, resume: bool) -> tuple[Config | None, Path | None]:
-    """Decide between a new run, a resumed one and a finished one.
+    """Decide between a new run, a resumed one, an extended one and a finished one.
 
     Returns the config to train with (None when the run is already complete) and the
-    checkpoint to resume from (None for a fresh start).
+    checkpoint to resume from (None for a fresh start). Resumed, the run keeps its saved
+    config except the ``RESUME_MAY_CHANGE`` keys, and ``train.epochs`` when ``resume`` asks
+    for more (the run is extended: :func:`record_extension`); other differences are warned
+    about and ignored with ``resume``, refused without it.
     """
+    check_run_folder(run_dir)
     saved_path = run_dir / CONFIG_FILE
     if not saved_path.exists():
         if resume:
@@ -159,29 +206,80 @@ def open_run(run_dir: Path, config: Config, resume: bool) -> tuple[Config | None
             )
         return config, None
     saved = load_config(saved_path)
-    diffs = diff_configs(saved, config, ignore=RESUME_MAY_CHANGE)
-    if diffs and not resume:
+    refused, epochs = resume_changes(saved, config)
+    if not resume and (refused or epochs != saved.train.epochs):
+        diffs = diff_configs(saved, config, ignore=RESUME_MAY_CHANGE)
         raise RunError(
             f"{run_dir} holds a run of another config ({'; '.join(diffs)}); use another "
-            "--out, or pass resume=True / --resume to continue it with its saved config"
+            f"--out, or continue it with its saved config: `nctools train --resume --out "
+            f"{run_dir}` (add --set train.epochs=N to extend it)"
         )
-    if diffs:
+    if refused:
         warnings.warn(f"{run_dir}: resuming with its saved {CONFIG_FILE}; ignored: "
-                      f"{'; '.join(diffs)}", stacklevel=3)
+                      f"{'; '.join(refused)}", stacklevel=3)
     manifest = store.read_manifest(run_dir) if (run_dir / store.MANIFEST_FILE).exists() else {}
-    if manifest.get("status") == "completed" and manifest.get("epochs_done") == saved.train.epochs:
-        log.info("%s is complete (%d epochs); nothing to do", run_dir, saved.train.epochs)
+    if manifest.get("status") == "completed" and manifest.get("epochs_done") == epochs:
+        log.info("%s is complete (%d epochs); nothing to do", run_dir, epochs)
         return None, None
     checkpoint = run_dir / CHECKPOINT_FILE
-    config = replace(saved, train=replace(saved.train, device=config.train.device))
+    config = replace(saved, train=replace(saved.train, device=config.train.device,
+                                          eval_every=config.train.eval_every, epochs=epochs))
     return config, checkpoint if checkpoint.exists() else None
 
 
+def record_extension(run: Run, done: int) -> bool:
+    """When ``run`` continues past the ``train.epochs`` of its saved config (extended after
+    epoch ``done``): its config.yaml gets the new count, run.json an ``extended`` entry, and
+    the learning-rate schedule is recomputed for the new length, as an uninterrupted run of
+    that length would have it at epoch ``done``. Returns whether the run was extended."""
+    saved = load_config(run.run_dir / CONFIG_FILE)
+    epochs = run.config.train.epochs
+    if saved.train.epochs == epochs:
+        return False
+    previous = store.read_manifest(run.run_dir) if (
+        run.run_dir / store.MANIFEST_FILE).is_file() else {}
+    run.manifest["extended"] = [*previous.get("extended", []), {
+        "after_epoch": done, "from_epochs": saved.train.epochs, "to_epochs": epochs}]
+    run.scheduler = scheduler_at(run.optimizer, run.config.train, done)
+    if run.dist.is_main:
+        store.save_config(run.config, run.run_dir / CONFIG_FILE)
+        log.info("%s: extended from %d to %d epochs after epoch %d (schedule %s recomputed)",
+                 run.run_dir, saved.train.epochs, epochs, done, run.config.train.schedule)
+    return True
+
+
+def scheduler_at(optimizer: torch.optim.Optimizer, tc: TrainConfig,
+                 done: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The schedule of ``tc`` as it stands after ``done`` epochs, on ``optimizer``: rebuilt
+    from the initial learning rate and stepped ``done`` times, the very float operations
+    of an uninterrupted run."""
+    for group in optimizer.param_groups:
+        group["lr"] = group.get("initial_lr", tc.lr)
+    with warnings.catch_warnings():  # stepped without optimizer steps, on purpose
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler = build_scheduler(optimizer, tc)
+        for _ in range(done):
+            scheduler.step()
+    return scheduler
+
+
+def run_identity(run_dir: Path) -> str:
+    """The run's id: made once, when the run starts, and kept by every resume (``run.json``
+    ``run_id``), so a run stays the same run whatever its folder is called later."""
+    path = run_dir / store.MANIFEST_FILE
+    if path.is_file():
+        known = store.read_manifest(run_dir).get("run_id")
+        if isinstance(known, str) and known:
+            return known
+    return uuid.uuid4().hex
+
+
 def new_manifest(config: Config, dataset: Dataset, model: nn.Module, device, schedule,
-                 world_size: int = 1) -> dict:
+                 world_size: int = 1, run_id: str | None = None) -> dict:
     """The manifest (``run.json``) of a run that starts or resumes now."""
     return {
         "name": config.name,
+        "run_id": run_id or uuid.uuid4().hex,
         "status": "running",
         "nctools_version": __version__,
         "torch_version": torch.__version__,
@@ -205,3 +303,16 @@ def set_status(run: Run, status: str) -> None:
     run.manifest["status"] = status
     if run.dist.is_main:
         store.write_manifest(run.run_dir, run.manifest)
+
+
+def mark_failed(run: Run, error: BaseException) -> None:
+    """After an error that stopped training (a write that failed: disk full, read-only),
+    ``run.json`` says ``failed`` and why, not ``running``; best effort, as the disk that
+    refused a file may refuse this one too. A status already set (diverged) is kept."""
+    if run.manifest.get("status") != "running":
+        return
+    run.manifest["error"] = " ".join(str(error).split())[:500]
+    try:
+        set_status(run, "failed")
+    except Exception:  # the original error is the one to report
+        log.debug("could not record the failed status in run.json", exc_info=True)

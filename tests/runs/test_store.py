@@ -235,8 +235,14 @@ def test_truncated_file_without_verify_is_still_an_error(tmp_path, tensors):
 def test_load_split_reads_each_file_once(tmp_path, tensors, monkeypatch):
     write_sharded(tmp_path, tensors)
     reads = []
-    real = Path.read_bytes
-    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self.name) or real(self))
+    real = Path.open
+
+    def opened(self, mode="r", *args, **kwargs):
+        if "r" in mode and self.suffix == ".safetensors":
+            reads.append(self.name)
+        return real(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", opened)
     monkeypatch.setattr(files, "sha256_file", None)  # hashing must use the bytes already read
     snapshots.load_split(tmp_path, 1, "train", verify=True)
     assert reads == ["train-00000-of-00002.safetensors", "train-00001-of-00002.safetensors"]

@@ -615,6 +615,8 @@ def test_a_full_disk_stops_training_naming_the_file_and_resume_recovers(
     path = run / name if epoch is None else snapshots.snapshot_dir(run, epoch) / name
     assert err == f"nctools: error: cannot write {path}: No space left on device\n"
     assert failed[0] == [path]  # the first write of that file after the disk filled
+    manifest = store.read_manifest(run)  # not "running": the run stopped, and says why
+    assert manifest["status"] == "failed" and manifest["error"] == err[16:-1]
     assert temps(run) == []  # the half-written temp file is gone
     assert_nothing_partial(run)
     after = tree_hashes(run)
