@@ -29,7 +29,7 @@ def check_fits(key: str, nbytes: int, what: str) -> None:
                           f"machine's {_size(limit)} of memory")
 
 
-def _size(nbytes: int) -> str:
+def _size(nbytes: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if nbytes < 1024 or unit == "PiB":
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
