@@ -67,3 +67,116 @@ def extract_features(
     if not feats:
         raise DataError("extract_features: the split is empty (N = 0)")
     return torch.cat(feats), torch.cat(labels).long()
+
+
+# --------------------------------------------------------------------- hooks by layer name
+POOLS = ("avg", "flatten")
+
+
+def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
+    """``(name, module)`` of the network's classifier: the last ``nn.Linear`` it registers.
+
+    nctools networks name theirs ``classifier``; timm and torchvision networks end in one
+    too (``fc``, ``head``, ``classifier``). Raises ValueError when there is none.
+    """
+    modules = dict(model.named_modules())
+    if isinstance(modules.get("classifier"), nn.Linear):
+        return "classifier", modules["classifier"]  # type: ignore[return-value]
+    linears = [(name, m) for name, m in modules.items() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer (no classifier)")
+    return linears[-1]
+
+
+def top_level_blocks(model: nn.Module) -> list[str]:
+    """Names of every top-level child that holds parameters (``layers="blocks"``).
+
+    Parameter-free children (ReLU, pools, flatten, dropout) are skipped: their output
+    is a block's output transformed, not a stage of the network.
+    """
+    return [name for name, child in model.named_children()
+            if any(True for _ in child.parameters())]
+
+
+def pool_activation(x: Tensor, pool: str) -> Tensor:
+    """(B, ...) activation -> (B, D) float32 rows.
+
+    ``pool="avg"``: a 4-D (B, K, H, W) map is averaged over H and W (METRICS.md,
+    "Classifier-free measurement"); a 3-D token sequence (B, T, K) over T. Other shapes
+    and ``pool="flatten"`` flatten everything after the batch axis.
+    """
+    if pool == "avg" and x.ndim == 4:
+        x = x.mean(dim=(2, 3))
+    elif pool == "avg" and x.ndim == 3:
+        x = x.mean(dim=1)
+    return x.flatten(1).float()
+
+
+class LayerTaps:
+    """Forward hooks that capture pooled activations of named modules, batch by batch.
+
+    The one place a network's inner features are read: ``nctools.measure_model`` and the
+    layer-wise training snapshots both use it. A name equal to ``input_of`` is captured
+    at the INPUT of that module (the classifier's features); every other name at the
+    module's OUTPUT (a tuple output gives its first element).
+
+    Usage::
+
+        with LayerTaps(model, ["layer1", "fc"], input_of="fc") as taps:
+            model(x)
+            feats = taps.pop()   # {"layer1": (B, 64), "fc": (B, 512)}
+    """
+
+    def __init__(
+        self, model: nn.Module, layers: list[str], input_of: str | None = None,
+        pool: str = "avg",
+    ) -> None:
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        modules = dict(model.named_modules())
+        unknown = [name for name in layers if name not in modules or name == ""]
+        if unknown:
+            top = [name for name, _ in model.named_children()]
+            raise ValueError(
+                f"layers: no module named {unknown[0]!r} in {type(model).__name__}; "
+                f"top-level modules: {top}"
+            )
+        self.model, self.layers, self.input_of, self.pool = model, list(layers), input_of, pool
+        self.modules = modules
+        self.captured: dict[str, Tensor] = {}
+        self.handles: list = []
+
+    def __enter__(self) -> LayerTaps:
+        for name in self.layers:
+            module = self.modules[name]
+            if name == self.input_of:
+                hook = self._store_input(name)
+                self.handles.append(module.register_forward_hook(hook))
+            else:
+                self.handles.append(module.register_forward_hook(self._store_output(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _store_input(self, name: str):
+        def hook(_module: nn.Module, inputs: tuple, _output: object) -> None:
+            self.captured[name] = pool_activation(inputs[0].detach(), self.pool)
+        return hook
+
+    def _store_output(self, name: str):
+        def hook(_module: nn.Module, _inputs: tuple, output: object) -> None:
+            if isinstance(output, (tuple, list)):
+                output = output[0]
+            self.captured[name] = pool_activation(output.detach(), self.pool)
+        return hook
+
+    def pop(self) -> dict[str, Tensor]:
+        """``{layer: (B, D_layer) float32}`` of the last forward pass; raises if one is missing."""
+        missing = [name for name in self.layers if name not in self.captured]
+        if missing:
+            raise ValueError(f"layers: {missing[0]!r} did not run in the forward pass")
+        out, self.captured = self.captured, {}
+        return out
