@@ -110,6 +110,7 @@ def measure_model(
         with LayerTaps(model, names, input_of=input_of, pool=pool) as taps:
             for sweep in ("first", "second"):
                 _sweep(model, data, taps, passes, sweep, device, progress)
+                _agree_on_widths(passes, device, group)
                 for name, layer in passes.items():
                     try:
                         layer.end_pass(group)
@@ -140,12 +141,15 @@ class LayerPasses:
         self.eig: tuple[Tensor, Tensor] | None = None
         self.means: Tensor | None = None
 
+    def start(self, dim: int, device: torch.device) -> None:
+        """First-pass statistics of width ``dim``: counts and sums only."""
+        no_basis = torch.zeros(dim, 0, dtype=F64, device=device)
+        self.stats = ClassStats(self.num_classes, dim, basis=no_basis, device=device)
+
     def update(self, features: Tensor, labels: Tensor) -> None:
         """Add one batch: features (B, D), labels (B,)."""
         if self.stats is None:  # the first pass learns D from the first batch
-            dim = features.shape[1]
-            self.stats = ClassStats(self.num_classes, dim, basis=torch.zeros(dim, 0, dtype=F64,
-                                    device=labels.device), device=labels.device)
+            self.start(features.shape[1], labels.device)
         on_block = self.tally.add if self.tally is not None else None
         self.stats.update(features, labels, on_block=on_block)
 
@@ -245,6 +249,20 @@ def _sweep(model: nn.Module, data: Iterable, taps: LayerTaps, passes: dict[str, 
             if progress and time.monotonic() - shown > 5:
                 print(f"measure_model: {sweep} pass, {batches} batches", file=sys.stderr)
                 shown = time.monotonic()
+
+
+def _agree_on_widths(passes: dict[str, LayerPasses], device: torch.device,
+                     group: dist.ProcessGroup | None) -> None:
+    """A process whose shard was empty learns each layer's width from the others, so
+    that every process joins the same all_reduce calls."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    widths = torch.tensor([0 if p.stats is None else p.stats.dim for p in passes.values()],
+                          dtype=torch.int64, device=device)
+    dist.all_reduce(widths, op=dist.ReduceOp.MAX, group=group)
+    for layer, width in zip(passes.values(), widths.tolist(), strict=True):
+        if layer.stats is None and width > 0:
+            layer.start(width, device)
 
 
 def _to(inputs: object, device: torch.device) -> object:
