@@ -165,6 +165,9 @@ def measure_checkpoint(
     try:
         models.load_state_dict_compat(model, state)
     except CheckpointError as exc:
+        hint = _stem_hint(state, model)
+        if hint:
+            raise CheckpointError(f"{checkpoint} does not fit {arch}: {hint}") from None
         raise CheckpointError(f"{checkpoint} does not fit {arch} with {classes} classes "
                               f"and {data.in_channels} input channels: {exc}") from None
     from nctools.training.distributed import dist_from_env, process_group, rank_device
@@ -190,6 +193,15 @@ def measure_checkpoint(
                        class_means=means)
     except ValueError as exc:  # e.g. labels beyond --num-classes
         raise NctoolsError(f"measure --checkpoint {checkpoint}: {exc}") from None
+
+
+def _stem_hint(state, model) -> str:
+    """Which stem (``model.stem``) the checkpoint was trained with, when the model's differs."""
+    if not any(hasattr(model, name) for name in ("conv1", "features")):
+        return ""
+    from nctools.models.torchvision_nets import stem_hint
+
+    return stem_hint({k.removeprefix("module."): v for k, v in state.items()}, model)
 
 
 def _measure_shards(model, linear, data, split: str, batch_size: int, dev, info,

@@ -48,6 +48,9 @@ class ModelConfig:
     width: int = 32  # convnet: channels of the first block (doubles per block)
     depth: int = 40  # densenet: number of layers
     growth_rate: int = 12  # densenet: channels added per layer
+    # resnet/densenet first layers: auto (3x3 conv, no max-pool at <= 32 px, else ImageNet's)
+    # | imagenet (torchvision's 7x7 stride-2 conv + max-pool at any size) | small (3x3 always)
+    stem: str = "auto"
 
 
 @dataclass
@@ -97,6 +100,7 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 LOSSES = ("ce", "mse")
 SCHEDULES = ("multistep", "cosine", "constant")
 SNAPSHOT_DTYPES = ("float32", "float16")
+STEMS = ("auto", "imagenet", "small")  # model.stem
 SPLITS = ("train", "test")
 
 
@@ -257,6 +261,7 @@ def validate(cfg: Config) -> None:
     for name in ("width", "depth", "growth_rate"):
         value = getattr(model, name)
         _check(value >= 1, f"model.{name}", ">= 1", value)
+    _check(model.stem in STEMS, "model.stem", f"one of {', '.join(STEMS)}", model.stem)
     _check(train.epochs >= 1, "train.epochs", ">= 1", train.epochs)
     _check(train.batch_size >= 1, "train.batch_size", ">= 1", train.batch_size)
     _check(train.loss in LOSSES, "train.loss", f"one of {', '.join(LOSSES)}", train.loss)
