@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help=(
         "figure file, .png/.pdf/.svg (default: RUN/figures/collapse.png for one run, "
         "./collapse.png for several)"))
+    p.add_argument("--by", choices=("epoch", "layer"), default="epoch",
+                   help="x axis: epochs (collapse curves) or layers (depth, one run trained "
+                        "with snapshot.layers; default figure RUN/figures/layers.png)")
+    p.add_argument("--epochs", metavar="E,E,...",
+                   help="with --by layer: the epochs to draw (default: up to four)")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser(
@@ -232,6 +237,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from nctools.analysis.tables import analyze, read_table
 
     runs = [Path(r) for r in args.runs]
+    if args.by == "layer":
+        return _plot_by_layer(args, runs)
+    if args.epochs:
+        raise NctoolsError("--epochs goes with --by layer")
     if args.out:
         out = Path(args.out)
     else:
@@ -242,6 +251,27 @@ def cmd_plot(args: argparse.Namespace) -> int:
         csv = run / METRICS_FILE
         tables.append(read_table(csv) if csv.is_file() else analyze(run))
     print(f"wrote {plot_runs(tables, out)}")
+    return 0
+
+
+def _plot_by_layer(args: argparse.Namespace, runs: list[Path]) -> int:
+    from nctools.analysis.layer_plots import plot_layers
+    from nctools.analysis.plots import figure_format
+    from nctools.analysis.tables import analyze, read_table
+
+    if len(runs) != 1:
+        raise NctoolsError("plot --by layer: give one run")
+    out = Path(args.out) if args.out else runs[0] / FIGURES_DIR / "layers.png"
+    figure_format(out)
+    epochs = None
+    if args.epochs:
+        try:
+            epochs = [int(e) for e in args.epochs.split(",") if e.strip()]
+        except ValueError:
+            raise NctoolsError(f"--epochs {args.epochs!r}: give epochs as 1,10,30") from None
+    csv = runs[0] / METRICS_FILE
+    table = read_table(csv) if csv.is_file() else analyze(runs[0])
+    print(f"wrote {plot_layers(table, out, epochs)}")
     return 0
 
 

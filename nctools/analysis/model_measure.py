@@ -131,10 +131,14 @@ class LayerPasses:
         num_classes: C.
         weight: (C, D) float64 classifier rows, or None for a classifier-free layer.
         bias: (C,) float64 or None (zero).
+        ncc_means: (C, D) centres of the NCC rule from another split (METRICS.md, "On
+            other data"); default: these samples' own class means.
     """
 
-    def __init__(self, num_classes: int, weight: Tensor | None, bias: Tensor | None) -> None:
+    def __init__(self, num_classes: int, weight: Tensor | None, bias: Tensor | None,
+                 ncc_means: Tensor | None = None) -> None:
         self.num_classes, self.weight, self.bias = num_classes, weight, bias
+        self.ncc_means = ncc_means
         self.stats: ClassStats | None = None
         self.tally: DecisionTally | None = None
         self.second = False
@@ -178,10 +182,16 @@ class LayerPasses:
         # are discarded (only ncc_accuracy is reported)
         weight = self.weight if self.weight is not None else means.new_zeros(means.shape)
         bias = self.bias if self.bias is not None else means.new_zeros(self.num_classes)
-        self.tally = DecisionTally(weight, bias, means, reference, None, coords)
+        ncc = None if self.ncc_means is None else self.ncc_means.to(means.device, F64)
+        self.tally = DecisionTally(weight, bias, means, reference, ncc, coords)
         self.eig, self.means, self.second = (eigvals, eigvecs), means, True
         self.stats = ClassStats(self.num_classes, dim, shift=means, basis=basis,
                                 device=means.device)
+
+    def class_means(self) -> Tensor:
+        """(C, D) float64 class means (after the first pass)."""
+        assert self.means is not None
+        return self.means
 
     def result(self) -> dict[str, float]:
         """The full METRICS.md suite with a classifier, else ``CLASSIFIER_FREE_KEYS``."""
@@ -227,7 +237,7 @@ def _layer_names(model: nn.Module, layers: Sequence[str] | str | None,
         if layers != "blocks":
             raise ValueError(f"layers: give a list of module names or 'blocks', got {layers!r}")
         names = [n for n in top_level_blocks(model) if n != cls_name]
-        return names + ([cls_name] if cls_name is not None else [])
+        return names + ([cls_name] if cls_name is not None else [])  # its input: last
     names = list(layers)
     if not names or len(set(names)) != len(names):
         raise ValueError(f"layers: give distinct module names, got {names}")

@@ -79,6 +79,9 @@ class SnapshotConfig:
     epochs: str | list[int] = "log:30"  # all | log:K | [1, 2, 5, ...]
     splits: list[str] = field(default_factory=lambda: ["train", "test"])
     dtype: str = "float32"  # float32 | float16
+    # inner layers whose pooled outputs are saved beside the penultimate features (module
+    # names, e.g. [layer1, layer2], or "blocks": every block of the network); [] for none
+    layers: str | list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -283,4 +286,8 @@ def validate(cfg: Config) -> None:
     splits = snap.splits
     _check(bool(splits) and set(splits) <= set(SPLITS) and len(set(splits)) == len(splits),
            "snapshot.splits", "a non-empty list of distinct names from train, test", splits)
+    layers = snap.layers
+    _check(layers == "blocks" or (isinstance(layers, list) and len(set(layers)) == len(layers)
+                                  and all(name.strip() for name in layers)),
+           "snapshot.layers", "'blocks' or a list of distinct module names", layers)
     snapshot_schedule(snap.epochs, train.epochs)

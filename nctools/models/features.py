@@ -18,7 +18,6 @@ from nctools.data.splits import Split, iterate_batches
 from nctools.errors import DataError
 
 
-@torch.no_grad()
 def extract_features(
     model: nn.Module,
     split: Split,
@@ -26,6 +25,21 @@ def extract_features(
     device: str | torch.device,
     indices: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
+    """Penultimate features (N, D) and labels (N,) of a split: :func:`extract_split`
+    without inner layers."""
+    features, labels, _ = extract_split(model, split, batch_size, device, indices)
+    return features, labels
+
+
+@torch.no_grad()
+def extract_split(
+    model: nn.Module,
+    split: Split,
+    batch_size: int,
+    device: str | torch.device,
+    indices: Tensor | None = None,
+    layers: list[str] | tuple[str, ...] = (),
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Run ``model.features`` over a full split in eval mode, without augmentation.
 
     The collapse metrics (Papyan, Han & Donoho, PNAS 2020) are defined on the features of
@@ -42,31 +56,39 @@ def extract_features(
         device: where the forward passes run.
         indices: (n,) the rows to extract, in this order (default: all N). Under torchrun
             each rank passes its own contiguous rows; they may be none (n = 0).
+        layers: inner modules whose outputs are captured in the same pass
+            (:class:`LayerTaps`, globally average-pooled), for layer-wise collapse.
 
     Returns:
         features: (N, D) float32 on the CPU; labels: (N,) int64 on the CPU, in split order
-        (``(n, D)`` and ``(n,)`` in the order of ``indices``).
+        (``(n, D)`` and ``(n,)`` in the order of ``indices``); ``{layer: (N, D_layer)}``
+        float32 on the CPU (``(0, 0)`` for a rank without rows).
     """
     device = torch.device(device)
     if indices is None:
         indices = torch.arange(len(split.labels))
     elif indices.numel() == 0:  # a rank without rows still writes its (empty) shard
         dim = model.classifier.in_features
-        return torch.zeros(0, dim), torch.zeros(0, dtype=torch.long)
+        empty = {name: torch.zeros(0, 0) for name in layers}
+        return torch.zeros(0, dim), torch.zeros(0, dtype=torch.long), empty
     was_training = model.training
     model.eval()
     feats: list[Tensor] = []
     labels: list[Tensor] = []
+    inner: dict[str, list[Tensor]] = {name: [] for name in layers}
     try:
-        for x, y in iterate_batches(split, indices, batch_size, augment=False):
-            out = model.features(x.to(device, non_blocking=True))
-            feats.append(out.float().cpu())
-            labels.append(y.cpu())
+        with LayerTaps(model, list(layers)) as taps:
+            for x, y in iterate_batches(split, indices, batch_size, augment=False):
+                out = model.features(x.to(device, non_blocking=True))
+                feats.append(out.float().cpu())
+                labels.append(y.cpu())
+                for name, value in (taps.pop() if layers else {}).items():
+                    inner[name].append(value.cpu())
     finally:
         model.train(was_training)
     if not feats:
         raise DataError("extract_features: the split is empty (N = 0)")
-    return torch.cat(feats), torch.cat(labels).long()
+    return torch.cat(feats), torch.cat(labels).long(), {k: torch.cat(v) for k, v in inner.items()}
 
 
 # --------------------------------------------------------------------- hooks by layer name
@@ -89,13 +111,38 @@ def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
 
 
 def top_level_blocks(model: nn.Module) -> list[str]:
-    """Names of every top-level child that holds parameters (``layers="blocks"``).
+    """The network's blocks in depth order (``layers="blocks"``), its classifier included.
 
-    Parameter-free children (ReLU, pools, flatten, dropout) are skipped: their output
-    is a block's output transformed, not a stage of the network.
+    A network that names its own (a ``block_names`` attribute, as nctools' ConvNet and
+    ResNets do) gets those; otherwise every top-level child that holds parameters,
+    descending into a lone such child (a network that is one Sequential trunk and a
+    head). Parameter-free children (ReLU, pools, flatten, dropout) are skipped: their
+    output is a block's output transformed, not a stage of the network.
     """
-    return [name for name, child in model.named_children()
-            if any(True for _ in child.parameters())]
+    named = getattr(model, "block_names", None)
+    if named is not None:
+        return list(named)
+    prefix, module = "", model
+    while True:
+        children = [(name, child) for name, child in module.named_children()
+                    if any(True for _ in child.parameters())]
+        if len(children) != 1 or not any(True for _ in children[0][1].children()):
+            return [prefix + name for name, _ in children]
+        prefix, module = prefix + children[0][0] + ".", children[0][1]
+
+
+def resolve_layers(model: nn.Module, layers: str | list[str] | tuple[str, ...]) -> list[str]:
+    """``"blocks"`` -> the blocks before the classifier; a list stays as given (checked).
+
+    Raises ValueError naming an unknown module, with the network's top-level modules.
+    """
+    if isinstance(layers, str):
+        if layers != "blocks":
+            raise ValueError(f"layers: give module names or 'blocks', got {layers!r}")
+        classifier = last_linear(model)[0]
+        return [name for name in top_level_blocks(model) if name != classifier]
+    LayerTaps(model, list(layers))  # checks the names
+    return list(layers)
 
 
 def pool_activation(x: Tensor, pool: str) -> Tensor:

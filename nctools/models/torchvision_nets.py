@@ -96,6 +96,8 @@ class CifarResNet(ResNet):
         elif in_channels != 3:
             self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
         nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+        # ``blocks``: layer4's pooled output is the penultimate features (saved anyway)
+        self.block_names = ("layer1", "layer2", "layer3")
         self.classifier = self.fc
         del self.fc  # one name for the last layer, so state_dict keys say `classifier`
 
