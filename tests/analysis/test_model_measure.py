@@ -90,3 +90,41 @@ def test_blocks_default_and_bad_layer():
         nctools.measure_model(model, data, layers=["nope"])
     with pytest.raises(ValueError, match="pool"):
         nctools.measure_model(model, data, pool="max")
+
+
+PEAK_SCRIPT = """
+import resource, torch
+import nctools
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                          torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4))
+
+class Stream:  # batches made on demand, the same on each pass, never all in memory
+    def __init__(self, n):
+        self.n = n
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(1)
+        for start in range(0, self.n, 1000):
+            y = torch.arange(start, start + 1000) % 4
+            yield y[:, None, None, None] + torch.randn(1000, 3, 8, 8, generator=gen), y
+
+for n in (2_000, 40_000):
+    # layer "0" flattened: 8 x 8 x 8 = 512 values a sample, 78 MiB at n = 40,000 if kept
+    result = nctools.measure_model(net, Stream(n), layers=["0", "4"], pool="flatten")
+    assert result["4"]["nc1"] > 0
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # peak so far, MiB
+"""
+
+
+def test_peak_memory_does_not_grow_with_n():
+    """Two streaming passes over 2,000 then 40,000 samples: the peak RSS stays put."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT], env=env, check=True,
+                         capture_output=True, text=True, timeout=120)
+    small, large = (float(v) for v in out.stdout.split())
+    # holding the 40,000 flattened activations alone would add 78 MiB
+    assert large - small < 16, (small, large)
