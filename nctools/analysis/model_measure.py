@@ -56,6 +56,7 @@ def measure_model(
     num_classes: int | None = None,
     group: dist.ProcessGroup | None = None,
     progress: bool = False,
+    reference: Iterable[tuple[Tensor, Tensor]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Neural-collapse metrics (Papyan, Han & Donoho, PNAS 2020) of ``model`` at named layers.
 
@@ -77,6 +78,9 @@ def measure_model(
         num_classes: C, needed only when the model has no ``nn.Linear`` classifier.
         group: process group for the all_reduce under torch.distributed.
         progress: report batches done to stderr once every few seconds.
+        reference: batches of another split (e.g. the training set) whose class means the
+            nearest-class-centre rule uses (METRICS.md, "On other data"), at every layer;
+            one more forward sweep. Default: ``data``'s own class means.
 
     Returns:
         ``{layer: {metric: value}}`` in the order of ``layers``.
@@ -101,13 +105,23 @@ def measure_model(
         weight = linear.weight.detach().to(device=device, dtype=F64)
         if linear.bias is not None:
             bias = linear.bias.detach().to(device=device, dtype=F64)
-    passes = {name: LayerPasses(classes, weight if name == input_of else None, bias)
-              for name in names}
-
     was_training = model.training
     model.eval()
     try:
         with LayerTaps(model, names, input_of=input_of, pool=pool) as taps:
+            centres: dict[str, Tensor | None] = dict.fromkeys(names)
+            if reference is not None:  # class means of the reference split: pass 1 only
+                means = {name: LayerPasses(classes, None, None) for name in names}
+                _sweep(model, reference, taps, means, "reference", device, progress)
+                _agree_on_widths(means, device, group)
+                for name, layer in means.items():
+                    try:
+                        layer.end_pass(group)
+                    except ValueError as exc:
+                        raise ValueError(f"reference, layer {name!r}: {exc}") from None
+                    centres[name] = layer.class_means()
+            passes = {name: LayerPasses(classes, weight if name == input_of else None, bias,
+                                        ncc_means=centres[name]) for name in names}
             for sweep in ("first", "second"):
                 _sweep(model, data, taps, passes, sweep, device, progress)
                 _agree_on_widths(passes, device, group)

@@ -314,8 +314,10 @@ def measure_network(
     ``spec`` and ``weights`` as in :mod:`nctools.models.zoo`. ``dataset`` is a data set
     name (nctools' own preprocessing, then ``overrides``, as for ``--arch``) or
     ``folder:PATH`` (an ImageFolder read through the network's own evaluation transform).
-    Layers as in :func:`nctools.analysis.model_measure.measure_model`; under torchrun
-    each rank measures its contiguous rows and every rank gets the union's metrics.
+    Layers as in :func:`nctools.analysis.model_measure.measure_model`; on the test split
+    the nearest-class-centre rule uses the training class means (METRICS.md, "On other
+    data"). Under torchrun each rank measures its contiguous rows and every rank gets the
+    union's metrics.
     """
     from nctools.analysis.model_measure import measure_model
     from nctools.config.schema import DataConfig, ModelConfig
@@ -346,12 +348,17 @@ def measure_network(
     info = distributed.dist_from_env()
     dev = distributed.rank_device(_device(device), info, key="--device")
     model.to(dev)
-    part = getattr(data, split)
-    rows = distributed.shard_rows(len(part.labels), batch_size, info) if info.distributed else None
+    def batches(name: str) -> _Batches:  # this rank's rows of a split
+        part = getattr(data, name)
+        rows = distributed.shard_rows(len(part.labels), batch_size, info)
+        return _Batches(part, batch_size, rows if info.distributed else None)
+
+    # on the test split NC4's centres are the training class means (METRICS.md)
+    reference = batches("train") if split == "test" else None
     try:
         with distributed.process_group(info, dev):
-            return measure_model(model, _Batches(part, batch_size, rows), layers=layers,
-                                 pool=pool, device=dev, progress=True)
+            return measure_model(model, batches(split), layers=layers, pool=pool,
+                                 device=dev, progress=True, reference=reference)
     except ValueError as exc:
         raise NctoolsError(f"measure --model {spec}: {exc}") from None
     except RuntimeError as exc:  # the network refuses the images (channels, size)

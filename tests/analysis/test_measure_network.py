@@ -113,3 +113,22 @@ def test_torchvision_spec_and_bad_inputs(capsys, tmp_path):
     assert err.startswith(f"nctools: error: --weights {bad}: ") and "missing keys" in err
     assert main(["measure", "--arch", "convnet", *DATA, "--layers", "a"]) == 2
     assert "--layers goes with --model" in capsys.readouterr().err
+
+
+def test_test_split_uses_training_means(capsys):
+    data = synthetic()
+    net = make_net(num_classes=3, in_channels=1)
+    got = run_json(capsys, "--model", "tests.helpers:make_net", *DATA, "--layers", "block2,head",
+                   "--split", "test")
+    train_h = hooked(net, data.train.images, "head", True)
+    test_h = hooked(net, data.test.images, "head", True)
+    means = torch.stack([train_h[data.train.labels == c].mean(0) for c in range(3)])
+    expected = measure(test_h, data.test.labels, net.head.weight.detach(),
+                       net.head.bias.detach(), class_means=means)
+    for key in METRIC_KEYS:
+        assert got["head"][key] == pytest.approx(expected[key], rel=1e-8, abs=1e-12), key
+    # block2's pooled output is the head's input: the same NCC decisions with train means
+    assert got["block2"]["ncc_accuracy"] == pytest.approx(expected["ncc_accuracy"], abs=1e-15)
+    nearest = torch.cdist(test_h, means).argmin(1)
+    assert expected["ncc_accuracy"] == pytest.approx(
+        float((nearest == data.test.labels).double().mean()), abs=1e-15)
