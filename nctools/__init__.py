@@ -4,6 +4,7 @@ Public API (stable names)::
 
     nctools.measure(features, labels, weight, bias=None, num_classes=None) -> dict
     nctools.ClassStats(num_classes, dim)
+    nctools.measure_model(model, data, layers=None) -> {layer: dict}
     nctools.analyze(run_dir) -> pandas.DataFrame
     nctools.load_config(path, overrides=()) -> Config
     nctools.train(config, out_dir) -> Path
@@ -26,6 +27,7 @@ __version__ = "0.2.0"
 _PUBLIC = {
     "measure": "nctools.metrics.measure",
     "measure_chunks": "nctools.metrics.measure",
+    "measure_model": "nctools.analysis.model_measure",
     "ClassStats": "nctools.metrics.stats",
     "analyze": "nctools.analysis.tables",
     "load_config": "nctools.config.schema",
@@ -33,10 +35,12 @@ _PUBLIC = {
 }
 
 __all__ = [
-    "ClassStats", "__version__", "analyze", "load_config", "measure", "measure_chunks", "train",
+    "ClassStats", "__version__", "analyze", "load_config", "measure", "measure_chunks",
+    "measure_model", "train",
 ]  # fmt: skip
 
 if TYPE_CHECKING:
+    from nctools.analysis.model_measure import measure_model
     from nctools.analysis.tables import analyze
     from nctools.config.schema import load_config
     from nctools.metrics.measure import measure, measure_chunks

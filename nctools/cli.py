@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help=(
         "figure file, .png/.pdf/.svg (default: RUN/figures/collapse.png for one run, "
         "./collapse.png for several)"))
+    p.add_argument("--by", choices=("epoch", "layer"), default="epoch",
+                   help="x axis: epochs (collapse curves) or layers (depth, one run trained "
+                        "with snapshot.layers; default figure RUN/figures/layers.png)")
+    p.add_argument("--epochs", metavar="E,E,...",
+                   help="with --by layer: the epochs to draw (default: up to four)")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser(
@@ -123,12 +128,24 @@ def build_parser() -> argparse.ArgumentParser:
             "--dataset cifar10 --split test --json",
             "nctools measure --arch convnet --checkpoint model.pt --dataset mnist5k "
             "--set model.width=16 --set data.samples_per_class=50",
+            "nctools measure --model timm:resnet18 --weights ft.safetensors "
+            "--dataset folder:~/imgs --num-classes 10 --layers blocks --csv",
         ),
     )
-    p.add_argument("--arch", required=True, help="network architecture, e.g. resnet18")
-    p.add_argument("--checkpoint", required=True, metavar="FILE",
-                   help="nctools checkpoint.pt or a plain state_dict (torchvision names too)")
-    p.add_argument("--dataset", required=True, help="data set name, e.g. cifar10")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--arch", help="an nctools network architecture, e.g. resnet18")
+    which.add_argument("--model", metavar="SPEC",
+                       help="timm:NAME, torchvision:NAME, hf:PATH or package.module:factory")
+    p.add_argument("--checkpoint", metavar="FILE",
+                   help="with --arch: nctools checkpoint.pt or a plain state_dict")
+    p.add_argument("--weights", metavar="FILE",
+                   help="with --model: state_dict .pt, .safetensors or Lightning checkpoint")
+    p.add_argument("--layers", metavar="A,B,C",
+                   help="with --model: module names, or 'blocks' (every top-level block); "
+                        "default: the input of the last nn.Linear")  # fmt: skip
+    p.add_argument("--csv", action="store_true", help="with --model: print one CSV row per layer")
+    p.add_argument("--dataset", required=True,
+                   help="data set name, e.g. cifar10, or folder:PATH (an ImageFolder)")
     p.add_argument("--split", choices=("train", "test"), default="train")
     p.add_argument("--layer", metavar="NAME",
                    help="the nn.Linear whose input are the features (default: the last one)")
@@ -216,6 +233,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     _check_out(args.out, "FILE")
     runs = [Path(r) for r in args.runs]
+    if args.by == "layer":
+        return _plot_by_layer(args, runs)
+    if args.epochs:
+        raise NctoolsError("--epochs goes with --by layer")
     if args.out:
         out = Path(args.out)
     else:
@@ -232,6 +253,27 @@ def cmd_plot(args: argparse.Namespace) -> int:
         if names.count(names[i]) > 1 and "run" in tables[i]:
             tables[i] = tables[i].assign(run=str(run))
     print(f"wrote {plot_runs(tables, out)}")
+    return 0
+
+
+def _plot_by_layer(args: argparse.Namespace, runs: list[Path]) -> int:
+    from nctools.analysis.layer_plots import plot_layers
+    from nctools.analysis.plots import figure_format
+    from nctools.analysis.tables import analyze, read_table
+
+    if len(runs) != 1:
+        raise NctoolsError("plot --by layer: give one run")
+    out = Path(args.out) if args.out else runs[0] / FIGURES_DIR / "layers.png"
+    figure_format(out)
+    epochs = None
+    if args.epochs:
+        try:
+            epochs = [int(e) for e in args.epochs.split(",") if e.strip()]
+        except ValueError:
+            raise NctoolsError(f"--epochs {args.epochs!r}: give epochs as 1,10,30") from None
+    csv = runs[0] / METRICS_FILE
+    table = read_table(csv) if csv.is_file() else analyze(runs[0])
+    print(f"wrote {plot_layers(table, out, epochs)}")
     return 0
 
 
@@ -269,6 +311,13 @@ def cmd_measure(args: argparse.Namespace) -> int:
     from nctools.analysis.saved_model import measure_checkpoint
     from nctools.training.distributed import dist_from_env
 
+    if args.model is not None:
+        return _measure_network(args)
+    for flag in ("weights", "layers", "csv"):
+        if getattr(args, flag):
+            raise NctoolsError(f"--{flag} goes with --model, not --arch")
+    if args.checkpoint is None:
+        raise NctoolsError("--arch needs --checkpoint FILE")
     result = measure_checkpoint(
         arch=args.arch, checkpoint=args.checkpoint, dataset=args.dataset, split=args.split,
         layer=args.layer, num_classes=args.num_classes, data_root=args.data_root,
@@ -283,6 +332,42 @@ def cmd_measure(args: argparse.Namespace) -> int:
     else:
         width = max(len(k) for k in result)
         print("\n".join(f"{k:<{width}}  {v:.6g}" for k, v in result.items()))
+    return 0
+
+
+def _measure_network(args: argparse.Namespace) -> int:
+    """``measure --model``: one row per layer (text table, ``--json`` or ``--csv``)."""
+    from nctools.analysis.saved_model import measure_network, parse_layers
+    from nctools.training.distributed import dist_from_env
+
+    if args.checkpoint is not None:
+        raise NctoolsError("--checkpoint goes with --arch; give --model's weights as --weights")
+    if args.json and args.csv:
+        raise NctoolsError("--json and --csv: choose one")
+    result = measure_network(
+        args.model, args.dataset, weights=args.weights, split=args.split,
+        layers=parse_layers(args.layers), num_classes=args.num_classes,
+        data_root=args.data_root, batch_size=args.batch_size, device=args.device,
+        overrides=args.overrides,
+    )
+    if not dist_from_env().is_main:
+        return 0
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    rows = sorted(result.values(), key=len, reverse=True)  # the full suite's order first
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    if args.csv:
+        print(",".join(["layer", *columns]))
+        for layer, row in result.items():
+            print(",".join([layer, *(repr(row[k]) if k in row else "" for k in columns)]))
+        return 0
+    width = max(len("layer"), *(len(layer) for layer in result))
+    cells = [[f"{row[k]:.4g}" if k in row else "-" for k in columns] for row in result.values()]
+    sizes = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(columns)]
+    for name, row in [("layer", columns), *zip(result, cells, strict=True)]:
+        padded = (f"{c:>{n}}" for c, n in zip(row, sizes, strict=True))
+        print("  ".join([f"{name:<{width}}", *padded]))
     return 0
 
 

@@ -216,8 +216,12 @@ CASES: dict[str, Case] = {
     "no command": Case((), "the following arguments are required: COMMAND"),
     "analyze without RUN": Case(("analyze",), "the following arguments are required: RUN"),
     "measure without files": Case(("measure", "--arch", "convnet"),
-                                  "the following arguments are required: --checkpoint, "
-                                  "--dataset"),
+                                  "the following arguments are required: --dataset"),
+    "measure --arch without --checkpoint": Case(
+        ("measure", "--arch", "convnet", "--dataset", "mnist5k"), "--arch needs --checkpoint FILE"
+    ),
+    "measure without a network": Case(("measure", "--dataset", "mnist5k"),
+                                      "one of the arguments --arch --model is required"),
     "unknown option": Case(("analyze", "{tmp}/run", "--fast"),
                            "unrecognized arguments: --fast"),
     "not an int": Case((*MEASURE, "{tmp}/run/checkpoint.pt", "--batch-size", "abc"),

@@ -147,7 +147,11 @@ def collapse_figure(
     ``tables``: metrics tables (DataFrames or ``metrics.csv`` paths) in the long format of
     :func:`nctools.analysis.analyze`; several runs may share one table (``run`` column).
     """
-    runs = _runs(tables)
+    from nctools.analysis.tables import PENULTIMATE
+
+    # inner layers (snapshot.layers) are drawn against depth (layer_plots), not here
+    runs = [(label, rows[rows["layer"] == PENULTIMATE] if "layer" in rows.columns else rows)
+            for label, rows in _runs(tables)]
     if not runs:
         raise NctoolsError("nothing to plot: the metrics tables are empty")
     colors = [matplotlib.colormaps["tab10"](i % 10) for i in range(len(runs))]

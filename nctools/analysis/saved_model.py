@@ -175,6 +175,9 @@ def measure_checkpoint(
     try:
         models.load_state_dict_compat(model, state)
     except CheckpointError as exc:
+        hint = _stem_hint(state, model)
+        if hint:
+            raise CheckpointError(f"{checkpoint} does not fit {arch}: {hint}") from None
         raise CheckpointError(f"{checkpoint} does not fit {arch} with {classes} classes "
                               f"and {data.in_channels} input channels: {exc}") from None
     from nctools.training.distributed import dist_from_env, process_group, rank_device
@@ -200,6 +203,15 @@ def measure_checkpoint(
                        class_means=means)
     except ValueError as exc:  # e.g. labels beyond --num-classes
         raise NctoolsError(f"measure --checkpoint {checkpoint}: {exc}") from None
+
+
+def _stem_hint(state, model) -> str:
+    """Which stem (``model.stem``) the checkpoint was trained with, when the model's differs."""
+    if not any(hasattr(model, name) for name in ("conv1", "features")):
+        return ""
+    from nctools.models.torchvision_nets import stem_hint
+
+    return stem_hint({k.removeprefix("module."): v for k, v in state.items()}, model)
 
 
 def _measure_shards(model, linear, data, split: str, batch_size: int, dev, info,
@@ -232,3 +244,136 @@ def _measure_shards(model, linear, data, split: str, batch_size: int, dev, info,
         return result
     except ValueError as exc:
         raise NctoolsError(f"measure --checkpoint {checkpoint}: {exc}") from None
+
+
+# ------------------------------------------------------------- any network, any layer
+FOLDER_PREFIX = "folder:"
+
+
+class _Batches:
+    """A re-iterable of one split's batches in order (``measure_model`` reads it twice)."""
+
+    def __init__(self, split, batch_size: int, rows: range | None = None) -> None:
+        import torch
+
+        self.split, self.batch_size = split, batch_size
+        rows = range(len(split.labels)) if rows is None else rows
+        self.indices = torch.arange(rows.start, rows.stop)
+
+    def __iter__(self):
+        from nctools.data.splits import iterate_batches
+
+        return iterate_batches(self.split, self.indices, self.batch_size)
+
+
+def parse_layers(text: str | None) -> list[str] | str | None:
+    """``--layers a,b,c`` -> ["a", "b", "c"]; ``blocks`` stays the word; None stays None."""
+    if text is None or text.strip() == "blocks":
+        return None if text is None else "blocks"
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ConfigError(f"--layers {text!r}: give module names separated by commas, or blocks")
+    return names
+
+
+def image_folder(path: str, transform):
+    """``folder:PATH`` as a Dataset: PATH/train and PATH/val (or test), else PATH for both.
+
+    Images go through ``transform`` (the network's own evaluation transform), read lazily.
+    """
+    import torch
+    from torchvision import datasets, transforms
+
+    from nctools.data.splits import Dataset, Split
+    from nctools.data.torchvision_sets import IMAGENET_MEAN, IMAGENET_STD
+    from nctools.errors import DataError
+
+    if transform is None:  # a network without its own transform: ImageNet's evaluation
+        transform = transforms.Compose([
+            transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ])  # fmt: skip
+    root = Path(path).expanduser()
+    train_dir = root / "train"
+    test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), train_dir)
+    if not train_dir.is_dir():
+        train_dir = test_dir = root
+    splits = []
+    for folder in (train_dir, test_dir):
+        try:
+            data = datasets.ImageFolder(str(folder), transform=transform)
+        except (FileNotFoundError, OSError, RuntimeError) as exc:
+            raise DataError(
+                f"--dataset folder:{path}: no class folders of images ({exc})"
+            ) from None
+        splits.append(Split(data, torch.as_tensor(data.targets, dtype=torch.long)))
+    first = splits[0].images
+    image = first[0][0]
+    return Dataset(f"folder:{path}", splits[0], splits[1], num_classes=len(first.classes),
+                   in_channels=int(image.shape[0]), image_size=int(image.shape[-1]))
+
+
+def measure_network(
+    spec: str, dataset: str, weights: str | Path | None = None, split: str = "train",
+    layers: Sequence[str] | str | None = None, num_classes: int | None = None,
+    data_root: str | None = None, batch_size: int = 256, device: str = "auto",
+    overrides: Sequence[str] = (), pool: str = "avg",
+) -> dict[str, dict[str, float]]:
+    """Metrics of a zoo or user network (``--model SPEC``) at ``layers`` on ``split``.
+
+    ``spec`` and ``weights`` as in :mod:`nctools.models.zoo`. ``dataset`` is a data set
+    name (nctools' own preprocessing, then ``overrides``, as for ``--arch``) or
+    ``folder:PATH`` (an ImageFolder read through the network's own evaluation transform).
+    Layers as in :func:`nctools.analysis.model_measure.measure_model`; on the test split
+    the nearest-class-centre rule uses the training class means (METRICS.md, "On other
+    data"). Under torchrun each rank measures its contiguous rows and every rank gets the
+    union's metrics.
+    """
+    from nctools.analysis.model_measure import measure_model
+    from nctools.config.schema import DataConfig, ModelConfig
+    from nctools.data.sets import load_dataset
+    from nctools.models import zoo
+    from nctools.training import distributed
+
+    folder = dataset.startswith(FOLDER_PREFIX)
+    model = None
+    if folder:  # the network first: its transform decides the pixels
+        if num_classes is None:
+            raise ConfigError("--num-classes: needed with --dataset folder:PATH")
+        model = zoo.build_from_spec(spec, num_classes, 3)
+        data = image_folder(dataset[len(FOLDER_PREFIX):], zoo.eval_transform(model, spec))
+    else:
+        data_cfg, seed = DataConfig(dataset=dataset), 0
+        if overrides:
+            data_cfg, _, seed = _override(data_cfg, ModelConfig(), seed, overrides)
+        if data_root is not None:
+            data_cfg.root = data_root
+        try:
+            data = load_dataset(data_cfg, seed=seed)
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace("data.dataset", "--dataset")) from None
+        model = zoo.build_from_spec(spec, num_classes or data.num_classes, data.in_channels)
+    if weights is not None:
+        zoo.load_weights(model, weights)
+    info = distributed.dist_from_env()
+    dev = distributed.rank_device(_device(device), info, key="--device")
+    model.to(dev)
+    def batches(name: str) -> _Batches:  # this rank's rows of a split
+        part = getattr(data, name)
+        rows = distributed.shard_rows(len(part.labels), batch_size, info)
+        return _Batches(part, batch_size, rows if info.distributed else None)
+
+    # on the test split NC4's centres are the training class means (METRICS.md)
+    reference = batches("train") if split == "test" else None
+    try:
+        with distributed.process_group(info, dev):
+            return measure_model(model, batches(split), layers=layers, pool=pool,
+                                 device=dev, progress=True, reference=reference)
+    except ValueError as exc:
+        raise NctoolsError(f"measure --model {spec}: {exc}") from None
+    except RuntimeError as exc:  # the network refuses the images (channels, size)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NctoolsError(
+            f"measure --model {spec}: the network fails on {dataset}'s images of "
+            f"{data.in_channels} channel(s), {data.image_size} px: {first}"
+        ) from None

@@ -34,7 +34,8 @@ from nctools.runs.layout import CONFIG_FILE, MANIFEST_FILE, METRICS_FILE
 
 IN_MEMORY_BYTES = 128 * 2**20  # a split up to this size is read once and measured in memory
 
-KEY_COLUMNS = ["run", "dataset", "arch", "epoch", "split", "metric", "value"]
+KEY_COLUMNS = ["run", "dataset", "arch", "epoch", "split", "layer", "metric", "value"]
+PENULTIMATE = "features"  # the `layer` of the penultimate features (the classifier's input)
 # the history columns each metrics row carries (the epoch is a key column already)
 HISTORY_COLUMNS = [c for c in store.HISTORY_COLUMNS if c not in ("epoch", "seconds")]
 COLUMNS = [*KEY_COLUMNS, *HISTORY_COLUMNS, "tpt_onset_epoch"]
@@ -211,12 +212,39 @@ def measure_snapshot(run_dir: Path, epoch: int, chunk_rows: int | None = None) -
                                 f"cannot be measured ({exc})") from None
         if split == "train":
             train_means = split_means
-        rows += [{"split": split, "metric": key, "value": values[key]} for key in METRIC_KEYS]
+        rows += [{"split": split, "layer": PENULTIMATE, "metric": key, "value": values[key]}
+                 for key in METRIC_KEYS]
+    rows = _inner_layer_rows(run_dir, epoch, meta, stream_rows) + rows
     # A resumed run rewrites the snapshots past its checkpoint; if that happened while the
     # files streamed unhashed, the numbers could mix two versions of the snapshot.
     if snapshots.read_meta(run_dir, epoch)["files"] != meta["files"]:
         raise SnapshotError(f"{snapshots.snapshot_dir(run_dir, epoch)}: rewritten while it was "
                             "measured (a resumed run?); analyze again")
+    return rows
+
+
+def _inner_layer_rows(run_dir: Path, epoch: int, meta: dict, chunk_rows: int) -> list[dict]:
+    """Classifier-free metrics of each inner layer the snapshot holds (``snapshot.layers``),
+    in depth order; on the test split NC4's centres are the train split's class means."""
+    from nctools.analysis.model_measure import CLASSIFIER_FREE_KEYS, LayerPasses
+
+    num_classes = meta["num_classes"]
+    rows = []
+    for layer in snapshots.snapshot_layers(meta):
+        train_means = None
+        for split in snapshot_splits(run_dir, epoch):
+            passes = LayerPasses(num_classes, None, None,
+                                 ncc_means=train_means if split != "train" else None)
+            for verify in (True, False):  # hash the files on the first pass only
+                for feats, labels in snapshots.iter_split(run_dir, epoch, split, chunk_rows,
+                                                          verify=verify, layer=layer):
+                    passes.update(feats, labels)
+                passes.end_pass()
+            values = passes.result()
+            if split == "train":
+                train_means = passes.class_means()
+            rows += [{"split": split, "layer": layer, "metric": key, "value": values[key]}
+                     for key in CLASSIFIER_FREE_KEYS]
     return rows
 
 
@@ -236,6 +264,8 @@ def read_table(path: str | Path) -> pd.DataFrame:
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise RunError(f"{path}: not a metrics table ({type(exc).__name__}: {exc}); "
                        "delete it and run `nctools analyze` again") from None
+    if "layer" not in table.columns:  # written before layer-wise collapse: all penultimate
+        table.insert(table.columns.get_loc("metric"), "layer", PENULTIMATE)
     missing = set(KEY_COLUMNS) - set(table.columns)
     if missing:
         raise RunError(f"{path}: not a metrics table (lacks {sorted(missing)}); delete it")
@@ -263,8 +293,10 @@ def _join_history(run_dir: Path, table: pd.DataFrame) -> pd.DataFrame:
     table["tpt_onset_epoch"] = _tpt_onset(run_dir, history)
     rank = {"split": {s: i for i, s in enumerate(SPLIT_ORDER)},
             "metric": {m: i for i, m in enumerate(METRIC_KEYS)}}
+    # layers keep the order they were measured in (depth, the penultimate last)
+    rank["layer"] = {name: i for i, name in enumerate(pd.unique(table["layer"]))}
     table = table.sort_values(
-        ["epoch", "split", "metric"],
+        ["epoch", "split", "layer", "metric"],
         key=lambda col: col.map(rank[col.name]).fillna(len(rank[col.name]))
         if col.name in rank else col,
         kind="stable",

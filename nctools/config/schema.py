@@ -48,6 +48,9 @@ class ModelConfig:
     width: int = 32  # convnet: channels of the first block (doubles per block)
     depth: int = 40  # densenet: number of layers
     growth_rate: int = 12  # densenet: channels added per layer
+    # resnet/densenet first layers: auto (3x3 conv, no max-pool at <= 32 px, else ImageNet's)
+    # | imagenet (torchvision's 7x7 stride-2 conv + max-pool at any size) | small (3x3 always)
+    stem: str = "auto"
 
 
 @dataclass
@@ -76,6 +79,9 @@ class SnapshotConfig:
     epochs: str | list[int] = "log:30"  # all | log:K | [1, 2, 5, ...]
     splits: list[str] = field(default_factory=lambda: ["train", "test"])
     dtype: str = "float32"  # float32 | float16
+    # inner layers whose pooled outputs are saved beside the penultimate features (module
+    # names, e.g. [layer1, layer2], or "blocks": every block of the network); [] for none
+    layers: str | list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -97,6 +103,7 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 LOSSES = ("ce", "mse")
 SCHEDULES = ("multistep", "cosine", "constant")
 SNAPSHOT_DTYPES = ("float32", "float16")
+STEMS = ("auto", "imagenet", "small")  # model.stem
 SPLITS = ("train", "test")
 MAX_SEED = 2**32 - 1
 MAX_EPOCHS = 1_000_000  # the schedule, history and manifest hold one entry per epoch
@@ -264,6 +271,7 @@ def validate(cfg: Config) -> None:
     for name in ("width", "depth", "growth_rate"):
         value = getattr(model, name)
         _check(value >= 1, f"model.{name}", ">= 1", value)
+    _check(model.stem in STEMS, "model.stem", f"one of {', '.join(STEMS)}", model.stem)
     _check(train.epochs >= 1, "train.epochs", ">= 1", train.epochs)
     _check(train.epochs <= MAX_EPOCHS, "train.epochs", f"<= {MAX_EPOCHS}", train.epochs)
     _check(train.batch_size >= 1, "train.batch_size", ">= 1", train.batch_size)
@@ -286,4 +294,8 @@ def validate(cfg: Config) -> None:
     splits = snap.splits
     _check(bool(splits) and set(splits) <= set(SPLITS) and len(set(splits)) == len(splits),
            "snapshot.splits", "a non-empty list of distinct names from train, test", splits)
+    layers = snap.layers
+    _check(layers == "blocks" or (isinstance(layers, list) and len(set(layers)) == len(layers)
+                                  and all(name.strip() for name in layers)),
+           "snapshot.layers", "'blocks' or a list of distinct module names", layers)
     snapshot_schedule(snap.epochs, train.epochs)

@@ -95,6 +95,9 @@ class ConvNet(nn.Module):
             c_in = c_out
         self.body = nn.Sequential(*blocks)
         self.classifier = nn.Linear(c_in, num_classes)
+        # ``snapshot.layers: blocks``: each conv-BN-ReLU-maxpool block's output but the
+        # last, whose pooled output is the penultimate features themselves (saved anyway)
+        self.block_names = ("body.3", "body.7")
 
     def features(self, x: Tensor) -> Tensor:
         """x: (B, C_in, H, W) -> (B, 4 width)."""

@@ -8,7 +8,9 @@ Kept apart so that importing nctools does not import torchvision (about 2 s): on
 that builds one of these networks pays for it. Each keeps torchvision's state_dict keys,
 with the last layer named ``classifier``; for images of 32 px or less the ImageNet stem
 (7x7 stride-2 conv + max-pool) becomes a 3x3 stride-1 conv, as in the CIFAR variants used
-by Papyan, Han & Donoho (PNAS 2020).
+by Papyan, Han & Donoho (PNAS 2020), unless ``model.stem`` says otherwise (``imagenet``
+keeps torchvision's stem at any size, so stock torchvision checkpoints load; ``small``
+takes the 3x3 stem at any size).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torchvision.models.densenet import DenseNet
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.models.vgg import VGG, cfgs, make_layers
 
-from nctools.config.schema import ModelConfig
+from nctools.config.schema import STEMS, ModelConfig
 from nctools.errors import ConfigError
 
 SMALL_IMAGE = 32  # at or below this size the stem keeps full resolution
@@ -38,14 +40,37 @@ def build(
     arch: str, cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int
 ) -> nn.Module:
     """A freshly initialised ``arch`` (resnet18/34/50, vgg11/13/16/19, densenet)."""
+    small = small_stem(cfg.stem, image_size)
     if arch in _RESNET_LAYERS:
         block, layers = _RESNET_LAYERS[arch]
-        return CifarResNet(block, layers, num_classes, in_channels, image_size)
+        return CifarResNet(block, layers, num_classes, in_channels, image_size, small)
     if arch in _VGG_CFG:
         return CifarVGG(_VGG_CFG[arch], num_classes, in_channels, image_size)
     if arch == "densenet":
-        return CifarDenseNet(cfg.depth, cfg.growth_rate, num_classes, in_channels, image_size)
+        return CifarDenseNet(cfg.depth, cfg.growth_rate, num_classes, in_channels, image_size,
+                             small)
     raise ConfigError(f"model.arch: {arch!r} is not a torchvision-based network")
+
+
+def small_stem(stem: str, image_size: int) -> bool:
+    """Whether ``model.stem`` (auto | imagenet | small) gives the 3x3 stride-1 stem."""
+    if stem not in STEMS:
+        raise ConfigError(f"model.stem: one of {', '.join(STEMS)}, got {stem!r}")
+    return stem == "small" or (stem == "auto" and image_size <= SMALL_IMAGE)
+
+
+def stem_hint(state_dict: dict[str, Tensor], model: nn.Module) -> str:
+    """Which stem a checkpoint's first conv has, when the model's differs ('' otherwise)."""
+    for key in ("conv1.weight", "features.conv0.weight"):
+        theirs, ours = state_dict.get(key), model.state_dict().get(key)
+        if theirs is None or ours is None or theirs.ndim != 4 or theirs.shape == ours.shape:
+            continue
+        has = "imagenet (7x7 conv)" if theirs.shape[-1] == 7 else "small (3x3 conv)"
+        built = "imagenet" if ours.shape[-1] == 7 else "small"
+        want = "imagenet" if theirs.shape[-1] == 7 else "small"
+        return (f"the checkpoint has the {has} stem but the network was built with the "
+                f"{built} one: set model.stem={want}")
+    return ""
 
 
 class CifarResNet(ResNet):
@@ -61,14 +86,19 @@ class CifarResNet(ResNet):
         num_classes: int,
         in_channels: int = 3,
         image_size: int = 32,
+        small: bool | None = None,
     ) -> None:
         super().__init__(block, layers, num_classes=num_classes)
-        if image_size <= SMALL_IMAGE:
+        if small is None:
+            small = image_size <= SMALL_IMAGE
+        if small:
             self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
             self.maxpool = nn.Identity()
         elif in_channels != 3:
             self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
         nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+        # ``blocks``: layer4's pooled output is the penultimate features (saved anyway)
+        self.block_names = ("layer1", "layer2", "layer3")
         self.classifier = self.fc
         del self.fc  # one name for the last layer, so state_dict keys say `classifier`
 
@@ -158,7 +188,10 @@ class CifarDenseNet(DenseNet):
         num_classes: int = 10,
         in_channels: int = 3,
         image_size: int = 32,
+        small: bool | None = None,
     ) -> None:
+        if small is None:
+            small = image_size <= SMALL_IMAGE
         if depth < 10 or (depth - 4) % 6:
             raise ConfigError(f"model.depth must be 6n + 4 with n >= 1 (e.g. 40, 100), got {depth}")
         if growth_rate < 1:
@@ -167,7 +200,6 @@ class CifarDenseNet(DenseNet):
         init = 2 * growth_rate
         super().__init__(growth_rate, (n, n, n), init, num_classes=num_classes)
         trunk = cast(nn.Sequential, self.features)
-        small = image_size <= SMALL_IMAGE
         stem = nn.Conv2d(in_channels, init, *((3, 1, 1) if small else (7, 2, 3)), bias=False)
         trunk.conv0 = stem
         if small:

@@ -37,6 +37,7 @@ from nctools.runs.files import PathLike
 from nctools.runs.layout import CLASSIFIER_FILE, META_FILE
 
 SNAPSHOT_DTYPES = {name: getattr(torch, name) for name in SNAPSHOT_DTYPE_NAMES}
+LAYER_KEY = "layers."  # + layer name: an inner layer's features inside a split file
 META_FORMAT = 1
 _EPOCH_DIR = re.compile(r"epoch-(\d+)")
 _FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")  # no path, not hidden
@@ -115,6 +116,7 @@ def write_snapshot(
     dtype: str = "float32",
     shard: tuple[int, int] | None = None,
     extra_meta: dict | None = None,
+    layers: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Save the features of each split and the classifier at ``epoch``; returns the folder.
 
@@ -124,8 +126,19 @@ def write_snapshot(
     With ``shard=(rank, world)`` this rank writes ``train-RRRRR-of-WWWWW.safetensors`` and
     ``meta-RRRRR-of-WWWWW.json`` (rank 0 also the classifier); rank 0 then calls
     :func:`finalize_sharded_snapshot` after a barrier to write meta.json.
+    ``layers``: split name -> {layer: (N, D_layer)} pooled inner-layer features, stored in
+    the split's own file (tensor ``layers.NAME``, same dtype, shard and checksum) and
+    listed in depth order as meta.json's ``layers`` {name: D_layer}.
     """
     C, D = _check_snapshot_inputs(splits, weight, bias, dtype, shard)
+    layers = layers or {}
+    layer_dims: dict[str, int] = {}
+    for name, inner in layers.items():
+        for layer, feats in inner.items():
+            if feats.ndim != 2 or feats.shape[0] != splits[name][0].shape[0]:
+                raise SnapshotError(f"{name} layer {layer!r} features must be "
+                                    f"({splits[name][0].shape[0]}, D), got {tuple(feats.shape)}")
+            layer_dims[layer] = max(layer_dims.get(layer, 0), int(feats.shape[1]))
     has_bias = bias is not None
     weight = weight.detach().to("cpu", torch.float32).contiguous()
     bias = torch.zeros(C) if bias is None else bias.detach().to("cpu", torch.float32).contiguous()
@@ -137,10 +150,12 @@ def write_snapshot(
     split_meta: dict[str, dict] = {}
     for name, (features, labels) in splits.items():
         file = f"{name}{suffix}.safetensors"
-        written[file] = _save_tensors(folder / file, {
-            "features": features.detach().to("cpu", SNAPSHOT_DTYPES[dtype]).contiguous(),
-            "labels": labels.detach().to("cpu", torch.int64).contiguous(),
-        }, sync_dir=False)
+        stored = {LAYER_KEY + layer: feats for layer, feats in layers.get(name, {}).items()}
+        stored["features"] = features
+        tensors = {key: value.detach().to("cpu", SNAPSHOT_DTYPES[dtype]).contiguous()
+                   for key, value in stored.items()}
+        tensors["labels"] = labels.detach().to("cpu", torch.int64).contiguous()
+        written[file] = _save_tensors(folder / file, tensors, sync_dir=False)
         split_meta[name] = {"files": [file], "rows": [features.shape[0]]}
     classifier = None
     if shard is None or shard[0] == 0:
@@ -150,6 +165,8 @@ def write_snapshot(
                       "dtype": "float32", "has_bias": has_bias}
     files.fsync_dir(folder)  # the renames above are durable before meta.json names them
     meta = _meta(epoch, dtype, C, D, split_meta, classifier, written, extra_meta)
+    if layer_dims:
+        meta["layers"] = layer_dims
     if shard is None:
         files.write_json(folder / META_FILE, meta)  # last: the snapshot is complete from here on
     else:
@@ -174,6 +191,8 @@ def _meta(epoch: int, dtype: str, C: int, D: int, split_meta: dict, classifier: 
         "classifier": classifier,
         "files": written,
     }
+    if extra and "layers" in extra:
+        raise SnapshotError("extra_meta may not set the reserved key 'layers'")
     clash = set(extra or {}) & set(meta)
     if clash:
         raise SnapshotError(f"extra_meta may not set the reserved keys {sorted(clash)}")
@@ -214,6 +233,8 @@ def finalize_sharded_snapshot(run_dir: PathLike, epoch: int, world: int) -> Path
             merged["rows"] += entry["rows"]
             merged["shape"] = [sum(merged["rows"]), meta["dim"]]
         meta["files"].update(part["files"])
+        for layer, dim in part.get("layers", {}).items():  # a rank without rows has D = 0
+            meta.setdefault("layers", {})[layer] = max(meta["layers"].get(layer, 0), dim)
     del meta["shard"]
     meta["world"] = world
     files.write_json(folder / META_FILE, meta)
@@ -350,19 +371,35 @@ def _load_file(path: Path, expected: dict, verify: bool) -> dict[str, torch.Tens
         raise SnapshotError(f"{path}: snapshot file is corrupt ({exc})") from None
 
 
+def snapshot_layers(meta: dict) -> list[str]:
+    """The inner layers a snapshot holds (``snapshot.layers``), in depth order."""
+    return list(meta.get("layers", {}))
+
+
+def _tensor_key(folder: Path, meta: dict, layer: str | None) -> str:
+    if layer is None:
+        return "features"
+    if layer not in meta.get("layers", {}):
+        raise SnapshotError(f"{folder}: no layer {layer!r} (has {snapshot_layers(meta)})")
+    return LAYER_KEY + layer
+
+
 def load_split(
-    run_dir: PathLike, epoch: int, split: str, verify: bool = True
+    run_dir: PathLike, epoch: int, split: str, verify: bool = True, layer: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (N, D) in the stored dtype and labels (N,) int64 of one split.
 
     Sharded snapshots are concatenated in rank order. ``verify`` checks each file's sha256
-    on the bytes read (each file is read once).
+    on the bytes read (each file is read once). ``layer``: an inner layer's features
+    (N, D_layer) instead of the penultimate ones.
     """
     folder, meta, names = _split_files(run_dir, epoch, split)
+    key = _tensor_key(folder, meta, layer)
     feats, labels = [], []
     for name in names:
         tensors = _load_file(folder / name, meta["files"][name], verify)
-        feats.append(tensors["features"])
+        feats.append(tensors[key] if tensors[key].numel() or layer is None
+                     else tensors[key].reshape(0, meta["layers"][layer]))
         labels.append(tensors["labels"])
     if len(names) == 1:
         return feats[0], labels[0]
@@ -370,7 +407,8 @@ def load_split(
 
 
 def iter_split(
-    run_dir: PathLike, epoch: int, split: str, chunk_rows: int = 65536, verify: bool = True
+    run_dir: PathLike, epoch: int, split: str, chunk_rows: int = 65536, verify: bool = True,
+    layer: str | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Stream one split as (features (n, D), labels (n,)) chunks of at most ``chunk_rows``.
 
@@ -378,10 +416,12 @@ def iter_split(
     that is closed before the chunk is yielded).
     Chunks do not span shard files; concatenated, they equal :func:`load_split`.
     Each file's sha256 is checked (streamed) before any of its rows is yielded.
+    ``layer``: an inner layer's features instead of the penultimate ones.
     """
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     folder, meta, names = _split_files(run_dir, epoch, split)
+    key = _tensor_key(folder, meta, layer)
     for name in names:
         path = folder / name
         if verify:
@@ -390,20 +430,21 @@ def iter_split(
             files.check_regular(path)
         try:
             with safe_open(str(path), framework="pt") as f:
-                rows = f.get_slice("features").get_shape()[0]
+                rows = f.get_slice("labels").get_shape()[0]
         except (SafetensorError, ValueError, RuntimeError) as exc:
             raise SnapshotError(f"{path}: snapshot file is corrupt ({exc})") from None
         for start in range(0, rows, chunk_rows):
-            yield _read_rows(path, start, min(start + chunk_rows, rows))
+            yield _read_rows(path, start, min(start + chunk_rows, rows), key)
 
 
-def _read_rows(path: Path, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_rows(path: Path, start: int, stop: int,
+               key: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
     """Rows [start, stop) of a split file, copied out of a mapping that is closed again:
     pages of a mapping held open stay resident, so streaming would grow with N."""
     try:
         with safe_open(str(path), framework="pt") as f:
             # a label slice is a view of the whole label array: clone it free
-            return f.get_slice("features")[start:stop], f.get_slice("labels")[start:stop].clone()
+            return f.get_slice(key)[start:stop], f.get_slice("labels")[start:stop].clone()
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise SnapshotError(f"{path}: snapshot file is corrupt ({exc})") from None
 

@@ -50,7 +50,7 @@ from nctools.config.schema import (
 )
 from nctools.data.sets import load_dataset
 from nctools.errors import ConfigError, RunError
-from nctools.models.features import extract_features
+from nctools.models.features import extract_split, resolve_layers
 from nctools.models.networks import build_model, classifier_of
 from nctools.runs import files, snapshots, store
 from nctools.runs.store import save_config
@@ -199,6 +199,7 @@ def _setup(config: Config, run_dir: Path, dist: DistInfo, device: torch.device) 
     if dist.distributed:
         model = global_batch_norm(model, device)  # before the optimizer takes its parameters
     model.to(device)
+    snapshot_layers(model, config)  # a bad snapshot.layers fails before training starts
     if tc.channels_last:  # CPUs gain too (oneDNN): 1.3-1.8x for the demo
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, tc)
@@ -243,12 +244,15 @@ def _run_epoch(run: Run, epoch: int, stop: StopOnSignal) -> dict:
     evaluate = snapshot or epoch == tc.epochs or (every > 0 and epoch % every == 0)
     names = ({"test"} if evaluate else set()) | (set(config.snapshot.splits) if snapshot else set())
     batch = EVAL_BATCH_FACTOR * tc.batch_size
-    splits = {}
+    splits, inner = {}, {}
+    layers = snapshot_layers(run.model, config) if snapshot else []
     for name in sorted(names):
         part = getattr(run.dataset, name)
         share = shard_rows(len(part), batch, dist)
         indices = torch.arange(share.start, share.stop)
-        splits[name] = extract_features(run.model, part, batch, device, indices=indices)
+        taps = layers if name in config.snapshot.splits else []
+        feats, labels, inner[name] = extract_split(run.model, part, batch, device, indices, taps)
+        splits[name] = (feats, labels)
     test_loss, test_hits = _classify(run.model, *splits["test"], tc.loss) if evaluate else (0, 0)
     local = [test_loss, test_hits, float(stop.requested)]
     totals = torch.cat([torch.stack([loss_sum.double(), correct.double()]),
@@ -272,7 +276,7 @@ def _run_epoch(run: Run, epoch: int, stop: StopOnSignal) -> dict:
         for job in history:  # a reader never finds a snapshot without its history row
             job()
         history = []
-        _write_snapshot(run, epoch, splits)  # every rank: its own shard
+        _write_snapshot(run, epoch, splits, inner)  # every rank: its own shard
     if dist.is_main:
         # Serialised now, written while the next epoch trains: history row, checkpoint
         # (after everything of this epoch is complete), manifest (after the checkpoint).
@@ -297,7 +301,16 @@ def _classify(model: nn.Module, features: Tensor, labels: Tensor, loss: str) -> 
     return batch_loss(logits, labels, loss, reduction="sum").item(), hits
 
 
-def _write_snapshot(run: Run, epoch: int, splits: dict[str, tuple[Tensor, Tensor]]) -> None:
+def snapshot_layers(model: nn.Module, config: Config) -> list[str]:
+    """The inner layers a snapshot saves (``snapshot.layers``), checked against the model."""
+    try:
+        return resolve_layers(model, config.snapshot.layers) if config.snapshot.layers else []
+    except ValueError as exc:
+        raise ConfigError(f"snapshot.layers: {exc}".replace("layers: layers:", "layers:")) from None
+
+
+def _write_snapshot(run: Run, epoch: int, splits: dict[str, tuple[Tensor, Tensor]],
+                    inner: dict[str, dict[str, Tensor]] | None = None) -> None:
     """One file per split; under DDP one shard per rank, merged by rank 0 after a barrier."""
     clf, dist = classifier_of(run.model), run.dist
     snapshots.write_snapshot(
@@ -306,6 +319,7 @@ def _write_snapshot(run: Run, epoch: int, splits: dict[str, tuple[Tensor, Tensor
         None if clf.bias is None else clf.bias.detach().float().cpu(),
         dtype=run.config.snapshot.dtype,
         shard=(dist.rank, dist.world_size) if dist.distributed else None,
+        layers={s: layers for s, layers in (inner or {}).items() if layers},
     )
     if dist.distributed:
         barrier()

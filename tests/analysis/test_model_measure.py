@@ -1,0 +1,130 @@
+"""measure_model: each layer's metrics equal nctools.measure on features taken by the
+test's own hooks (torchvision and timm networks, randomly initialised), streaming."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import nctools
+from nctools.analysis.model_measure import CLASSIFIER_FREE_KEYS
+from nctools.metrics.measure import METRIC_KEYS
+
+
+def batches(num_classes=4, per_class=6, batch=5, size=32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    labels = labels[torch.randperm(len(labels), generator=gen)]
+    centres = torch.randn(num_classes, 3, 1, 1, generator=gen)
+    images = centres[labels] + 0.5 * torch.randn(len(labels), 3, size, size, generator=gen)
+    return [(images[i : i + batch], labels[i : i + batch]) for i in range(0, len(labels), batch)]
+
+
+def own_features(model, data, layer, use_input=False, pool="avg"):
+    """The test's own hook: (N, D) of ``layer``'s output (or input), pooled as METRICS.md."""
+    module = dict(model.named_modules())[layer]
+    got = []
+
+    def hook(_m, inputs, output):
+        x = (inputs[0] if use_input else output).detach()
+        if pool == "avg" and x.ndim == 4:
+            x = x.mean(dim=(2, 3))
+        got.append(x.reshape(x.shape[0], -1).double())
+
+    handle = module.register_forward_hook(hook)
+    model.eval()
+    with torch.no_grad():
+        for x, _ in data:
+            model(x)
+    handle.remove()
+    return torch.cat(got), torch.cat([y for _, y in data])
+
+
+def check_layers(model, data, layers, cls_name, pool="avg"):
+    model.train()
+    result = nctools.measure_model(model, data, layers=layers, pool=pool)
+    assert model.training  # mode restored
+    assert list(result) == list(layers)
+    lin = dict(model.named_modules())[cls_name]
+    for layer in layers:
+        feats, labels = own_features(model, data, layer, layer == cls_name, pool)
+        weight = lin.weight if layer == cls_name else torch.randn(lin.out_features, feats.shape[1])
+        expected = nctools.measure(feats, labels, weight.detach(), None if layer != cls_name
+                                   else lin.bias.detach(), num_classes=lin.out_features)
+        keys = METRIC_KEYS if layer == cls_name else CLASSIFIER_FREE_KEYS
+        assert set(result[layer]) == set(keys)
+        for key in keys:
+            assert math.isclose(result[layer][key], expected[key], rel_tol=1e-7, abs_tol=1e-10), (
+                layer, key, result[layer][key], expected[key])
+
+
+def test_torchvision_resnet18_layers():
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4)
+    check_layers(model, batches(), ["layer1", "layer3", "layer4", "fc"], "fc")
+
+
+def test_timm_model_layers_and_flatten():
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=4)
+    check_layers(model, batches(size=32), ["layer2", "layer4", "fc"], "fc")
+    check_layers(model, batches(size=32), ["layer4"], "fc", pool="flatten")
+
+
+def test_blocks_default_and_bad_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 30 * 30, 4))
+    data = batches()
+    result = nctools.measure_model(model, data, layers="blocks")
+    assert list(result) == ["0", "3"]  # parameter-free children skipped; classifier last
+    default = nctools.measure_model(model, data)
+    assert default["3"] == result["3"]
+    with pytest.raises(ValueError, match="no module named 'nope'"):
+        nctools.measure_model(model, data, layers=["nope"])
+    with pytest.raises(ValueError, match="pool"):
+        nctools.measure_model(model, data, pool="max")
+
+
+PEAK_SCRIPT = """
+import resource, torch
+import nctools
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                          torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4))
+
+class Stream:  # batches made on demand, the same on each pass, never all in memory
+    def __init__(self, n):
+        self.n = n
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(1)
+        for start in range(0, self.n, 1000):
+            y = torch.arange(start, start + 1000) % 4
+            yield y[:, None, None, None] + torch.randn(1000, 3, 8, 8, generator=gen), y
+
+for n in (2_000, 40_000):
+    # layer "0" flattened: 8 x 8 x 8 = 512 values a sample, 78 MiB at n = 40,000 if kept
+    result = nctools.measure_model(net, Stream(n), layers=["0", "4"], pool="flatten")
+    assert result["4"]["nc1"] > 0
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # peak so far, MiB
+"""
+
+
+def test_peak_memory_does_not_grow_with_n():
+    """Two streaming passes over 2,000 then 40,000 samples: the peak RSS stays put."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT], env=env, check=True,
+                         capture_output=True, text=True, timeout=120)
+    small, large = (float(v) for v in out.stdout.split())
+    # holding the 40,000 flattened activations alone would add 78 MiB
+    assert large - small < 16, (small, large)
