@@ -30,7 +30,7 @@ import torch
 import yaml
 
 from nctools.config.schema import Config, config_to_dict
-from nctools.errors import CheckpointError, RunError
+from nctools.errors import CheckpointError, RunError, SnapshotError  # noqa: F401 (re-exported)
 from nctools.runs import files
 from nctools.runs.files import PathLike, atomic_torch_save, atomic_write_text, write_json
 from nctools.runs.layout import (  # the file names are re-exported: store.CONFIG_FILE, ...
