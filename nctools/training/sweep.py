@@ -259,9 +259,9 @@ def make_executor(folder: Path, executor: str, slurm: dict[str, Any] | None = No
         ex.update_parameters(name="nctools-sweep", **mapped)
         return ex
     if executor == "local":
-        ex = submitit.LocalExecutor(folder=folder)
-        ex.update_parameters(timeout_min=params.get("timeout_min", 7 * 24 * 60))
-        return ex
+        local = submitit.LocalExecutor(folder=folder)
+        local.update_parameters(timeout_min=params.get("timeout_min", 7 * 24 * 60))
+        return local
     if executor == "debug":
         return submitit.DebugExecutor(folder=folder)
     raise ConfigError(f"--executor: {executor!r} is not one of {', '.join(EXECUTORS)}")
