@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
         epilog=_epilog("nctools plot runs/mnist runs/cifar10 --out collapse.pdf"),
     )
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories or sweep folders")
     p.add_argument("--out", metavar="FILE", help=(
         "figure file, .png/.pdf/.svg (default: RUN/figures/collapse.png for one run, "
         "./collapse.png for several)"))
@@ -107,7 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "with snapshot.layers; default figure RUN/figures/layers.png)")
     p.add_argument("--epochs", metavar="E,E,...",
                    help="with --by layer: the epochs to draw (default: up to four)")
+    p.add_argument("--hue", metavar="KEY", help=(
+        "one colour per value of this config key (e.g. train.lr); several runs of a value "
+        "(seeds) are drawn as their mean with a band"))
     p.set_defaults(func=cmd_plot)
+    _add_sweep_parsers(sub, fmt)
 
     p = sub.add_parser(
         "demo", help="train, analyze and plot the packaged demo (embedded data, CPU minutes)",
@@ -230,6 +234,7 @@ def summary(table) -> str:
 def cmd_plot(args: argparse.Namespace) -> int:
     from nctools.analysis.plots import figure_format, plot_runs
     from nctools.analysis.tables import current_table, run_is_writable
+    from nctools.training.sweep import is_sweep
 
     _check_out(args.out, "FILE")
     runs = [Path(r) for r in args.runs]
@@ -240,11 +245,17 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
     else:
-        out = runs[0] / FIGURES_DIR / "collapse.png" if len(runs) == 1 else Path("collapse.png")
-        if len(runs) == 1 and runs[0].is_dir() and not run_is_writable(runs[0]):
+        single = len(runs) == 1 and not is_sweep(runs[0])
+        out = runs[0] / FIGURES_DIR / "collapse.png" if single else Path("collapse.png")
+        if single and runs[0].is_dir() and not run_is_writable(runs[0]):
             raise RunError(f"{runs[0]} is read-only: give the figure a place elsewhere with "
                            "--out FILE")
     figure_format(out)  # a bad extension fails before any analysis runs
+    if args.hue or any(is_sweep(r) for r in runs):
+        from nctools.analysis.sweep import collect
+
+        print(f"wrote {plot_runs(collect(runs), out, hue=args.hue)}")
+        return 0
     # Every table is brought up to date first (incremental: only new snapshots are
     # measured), so a run that went on training is drawn whole.
     tables = [current_table(run) for run in runs]
@@ -274,6 +285,95 @@ def _plot_by_layer(args: argparse.Namespace, runs: list[Path]) -> int:
     csv = runs[0] / METRICS_FILE
     table = read_table(csv) if csv.is_file() else analyze(runs[0])
     print(f"wrote {plot_layers(table, out, epochs)}")
+
+
+def _add_sweep_parsers(sub, fmt) -> None:
+    """``nctools sweep`` and ``nctools collect`` (:mod:`nctools.training.sweep`,
+    :mod:`nctools.analysis.sweep`)."""
+    p = sub.add_parser(
+        "sweep", help="train a config over a grid of settings and seeds (Slurm or here)",
+        formatter_class=fmt,
+        epilog=_epilog(
+            "nctools sweep papyan2020/mnist-resnet18 --grid train.lr=logspace:1e-4:0.25:25 "
+            "--seeds 3 --out sweeps/mnist --executor slurm --partition gpu --gpus-per-node 1",
+            "nctools sweep demo --grid train.lr=0.01,0.02 --set train.epochs=5 "
+            "--out sweeps/demo --executor local",
+        ),
+    )
+    p.add_argument("config", metavar="CONFIG", help="YAML config (or a shipped config's name)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=SPEC", required=True,
+                   help="a swept key: logspace:A:B:N, linspace:A:B:N or V1,V2,... (repeatable)")
+    p.add_argument("--seeds", type=int, default=1, metavar="K",
+                   help="K seeds per point: seed, seed + 1, ... (default 1)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key for every point (repeatable)")
+    p.add_argument("--out", required=True, metavar="SWEEP", help="sweep folder")
+    p.add_argument("--executor", choices=("local", "slurm", "debug"), default="local",
+                   help="slurm: one job array; local: jobs on this machine (default)")
+    p.add_argument("--parallel", type=int, default=1, metavar="K",
+                   help="local: runs at once (default 1); slurm: array tasks at once")
+    p.add_argument("--partition", help="slurm partition")
+    p.add_argument("--timeout-min", type=int, metavar="MIN",
+                   help="time limit of a job; a job that reaches it is requeued and resumes")
+    p.add_argument("--gpus-per-node", type=int, metavar="N", help="slurm: GPUs per job")
+    p.add_argument("--cpus-per-task", type=int, metavar="N", help="slurm: CPUs per job")
+    p.add_argument("--mem-gb", type=int, metavar="GB", help="slurm: memory per job")
+    p.add_argument("--slurm", dest="slurm_extra", action="append", default=[],
+                   metavar="KEY=VALUE", help="any other sbatch option, e.g. account=abc")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser(
+        "collect", help="join the metrics of every run of sweeps with their configs",
+        formatter_class=fmt,
+        epilog=_epilog("nctools collect sweeps/mnist sweeps/cifar10 --out table.parquet "
+                       "--best test_acc"),
+    )
+    p.add_argument("sweeps", nargs="+", metavar="SWEEP", help="sweep folders (or runs)")
+    p.add_argument("--out", metavar="FILE", help="write the table (.parquet or .csv)")
+    p.add_argument("--best", metavar="COLUMN", help=(
+        "print, per cell, the --over value with the best final COLUMN (seed mean), e.g. "
+        "test_acc as the paper"))
+    p.add_argument("--over", default="train.lr", metavar="KEY",
+                   help="the key --best chooses (default train.lr)")
+    p.set_defaults(func=cmd_collect)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from nctools.training.sweep import parse_grid, plan_sweep, submit
+
+    sweep = plan_sweep(args.config, parse_grid(args.grid), args.out, args.seeds,
+                       args.overrides)
+    slurm = {k: v for k, v in (("partition", args.partition), ("timeout_min", args.timeout_min),
+                               ("gpus_per_node", args.gpus_per_node),
+                               ("cpus_per_task", args.cpus_per_task), ("mem_gb", args.mem_gb))
+             if v is not None}
+    if args.executor == "slurm":
+        slurm["array_parallelism"] = args.parallel
+        extra = dict(item.partition("=")[::2] for item in args.slurm_extra)
+        if extra:
+            slurm["additional_parameters"] = extra
+    jobs = submit(sweep, args.executor, slurm, parallel=args.parallel)
+    done = len(sweep.points) - len(jobs)
+    if args.executor == "slurm" and jobs:
+        print(f"submitted {len(jobs)} runs as Slurm job array {jobs[0].job_id.split('_')[0]} "
+              f"({done} already complete); logs in {sweep.root / 'submitit'}")
+    else:
+        print(f"{len(sweep.points)} runs complete in {sweep.root / 'runs'}")
+    print(f"gather them with: nctools collect {sweep.root} --out table.parquet --best test_acc")
+    return 0
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from nctools.analysis.sweep import best, collect, write_table
+
+    table = collect(args.sweeps)
+    if args.out:
+        print(f"wrote {write_table(table, args.out)} ({len(table)} rows, "
+              f"{table['run'].nunique()} runs)")
+    if args.best:
+        print(best(table, args.best, args.over).to_string(index=False))
+    elif not args.out:
+        print(f"{table['run'].nunique()} runs, {len(table)} rows; give --out FILE to save them")
     return 0
 
 

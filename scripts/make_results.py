@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
 import sys
 import time
 from datetime import date
-from importlib.resources import as_file, files
 from pathlib import Path
 
 import pandas as pd
 import torch
+import yaml
 
 from nctools.analysis.plots import plot_runs
 from nctools.analysis.tables import analyze
@@ -67,7 +68,40 @@ def headline(table: pd.DataFrame, history: pd.DataFrame) -> dict:
         out["onset_snapshot"] = int(at.index[0])
         out["nc1_onset"] = float(at.iloc[0])
         out["ratio"] = out["nc1_onset"] / out["nc1_last"]
+        out["ratios"] = ratios(table, out["onset_snapshot"], out["last_epoch"])
     return out
+
+
+# Keys that mean something only for some data sets or networks (their defaults are
+# written into every run's config.yaml; the committed copy leaves out those that do not
+# apply to its run).
+SYNTHETIC_ONLY = ("num_classes", "train_per_class", "test_per_class", "channels", "image_size")
+ARCH_KEYS = {"width": ("convnet",), "depth": ("densenet",), "growth_rate": ("densenet",)}
+FIGURE_METRICS = ("nc1", "equinorm_means", "equinorm_weights", "equiangular_means",
+                  "equiangular_weights", "maxangle_means", "maxangle_weights", "self_duality",
+                  "ncc_mismatch")
+
+
+def applicable_config(text: str) -> str:
+    """A run's config.yaml without the keys that do not apply to its data set and network
+    (``load_config`` fills them back with their defaults)."""
+    data = yaml.safe_load(text)
+    if data["data"]["dataset"] != "synthetic":
+        for key in SYNTHETIC_ONLY:
+            data["data"].pop(key, None)
+    arch = data["model"]["arch"]
+    for key, archs in ARCH_KEYS.items():
+        if not arch.startswith(archs):
+            data["model"].pop(key, None)
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+
+
+def ratios(table: pd.DataFrame, start: int, last: int) -> dict[str, float]:
+    """Each figure metric (train split) at the onset snapshot over its value at the end."""
+    train_rows = table[table["split"] == "train"]
+    wide = train_rows.pivot_table(index="epoch", columns="metric", values="value")
+    return {m: float(wide.loc[start, m] / wide.loc[last, m]) if wide.loc[last, m] else math.inf
+            for m in FIGURE_METRICS}
 
 
 def load_average() -> str:
@@ -105,13 +139,17 @@ def readme(cfg_text: str, facts: dict, command: str, seconds: float, cpu: float,
         lines.append("- training error never reached zero: no terminal phase")
     else:
         lines += [
-            f"- onset of the terminal phase (first epoch at 100% training accuracy): "
+            "- onset of the terminal phase (first epoch whose eval-mode training accuracy "
+            f"reaches train.tpt_accuracy): "
             f"epoch {h['onset']}; {h['last_epoch'] - h['onset']} epochs of TPT follow "
             f"({(h['last_epoch'] - h['onset']) / h['onset']:.1f} x the onset epoch)",
             f"- NC1 (train, Tr(Sigma_W Sigma_B^+)/C) at the onset snapshot "
             f"(epoch {h['onset_snapshot']}): {h['nc1_onset']:.4g}",
             f"- NC1 at the last epoch ({h['last_epoch']}): {h['nc1_last']:.4g}, "
             f"{h['ratio']:.1f} x below the onset",
+            "- every NC metric of the paper's figures, onset snapshot / last epoch (train): "
+            + ", ".join(f"`{m}` {r:.2f}x" if math.isfinite(r) else f"`{m}` down to 0"
+                        for m, r in h["ratios"].items()),
         ]
     lines += [
         f"- final training accuracy {h['train_acc']:.4f}, test accuracy {h['test_acc']:.4f}",
@@ -121,8 +159,10 @@ def readme(cfg_text: str, facts: dict, command: str, seconds: float, cpu: float,
         "- `collapse.png`: the collapse curves (train solid, test dashed, dotted line at the"
         " onset)",
         "- `metrics.csv`: every NC metric of every snapshot, train and test (long format)",
-        "- `history.csv`: loss, accuracy, learning rate and seconds per epoch",
-        "- `run.json`: the run manifest; `config.yaml`: the resolved config",
+        "- `history.csv`: loss, running and eval-mode training accuracy, test accuracy, "
+        "learning rate and seconds per epoch",
+        "- `run.json`: the run manifest; `config.yaml`: the resolved config, without the keys "
+        "that do not apply to mnist5k and the convnet",
         "",
         "## Config",
         "",
@@ -148,8 +188,7 @@ def main() -> int:
     manifest = run / "run.json"
     done = json.loads(manifest.read_text())["epochs_done"] if manifest.is_file() else 0
     load_start, start, cpu_start = load_average(), time.perf_counter(), time.process_time()
-    with as_file(files("nctools") / "configs" / "demo.yaml") as path:
-        cfg = load_config(path)
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
     train(cfg, run)
     table = analyze(run)
     plot_runs(table, run / "figures" / "collapse.png")
@@ -158,12 +197,14 @@ def main() -> int:
     results.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
         shutil.copyfile(run / name, results / name)
+    config_text = applicable_config((run / "config.yaml").read_text())
+    (results / "config.yaml").write_text(config_text)
     shutil.copyfile(run / "figures" / "collapse.png", results / "collapse.png")
     history = pd.read_csv(run / "history.csv")
     facts = headline(table, history)
     load = f"{load_start} / {load_average()}"
     device = json.loads(manifest.read_text()).get("device", "unknown")
-    text = readme((run / "config.yaml").read_text(), facts, command, seconds, cpu, load, device,
+    text = readme(config_text, facts, command, seconds, cpu, load, device,
                   done)
     (results / "README.md").write_text(text)
     print(text)

@@ -192,7 +192,7 @@ CASES: dict[str, Case] = {
     "unknown network": Case(TRAIN_BAD, "model.arch: unknown architecture 'alexnet'",
                             bad_config("arch: convnet", "arch: alexnet")),
     "bad snapshot schedule": Case(TRAIN_BAD, "{tmp}/bad.yaml: snapshot.epochs: expected 'all', "
-                                  "'log:K' or a list of ints, got 'weekly'",
+                                  "'log:K', 'papyan' or a list of ints, got 'weekly'",
                                   bad_config("epochs: all", "epochs: weekly")),
     "snapshot past the end": Case(TRAIN_BAD, "{tmp}/bad.yaml: snapshot.epochs: epoch 9 is "
                                   "outside [1, 3]", bad_config("epochs: all", "epochs: [1, 9]")),

@@ -76,21 +76,33 @@ def _read(table: pd.DataFrame | str | Path) -> pd.DataFrame:
     return pd.read_csv(path)
 
 
-def _runs(tables: Sequence[pd.DataFrame | str | Path] | pd.DataFrame | str | Path):
-    """Split the input into one (label, frame) per run; labels say dataset / arch."""
+def _runs(tables: Sequence[pd.DataFrame | str | Path] | pd.DataFrame | str | Path,
+          hue: str | None = None):
+    """Split the input into one (label, frame) per run; labels say dataset / arch. With
+    ``hue`` (a column, e.g. a config key of :func:`nctools.analysis.sweep.collect`), one
+    (``hue=value``, frame) per value instead, holding all its runs (seeds)."""
     if isinstance(tables, (pd.DataFrame, str, Path)):
         tables = [tables]
     groups: list[tuple[str, str, pd.DataFrame]] = []  # (dataset / arch, run, rows)
+    frames = []
     for i, table in enumerate(tables):
         df = _read(table)
         missing = {"epoch", "split", "metric", "value"} - set(df.columns)
         if missing:
             raise NctoolsError(f"metrics table {i} lacks the columns {sorted(missing)}")
         runs = df["run"] if "run" in df.columns else pd.Series(f"run{i}", index=df.index)
+        frames.append(df.assign(run=runs.astype(str) + ("" if hue is None else f"#{i}")))
         for run, rows in df.groupby(runs.astype(str), sort=False):
             first = rows.iloc[0]
             label = f"{first.get('dataset', '?')} / {first.get('arch', '?')}"
             groups.append((label, run, rows))
+    if hue is not None:
+        whole = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        if hue not in whole.columns:
+            raise NctoolsError(f"--hue {hue}: no such column in the metrics tables (config "
+                               "keys are columns of a collected sweep, e.g. train.lr)")
+        return [(f"{hue}={_show(value)}", rows)
+                for value, rows in whole.groupby(hue, sort=True, dropna=False)]
     labels = [g[0] for g in groups]
     # Two runs of the same dataset and network (seeds, settings) need their names too.
     named = [f"{label} ({run})" if labels.count(label) > 1 else label
@@ -101,31 +113,62 @@ def _runs(tables: Sequence[pd.DataFrame | str | Path] | pd.DataFrame | str | Pat
     return [(label, rows) for label, (_, _, rows) in zip(distinct, groups, strict=True)]
 
 
+def _show(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def seed_band(rows: pd.DataFrame, metric: str, split: str) -> pd.DataFrame:
+    """Mean and band of ``metric`` on ``split`` over the runs in ``rows`` (seeds), per epoch:
+    columns ``epoch, mean, low, high, runs``; the band is the mean +- one standard deviation
+    over the runs (ddof 1; no band for one run)."""
+    sel = rows[(rows["metric"] == metric) & (rows["split"] == split)]
+    wide = sel.pivot_table(index="epoch", columns="run", values="value", aggfunc="first")
+    mean = wide.mean(axis=1)
+    std = wide.std(axis=1, ddof=1).fillna(0.0)
+    return pd.DataFrame({"epoch": wide.index.to_numpy(), "mean": mean.to_numpy(),
+                         "low": (mean - std).to_numpy(), "high": (mean + std).to_numpy(),
+                         "runs": wide.count(axis=1).to_numpy()})
+
+
 def _onset(rows: pd.DataFrame) -> float | None:
+    """The run's onset; for several runs (seeds) the median of their onsets."""
     if "tpt_onset_epoch" not in rows.columns:
         return None
-    onset = pd.to_numeric(rows["tpt_onset_epoch"], errors="coerce").dropna()
-    return float(onset.iloc[0]) if len(onset) else None
+    per_run = rows.groupby("run")["tpt_onset_epoch"].first() if "run" in rows.columns \
+        else rows["tpt_onset_epoch"]
+    onset = pd.to_numeric(per_run, errors="coerce").dropna()
+    return float(onset.median()) if len(onset) else None
 
 
 def _draw_panel(ax, panel: Panel, runs, colors) -> None:
     plotted: list[np.ndarray] = []
     for (_label, rows), color in zip(runs, colors, strict=True):
+        several = "run" in rows.columns and rows["run"].nunique() > 1
         for split in panel.splits:
             sel = rows[(rows["metric"] == panel.metric) & (rows["split"] == split)]
             sel = sel.sort_values("epoch")
             if sel.empty:
                 continue
-            y = sel["value"].to_numpy(dtype=float)
-            if panel.transform is not None:
-                y = panel.transform(y)
-            ax.plot(sel["epoch"].to_numpy(), y, SPLIT_STYLES.get(split, "-."), color=color,
+            if several:  # seeds: their mean, and a band of +- one standard deviation
+                band = seed_band(rows, panel.metric, split)
+                x, y = band["epoch"].to_numpy(), band["mean"].to_numpy(dtype=float)
+                low, high = band["low"].to_numpy(dtype=float), band["high"].to_numpy(dtype=float)
+                if panel.transform is not None:
+                    y, low, high = (panel.transform(v) for v in (y, low, high))
+                ax.fill_between(x, np.minimum(low, high), np.maximum(low, high), color=color,
+                                alpha=0.2, linewidth=0)
+            else:
+                x, y = sel["epoch"].to_numpy(), sel["value"].to_numpy(dtype=float)
+                if panel.transform is not None:
+                    y = panel.transform(y)
+            ax.plot(x, y, SPLIT_STYLES.get(split, "-."), color=color,
                     marker="o", markersize=2.5, linewidth=1.2)
             plotted.append(y)
         onset = _onset(rows)
         if onset is not None:
             ax.axvline(onset, color=color, linestyle=":", linewidth=1.0)
     ax.set_title(panel.title, fontsize=9)
+    ax.set_xscale("log")  # as the paper's figures: the terminal phase is long
     ax.set_xlabel("epoch")
     ax.set_ylabel(panel.ylabel, fontsize=8)
     ax.grid(True, alpha=0.3)
@@ -141,17 +184,21 @@ def _draw_panel(ax, panel: Panel, runs, colors) -> None:
 
 def collapse_figure(
     tables: Sequence[pd.DataFrame | str | Path] | pd.DataFrame | str | Path,
+    hue: str | None = None,
 ) -> Figure:
-    """The collapse curves of one or several runs as a Figure of ``len(PANELS)`` panels.
+    """The collapse curves of one or several runs as a Figure of ``len(PANELS)`` panels,
+    epochs on a log axis as in the paper.
 
     ``tables``: metrics tables (DataFrames or ``metrics.csv`` paths) in the long format of
     :func:`nctools.analysis.analyze`; several runs may share one table (``run`` column).
+    ``hue``: one colour per value of this column (e.g. ``train.lr`` of a collected sweep);
+    several runs of a value (seeds) are drawn as their mean with a +- 1 std band.
     """
     from nctools.analysis.tables import PENULTIMATE
 
     # inner layers (snapshot.layers) are drawn against depth (layer_plots), not here
     runs = [(label, rows[rows["layer"] == PENULTIMATE] if "layer" in rows.columns else rows)
-            for label, rows in _runs(tables)]
+            for label, rows in _runs(tables, hue)]
     if not runs:
         raise NctoolsError("nothing to plot: the metrics tables are empty")
     colors = [matplotlib.colormaps["tab10"](i % 10) for i in range(len(runs))]
@@ -189,13 +236,14 @@ def figure_format(out: str | Path) -> str:
 def plot_runs(
     tables: Sequence[pd.DataFrame | str | Path] | pd.DataFrame | str | Path,
     out: str | Path,
+    hue: str | None = None,
 ) -> Path:
     """Draw :func:`collapse_figure` and save it atomically to ``out`` (.png, .pdf or .svg)."""
     from nctools.runs.files import atomic_write_bytes
 
     out = Path(out)
     fmt = figure_format(out)  # fail before the (slow) drawing
-    fig = collapse_figure(tables)
+    fig = collapse_figure(tables, hue)
     buf = io.BytesIO()
     fig.savefig(buf, format=fmt, dpi=150)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -36,8 +36,10 @@ IN_MEMORY_BYTES = 128 * 2**20  # a split up to this size is read once and measur
 
 KEY_COLUMNS = ["run", "dataset", "arch", "epoch", "split", "layer", "metric", "value"]
 PENULTIMATE = "features"  # the `layer` of the penultimate features (the classifier's input)
-# the history columns each metrics row carries (the epoch is a key column already)
-HISTORY_COLUMNS = [c for c in store.HISTORY_COLUMNS if c not in ("epoch", "seconds")]
+# the history columns each metrics row carries (the epoch is a key column already); the
+# accuracy is the eval-mode one, as the snapshot's: the running one stays in history.csv
+HISTORY_COLUMNS = [c for c in store.HISTORY_COLUMNS
+                   if c not in ("epoch", "seconds", "train_acc_running")]
 COLUMNS = [*KEY_COLUMNS, *HISTORY_COLUMNS, "tpt_onset_epoch"]
 SPLIT_ORDER = ("train", "test")  # train first: the test split needs the train class means
 # Values read back must be the very floats written: pandas 3 parses floats exactly by
@@ -280,7 +282,7 @@ def _join_history(run_dir: Path, table: pd.DataFrame) -> pd.DataFrame:
     """Add the epoch's history row and the run's TPT onset; recomputed on every call, so
     a table made while the run was training gets the onset once it is known."""
     try:
-        history = store.read_history(run_dir)
+        history = store.legacy_history(store.read_history(run_dir))
     except (FileNotFoundError, SnapshotError, RunError) as exc:
         # the metrics do not depend on it: measured anyway, said once, never silently
         warnings.warn(f"{exc}; the table is written without its history columns",
@@ -305,11 +307,14 @@ def _join_history(run_dir: Path, table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _tpt_onset(run_dir: Path, history: pd.DataFrame) -> float:
-    """First epoch with zero training error: run.json's ``tpt_onset_epoch``, else the
-    history's first ``train_acc == 1`` (runs without a manifest); NaN before the onset."""
+    """The onset of the terminal phase: run.json's ``tpt_onset_epoch``, else the first
+    history row whose eval-mode ``train_acc`` reaches the config's ``train.tpt_accuracy``
+    (:func:`nctools.runs.store.tpt_onset`; runs without a manifest); NaN before the onset."""
     manifest = store.read_manifest(run_dir) if (run_dir / MANIFEST_FILE).is_file() else {}
     onset = manifest.get("tpt_onset_epoch")
     if onset is None:
-        reached = history.loc[history["train_acc"] >= 1.0, "epoch"]
-        onset = reached.min() if len(reached) else None
+        threshold = load_config(run_dir / CONFIG_FILE).train.tpt_accuracy
+        accuracy = pd.to_numeric(history["train_acc"], errors="coerce")
+        onset = store.tpt_onset(history["epoch"].astype(int).tolist(), accuracy.tolist(),
+                                threshold)
     return float("nan") if onset is None else float(onset)

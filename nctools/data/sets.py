@@ -17,6 +17,7 @@ Data sets (``data.dataset``):
   :mod:`nctools.data.torchvision_sets`).
 - ``synthetic``: Gaussian class clusters shaped like images, generated from the run seed.
 
+``data.pad_to`` zero-pads the images to a square size first (:func:`pad_dataset`).
 Every in-memory split is standardised with the per-channel mean and std of the training
 split (after ``data.samples_per_class`` subsetting), applied to both splits.
 """
@@ -70,11 +71,36 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
         data.test = balanced_subset(
             data.test, cfg.test_samples_per_class, data.num_classes, seed, "test_samples_per_class"
         )
+    if cfg.pad_to is not None:
+        data = pad_dataset(data, cfg.pad_to)
     if isinstance(data.train.images, Tensor):  # in memory (not a lazy image folder)
         mean, std = channel_stats(data.train.images)
         for split in (data.train, data.test):
             assert isinstance(split.images, Tensor)
             split.images.sub_(mean[None, :, None, None]).div_(std[None, :, None, None])
+    return data
+
+
+def pad_dataset(data: Dataset, size: int) -> Dataset:
+    """Zero-pad every image to ``size`` x ``size`` px, centred (the extra pixel of an odd
+    margin goes right and below), before standardisation: black borders, as the 28 px MNIST
+    digits padded to 32 px of Papyan, Han & Donoho (PNAS 2020) and the authors' notebook.
+
+    images (N, C, H, W) -> (N, C, size, size). Raises ConfigError naming ``data.pad_to``
+    for an image-folder set or images larger than ``size``.
+    """
+    if data.train.lazy:
+        raise ConfigError(f"data.pad_to: {data.name!r} is read lazily from image folders; "
+                          "padding applies to in-memory data sets only")
+    height, width = data.train.images.shape[-2:]
+    if size < max(height, width):
+        raise ConfigError(f"data.pad_to: {size} is smaller than the {height} x {width} px "
+                          f"images of {data.name!r}")
+    top, left = (size - height) // 2, (size - width) // 2
+    margins = (left, size - width - left, top, size - height - top)  # F.pad: last dim first
+    for split in (data.train, data.test):
+        split.images = torch.nn.functional.pad(split.images, margins, value=0.0)
+    data.image_size = size
     return data
 
 

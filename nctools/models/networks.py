@@ -21,6 +21,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import cast
 
+import torch
 from torch import Tensor, nn
 
 from nctools.config.schema import ModelConfig
@@ -40,7 +41,16 @@ ARCHS = (
 
 
 def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    """A freshly initialised ``cfg.arch`` for (B, in_channels, image_size, image_size) inputs."""
+    """A freshly initialised ``cfg.arch`` for (B, in_channels, image_size, image_size) inputs;
+    ``cfg.classifier_init_scale`` scales the last layer's initial weights."""
+    model = _build(cfg, num_classes, in_channels, image_size)
+    if cfg.classifier_init_scale is not None:
+        with torch.no_grad():
+            model.classifier.weight.mul_(cfg.classifier_init_scale)
+    return model
+
+
+def _build(cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     arch = cfg.arch.lower()
     if arch == "convnet":
         if cfg.width < 1:

@@ -13,6 +13,11 @@ CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.csv"
 SNAPSHOTS_DIR = "snapshots"
 FIGURES_DIR = "figures"
-HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
+# train_acc_running: the running, train-mode accuracy of the epoch's SGD steps (parameters
+# changing as it goes); train_acc: eval-mode accuracy on the whole training split, measured
+# at snapshot epochs and, until the onset of the terminal phase, wherever the running
+# accuracy reaches train.tpt_accuracy (empty elsewhere).
+HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_acc_running", "train_acc", "test_loss",
+                   "test_acc", "seconds")
 META_FILE = "meta.json"
 CLASSIFIER_FILE = "classifier.safetensors"

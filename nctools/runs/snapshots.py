@@ -29,10 +29,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from nctools.runs import files, store
 from nctools import __version__
-from nctools.errors import SnapshotError
 from nctools.config.schema import SNAPSHOT_DTYPES as SNAPSHOT_DTYPE_NAMES
+from nctools.errors import SnapshotError
+from nctools.runs import files, store
 from nctools.runs.files import PathLike
 from nctools.runs.layout import CLASSIFIER_FILE, META_FILE
 

@@ -15,30 +15,33 @@ Usage::
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import hashlib
 import io
 import json
+import math
 import os
 import re
-import shutil
-import socket
-import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
-from safetensors import SafetensorError
 
 from nctools.config.schema import Config, config_to_dict
-from nctools.errors import CheckpointError, RunError, SnapshotError
+from nctools.errors import CheckpointError, RunError, SnapshotError  # noqa: F401 (re-exported)
 from nctools.runs import files
-from nctools.runs.layout import CONFIG_FILE, MANIFEST_FILE, HISTORY_FILE, CHECKPOINT_FILE, METRICS_FILE, SNAPSHOTS_DIR, HISTORY_COLUMNS
 from nctools.runs.files import PathLike, atomic_torch_save, atomic_write_text, write_json
+from nctools.runs.layout import (  # the file names are re-exported: store.CONFIG_FILE, ...
+    CHECKPOINT_FILE,  # noqa: F401
+    CONFIG_FILE,  # noqa: F401
+    HISTORY_COLUMNS,
+    HISTORY_FILE,
+    MANIFEST_FILE,
+    METRICS_FILE,  # noqa: F401
+    SNAPSHOTS_DIR,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -141,6 +144,29 @@ def read_history(run_dir: PathLike) -> pd.DataFrame:
             row = int(bad.to_numpy().argmax()) + 2  # the header is line 1
             raise _corrupt_history(path, f"line {row}: {column} is not a number: "
                                          f"{history[column][bad].iloc[0]!r}")
+    return history
+
+
+def tpt_onset(epochs: Sequence[int], train_acc: Sequence[float | None],
+              threshold: float) -> int | None:
+    """The onset of the terminal phase of training: the first epoch whose eval-mode
+    training accuracy reaches ``threshold`` (99.9%, and 99.6% on ImageNet, in Papyan, Han
+    & Donoho, PNAS 2020); None if none does. ``train_acc`` holds None or NaN where it was
+    not measured."""
+    reached = [int(e) for e, acc in zip(epochs, train_acc, strict=True)
+               if acc is not None and not math.isnan(acc) and acc >= threshold]
+    return min(reached) if reached else None
+
+
+def legacy_history(history: pd.DataFrame) -> pd.DataFrame:
+    """A history written before ``train_acc_running`` existed, in today's columns: its
+    ``train_acc`` was the running, train-mode accuracy, so it moves to
+    ``train_acc_running`` and the eval-mode ``train_acc`` is unknown (NaN)."""
+    if "train_acc_running" in history.columns or "train_acc" not in history.columns:
+        return history
+    history = history.rename(columns={"train_acc": "train_acc_running"})
+    history.insert(list(history.columns).index("train_acc_running") + 1, "train_acc",
+                   float("nan"))
     return history
 
 

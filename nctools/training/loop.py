@@ -152,7 +152,8 @@ def _train(config: Config, run_dir: Path, resume: bool, dist: DistInfo,
         try:
             for epoch in bar:
                 row = _run_epoch(run, epoch, stop)
-                shown = {"loss": f"{row['train_loss']:.4g}", "acc": f"{row['train_acc']:.4f}"}
+                shown = {"loss": f"{row['train_loss']:.4g}",
+                         "acc": f"{row['train_acc_running']:.4f}"}
                 if not math.isnan(row["test_acc"]):  # train.eval_every skips some epochs
                     last_test = shown["test_acc"] = f"{row['test_acc']:.4f}"
                 elif last_test:
@@ -238,11 +239,16 @@ def _run_epoch(run: Run, epoch: int, stop: StopOnSignal) -> dict:
     # One eval pass gives the test metrics, and on snapshot epochs the snapshot too; each
     # rank extracts its own rows (all of them for one process). Between snapshots the test
     # split is looked at every train.eval_every epochs (0: never); its columns are NaN
-    # in the other rows.
+    # in the other rows. The training split's eval-mode accuracy (the paper's, which
+    # starts the terminal phase) comes from the snapshot's own features; until the onset
+    # is found it is also measured wherever the running accuracy reaches the threshold.
     snapshot = epoch in run.schedule
     every = tc.eval_every
     evaluate = snapshot or epoch == tc.epochs or (every > 0 and epoch % every == 0)
+    candidate = run.tpt_onset is None and _running_reaches(run, correct, tc.tpt_accuracy)
+    measure_train = snapshot or candidate
     names = ({"test"} if evaluate else set()) | (set(config.snapshot.splits) if snapshot else set())
+    names |= {"train"} if measure_train else set()
     batch = EVAL_BATCH_FACTOR * tc.batch_size
     splits, inner = {}, {}
     layers = snapshot_layers(run.model, config) if snapshot else []
@@ -254,21 +260,28 @@ def _run_epoch(run: Run, epoch: int, stop: StopOnSignal) -> dict:
         feats, labels, inner[name] = extract_split(run.model, part, batch, device, indices, taps)
         splits[name] = (feats, labels)
     test_loss, test_hits = _classify(run.model, *splits["test"], tc.loss) if evaluate else (0, 0)
-    local = [test_loss, test_hits, float(stop.requested)]
+    # as stored: features x classifier of the snapshot give this accuracy exactly
+    dtype = config.snapshot.dtype
+    _, eval_hits = _classify(run.model, *splits["train"], tc.loss, dtype) if measure_train \
+        else (0, 0)
+    local = [test_loss, test_hits, eval_hits, float(stop.requested)]
     totals = torch.cat([torch.stack([loss_sum.double(), correct.double()]),
                         torch.tensor(local, dtype=torch.float64, device=device)])
-    train_loss, train_hits, test_loss, test_hits, stops = sum_over_ranks(totals).tolist()
+    train_loss, train_hits, test_loss, test_hits, eval_hits, stops = \
+        sum_over_ranks(totals).tolist()
     stop.agreed = stops > 0  # every rank stops after this epoch if one was asked to
     n, n_test = len(split), len(run.dataset.test) if evaluate else math.nan
-    row = {"epoch": epoch, "lr": lr, "train_loss": train_loss / n, "train_acc": train_hits / n,
+    row = {"epoch": epoch, "lr": lr, "train_loss": train_loss / n,
+           "train_acc_running": train_hits / n,
+           "train_acc": eval_hits / n if measure_train else None,
            "test_loss": test_loss / n_test, "test_acc": test_hits / n_test}
     if not math.isfinite(row["train_loss"]) or (evaluate and not math.isfinite(row["test_loss"])):
         _diverged(run, epoch, row)  # raises on every rank; nothing of this epoch is written
-    if run.tpt_onset is None and row["train_acc"] == 1.0:
-        run.tpt_onset = epoch
-        if dist.is_main:
-            log.info("epoch %d: training error reached zero (onset of the terminal phase)",
-                     epoch)
+    if run.tpt_onset is None and measure_train:
+        run.tpt_onset = store.tpt_onset([epoch], [row["train_acc"]], tc.tpt_accuracy)
+        if run.tpt_onset is not None and dist.is_main:
+            log.info("epoch %d: eval-mode training accuracy %.4f reached train.tpt_accuracy "
+                     "(onset of the terminal phase)", epoch, row["train_acc"])
     row["seconds"] = time.perf_counter() - t0
     run.writer.wait()  # the previous epoch's files are complete (or their error is raised)
     history = [partial(store.append_history, run.run_dir, row)] if dist.is_main else []
@@ -291,11 +304,24 @@ def _run_epoch(run: Run, epoch: int, stop: StopOnSignal) -> dict:
     return row
 
 
+def _running_reaches(run: Run, correct: Tensor, threshold: float) -> bool:
+    """Whether the epoch's running (train-mode) accuracy, over all ranks, reaches
+    ``threshold``: the epochs worth an eval-mode pass over the training split."""
+    hits = sum_over_ranks(correct.double().reshape(1)).item()
+    return hits / len(run.dataset.train) >= threshold
+
+
 @torch.no_grad()
-def _classify(model: nn.Module, features: Tensor, labels: Tensor, loss: str) -> tuple[float, int]:
-    """Summed loss and number correct of the classifier on ``features`` (N, D), on the CPU."""
+def _classify(model: nn.Module, features: Tensor, labels: Tensor, loss: str,
+              dtype: str = "float32") -> tuple[float, int]:
+    """Summed loss and number correct of the classifier on ``features`` (N, D), on the CPU.
+
+    ``dtype`` rounds the features as a snapshot stores them first, so that the stored
+    features and classifier reproduce the number correct exactly.
+    """
     clf = classifier_of(model)
     bias = None if clf.bias is None else clf.bias.detach().float().cpu()
+    features = features.to(snapshots.SNAPSHOT_DTYPES[dtype]).float()
     logits = F.linear(features, clf.weight.detach().float().cpu(), bias)
     hits = int((logits.argmax(dim=1) == labels).sum())
     return batch_loss(logits, labels, loss, reduction="sum").item(), hits

@@ -48,13 +48,15 @@ def build_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.SGD:
 def build_scheduler(
     optimizer: torch.optim.Optimizer, tc: TrainConfig
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-epoch schedule: ``multistep`` multiplies by ``gamma`` after ``round(m * epochs)``
-    for each milestone fraction ``m`` (the paper: /10 at 1/3 and 2/3), ``cosine`` anneals
-    to 0 over all epochs, ``constant`` keeps ``lr``."""
+    """Per-epoch schedule: ``multistep`` multiplies by ``gamma`` after each milestone: an
+    epoch ``m >= 1``, or ``round(m * epochs)`` for a fraction ``m`` in (0, 1) (the paper: /10
+    after epochs 350 // 3 = 116 and 2 * 350 // 3 = 233), ``cosine`` anneals to 0 over all
+    epochs, ``constant`` keeps ``lr``."""
     sched = torch.optim.lr_scheduler
     if tc.schedule == "multistep":
         # >= 1: a milestone at 0 would decay the lr before the first epoch
-        milestones = [max(1, round(m * tc.epochs)) for m in tc.milestones]
+        milestones = [int(m) if m >= 1 else max(1, round(m * tc.epochs))
+                      for m in tc.milestones]
         return sched.MultiStepLR(optimizer, milestones=milestones, gamma=tc.gamma)
     if tc.schedule == "cosine":
         return sched.CosineAnnealingLR(optimizer, T_max=tc.epochs)

@@ -150,3 +150,27 @@ def test_onset_from_history_without_manifest(run):
     history["train_acc"] = 0.5
     files.atomic_write_text(run / "history.csv", history.to_csv(index=False))
     assert analyze(run)["tpt_onset_epoch"].isna().all()  # zero training error not reached
+    history.loc[history["epoch"] >= 2, "train_acc_running"] = 1.0  # running: not the onset
+    files.atomic_write_text(run / "history.csv", history.to_csv(index=False))
+    assert analyze(run)["tpt_onset_epoch"].isna().all()
+
+
+def test_metrics_carry_the_eval_mode_accuracy_of_the_snapshot(run):
+    """metrics.csv's train_acc is the eval-mode one: the snapshot's own ``accuracy``."""
+    table = analyze(run)
+    rows = table[(table["split"] == "train") & (table["metric"] == "accuracy")]
+    assert "train_acc_running" not in table.columns
+    assert rows["train_acc"].tolist() == pytest.approx(rows["value"].tolist(), abs=1e-12)
+
+
+def test_a_history_without_train_acc_running_still_analyses(run):
+    """Runs written before train_acc_running: their train_acc was the running accuracy;
+    it is not shown as the eval-mode one, and the manifest's onset still applies."""
+    history = store.read_history(run).drop(columns="train_acc_running")
+    history["train_acc"] = 0.75
+    files.atomic_write_text(run / "history.csv", history.to_csv(index=False))
+    table = analyze(run)
+    assert list(table.columns) == COLUMNS and table["train_acc"].isna().all()
+    assert set(table["lr"]) == set(history["lr"])
+    legacy = store.legacy_history(store.read_history(run))
+    assert legacy["train_acc_running"].tolist() == [0.75] * len(history)

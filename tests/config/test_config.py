@@ -230,6 +230,13 @@ def test_override_errors_name_override_and_key(tmp_path, override, message):
         ("train.milestones=[0.5, 0.3]", "train.milestones"),
         ("train.milestones=[0, 0.5]", "train.milestones"),
         ("train.milestones=[0.5, 1.0]", "train.milestones"),
+        ("train.milestones=[50, 40]", "train.milestones"),
+        ("train.milestones=[10.5]", "train.milestones"),
+        ("train.milestones=[10, 400]", "train.milestones"),
+        ("train.tpt_accuracy=0", "train.tpt_accuracy"),
+        ("train.tpt_accuracy=1.001", "train.tpt_accuracy"),
+        ("data.pad_to=0", "data.pad_to"),
+        ("model.classifier_init_scale=-1", "model.classifier_init_scale"),
         ("train.gamma=0", "train.gamma"),
         ("train.device=gpu", "train.device"),
         ("train.device=cuda:", "train.device"),
@@ -317,17 +324,20 @@ def test_schedule_log_fills_collisions_with_nearest_unused():
     assert snapshot_schedule("log:50", 10) == list(range(1, 11))
 
 
+EXPECTED = "snapshot.epochs: expected 'all', 'log:K', 'papyan' or a list of ints,"
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
         ("log:1", "snapshot.epochs: log:K needs K >= 2"),
-        ("log:x", "snapshot.epochs: expected 'all', 'log:K' or a list of ints, got 'log:x'"),
-        ("every", "snapshot.epochs: expected 'all', 'log:K' or a list of ints, got 'every'"),
+        ("log:x", f"{EXPECTED} got 'log:x'"),
+        ("every", f"{EXPECTED} got 'every'"),
         ([], "snapshot.epochs: empty list"),
         ([0, 3], "snapshot.epochs: epoch 0 is outside [1, 10]"),
         ([11], "snapshot.epochs: epoch 11 is outside [1, 10]"),
         ([1, True], "snapshot.epochs: list items must be ints, got True"),
-        (3.5, "snapshot.epochs: expected 'all', 'log:K' or a list of ints, got 3.5"),
+        (3.5, f"{EXPECTED} got 3.5"),
     ],
 )
 def test_schedule_errors_name_key(spec, message):

@@ -1,8 +1,8 @@
 """Every shipped config loads and validates; the paper's grid keeps the paper's protocol.
 
-The grid (configs/papyan2020/) follows Papyan, Han & Donoho (PNAS 2020): 350 epochs,
-batch 128, SGD momentum 0.9, weight decay 5e-4, lr / 10 at 1/3 and 2/3 of training,
-snapshots log-spaced, and a VGG, a ResNet and a DenseNet for every data set.
+The grid (configs/papyan2020/) follows Papyan, Han & Donoho (PNAS 2020) as
+docs/paper-settings.md tabulates it, with a source for every setting; the tests read that
+table and check every config file against it.
 """
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import yaml
 
 from nctools.config.schema import load_config, snapshot_schedule
 from nctools.data.splits import DATASETS
@@ -44,26 +46,77 @@ def test_config_loads_and_names_known_parts(path):
         assert cfg.model.depth >= 10 and (cfg.model.depth - 4) % 6 == 0
 
 
+def _tables() -> tuple[list[dict], dict[str, float]]:
+    """docs/paper-settings.md: the common settings (rows with a config key) and the
+    learning rate of every cell."""
+    settings, lrs = [], {}
+    for line in (ROOT / "docs" / "paper-settings.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and "." in cells[1] and cells[1] != "key":
+            settings.append(dict(zip(("setting", "key", "value", "imagenet", "source"), cells,
+                                     strict=True)))
+        elif len(cells) == 3 and cells[0] not in ("cell", "---"):
+            lrs[cells[0]] = float(cells[1])
+    return settings, lrs
+
+
+def _value(text: str):
+    """A table cell as the config value: YAML, with 5e-4 a float (YAML 1.1 reads a str)."""
+    value = yaml.safe_load(text)
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
+SETTINGS, LRS = _tables()
+LR_GRID = np.logspace(np.log10(1e-4), np.log10(0.25), 25)
+PAPYAN_350 = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16, 17, 19, 20, 22, 24, 27, 29,
+              32, 35, 38, 42, 45, 50, 54, 59, 65, 71, 77, 85, 92, 101, 110, 121, 132, 144, 158,
+              172, 188, 206, 225, 245, 268, 293, 320, 350]  # the authors' notebook
+
+
+def test_the_table_of_sources_covers_every_setting_and_cell():
+    assert {row["key"] for row in SETTINGS} >= {
+        "train.epochs", "train.batch_size", "train.momentum", "train.weight_decay",
+        "train.loss", "train.schedule", "train.gamma", "train.milestones",
+        "train.tpt_accuracy", "snapshot.epochs", "data.augment", "data.pad_to"}
+    assert all(row["source"] for row in SETTINGS)
+    assert set(LRS) == {p.stem for p in GRID}
+    # the published picks, and every learning rate a point of the paper's grid
+    assert (LRS["mnist-resnet18"], LRS["cifar10-resnet18"], LRS["cifar100-resnet50"]) == (
+        0.0679, 0.13025, 0.18045)
+    for cell, lr in LRS.items():
+        assert np.min(np.abs(LR_GRID / lr - 1)) < 1e-3, cell
+
+
 @pytest.mark.parametrize("path", GRID, ids=lambda p: p.stem)
-def test_grid_keeps_the_paper_protocol(path):
+def test_grid_configs_match_the_table_of_sources(path):
     cfg = load_config(path)
-    tc = cfg.train
     assert cfg.name == path.stem
     assert path.stem.startswith(cfg.data.dataset + "-")
-    assert (tc.epochs, tc.batch_size, tc.loss) == (350, 128, "ce")
-    assert (tc.momentum, tc.weight_decay) == (0.9, 5e-4)
-    assert tc.schedule == "multistep" and tc.gamma == 0.1
-    assert tc.milestones == pytest.approx([1 / 3, 2 / 3])
-    assert 1e-4 <= tc.lr <= 0.25  # inside the paper's sweep
-    assert tc.device == "auto"
-    assert cfg.snapshot.epochs == "log:50"
-    assert len(snapshot_schedule(cfg.snapshot.epochs, tc.epochs)) == 50
+    flat = {f"{section}.{k}": v for section in ("data", "train", "snapshot")
+            for k, v in vars(getattr(cfg, section)).items()}
+    column = "imagenet" if cfg.data.dataset == "imagenet" else "value"
+    mnist_family = cfg.data.dataset in ("mnist", "fashionmnist")
+    for row in SETTINGS:
+        expected = row[column]
+        if row["key"] == "data.pad_to":
+            assert flat["data.pad_to"] == (32 if mnist_family else None), row
+            continue
+        assert flat[row["key"]] == _value(expected), (row["key"], flat[row["key"]])
+    assert cfg.train.lr == LRS[path.stem]
+    assert "default until swept" in path.read_text() or path.stem in (
+        "mnist-resnet18", "cifar10-resnet18", "cifar100-resnet50")
+    assert cfg.train.device == "auto"
     assert cfg.data.samples_per_class is not None and cfg.data.samples_per_class <= 5000
-    assert not cfg.data.augment and not cfg.data.download
+    assert not cfg.data.download
 
 
-def test_grid_lr_drops_tenfold_at_117_and_233():
-    cfg = load_config(GRID[0])
+@pytest.mark.parametrize("name", ["mnist-resnet18", "imagenet-resnet50"])
+def test_grid_lr_drops_tenfold_after_a_third_and_two_thirds(name):
+    """After epochs 116 and 233 of 350 (350 // 3, 2 * 350 // 3), 100 and 200 of 300."""
+    cfg = load_config(ROOT / "configs" / "papyan2020" / f"{name}.yaml")
     optimizer = build_optimizer(torch.nn.Linear(1, 1), cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
     lrs = []  # lrs[e - 1]: the lr epoch e trains with
@@ -71,10 +124,21 @@ def test_grid_lr_drops_tenfold_at_117_and_233():
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    lr = cfg.train.lr
-    assert lrs[116] == pytest.approx(lr) and lrs[117] == pytest.approx(lr / 10)
-    assert lrs[232] == pytest.approx(lr / 10) and lrs[233] == pytest.approx(lr / 100)
+    lr, epochs = cfg.train.lr, cfg.train.epochs
+    first, second = epochs // 3, 2 * epochs // 3
+    assert lrs[first - 1] == pytest.approx(lr) and lrs[first] == pytest.approx(lr / 10)
+    assert lrs[second - 1] == pytest.approx(lr / 10) and lrs[second] == pytest.approx(lr / 100)
     assert lrs[-1] == pytest.approx(lr / 100)
+
+
+def test_snapshot_epochs_papyan():
+    assert snapshot_schedule("papyan", 350) == PAPYAN_350
+    # the construction: every epoch to 10, then 40 log-spaced from 11 to the last, rounded
+    for epochs in (300, 100, 1000):
+        want = sorted(set(range(1, 11)) | set(np.round(np.geomspace(11, epochs, 40)).astype(int)))
+        assert snapshot_schedule("papyan", epochs) == want, epochs
+    assert snapshot_schedule("papyan", 7) == list(range(1, 8))
+    assert snapshot_schedule(" papyan", 20) == list(range(1, 21))
 
 
 def test_grid_has_a_vgg_a_resnet_and_a_densenet_per_data_set():

@@ -281,3 +281,36 @@ def test_iterate_batches_augments_only_when_asked():
     aug = next(iterate_batches(split, idx, 10, augment=True, generator=gen))[0]
     assert not torch.equal(aug, split.images)
     assert all(_is_shifted_crop(aug[i], split.images[i], 2, False) for i in range(10))
+
+
+def test_pad_dataset_is_numpy_zero_padding():
+    """Centred zero margins (the odd pixel right and below), both splits, image_size set."""
+    gen = torch.Generator().manual_seed(0)
+    train = torch.rand(4, 2, 5, 6, generator=gen)
+    test = torch.rand(3, 2, 5, 6, generator=gen)
+    data = ncdata.Dataset("x", Split(train.clone(), torch.zeros(4, dtype=torch.long)),
+                          Split(test.clone(), torch.zeros(3, dtype=torch.long)), 2, 2, 6)
+    padded = ncdata.pad_dataset(data, 9)
+    margins = ((0, 0), (0, 0), (2, 2), (1, 2))  # height 5 -> 9, width 6 -> 9
+    assert np.array_equal(padded.train.images.numpy(), np.pad(train.numpy(), margins))
+    assert np.array_equal(padded.test.images.numpy(), np.pad(test.numpy(), margins))
+    assert padded.image_size == 9
+    with pytest.raises(ConfigError, match=r"^data\.pad_to: 4 is smaller than the 9 x 9 px"):
+        ncdata.pad_dataset(padded, 4)  # padding works in place
+
+
+def test_pad_to_pads_black_borders_before_standardising(mnist5k, mnist_root):
+    """data.pad_to: 28 px digits in a 32 px frame whose border is the standardised black."""
+    root, _, _ = mnist_root
+    padded = load_dataset(DataConfig(dataset="mnist5k", root=str(root), pad_to=32), seed=0)
+    images = padded.train.images.numpy()
+    assert images.shape[-2:] == (32, 32) and padded.image_size == 32
+    border = np.concatenate([images[..., :2, :].ravel(), images[..., -2:, :].ravel(),
+                             images[..., :, :2].ravel(), images[..., :, -2:].ravel()])
+    assert np.ptp(border) == 0  # one value: zero pixels, standardised
+    assert abs(images.mean()) < 1e-5 and abs(images.std() - 1) < 1e-4  # train statistics
+    # inside, the same digits up to the standardisation's affine map
+    inner, plain = images[..., 2:-2, 2:-2].ravel(), mnist5k.train.images.numpy().ravel()
+    slope, intercept = np.polyfit(plain, inner, 1)
+    assert np.allclose(inner, slope * plain + intercept, atol=1e-4)
+    assert border[0] == pytest.approx(plain.min() * slope + intercept, abs=1e-4)

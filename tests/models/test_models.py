@@ -154,3 +154,19 @@ def test_convnet_fits_a_small_training_set():
     model.eval()
     with torch.no_grad():
         assert (model(x).argmax(1) == y).float().mean().item() == 1.0
+
+
+def test_classifier_init_scale_scales_the_initial_classifier_only():
+    from nctools.config.schema import ModelConfig
+    from nctools.models.networks import build_model
+
+    nets = []
+    for scale in (None, 0.25, 0.0):
+        torch.manual_seed(0)
+        nets.append(build_model(ModelConfig(width=4, classifier_init_scale=scale), 3, 1, 8))
+    base, quarter, zero = nets
+    assert torch.equal(quarter.classifier.weight, base.classifier.weight * 0.25)
+    assert torch.count_nonzero(zero.classifier.weight) == 0
+    assert torch.equal(zero.classifier.bias, base.classifier.bias)
+    for a, b in zip(base.body.parameters(), zero.body.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -329,7 +329,8 @@ def test_manifest_round_trip(tmp_path):
 
 
 def row(epoch: int, **extra) -> dict:
-    return {"epoch": epoch, "lr": 0.05 / epoch, "train_loss": 1 / 3 / epoch, "train_acc": 0.5,
+    return {"epoch": epoch, "lr": 0.05 / epoch, "train_loss": 1 / 3 / epoch,
+            "train_acc_running": 0.625, "train_acc": 0.5,
             "test_loss": 2.0, "test_acc": 0.25, "seconds": 1.5, **extra}
 
 

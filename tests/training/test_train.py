@@ -81,7 +81,8 @@ def test_run_directory_holds_the_design_files(full_run):
     assert load_config(run / "config.yaml") == cfg
     history = store.read_history(run)
     assert list(history.columns) == [
-        "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"]
+        "epoch", "lr", "train_loss", "train_acc_running", "train_acc", "test_loss", "test_acc",
+        "seconds"]
     assert history["epoch"].tolist() == list(range(1, EPOCHS + 1))
     assert (history["seconds"] > 0).all()
     assert snapshots.list_snapshots(run) == SNAPSHOTS
@@ -179,14 +180,49 @@ def test_saved_features_equal_a_fresh_pass_of_the_checkpoint(full_run):
         assert last["test_acc"] == pytest.approx(acc, abs=1e-12)
 
 
-def test_tpt_onset_is_the_first_epoch_of_zero_training_error(full_run):
-    _, run = full_run
+def _stored_accuracy(run: Path, epoch: int) -> float:
+    """Eval-mode training accuracy from the snapshot's stored features and classifier."""
+    features, labels = snapshots.load_split(run, epoch, "train")
+    weight, bias = snapshots.load_classifier(run, epoch)
+    logits = F.linear(features.float(), weight, bias)
+    return (logits.argmax(1) == labels).double().mean().item()
+
+
+def test_tpt_onset_is_the_first_epoch_of_eval_mode_accuracy_at_the_threshold(full_run):
+    """train_acc is measured (eval mode) at every snapshot and, until the onset, wherever
+    the running accuracy reaches train.tpt_accuracy; the onset is its first such epoch."""
+    cfg, run = full_run
     history = store.read_history(run)
-    perfect = history.loc[history["train_acc"] == 1.0, "epoch"]
-    assert len(perfect) > 0, "the tiny run should fit its 48 images"
-    assert store.read_manifest(run)["tpt_onset_epoch"] == int(perfect.iloc[0])
-    assert torch.load(run / "checkpoint.pt", weights_only=True)["tpt_onset_epoch"] == int(
-        perfect.iloc[0])
+    threshold = cfg.train.tpt_accuracy
+    measured = history.loc[history["train_acc"].notna(), "epoch"].tolist()
+    reached = history.loc[history["train_acc"] >= threshold, "epoch"]
+    assert len(reached) > 0, "the tiny run should fit its 48 images"
+    onset = int(reached.iloc[0])
+    candidates = history.loc[(history["epoch"] <= onset)
+                             & (history["train_acc_running"] >= threshold), "epoch"]
+    assert set(measured) == set(SNAPSHOTS) | set(candidates)
+    assert store.read_manifest(run)["tpt_onset_epoch"] == onset
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["tpt_onset_epoch"] == onset
+    assert ((history["train_acc"] * 48).dropna() % 1 == 0).all()  # a count of 48 images
+
+
+def test_stored_features_and_classifier_reproduce_the_logged_accuracy(full_run):
+    _, run = full_run
+    history = store.read_history(run).set_index("epoch")
+    for epoch in SNAPSHOTS:
+        assert history.loc[epoch, "train_acc"] == _stored_accuracy(run, epoch), epoch
+
+
+def test_onset_rule_on_a_crafted_history():
+    """Running accuracy at 1 early does not start the terminal phase; NaN (not measured)
+    never does; the threshold is inclusive."""
+    epochs = [1, 2, 3, 4, 5, 6]
+    acc = [0.5, None, math.nan, 0.9985, 0.999, 1.0]
+    assert store.tpt_onset(epochs, acc, 0.999) == 5
+    assert store.tpt_onset(epochs, acc, 0.996) == 4
+    assert store.tpt_onset(epochs, acc, 1.0) == 6
+    assert store.tpt_onset(epochs[:4], acc[:4], 0.999) is None
+    assert isinstance(store.tpt_onset(epochs, acc, 0.5), int)
 
 
 def test_bf16_changes_nothing_on_the_cpu(full_run, tmp_path, caplog):
@@ -197,7 +233,7 @@ def test_bf16_changes_nothing_on_the_cpu(full_run, tmp_path, caplog):
     assert _history(out).equals(_history(run))
     _assert_same_snapshots(out, run)
     onset = store.read_manifest(out)["tpt_onset_epoch"]
-    assert f"epoch {onset}: training error reached zero" in caplog.text
+    assert f"epoch {onset}: eval-mode training accuracy" in caplog.text
     assert "train.bf16 applies to CUDA only" in caplog.text
 
 
@@ -246,7 +282,7 @@ def test_eval_every_skips_test_passes_and_nothing_else(full_run, tmp_path, every
     assert skipped.sum() == EPOCHS - len(evaluated) > 0
     assert got.loc[skipped, ["test_loss", "test_acc"]].isna().all().all()
     assert got.loc[~skipped].equals(want.loc[~skipped])
-    train_columns = ["epoch", "lr", "train_loss", "train_acc"]
+    train_columns = ["epoch", "lr", "train_loss", "train_acc_running", "train_acc"]
     assert got[train_columns].equals(want[train_columns])
     _assert_same_snapshots(out, run)
 
@@ -264,6 +300,8 @@ def test_float16_snapshots_are_the_float32_features_rounded(full_run, tmp_path):
         f32, _ = snapshots.load_split(run, 1, split)
         assert f16.dtype == torch.float16
         assert torch.equal(f16, f32.half()), split
+    # the logged accuracy is that of the stored (rounded) features
+    assert store.read_history(run16)["train_acc"].iloc[0] == _stored_accuracy(run16, 1)
 
 
 def _interrupt_at_step(monkeypatch, step: int, via_signal: bool = False,

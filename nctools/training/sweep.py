@@ -1,0 +1,313 @@
+"""Sweeps: a config times a grid of settings (and seeds), one ordinary run per point,
+trained through submitit on a Slurm cluster (job arrays) or on this machine.
+
+Usage::
+
+    grid = parse_grid(["train.lr=logspace:1e-4:0.25:25", "train.loss=ce,mse"])
+    sweep = plan_sweep("papyan2020/mnist-resnet18", grid, seeds=3, out="sweeps/mnist")
+    jobs = submit(sweep, executor="slurm", slurm={"partition": "gpu", "timeout_min": 600})
+
+(also ``nctools sweep CONFIG --grid KEY=SPEC ... --out SWEEP --executor slurm``). The
+paper (Papyan, Han & Donoho, PNAS 2020) swept 25 learning rates log-spaced in
+[1e-4, 0.25] per cell and kept the one with the best final test error
+(:func:`nctools.analysis.sweep.best`).
+
+The sweep folder::
+
+    SWEEP/sweep.json       the config, grid, seeds and points (written once)
+    SWEEP/runs/NAME/       one ordinary run directory per point (nctools analyze/plot work)
+    SWEEP/submitit/        submitit's job files and logs
+
+Every point is resumable: a job that is preempted or reaches its time limit receives
+submitit's signal (USR2), asks to be requeued (:meth:`SweepJob.checkpoint`) and continues
+from the run's last checkpoint (one per epoch), bit for bit on a CPU. Submitting the same
+sweep again submits only the points not completed yet, each resuming where it stopped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nctools.config.schema import Config, config_to_dict, load_config
+from nctools.errors import ConfigError, RunError
+from nctools.runs import files, store
+from nctools.runs.layout import CONFIG_FILE, MANIFEST_FILE
+
+log = logging.getLogger(__name__)
+
+SWEEP_FILE = "sweep.json"
+RUNS_DIR = "runs"
+SUBMITIT_DIR = "submitit"
+EXECUTORS = ("local", "slurm", "debug")
+_RANGE = re.compile(r"^(logspace|linspace):([^:]+):([^:]+):(\d+)$")
+
+
+def parse_grid(specs: Sequence[str]) -> dict[str, list[Any]]:
+    """``KEY=SPEC`` strings -> ``{key: values}`` in the given order.
+
+    SPEC is ``logspace:A:B:N`` (N values spaced evenly in log between A and B, both
+    included: the paper's ``logspace:1e-4:0.25:25``), ``linspace:A:B:N``, or
+    ``V1,V2,...`` (YAML values: ``ce,mse``, ``0.1,0.05``, ``null``). Raises ConfigError
+    naming the ``--grid`` item at fault.
+    """
+    grid: dict[str, list[Any]] = {}
+    for spec in specs:
+        key, sep, raw = spec.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not sep or not key or not raw:
+            raise ConfigError(f"--grid {spec!r}: expected KEY=SPEC, e.g. "
+                              "train.lr=logspace:1e-4:0.25:25 or train.loss=ce,mse")
+        if key in grid:
+            raise ConfigError(f"--grid {spec!r}: {key} is already swept")
+        match = _RANGE.match(raw)
+        if match:
+            grid[key] = _spaced(spec, *match.groups())
+        else:
+            try:
+                grid[key] = [yaml.safe_load(item) for item in raw.split(",")]
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"--grid {spec!r}: cannot parse a value ({exc})") from None
+            if len(set(map(repr, grid[key]))) != len(grid[key]):
+                raise ConfigError(f"--grid {spec!r}: a value is given twice")
+    return grid
+
+
+def _spaced(spec: str, kind: str, start: str, stop: str, count: str) -> list[float]:
+    try:
+        a, b, n = float(start), float(stop), int(count)
+    except ValueError:
+        raise ConfigError(f"--grid {spec!r}: {kind}:A:B:N needs numbers A, B and an "
+                          "integer N") from None
+    if n < 1 or not (math.isfinite(a) and math.isfinite(b)):
+        raise ConfigError(f"--grid {spec!r}: {kind} needs finite A, B and N >= 1")
+    if kind == "logspace" and (a <= 0 or b <= 0):
+        raise ConfigError(f"--grid {spec!r}: logspace needs A > 0 and B > 0")
+    if n == 1:
+        return [a]
+    if kind == "linspace":
+        return [a + i * (b - a) / (n - 1) for i in range(n)]
+    la, lb = math.log10(a), math.log10(b)
+    values = [10 ** (la + i * (lb - la) / (n - 1)) for i in range(n)]
+    values[0], values[-1] = a, b  # the ends exactly as given
+    return values
+
+
+@dataclass
+class SweepPoint:
+    """One run of a sweep: its folder name, the swept values and the full config."""
+
+    name: str
+    values: dict[str, Any]
+    config: Config
+
+
+@dataclass
+class Sweep:
+    """A planned sweep: its folder and points (:func:`plan_sweep`)."""
+
+    root: Path
+    points: list[SweepPoint]
+
+    def run_dir(self, point: SweepPoint) -> Path:
+        return self.root / RUNS_DIR / point.name
+
+
+def _format(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _point_name(index: int, values: dict[str, Any]) -> str:
+    """``003-lr=0.000192-seed=1``: the index keeps the order, the values tell the point."""
+    short = {key: key.rsplit(".", 1)[-1] for key in values}
+    clash = len(set(short.values())) < len(short)
+    parts = [f"{key if clash else short[key]}={_format(v)}" for key, v in values.items()]
+    name = "-".join([f"{index:03d}", *parts])
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", name)
+
+
+def _override(key: str, value: Any) -> str:
+    # repr keeps a float exact through YAML; other values as YAML writes them inline
+    text = repr(value) if isinstance(value, float) else json.dumps(value)
+    return f"{key}={text}"
+
+
+def plan_sweep(
+    config: str | Path, grid: dict[str, list[Any]], out: str | Path, seeds: int = 1,
+    overrides: Sequence[str] = (),
+) -> Sweep:
+    """Expand ``config`` (with ``overrides``) times ``grid`` times ``seeds`` seeds
+    (``seed``, ``seed + 1``, ...) into points and record them in ``out/sweep.json``.
+
+    A folder holding a sweep already must hold this very sweep (it is then continued);
+    anything else is a RunError naming the folder. Every point's config is validated here,
+    before any job starts.
+    """
+    if seeds < 1:
+        raise ConfigError(f"--seeds: must be >= 1, got {seeds}")
+    if "seed" in grid and seeds > 1:
+        raise ConfigError("--grid seed=... and --seeds both set the seeds; give one of them")
+    base = load_config(config, overrides)
+    axes = dict(grid)
+    if "seed" not in axes:
+        axes["seed"] = [base.seed + i for i in range(seeds)]
+    points = []
+    for index, combo in enumerate(itertools.product(*axes.values())):
+        values = dict(zip(axes, combo, strict=True))
+        items = [*overrides, *(_override(k, v) for k, v in values.items())]
+        cfg = load_config(config, items)  # each point validated, errors naming the item
+        points.append(SweepPoint(_point_name(index, values), values, cfg))
+    root = Path(out).expanduser()
+    record = {
+        "config": str(config), "overrides": list(overrides), "grid": grid,
+        "seeds": axes["seed"], "base": config_to_dict(base),
+        "points": [{"name": p.name, "values": p.values} for p in points],
+    }
+    path = root / SWEEP_FILE
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RunError(f"{path}: not a sweep record ({exc}); use another --out") from None
+        if old != json.loads(json.dumps(record)):
+            raise RunError(f"{root} holds another sweep (its {SWEEP_FILE} differs: config, "
+                           "grid, seeds or --set); use another --out")
+    elif root.is_dir() and any(root.iterdir()):
+        raise RunError(f"{root} holds files but no sweep; use another --out")
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        files.write_json(path, record)
+    return Sweep(root, points)
+
+
+def is_sweep(path: str | Path) -> bool:
+    """Whether ``path`` is a sweep folder (holds ``sweep.json``)."""
+    return (Path(path) / SWEEP_FILE).is_file()
+
+
+def sweep_runs(path: str | Path) -> list[Path]:
+    """The run directories of the sweep in ``path`` that exist, in point order."""
+    root = Path(path)
+    try:
+        record = json.loads((root / SWEEP_FILE).read_text())
+    except FileNotFoundError:
+        raise RunError(f"{root}: not a sweep (no {SWEEP_FILE}; make one with "
+                       f"`nctools sweep CONFIG --grid KEY=SPEC --out {root}`)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunError(f"{root / SWEEP_FILE}: not a sweep record ({exc})") from None
+    runs = [root / RUNS_DIR / p["name"] for p in record["points"]]
+    return [r for r in runs if (r / CONFIG_FILE).is_file()]
+
+
+def is_complete(run_dir: Path, config: Config) -> bool:
+    """Whether the run in ``run_dir`` finished all ``config.train.epochs``."""
+    if not (run_dir / MANIFEST_FILE).is_file():
+        return False
+    manifest = store.read_manifest(run_dir)
+    return manifest.get("status") == "completed" and \
+        manifest.get("epochs_done") == config.train.epochs
+
+
+class SweepJob:
+    """What one submitit job runs: train one point (resuming its run directory).
+
+    submitit calls :meth:`checkpoint` when the job is preempted or times out: the same
+    call is requeued, and :func:`nctools.training.loop.train` continues from the run's
+    last checkpoint.
+    """
+
+    def __call__(self, config: Config, run_dir: str) -> str:
+        from nctools.training.loop import train
+
+        if not logging.getLogger().handlers:  # a job process: the loop's messages to its log
+            logging.basicConfig(level=logging.INFO, format="nctools: %(message)s")
+        return str(train(config, run_dir))
+
+    def checkpoint(self, config: Config, run_dir: str):  # submitit's requeue hook
+        from submitit.helpers import DelayedSubmission
+
+        log.warning("%s: preempted or timed out; requeued, it resumes from its checkpoint",
+                    run_dir)
+        return DelayedSubmission(SweepJob(), config, run_dir)
+
+
+def make_executor(folder: Path, executor: str, slurm: dict[str, Any] | None = None):
+    """A submitit executor: ``slurm`` (job arrays; ``slurm`` holds its parameters, e.g.
+    ``partition``, ``timeout_min``, ``gpus_per_node``, ``cpus_per_task``, ``mem_gb``,
+    ``array_parallelism``), ``local`` (one process per job on this machine, the same code
+    path, requeue included) or ``debug`` (in this process, for tests and debuggers)."""
+    import submitit
+
+    params = dict(slurm or {})
+    if executor == "slurm":
+        ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        parallel = params.pop("array_parallelism", None)
+        mapped = {f"slurm_{k}" if k in ("partition", "array_parallelism", "additional_parameters")
+                  else k: v for k, v in params.items()}
+        if parallel is not None:
+            mapped["slurm_array_parallelism"] = parallel
+        ex.update_parameters(name="nctools-sweep", **mapped)
+        return ex
+    if executor == "local":
+        local = submitit.LocalExecutor(folder=folder)
+        local.update_parameters(timeout_min=params.get("timeout_min", 7 * 24 * 60))
+        return local
+    if executor == "debug":
+        return submitit.DebugExecutor(folder=folder)
+    raise ConfigError(f"--executor: {executor!r} is not one of {', '.join(EXECUTORS)}")
+
+
+def submit(sweep: Sweep, executor: str = "local", slurm: dict[str, Any] | None = None,
+           parallel: int = 1) -> list:
+    """Submit the points of ``sweep`` not completed yet; returns their submitit jobs.
+
+    ``slurm`` submits one job array; ``local`` and ``debug`` run the jobs on this machine,
+    ``parallel`` at a time, and return once all have finished (Ctrl-C cancels the running
+    ones, which stop after their current step with a resumable checkpoint).
+    """
+    if parallel < 1:
+        raise ConfigError(f"--parallel: must be >= 1, got {parallel}")
+    todo = [p for p in sweep.points if not is_complete(sweep.run_dir(p), p.config)]
+    if not todo:
+        return []
+    ex = make_executor(sweep.root / SUBMITIT_DIR, executor, slurm)
+    configs = [p.config for p in todo]
+    dirs = [str(sweep.run_dir(p)) for p in todo]
+    if executor == "slurm":
+        return ex.map_array(SweepJob(), configs, dirs)
+    return _run_here(ex, configs, dirs, parallel)
+
+
+def _run_here(ex, configs: list[Config], dirs: list[str], parallel: int) -> list:
+    """Local and debug executors: at most ``parallel`` jobs at once, progress logged."""
+    pending = list(zip(configs, dirs, strict=True))
+    running: list = []
+    done: list = []
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                running.append(ex.submit(SweepJob(), *pending.pop(0)))
+            finished = [job for job in running if job.done()]
+            for job in finished:
+                running.remove(job)
+                done.append(job)
+                log.info("sweep: %d of %d runs finished", len(done), len(configs))
+            if not finished:
+                time.sleep(0.2)
+    except KeyboardInterrupt:
+        for job in running:
+            job.cancel()  # SIGINT: the run stops after its step, resumable
+        raise
+    for job in done:
+        job.result()  # a failed run raises here, naming its error
+    return done

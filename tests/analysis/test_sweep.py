@@ -1,0 +1,84 @@
+"""Sweep tables without training: the paper's choice per cell over seeds, and seeds drawn
+as a mean with a band, on crafted tables checked against NumPy."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.collections import PolyCollection
+
+from nctools.analysis.plots import collapse_figure, seed_band
+from nctools.analysis.sweep import best
+from nctools.errors import NctoolsError
+
+RNG = np.random.default_rng(0)
+EPOCHS = [1, 2, 5]
+
+
+def crafted() -> pd.DataFrame:
+    """2 data sets x 3 lrs x 2 seeds; every run 3 epochs of nc1 and accuracy rows."""
+    rows = []
+    for dataset, lr, seed in itertools.product(["mnist", "cifar10"], [0.01, 0.1, 0.2], [0, 1]):
+        run = f"{dataset}-{lr}-{seed}"
+        test_acc = RNG.uniform(0.5, 1.0, len(EPOCHS))
+        for (i, epoch), split, metric in itertools.product(
+                enumerate(EPOCHS), ["train", "test"], ["nc1", "accuracy"]):
+            rows.append({"run": run, "dataset": dataset, "arch": "convnet", "epoch": epoch,
+                         "split": split, "metric": metric, "value": RNG.uniform(0.1, 1.0),
+                         "test_acc": test_acc[i], "tpt_onset_epoch": 2.0 + seed,
+                         "data.dataset": dataset, "train.lr": lr, "seed": seed,
+                         "sweep": "s", "run_dir": f"/s/{run}"})
+    return pd.DataFrame(rows)
+
+
+def test_best_is_the_lr_with_the_best_final_seed_mean_per_cell():
+    table = crafted()
+    picked = best(table, "test_acc").set_index("data.dataset")
+    final = table[table["epoch"] == EPOCHS[-1]].drop_duplicates("run")
+    for dataset in ("mnist", "cifar10"):
+        means = final[final["data.dataset"] == dataset].groupby("train.lr")["test_acc"].mean()
+        assert picked.loc[dataset, "train.lr"] == means.idxmax()
+        assert picked.loc[dataset, "test_acc"] == pytest.approx(means.max(), abs=1e-15)
+        assert picked.loc[dataset, "seeds"] == 2 and picked.loc[dataset, "candidates"] == 3
+    # a loss is minimised
+    table["test_loss"] = 1 - table["test_acc"]
+    assert best(table, "test_loss")["train.lr"].tolist() == best(table, "test_acc")[
+        "train.lr"].tolist()
+    with pytest.raises(NctoolsError, match="--best nope: no such column"):
+        best(table, "nope")
+
+
+def test_seed_band_is_the_mean_and_one_standard_deviation():
+    table = crafted()
+    rows = table[(table["data.dataset"] == "mnist") & (table["train.lr"] == 0.1)]
+    band = seed_band(rows, "nc1", "train")
+    values = np.array([[rows[(rows["run"] == r) & (rows["epoch"] == e) & (rows["split"] == "train")
+                             & (rows["metric"] == "nc1")]["value"].iloc[0]
+                        for r in ("mnist-0.1-0", "mnist-0.1-1")] for e in EPOCHS])
+    np.testing.assert_allclose(band["mean"], values.mean(axis=1), rtol=1e-14)
+    std = values.std(axis=1, ddof=1)
+    np.testing.assert_allclose(band["high"] - band["mean"], std, rtol=1e-12)
+    np.testing.assert_allclose(band["mean"] - band["low"], std, rtol=1e-12)
+    assert band["epoch"].tolist() == EPOCHS and band["runs"].tolist() == [2, 2, 2]
+
+
+def test_hue_draws_one_colour_per_value_with_bands():
+    table = crafted()
+    table = table[table["data.dataset"] == "mnist"]
+    fig = collapse_figure(table, hue="train.lr")
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels[:3] == ["train.lr=0.01", "train.lr=0.1", "train.lr=0.2"]
+    nc1_ax = fig.axes[1]
+    bands = [c for c in nc1_ax.collections if isinstance(c, PolyCollection)]
+    assert len(bands) == 3 * 2  # a band per lr and split
+    means = [ln for ln in nc1_ax.get_lines() if ln.get_linestyle() == "-"]
+    want = seed_band(table[table["train.lr"] == 0.01], "nc1", "train")["mean"]
+    np.testing.assert_allclose(means[0].get_ydata(), want, rtol=1e-14)
+    onsets = [ln for ln in nc1_ax.get_lines() if ln.get_linestyle() == ":"]
+    assert [ln.get_xdata()[0] for ln in onsets] == [2.5, 2.5, 2.5]  # median of 2 and 3
+    assert nc1_ax.get_xscale() == "log"
+    with pytest.raises(NctoolsError, match=r"--hue model\.width: no such column"):
+        collapse_figure(table, hue="model.width")
