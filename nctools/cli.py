@@ -285,6 +285,7 @@ def _plot_by_layer(args: argparse.Namespace, runs: list[Path]) -> int:
     csv = runs[0] / METRICS_FILE
     table = read_table(csv) if csv.is_file() else analyze(runs[0])
     print(f"wrote {plot_layers(table, out, epochs)}")
+    return 0
 
 
 def _add_sweep_parsers(sub, fmt) -> None:
