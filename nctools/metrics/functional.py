@@ -18,6 +18,8 @@ from torch import Tensor
 
 EPS64 = torch.finfo(torch.float64).eps
 TILE_ELEMENTS = 1 << 21  # elements of one (tile, C) block: 16 MiB of float64
+CLOSE_DIST2 = 1e-4  # unit vectors this close: their distance from the difference itself
+COINCIDE_DIST2 = 64 * EPS64  # unit vectors this close coincide, to rounding (GNC2 undefined)
 
 
 def _tile_rows(num_classes: int) -> int:
@@ -241,8 +243,8 @@ def gnc2(vectors: Tensor) -> dict[str, float]:
         vectors: (C, D) float64 rows v_c (centred class means or classifier rows).
 
     Returns:
-        dict with keys ``energy`` and ``variance``: inf / NaN when two directions coincide,
-        NaN when a vector is zero.
+        dict with keys ``energy`` and ``variance``: inf / NaN when two directions coincide
+        (to rounding: ||u_c - u_c'||^2 < ``COINCIDE_DIST2``), NaN when a vector is zero.
     """
     num_classes = vectors.shape[0]
     units = vectors / vectors.norm(dim=1, keepdim=True)
@@ -253,7 +255,14 @@ def gnc2(vectors: Tensor) -> dict[str, float]:
         cos = units[start:stop] @ units[start + 1 :].T  # columns c' = start + 1 + j
         rows = torch.arange(start, stop, device=cos.device)[:, None]
         cols = torch.arange(start + 1, num_classes, device=cos.device)[None, :]
-        dist2 = (2.0 - 2.0 * cos[cols > rows]).clamp_min(0.0)
+        upper = cols > rows
+        dist2 = (2.0 - 2.0 * cos[upper]).clamp_min(0.0)
+        close = dist2 < CLOSE_DIST2
+        if bool(close.any()):  # 2 - 2cos cancels: take these few from the difference
+            i = rows.expand_as(upper)[upper][close]
+            j = cols.expand_as(upper)[upper][close]
+            exact = (units[i] - units[j]).square().sum(1)
+            dist2[close] = torch.where(exact < COINCIDE_DIST2, 0.0, exact)
         state = _merge_moments(state, -0.5 * torch.log(dist2))
     count, mean, m2 = state
     return {"energy": mean, "variance": m2 / count if count else math.nan}
