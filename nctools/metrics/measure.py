@@ -258,7 +258,7 @@ def measure_chunks(
     rows = (lambda t: t) if empty.numel() == 0 else (lambda t: t[kept.to(t.device)])
     means = rows(first.class_means())
     reference = first.global_mean() if global_mean == "samples" else means.mean(0)
-    if weight64 is not None and keep is not None:
+    if weight64 is not None and bias64 is not None and keep is not None:
         weight64, bias64 = weight64[keep], bias64[keep]
     ncc_means = _given_means(class_means, total, dim, device, keep)
 
