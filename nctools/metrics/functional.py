@@ -252,20 +252,40 @@ def gnc2(vectors: Tensor) -> dict[str, float]:
     step = _tile_rows(num_classes)
     for start in range(0, num_classes - 1, step):
         stop = min(start + step, num_classes - 1)
-        cos = units[start:stop] @ units[start + 1 :].T  # columns c' = start + 1 + j
-        rows = torch.arange(start, stop, device=cos.device)[:, None]
-        cols = torch.arange(start + 1, num_classes, device=cos.device)[None, :]
-        upper = cols > rows
-        dist2 = (2.0 - 2.0 * cos[upper]).clamp_min(0.0)
-        close = dist2 < CLOSE_DIST2
-        if bool(close.any()):  # 2 - 2cos cancels: take these few from the difference
-            i = rows.expand_as(upper)[upper][close]
-            j = cols.expand_as(upper)[upper][close]
-            exact = (units[i] - units[j]).square().sum(1)
-            dist2[close] = torch.where(exact < COINCIDE_DIST2, 0.0, exact)
-        state = _merge_moments(state, -0.5 * torch.log(dist2))
+        # the pairs (c, c') with start <= c < stop, c' > c: a triangle then a rectangle
+        tri = torch.triu(torch.ones(stop - start, stop - start + 1, dtype=torch.bool,
+                                    device=units.device), diagonal=1)
+        square = units[start:stop] @ units[start : stop + 1].T
+        state = _merge_moments(state, _log_inverse_distance(square[tri], units, start, tri))
+        if stop + 1 < num_classes:
+            rect = units[start:stop] @ units[stop + 1 :].T
+            state = _merge_moments(state, _log_inverse_distance(rect.flatten(), units, start,
+                                                                None, stop + 1))
     count, mean, m2 = state
     return {"energy": mean, "variance": m2 / count if count else math.nan}
+
+
+def _log_inverse_distance(
+    cos: Tensor, units: Tensor, start: int, tri: Tensor | None, first_col: int = 0
+) -> Tensor:
+    """log(1 / ||u_c - u_c'||) from the cosines of one block of pairs, in place.
+
+    ``tri`` is the triangle mask of a (rows, rows + 1) block starting at column ``start``,
+    or None for a full (rows, C - first_col) block; pairs whose 2 - 2cos would cancel
+    (closer than ``CLOSE_DIST2``) take their distance from the difference of the units.
+    """
+    dist2 = cos.mul_(-2.0).add_(2.0).clamp_min_(0.0)
+    close = torch.nonzero(dist2 < CLOSE_DIST2).flatten()
+    if close.numel():
+        if tri is None:
+            width = units.shape[0] - first_col
+            i, j = start + close // width, first_col + close % width
+        else:
+            where = torch.nonzero(tri)[close]
+            i, j = start + where[:, 0], start + where[:, 1]
+        exact = (units[i] - units[j]).square().sum(1)
+        dist2[close] = torch.where(exact < COINCIDE_DIST2, 0.0, exact)
+    return dist2.log_().mul_(-0.5)
 
 
 def duality(weight: Tensor, centred_means: Tensor) -> dict[str, float]:
@@ -280,7 +300,8 @@ def duality(weight: Tensor, centred_means: Tensor) -> dict[str, float]:
     """
     cos = (weight * centred_means).sum(1) / (weight.norm(dim=1) * centred_means.norm(dim=1))
     mean = float(cos.mean())
-    return {"duality_cos": mean, "unc3": float(cos.std(correction=0)) / mean}
+    spread = float(cos.std(correction=0))
+    return {"duality_cos": mean, "unc3": spread / mean if mean != 0 else math.nan}
 
 
 def self_duality_etf(weight: Tensor, centred_means: Tensor) -> float:
