@@ -25,24 +25,41 @@ import pandas as pd
 
 from nctools.config.schema import load_config
 from nctools.errors import RunError, SnapshotError
-from nctools.metrics.measure import CHUNK_ELEMENTS, METRIC_KEYS, measure_chunks
+from nctools.metrics.measure import BEYOND_KEYS, CHUNK_ELEMENTS, METRIC_KEYS, measure_chunks
 from nctools.runs import files, snapshots, store
 from nctools.runs.layout import CONFIG_FILE, MANIFEST_FILE, METRICS_FILE
 
 IN_MEMORY_BYTES = 128 * 2**20  # a split up to this size is read once and measured in memory
 
 KEY_COLUMNS = ["run", "dataset", "arch", "epoch", "split", "metric", "value"]
+# how the metrics were measured (METRICS.md "Choices that change the statistics"):
+# the global mean ("samples" or "classes") and the class subset ("all", or ids "5,6,7")
+OPTION_COLUMNS = ["global_mean", "classes"]
+TABLE_METRICS = (*METRIC_KEYS, *BEYOND_KEYS, "classes_measured")  # row order of a table
 # the history columns each metrics row carries (the epoch is a key column already)
 HISTORY_COLUMNS = [c for c in store.HISTORY_COLUMNS if c not in ("epoch", "seconds")]
-COLUMNS = [*KEY_COLUMNS, *HISTORY_COLUMNS, "tpt_onset_epoch"]
+COLUMNS = [*KEY_COLUMNS, *OPTION_COLUMNS, *HISTORY_COLUMNS, "tpt_onset_epoch"]
 SPLIT_ORDER = ("train", "test")  # train first: the test split needs the train class means
 # Values read back must be the very floats written: pandas 3 parses floats exactly by
 # default (and deprecates the option); pandas 2 needs float_precision="round_trip".
 _EXACT_FLOATS = {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
 
 
-def analyze(run_dir: str | Path, strict: bool = False) -> pd.DataFrame:
+def analyze(
+    run_dir: str | Path,
+    strict: bool = False,
+    *,
+    global_mean: str = "samples",
+    classes: list[int] | None = None,
+) -> pd.DataFrame:
     """Measure every snapshot of ``run_dir`` not yet in ``RUN/metrics.csv`` and rewrite it.
+
+    ``global_mean`` and ``classes`` are :func:`nctools.measure`'s; the table records them
+    (:data:`OPTION_COLUMNS`), and rows measured with other choices are measured again. A
+    run trained with ``train.loss: mse`` also gets the MSE decomposition, with lambda =
+    ``train.weight_decay / 2`` (nctools' MSE sums over classes and averages over samples,
+    so SGD's weight decay wd is the objective's (wd/2)||theta||^2 at twice the METRICS.md
+    scaling).
 
     Returns the whole table (old and new rows), columns :data:`COLUMNS`, sorted by epoch,
     split and metric order. A snapshot whose files fail their sha256 is skipped with a
@@ -67,26 +84,34 @@ def analyze(run_dir: str | Path, strict: bool = False) -> pd.DataFrame:
     ident = {"run": run_dir.resolve().name, "dataset": config.data.dataset,
              "arch": config.model.arch}
 
+    options = {"global_mean": global_mean,
+               "classes": ",".join(map(str, classes)) if classes is not None else "all"}
+    mse = config.train.weight_decay / 2 if config.train.loss == "mse" else None
     started = time.time_ns()
     old = _read_table(run_dir / METRICS_FILE)
     if old is not None:  # a resumed run rewrites the snapshots past its checkpoint
         stale = _rewritten_since(run_dir, epochs, (run_dir / METRICS_FILE).stat().st_mtime_ns)
-        old = old[~old["epoch"].astype(int).isin(stale)]
+        old = _with_options(old)
+        same = (old["global_mean"] == options["global_mean"]) & (
+            old["classes"] == options["classes"])
+        old = old[~old["epoch"].astype(int).isin(stale) & same]
     done = set(old["epoch"].astype(int)) if old is not None else set()
-    frames = [] if old is None else [old[KEY_COLUMNS]]
+    frames = [] if old is None else [old[[*KEY_COLUMNS, *OPTION_COLUMNS]]]
     for epoch in epochs:
         if epoch in done:
             continue
         try:
-            rows = measure_snapshot(run_dir, epoch)
+            rows = measure_snapshot(run_dir, epoch, global_mean=global_mean, classes=classes,
+                                    mse_weight_decay=mse)
         except SnapshotError as exc:
             if strict:
                 raise
             warnings.warn(f"skipping the snapshot of epoch {epoch}: {exc}", stacklevel=2)
             continue
-        frames.append(pd.DataFrame([{**ident, "epoch": epoch, **row} for row in rows]))
+        frames.append(pd.DataFrame([{**ident, "epoch": epoch, **row, **options}
+                                    for row in rows]))
     if not frames:  # every snapshot failed verification
-        table = pd.DataFrame(columns=KEY_COLUMNS)
+        table = pd.DataFrame(columns=[*KEY_COLUMNS, *OPTION_COLUMNS])
     else:
         table = pd.concat(frames, ignore_index=True)
     table = _join_history(run_dir, table)
@@ -109,8 +134,17 @@ def _rewritten_since(run_dir: Path, epochs: list[int], since_ns: int) -> set[int
     return stale
 
 
-def measure_snapshot(run_dir: Path, epoch: int, chunk_rows: int | None = None) -> list[dict]:
-    """Rows ``{"split", "metric", "value"}`` of one snapshot, every METRICS.md key per split.
+def measure_snapshot(
+    run_dir: Path,
+    epoch: int,
+    chunk_rows: int | None = None,
+    *,
+    global_mean: str = "samples",
+    classes: list[int] | None = None,
+    mse_weight_decay: float | None = None,
+) -> list[dict]:
+    """Rows ``{"split", "metric", "value"}`` of one snapshot, every METRICS.md key per split
+    that :func:`nctools.measure` returns with these options.
 
     A split whose files total at most :data:`IN_MEMORY_BYTES` is read once, its sha256
     checked on the bytes read, and measured in memory. A larger one (or any, when
@@ -142,11 +176,15 @@ def measure_snapshot(run_dir: Path, epoch: int, chunk_rows: int | None = None) -
                 return snapshots.iter_split(run_dir, epoch, split, stream_rows, verify=next(passes))
 
         means = train_means if split != "train" else None
-        values, split_means = measure_chunks(chunks, weight, bias, num_classes,
-                                             class_means=means)
+        values, split_means = measure_chunks(
+            chunks, weight, bias, num_classes, class_means=means, global_mean=global_mean,
+            classes=classes, mse_weight_decay=mse_weight_decay)
         if split == "train":
             train_means = split_means
-        rows += [{"split": split, "metric": key, "value": values[key]} for key in METRIC_KEYS]
+            if classes is not None:  # measure_chunks takes one row per class of C
+                train_means = weight.new_zeros(num_classes, dim, dtype=split_means.dtype)
+                train_means[classes] = split_means
+        rows += [{"split": split, "metric": key, "value": value} for key, value in values.items()]
     # A resumed run rewrites the snapshots past its checkpoint; if that happened while the
     # files streamed unhashed, the numbers could mix two versions of the snapshot.
     if snapshots.read_meta(run_dir, epoch)["files"] != meta["files"]:
@@ -190,11 +228,11 @@ def _join_history(run_dir: Path, table: pd.DataFrame) -> pd.DataFrame:
         history = pd.DataFrame(columns=["epoch"])
     history = history.reindex(columns=["epoch", *HISTORY_COLUMNS])
     history = history.drop_duplicates("epoch", keep="last")
-    table = table[KEY_COLUMNS].astype({"epoch": int})
+    table = _with_options(table)[[*KEY_COLUMNS, *OPTION_COLUMNS]].astype({"epoch": int})
     table = table.merge(history.astype({"epoch": int}), on="epoch", how="left")
     table["tpt_onset_epoch"] = _tpt_onset(run_dir, history)
     rank = {"split": {s: i for i, s in enumerate(SPLIT_ORDER)},
-            "metric": {m: i for i, m in enumerate(METRIC_KEYS)}}
+            "metric": {m: i for i, m in enumerate(TABLE_METRICS)}}
     table = table.sort_values(
         ["epoch", "split", "metric"],
         key=lambda col: col.map(rank[col.name]).fillna(len(rank[col.name]))
@@ -202,6 +240,17 @@ def _join_history(run_dir: Path, table: pd.DataFrame) -> pd.DataFrame:
         kind="stable",
     )
     return table.reset_index(drop=True)[COLUMNS]
+
+
+def _with_options(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with :data:`OPTION_COLUMNS` (a table written before them: the defaults)."""
+    table = table.copy()
+    if "global_mean" not in table.columns:
+        table["global_mean"] = "samples"
+    if "classes" not in table.columns:
+        table["classes"] = "all"
+    table["classes"] = table["classes"].fillna("all").astype(str)
+    return table
 
 
 def _tpt_onset(run_dir: Path, history: pd.DataFrame) -> float:
