@@ -169,7 +169,8 @@ def test_train_analyze_plot_workflow(capsys, tmp_path, monkeypatch):
 
     assert main(["analyze", str(run)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == f"wrote {run / 'metrics.csv'} (90 rows)"
+    assert out[0] == f"wrote {run / 'metrics.csv'} ({len(table)} rows)"  # 3 epochs x 2 x keys
+    assert len(table) == 3 * 2 * table["metric"].nunique()
     assert out[1] == "epoch 3:"
     assert out[2].split() == ["train", "test"]
     last = table[(table["epoch"] == 3) & (table["metric"] == "nc1")].set_index("split")
