@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_epilog("nctools analyze runs/mnist runs/cifar10 --strict"),
     )
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    p.add_argument("--global-mean", choices=("samples", "classes"), default="samples",
+                   help="mu_G: the mean of all samples (the paper's) or of the class means")
+    p.add_argument("--classes", metavar="C,C,...",
+                   help="measure only these classes, e.g. 5,6,7 (minority collapse)")
     p.add_argument("--strict", action="store_true",
                    help="stop at a snapshot that fails its checksum (default: skip it)")
     p.set_defaults(func=cmd_analyze)
@@ -99,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_epilog("nctools plot runs/mnist runs/cifar10 --out collapse.pdf"),
     )
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories or sweep folders")
+    p.add_argument("--metrics", metavar="KEY,KEY",
+                   help="one panel per metric key, e.g. gnc2_means,unc3 (instead of --panels)")
+    p.add_argument("--panels", choices=("paper", "generalised"), default="paper",
+                   help="the paper's panels, or GNC2, UNC3 and separation fuzziness")
     p.add_argument("--out", metavar="FILE", help=(
         "figure file, .png/.pdf/.svg (default: RUN/figures/collapse.png for one run, "
         "./collapse.png for several)"))
@@ -209,13 +217,27 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from nctools.analysis.tables import analyze, run_is_writable
 
     for run in args.runs:
-        table = analyze(run, strict=args.strict)
+        try:
+            table = analyze(run, strict=args.strict, global_mean=args.global_mean,
+                            classes=_class_list(args.classes))
+        except ValueError as exc:  # e.g. --classes naming a class the run does not have
+            raise NctoolsError(f"analyze {run}: {exc}") from None
         if Path(run).is_dir() and run_is_writable(Path(run)):
             print(f"wrote {Path(run) / METRICS_FILE} ({len(table)} rows)")
         else:
             print(f"{run} is read-only: {len(table)} rows measured in memory, not saved")
         print(summary(table))
     return 0
+
+
+def _class_list(text: str | None) -> list[int] | None:
+    """``--classes 5,6,7`` as [5, 6, 7]; a one-line error for anything else."""
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise NctoolsError(f"--classes {text!r}: expected class ids like 5,6,7") from None
 
 
 def summary(table) -> str:
@@ -232,7 +254,7 @@ def summary(table) -> str:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from nctools.analysis.plots import figure_format, plot_runs
+    from nctools.analysis.plots import figure_format, plot_runs, select_panels
     from nctools.analysis.tables import current_table, run_is_writable
     from nctools.training.sweep import is_sweep
 
@@ -263,7 +285,16 @@ def cmd_plot(args: argparse.Namespace) -> int:
     for i, run in enumerate(runs):  # runs/a/exp and runs/b/exp: told apart by their paths
         if names.count(names[i]) > 1 and "run" in tables[i]:
             tables[i] = tables[i].assign(run=str(run))
-    print(f"wrote {plot_runs(tables, out)}")
+    chosen = None
+    if args.metrics or args.panels != "paper":
+        keys = [k for k in args.metrics.split(",") if k] if args.metrics else None
+        chosen = select_panels(keys, args.panels)
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always")
+        written = plot_runs(tables, out, panels=chosen)
+    for note in notes:
+        print(f"nctools: note: {note.message}", file=sys.stderr)
+    print(f"wrote {written}")
     return 0
 
 

@@ -14,6 +14,7 @@ vertical line at each run's onset of the terminal phase of training (TPT).
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,33 @@ PANELS: tuple[Panel, ...] = (
     Panel("NC2: distance to simplex ETF, class means", "‖G/‖G‖ − ETF‖", "etf_means"),
     Panel("NC2: distance to simplex ETF, classifiers", "‖G/‖G‖ − ETF‖", "etf_weights", _W),
 )
+# METRICS.md "Beyond the paper": many classes and imbalance (`--panels generalised`).
+GENERALISED_PANELS: tuple[Panel, ...] = (
+    Panel("GNC2: variance of log inverse distances, class means", "var log 1/‖u_c − u_c′‖",
+          "gnc2_means"),
+    Panel("GNC2: variance of log inverse distances, classifiers", "var log 1/‖u_c − u_c′‖",
+          "gnc2_weights", _W),
+    Panel("GNC2: logarithmic energy, class means", "mean log 1/‖u_c − u_c′‖",
+          "gnc2_energy_means"),
+    Panel("UNC3: uniform duality", "std_c s_c / mean_c s_c", "unc3"),
+    Panel("Duality: mean cos(w_c, μ_c − μ_G)", "mean_c s_c", "duality_cos"),
+    Panel("Separation fuzziness (He & Su 2023)", "Tr(SS_W SS_B⁺)", "separation_fuzziness"),
+)
+PANEL_PRESETS = ("paper", "generalised")
 NCOLS = 4
+
+
+def select_panels(
+    metrics: Sequence[str] | None = None, preset: str = "paper"
+) -> tuple[Panel, ...]:
+    """The panels of ``preset`` (``paper`` or ``generalised``), or one per key of
+    ``metrics`` (a known panel when there is one, else a plain one titled by the key)."""
+    if preset not in PANEL_PRESETS:
+        raise NctoolsError(f"--panels {preset!r}: unknown; valid: {', '.join(PANEL_PRESETS)}")
+    if not metrics:
+        return PANELS if preset == "paper" else GENERALISED_PANELS
+    known = {p.metric: p for p in (*GENERALISED_PANELS, *PANELS)}
+    return tuple(known.get(key, Panel(key, key, key)) for key in metrics)
 
 
 def _read(table: pd.DataFrame | str | Path) -> pd.DataFrame:
@@ -185,6 +212,7 @@ def _draw_panel(ax, panel: Panel, runs, colors) -> None:
 def collapse_figure(
     tables: Sequence[pd.DataFrame | str | Path] | pd.DataFrame | str | Path,
     hue: str | None = None,
+    panels: Sequence[Panel] | None = None,
 ) -> Figure:
     """The collapse curves of one or several runs as a Figure of ``len(PANELS)`` panels,
     epochs on a log axis as in the paper.
@@ -193,6 +221,8 @@ def collapse_figure(
     :func:`nctools.analysis.analyze`; several runs may share one table (``run`` column).
     ``hue``: one colour per value of this column (e.g. ``train.lr`` of a collected sweep);
     several runs of a value (seeds) are drawn as their mean with a +- 1 std band.
+    ``panels``: chosen panels (:func:`select_panels`) instead of the paper's; those whose
+    metric no table has are left out with a warning saying so.
     """
     from nctools.analysis.tables import PENULTIMATE
 
@@ -201,16 +231,26 @@ def collapse_figure(
             for label, rows in _runs(tables, hue)]
     if not runs:
         raise NctoolsError("nothing to plot: the metrics tables are empty")
+    if panels is not None:
+        present = set().union(*(set(rows["metric"]) for _, rows in runs))
+        missing = [p.metric for p in panels if p.metric not in present]
+        if missing:
+            warnings.warn(f"left out the panels of {', '.join(missing)}: not in the tables",
+                          stacklevel=2)
+        panels = [p for p in panels if p.metric in present]
+        if not panels:
+            raise NctoolsError("nothing to plot: the tables have none of the chosen metrics")
+    chosen = tuple(panels) if panels is not None else PANELS
     colors = [matplotlib.colormaps["tab10"](i % 10) for i in range(len(runs))]
-    nrows = -(-len(PANELS) // NCOLS)
+    nrows = -(-len(chosen) // NCOLS)
     # A bare Figure on the Agg canvas, not pyplot: no display is needed, no window opens
     # and nothing stays registered with pyplot after the figure is dropped.
     fig = Figure(figsize=(4.2 * NCOLS, 3.3 * nrows + 0.6), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, NCOLS, squeeze=False).ravel()
-    for ax, panel in zip(axes, PANELS, strict=False):
+    for ax, panel in zip(axes, chosen, strict=False):
         _draw_panel(ax, panel, runs, colors)
-    for ax in axes[len(PANELS):]:
+    for ax in axes[len(chosen):]:
         ax.remove()
     handles = [Line2D([], [], color=c, linewidth=2, label=label)
                for (label, _), c in zip(runs, colors, strict=True)]
@@ -237,13 +277,14 @@ def plot_runs(
     tables: Sequence[pd.DataFrame | str | Path] | pd.DataFrame | str | Path,
     out: str | Path,
     hue: str | None = None,
+    panels: Sequence[Panel] | None = None,
 ) -> Path:
     """Draw :func:`collapse_figure` and save it atomically to ``out`` (.png, .pdf or .svg)."""
     from nctools.runs.files import atomic_write_bytes
 
     out = Path(out)
     fmt = figure_format(out)  # fail before the (slow) drawing
-    fig = collapse_figure(tables, hue)
+    fig = collapse_figure(tables, hue, panels)
     buf = io.BytesIO()
     fig.savefig(buf, format=fmt, dpi=150)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,13 @@ from torch import Tensor
 
 from nctools.config.schema import load_config
 from nctools.errors import RunError, SnapshotError
-from nctools.metrics.measure import CHUNK_ELEMENTS, METRIC_KEYS, Chunks, measure_chunks
+from nctools.metrics.measure import (
+    BEYOND_KEYS,
+    CHUNK_ELEMENTS,
+    METRIC_KEYS,
+    Chunks,
+    measure_chunks,
+)
 from nctools.runs import files, snapshots, store
 from nctools.runs.layout import CONFIG_FILE, MANIFEST_FILE, METRICS_FILE
 
@@ -36,19 +42,36 @@ IN_MEMORY_BYTES = 128 * 2**20  # a split up to this size is read once and measur
 
 KEY_COLUMNS = ["run", "dataset", "arch", "epoch", "split", "layer", "metric", "value"]
 PENULTIMATE = "features"  # the `layer` of the penultimate features (the classifier's input)
+# how the metrics were measured (METRICS.md "Choices that change the statistics"):
+# the global mean ("samples" or "classes") and the class subset ("all", or ids "5,6,7")
+OPTION_COLUMNS = ["global_mean", "classes"]
+TABLE_METRICS = (*METRIC_KEYS, *BEYOND_KEYS, "classes_measured")  # row order of a table
 # the history columns each metrics row carries (the epoch is a key column already); the
 # accuracy is the eval-mode one, as the snapshot's: the running one stays in history.csv
 HISTORY_COLUMNS = [c for c in store.HISTORY_COLUMNS
                    if c not in ("epoch", "seconds", "train_acc_running")]
-COLUMNS = [*KEY_COLUMNS, *HISTORY_COLUMNS, "tpt_onset_epoch"]
+COLUMNS = [*KEY_COLUMNS, *OPTION_COLUMNS, *HISTORY_COLUMNS, "tpt_onset_epoch"]
 SPLIT_ORDER = ("train", "test")  # train first: the test split needs the train class means
 # Values read back must be the very floats written: pandas 3 parses floats exactly by
 # default (and deprecates the option); pandas 2 needs float_precision="round_trip".
 _EXACT_FLOATS = {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
 
 
-def analyze(run_dir: str | Path, strict: bool = False) -> pd.DataFrame:
+def analyze(
+    run_dir: str | Path,
+    strict: bool = False,
+    *,
+    global_mean: str = "samples",
+    classes: list[int] | None = None,
+) -> pd.DataFrame:
     """Measure every snapshot of ``run_dir`` not yet in ``RUN/metrics.csv`` and rewrite it.
+
+    ``global_mean`` and ``classes`` are :func:`nctools.measure`'s; the table records them
+    (:data:`OPTION_COLUMNS`), and rows measured with other choices are measured again. A
+    run trained with ``train.loss: mse`` also gets the MSE decomposition, with lambda =
+    ``train.weight_decay / 2`` (nctools' MSE sums over classes and averages over samples,
+    so SGD's weight decay wd is the objective's (wd/2)||theta||^2 at twice the METRICS.md
+    scaling).
 
     Returns the whole table (old and new rows), columns :data:`COLUMNS`, sorted by epoch,
     split and metric order. A snapshot that fails its checks (a file failing its sha256, a
@@ -82,12 +105,19 @@ def analyze(run_dir: str | Path, strict: bool = False) -> pd.DataFrame:
              "arch": config.model.arch}
 
     writable = run_is_writable(run_dir)
+    options = {"global_mean": global_mean,
+               "classes": ",".join(map(str, classes)) if classes is not None else "all"}
+    mse = config.train.weight_decay / 2 if config.train.loss == "mse" else None
     started = time.time_ns()
     old = _read_table(run_dir / METRICS_FILE)
     if old is not None:  # a resumed run rewrites the snapshots past its checkpoint
         stale = _rewritten_since(run_dir, epochs, (run_dir / METRICS_FILE).stat().st_mtime_ns)
-        old = old[~old["epoch"].astype(int).isin(stale)]
-        old = old[KEY_COLUMNS].assign(**ident)  # one run, whatever its folder was called
+        old = _with_options(old)
+        same = (old["global_mean"] == options["global_mean"]) & (
+            old["classes"] == options["classes"])
+        old = old[~old["epoch"].astype(int).isin(stale) & same]
+        # one run, whatever its folder was called
+        old = old[[*KEY_COLUMNS, *OPTION_COLUMNS]].assign(**ident)
     done = set(old["epoch"].astype(int)) if old is not None else set()
     frames = [] if old is None else [old]
     todo = [epoch for epoch in epochs if epoch not in done]
@@ -95,11 +125,13 @@ def analyze(run_dir: str | Path, strict: bool = False) -> pd.DataFrame:
     try:
         for epoch in todo:
             try:
-                rows = measure_snapshot(run_dir, epoch)
+                rows = measure_snapshot(run_dir, epoch, global_mean=global_mean,
+                                        classes=classes, mse_weight_decay=mse)
             except SnapshotError as exc:
                 _skip(str(exc), strict, f"skipping the snapshot of epoch {epoch}: ")
                 continue
-            frames.append(pd.DataFrame([{**ident, "epoch": epoch, **row} for row in rows]))
+            frames.append(pd.DataFrame([{**ident, "epoch": epoch, **row, **options}
+                                        for row in rows]))
             if writable and time.monotonic() - saved_at > SAVE_EVERY_SECONDS:
                 _save(run_dir, _table(run_dir, frames), started)
                 saved_at = time.monotonic()
@@ -144,7 +176,8 @@ def _skip(message: str, strict: bool, skipping: str) -> None:
 
 
 def _table(run_dir: Path, frames: list[pd.DataFrame]) -> pd.DataFrame:
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=KEY_COLUMNS)
+    empty = pd.DataFrame(columns=[*KEY_COLUMNS, *OPTION_COLUMNS])
+    table = pd.concat(frames, ignore_index=True) if frames else empty
     return _join_history(run_dir, table)
 
 
@@ -178,8 +211,17 @@ def _streamed(run_dir: Path, epoch: int, split: str, rows: int, passes: Iterator
     return snapshots.iter_split(run_dir, epoch, split, rows, verify=next(passes))
 
 
-def measure_snapshot(run_dir: Path, epoch: int, chunk_rows: int | None = None) -> list[dict]:
-    """Rows ``{"split", "metric", "value"}`` of one snapshot, every METRICS.md key per split.
+def measure_snapshot(
+    run_dir: Path,
+    epoch: int,
+    chunk_rows: int | None = None,
+    *,
+    global_mean: str = "samples",
+    classes: list[int] | None = None,
+    mse_weight_decay: float | None = None,
+) -> list[dict]:
+    """Rows ``{"split", "metric", "value"}`` of one snapshot, every METRICS.md key per split
+    that :func:`nctools.measure` returns with these options.
 
     A split whose files total at most :data:`IN_MEMORY_BYTES` is read once, its sha256
     checked on the bytes read, and measured in memory. A larger one (or any, when
@@ -207,15 +249,19 @@ def measure_snapshot(run_dir: Path, epoch: int, chunk_rows: int | None = None) -
             chunks = functools.partial(_streamed, run_dir, epoch, split, stream_rows, passes)
         means: Tensor | None = train_means if split != "train" else None
         try:
-            values, split_means = measure_chunks(chunks, weight, bias, num_classes,
-                                                 class_means=means)
+            values, split_means = measure_chunks(
+                chunks, weight, bias, num_classes, class_means=means, global_mean=global_mean,
+                classes=classes, mse_weight_decay=mse_weight_decay)
         except ValueError as exc:  # NaN features, labels out of range: this snapshot only
             raise SnapshotError(f"{snapshots.snapshot_dir(run_dir, epoch)}: the {split} split "
                                 f"cannot be measured ({exc})") from None
         if split == "train":
             train_means = split_means
-        rows += [{"split": split, "layer": PENULTIMATE, "metric": key, "value": values[key]}
-                 for key in METRIC_KEYS]
+            if classes is not None:  # measure_chunks takes one row per class of C
+                train_means = weight.new_zeros(num_classes, dim, dtype=split_means.dtype)
+                train_means[classes] = split_means
+        rows += [{"split": split, "layer": PENULTIMATE, "metric": key, "value": value}
+                 for key, value in values.items()]
     rows = _inner_layer_rows(run_dir, epoch, meta, stream_rows) + rows
     # A resumed run rewrites the snapshots past its checkpoint; if that happened while the
     # files streamed unhashed, the numbers could mix two versions of the snapshot.
@@ -290,11 +336,11 @@ def _join_history(run_dir: Path, table: pd.DataFrame) -> pd.DataFrame:
         history = pd.DataFrame(columns=["epoch"])
     history = history.reindex(columns=["epoch", *HISTORY_COLUMNS])
     history = history.drop_duplicates("epoch", keep="last")
-    table = table[KEY_COLUMNS].astype({"epoch": int})
+    table = _with_options(table)[[*KEY_COLUMNS, *OPTION_COLUMNS]].astype({"epoch": int})
     table = table.merge(history.astype({"epoch": int}), on="epoch", how="left")
     table["tpt_onset_epoch"] = _tpt_onset(run_dir, history)
     rank = {"split": {s: i for i, s in enumerate(SPLIT_ORDER)},
-            "metric": {m: i for i, m in enumerate(METRIC_KEYS)}}
+            "metric": {m: i for i, m in enumerate(TABLE_METRICS)}}
     # layers keep the order they were measured in (depth, the penultimate last)
     rank["layer"] = {name: i for i, name in enumerate(pd.unique(table["layer"]))}
     table = table.sort_values(
@@ -304,6 +350,17 @@ def _join_history(run_dir: Path, table: pd.DataFrame) -> pd.DataFrame:
         kind="stable",
     )
     return table.reset_index(drop=True)[COLUMNS]
+
+
+def _with_options(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with :data:`OPTION_COLUMNS` (a table written before them: the defaults)."""
+    table = table.copy()
+    if "global_mean" not in table.columns:
+        table["global_mean"] = "samples"
+    if "classes" not in table.columns:
+        table["classes"] = "all"
+    table["classes"] = table["classes"].fillna("all").astype(str)
+    return table
 
 
 def _tpt_onset(run_dir: Path, history: pd.DataFrame) -> float:

@@ -29,7 +29,9 @@ class DataConfig:
     dataset: str = "mnist5k"  # mnist5k | synthetic | mnist | fashionmnist | kmnist | cifar10 | ...
     root: str = "~/.cache/nctools/data"  # where torchvision data sets live
     download: bool = False  # let torchvision download missing files (needs internet)
-    samples_per_class: int | None = None  # balanced training subset; None keeps all
+    # balanced training subset (an int), one count per class (a list: imbalanced, e.g.
+    # minority collapse, Fang et al. 2021); None keeps all
+    samples_per_class: int | list[int] | None = None
     test_samples_per_class: int | None = None  # balanced test subset; None keeps all
     augment: bool = False  # random crop + flip on the training split (the paper uses none)
     pad_to: int | None = None  # zero-pad images to this many px square (the paper: MNIST to 32)
@@ -294,7 +296,8 @@ def validate(cfg: Config) -> None:
     # torch and NumPy generators take seeds of 64 bits; the epoch generator adds to it
     _check(0 <= cfg.seed <= MAX_SEED, "seed", f"in [0, {MAX_SEED}]", cfg.seed)
     spc = data.samples_per_class
-    _check(spc is None or spc >= 1, "data.samples_per_class", ">= 1 or null", spc)
+    _check(spc is None or (min(spc, default=0) if isinstance(spc, list) else spc) >= 1,
+           "data.samples_per_class", ">= 1, a non-empty list of counts >= 1, or null", spc)
     tspc = data.test_samples_per_class
     _check(tspc is None or tspc >= 1, "data.test_samples_per_class", ">= 1 or null", tspc)
     _check(data.pad_to is None or data.pad_to >= 1, "data.pad_to", ">= 1 or null", data.pad_to)

@@ -106,27 +106,33 @@ def pad_dataset(data: Dataset, size: int) -> Dataset:
 
 def balanced_subset(
     split: Split,
-    samples_per_class: int,
+    samples_per_class: int | list[int],
     num_classes: int,
     seed: int,
     key: str = "samples_per_class",
 ) -> Split:
-    """The first ``samples_per_class`` of a seeded permutation of each class, in data order.
+    """The first ``samples_per_class`` of a seeded permutation of each class, in data order;
+    a list gives each class its own count (an imbalanced subset).
 
     ``key`` names the config key in errors (``data.<key>``)."""
     which = "test" if key.startswith("test") else "training"
-    if samples_per_class < 1:
+    counts = samples_per_class if isinstance(samples_per_class, list) else (
+        [samples_per_class] * num_classes)
+    if len(counts) != num_classes:
+        raise ConfigError(f"data.{key} lists {len(counts)} counts but the data set has "
+                          f"{num_classes} classes")
+    if min(counts) < 1:
         raise ConfigError(f"data.{key} must be >= 1, got {samples_per_class}")
     gen = torch.Generator().manual_seed(seed)
     keep = []
-    for c in range(num_classes):
+    for c, count in enumerate(counts):
         members = torch.nonzero(split.labels == c).flatten()
-        if members.numel() < samples_per_class:
+        if members.numel() < count:
             raise ConfigError(
                 f"data.{key}={samples_per_class} but class {c} has only "
                 f"{members.numel()} {which} samples"
             )
-        keep.append(members[torch.randperm(members.numel(), generator=gen)[:samples_per_class]])
+        keep.append(members[torch.randperm(members.numel(), generator=gen)[:count]])
     idx = torch.sort(torch.cat(keep)).values
     images: Tensor | torch.utils.data.Dataset
     if isinstance(split.images, Tensor):

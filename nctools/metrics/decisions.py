@@ -21,6 +21,7 @@ from torch import Tensor
 
 F64 = torch.float64
 F32_UNIT = 2.0**-24  # unit roundoff of float32
+SCORE_ELEMENTS = 1 << 22  # float32 scores of one sub-block of rows (16 MiB)
 
 
 class DecisionTally:
@@ -63,6 +64,7 @@ class DecisionTally:
         self.centre_offset = PairOffsets(shift - reference, centres, -centres.square().sum(1) / 2)
         self.ncc = SureArgmax(centre_coords if self.in_basis else centres.T, self.centre_offset)
         self.tallied = torch.zeros(3, dtype=torch.int64, device=weight.device)
+        self.num_classes = weight.shape[0]
 
     def fresh(self) -> DecisionTally:
         """A tally sharing these precomputed matrices, with no decisions yet."""
@@ -84,34 +86,47 @@ class DecisionTally:
         x @ B (rows, r) when the statistics keep a basis."""
         if self.in_basis and projected is None:
             raise ValueError("DecisionTally: centres in a basis need blocks with x @ basis")
-        predicted = self.classifier(h, labels)
-        nearest = self.ncc(projected if self.in_basis else x, labels)
-        hits = (predicted != nearest, predicted == labels, nearest == labels)
-        self.tallied += torch.stack([hit.sum() for hit in hits])
+        ncc_input = x if projected is None or not self.in_basis else projected
+        # rows at a time so that the (rows, C) scores stay within SCORE_ELEMENTS
+        step = max(1, SCORE_ELEMENTS // self.num_classes)
+        for start in range(0, h.shape[0], step):
+            part = slice(start, start + step)
+            y = labels if isinstance(labels, int) else labels[part]
+            predicted = self.classifier(h[part], y)
+            nearest = self.ncc(ncc_input[part], y)
+            hits = (predicted != nearest, predicted == y, nearest == y)
+            self.tallied += torch.stack([hit.sum() for hit in hits])
 
 
 class PairOffsets:
     """The (C', C) offsets o[y, k] = a_y.b_k + c_k of samples labelled y, held as their
-    factors: a float32 table for the float32 scores, float64 rows formed on demand.
+    factors, float64 rows formed on demand.
 
-    At C = 10,000 classes a float64 table would take 0.8 GB; the float32 one takes 0.4 GB
-    and is filled in blocks of rows, so no C x C float64 matrix exists at any time.
+    With few classes (C' x C <= ``TABLE_ELEMENTS``) the float32 rounding of the whole table
+    is kept for lookup; with many, each block's rows are formed when needed and rounded the
+    same way, so memory never grows as C^2 (C = 20,000 would need 1.6 GB as a table). The
+    table is filled, and max |o| found, in blocks of rows: no C x C float64 matrix exists.
 
     Args:
         left: (C', D) float64 a_y.  right: (C, D) float64 b_k.  constant: (C,) float64 c_k.
     """
 
     BLOCK_ELEMENTS = 1 << 22  # float64 values of one block of rows (32 MiB)
+    TABLE_ELEMENTS = 1 << 24  # a float32 table up to this size (64 MiB) is kept
 
     def __init__(self, left: Tensor, right: Tensor, constant: Tensor) -> None:
         self.left, self.right, self.constant = left, right.T.contiguous(), constant
         self.shape = (left.shape[0], right.shape[0])
-        self.table32 = torch.empty(self.shape, dtype=torch.float32, device=left.device)
+        keep = self.shape[0] * self.shape[1] <= self.TABLE_ELEMENTS
+        self.table32 = (
+            torch.empty(self.shape, dtype=torch.float32, device=left.device) if keep else None
+        )
         self.max_abs = 0.0
         step = max(1, self.BLOCK_ELEMENTS // max(1, self.shape[1]))
         for start in range(0, self.shape[0], step):
             block = self.rows(torch.arange(start, min(start + step, self.shape[0])))
-            self.table32[start : start + step] = block
+            if self.table32 is not None:
+                self.table32[start : start + step] = block
             self.max_abs = max(self.max_abs, float(block.abs().max()))
 
     def rows(self, labels: Tensor | int) -> Tensor:
@@ -119,6 +134,14 @@ class PairOffsets:
         if isinstance(labels, int):
             labels = torch.tensor([labels], device=self.left.device)
         return torch.addmm(self.constant, self.left[labels], self.right)
+
+    def rows32(self, labels: Tensor | int) -> Tensor:
+        """The float32 rounding of :meth:`rows` (what the float32 scores add)."""
+        if self.table32 is not None:
+            return self.table32[labels]
+        if isinstance(labels, int):
+            return self.rows(labels)[0].float()
+        return self.rows(labels).float()
 
     def full(self) -> Tensor:
         """The whole (C', C) float64 table (for few classes)."""
@@ -145,8 +168,8 @@ class SureArgmax:
         self.matrix, self.offset = matrix.contiguous(), offset
         self.matrix32 = matrix.T.float().contiguous()  # (C, n): A^T x^T is MKL's fast shape
         self.per_label = isinstance(offset, PairOffsets)
-        if self.per_label:
-            self.offset32, self.max_offset = offset.table32, offset.max_abs
+        if isinstance(offset, PairOffsets):
+            self.offset32, self.max_offset = None, offset.max_abs
         else:
             self.offset32, self.max_offset = offset.float(), float(offset.abs().max())
         n = matrix.shape[0]
@@ -162,7 +185,11 @@ class SureArgmax:
         """Winners (rows,) int64 for x (rows, n) in any float dtype, labelled ``labels``
         (rows,) or one int for the whole block (used only with a per-label offset)."""
         x32 = x.float()
-        offset = self.offset32[labels] if self.per_label else self.offset32
+        if isinstance(self.offset, PairOffsets):
+            offset = self.offset.rows32(labels)
+        else:
+            assert self.offset32 is not None
+            offset = self.offset32
         scores = torch.addmm(offset.T if offset.ndim == 2 else offset[:, None],
                              self.matrix32, x32.T).T  # fmt: skip
         norms = torch.linalg.vector_norm(x32, dim=1)
@@ -173,8 +200,8 @@ class SureArgmax:
         unsure = count != 1
         if bool(unsure.any()):
             rows = torch.nonzero(unsure).flatten()
-            offset = self.offset
-            if self.per_label:
-                offset = offset.rows(labels if isinstance(labels, int) else labels[rows])
-            winner[rows] = (x[rows].to(F64) @ self.matrix + offset).argmax(1)
+            exact = self.offset
+            if isinstance(exact, PairOffsets):
+                exact = exact.rows(labels if isinstance(labels, int) else labels[rows])
+            winner[rows] = (x[rows].to(F64) @ self.matrix + exact).argmax(1)
         return winner

@@ -47,7 +47,10 @@ def test_table_equals_measure_on_each_snapshot(run):
     table = analyze(run)
     assert list(table.columns) == COLUMNS
     assert sorted(table["epoch"].unique()) == [1, 2, 3]
-    assert len(table) == 3 * 2 * len(METRIC_KEYS)
+    keys = list(by_hand(run, 1)["train"])  # METRIC_KEYS, then the newer keys measure gives
+    assert keys[: len(METRIC_KEYS)] == list(METRIC_KEYS)
+    assert len(table) == 3 * 2 * len(keys)
+    assert set(table["global_mean"]) == {"samples"} and set(table["classes"]) == {"all"}
     assert set(table["run"]) == {"tiny"}
     assert set(table["dataset"]) == {"synthetic"} and set(table["arch"]) == {"convnet"}
     for epoch in (1, 2, 3):
@@ -55,8 +58,8 @@ def test_table_equals_measure_on_each_snapshot(run):
         for split in ("train", "test"):
             rows = table[(table["epoch"] == epoch) & (table["split"] == split)]
             got = dict(zip(rows["metric"], rows["value"], strict=True))
-            assert set(got) == set(METRIC_KEYS)
-            for key in METRIC_KEYS:
+            assert set(got) == set(expected[split])
+            for key in expected[split]:
                 assert got[key] == pytest.approx(expected[split][key], rel=1e-12, abs=1e-12)
     # The test split's NC4 uses the training means: it differs from its own-means value.
     weight, bias = snapshots.load_classifier(run, 3)
@@ -86,7 +89,8 @@ def test_two_runs_concatenate(run, tmp_path):
     other = Path(shutil.copytree(run, tmp_path / "other"))
     both = pd.concat([analyze(run), analyze(other)], ignore_index=True)
     assert list(both.columns) == COLUMNS
-    assert both.groupby("run").size().to_dict() == {"other": 90, "tiny": 90}
+    rows = 3 * 2 * len(by_hand(run, 1)["train"])  # epochs x splits x keys
+    assert both.groupby("run").size().to_dict() == {"other": rows, "tiny": rows}
 
 
 def counting(monkeypatch) -> list[int]:
@@ -174,3 +178,20 @@ def test_a_history_without_train_acc_running_still_analyses(run):
     assert set(table["lr"]) == set(history["lr"])
     legacy = store.legacy_history(store.read_history(run))
     assert legacy["train_acc_running"].tolist() == [0.75] * len(history)
+
+
+def test_options_are_recorded_and_change_the_numbers(run):
+    """--global-mean classes and --classes: the table says so and holds measure's numbers;
+    asking for other options measures the epochs again instead of mixing choices."""
+    analyze(run)
+    table = analyze(run, global_mean="classes", classes=[0, 2, 3])
+    assert set(table["global_mean"]) == {"classes"} and set(table["classes"]) == {"0,2,3"}
+    assert sorted(table["epoch"].unique()) == [1, 2, 3]
+    weight, bias = snapshots.load_classifier(run, 2)
+    train_h, train_y = snapshots.load_split(run, 2, "train")
+    want = measure(train_h, train_y, weight, bias, global_mean="classes", classes=[0, 2, 3])
+    rows = table[(table["epoch"] == 2) & (table["split"] == "train")]
+    got = dict(zip(rows["metric"], rows["value"], strict=True))
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key

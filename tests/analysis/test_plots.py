@@ -139,3 +139,19 @@ def test_missing_metric_leaves_a_labelled_empty_panel():
     etf_ax = fig.axes[-1]
     assert etf_ax.get_lines() == [] or all(ln.get_linestyle() == ":" for ln in etf_ax.get_lines())
     assert "no `etf_weights` in the table" in [t.get_text() for t in etf_ax.texts]
+
+
+def test_chosen_panels_leave_out_keys_the_table_lacks():
+    table = fake_table("a", "mnist5k", "convnet")
+    with pytest.warns(UserWarning, match="left out the panels of gnc2_means"):
+        fig = collapse_figure(table, plots.select_panels(["nc1", "gnc2_means", "accuracy"]))
+    titles = {p.metric: p.title for p in PANELS}
+    assert [ax.get_title() for ax in fig.axes] == [titles["nc1"], titles["accuracy"]]
+    generalised = plots.select_panels(preset="generalised")
+    assert {"gnc2_means", "unc3", "separation_fuzziness"} <= {p.metric for p in generalised}
+    extra = table[table["metric"] == "nc1"].assign(metric="unc3", value=0.5)
+    with pytest.warns(UserWarning, match="left out"):
+        fig = collapse_figure(pd.concat([table, extra]), generalised)
+    assert [ax.get_title() for ax in fig.axes] == ["UNC3: uniform duality"]
+    with pytest.raises(NctoolsError, match="none of the chosen metrics"):
+        collapse_figure(table, generalised)

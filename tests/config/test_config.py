@@ -151,7 +151,7 @@ def test_unknown_key_without_close_match_lists_valid_keys(tmp_path):
         ("train: {milestones: [0.5, x]}",
          "train.milestones: expected list of float, got list [0.5, 'x']"),
         ("data: {samples_per_class: 1.5}",
-         "data.samples_per_class: expected int or null, got float 1.5"),
+         "data.samples_per_class: expected int or list of int or null, got float 1.5"),
         ("name: null", "name: expected str, got null None"),
         ("snapshot: {epochs: 5}", "snapshot.epochs: expected str or list of int, got int 5"),
         ("train: 3", "train: expected a mapping, got int 3"),

@@ -136,6 +136,23 @@ def test_balanced_subset_picks_distinct_rows_of_each_class():
     assert not torch.equal(rows, other)
 
 
+def test_samples_per_class_list_gives_each_class_its_count():
+    """An imbalanced subset (minority collapse): one count per class, else a named error."""
+    labels = torch.arange(50) % 5
+    split = Split(torch.arange(50.0).reshape(50, 1, 1, 1), labels)
+    sub = ncdata.balanced_subset(split, [4, 4, 1, 2, 4], 5, seed=0)
+    rows = sub.images.flatten().long()
+    assert torch.bincount(sub.labels).tolist() == [4, 4, 1, 2, 4]
+    assert torch.equal(sub.labels, labels[rows]) and rows.unique().numel() == 15
+    # the balanced subset's first rows of each class, drawn by the same seeded permutation
+    same = ncdata.balanced_subset(split, [4] * 5, 5, seed=0)
+    assert torch.equal(same.images, ncdata.balanced_subset(split, 4, 5, seed=0).images)
+    with pytest.raises(ConfigError, match="lists 3 counts but the data set has 5 classes"):
+        ncdata.balanced_subset(split, [1, 2, 3], 5, seed=0)
+    with pytest.raises(ConfigError, match="class 1 has only 10"):
+        ncdata.balanced_subset(split, [1, 11, 1, 1, 1], 5, seed=0)
+
+
 def test_test_samples_per_class_subsets_the_test_split_only(mnist_root):
     root, _, _ = mnist_root
     full = load_dataset(DataConfig(dataset="mnist5k", root=str(root)), 0)

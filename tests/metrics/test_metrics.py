@@ -25,7 +25,8 @@ CONTRACT_KEYS = (
 
 
 def assert_close(got, want, rtol, atol=0.0):
-    assert tuple(got) == CONTRACT_KEYS
+    # the paper's keys first, in order; the "Beyond the paper" keys after them
+    assert tuple(got)[: len(CONTRACT_KEYS)] == CONTRACT_KEYS
     for key in CONTRACT_KEYS:
         assert math.isclose(got[key], want[key], rel_tol=rtol, abs_tol=atol), (
             key, got[key], want[key],
@@ -302,3 +303,21 @@ def test_pair_offsets_in_row_blocks_equal_the_whole_table(monkeypatch):
     assert pairs.max_abs == pytest.approx(float(want.abs().max()), rel=1e-14)
     torch.testing.assert_close(pairs.rows(torch.tensor([4, 0])), want[[4, 0]])
     torch.testing.assert_close(pairs.rows(3), want[3:4])
+
+
+def test_pair_offsets_without_a_table_decide_as_with_one(monkeypatch):
+    """Many classes: offsets formed per block (no C x C table) give the same NC4 counts."""
+    features, labels, weight, bias = clusters(9, 4, 30, spread=2.5, seed=5)
+    given = torch.from_numpy(np.stack([features[labels == c].mean(0) for c in range(9)]) + 0.3)
+    with_table = measure(features, labels, weight, bias, class_means=given)
+    monkeypatch.setattr(decisions.PairOffsets, "TABLE_ELEMENTS", 0)
+    monkeypatch.setattr(decisions, "SCORE_ELEMENTS", 9 * 7)  # sub-blocks of 7 rows
+    pairs = decisions.PairOffsets(torch.randn(5, 3, dtype=torch.float64),
+                                  torch.randn(4, 3, dtype=torch.float64),
+                                  torch.randn(4, dtype=torch.float64))
+    assert pairs.table32 is None
+    torch.testing.assert_close(pairs.rows32(torch.tensor([3, 1])), pairs.full()[[3, 1]].float())
+    without = measure(features, labels, weight, bias, class_means=given)
+    want = reference_metrics(features, labels, weight, bias, class_means=given.numpy())
+    for key in ("ncc_mismatch", "accuracy", "ncc_accuracy"):
+        assert without[key] == with_table[key] == want[key], key
