@@ -31,19 +31,18 @@ from torch import Tensor, nn
 
 from nctools.metrics import functional
 from nctools.metrics.decisions import DecisionTally
-from nctools.metrics.measure import METRIC_KEYS, collapse_metrics
+from nctools.metrics.measure import (
+    BEYOND_KEYS,
+    CLASSIFIER_FREE_KEYS,
+    METRIC_KEYS,
+    beyond_metrics,
+    collapse_metrics,
+)
 from nctools.metrics.stats import ClassStats
 from nctools.models.features import LayerTaps, last_linear, top_level_blocks
 
 F64 = torch.float64
 
-# METRICS.md "Classifier-free measurement": what a layer without W and b gets. The one
-# list of them; when `nctools.measure` takes weight=None its own list replaces this one.
-CLASSIFIER_FREE_KEYS = (
-    "nc1", "nc1_ratio", "cdnv",
-    "equinorm_means", "equiangular_means", "maxangle_means", "etf_means",
-    "ncc_accuracy",
-)  # fmt: skip
 
 
 def measure_model(
@@ -210,18 +209,16 @@ class LayerPasses:
     def result(self) -> dict[str, float]:
         """The full METRICS.md suite with a classifier, else ``CLASSIFIER_FREE_KEYS``."""
         assert self.stats is not None and self.tally is not None and self.eig is not None
-        # classifier-free: the centred means stand in for W; only W-free keys are kept
-        weight = self.weight
-        if weight is None:
-            weight = self.stats.class_means() - self.stats.global_mean()
-        result = collapse_metrics(self.stats, weight, *self.eig)
+        result = collapse_metrics(self.stats, self.weight, *self.eig)
+        result.update(beyond_metrics(self.stats, self.weight, self.stats.global_mean()))
         counts = self.tally.counts
         total = float(self.stats.counts.sum())
         result["ncc_mismatch"] = float(counts[0]) / total
         result["accuracy"] = float(counts[1]) / total
         result["ncc_accuracy"] = float(counts[2]) / total
-        keys = METRIC_KEYS if self.weight is not None else CLASSIFIER_FREE_KEYS
-        return {key: result[key] for key in keys}
+        if self.weight is None:
+            return {key: result[key] for key in CLASSIFIER_FREE_KEYS}
+        return {key: result[key] for key in (*METRIC_KEYS, *BEYOND_KEYS) if key in result}
 
 
 def _classifier(

@@ -211,8 +211,9 @@ def _draw_panel(ax, panel: Panel, runs, colors) -> None:
 
 def collapse_figure(
     tables: Sequence[pd.DataFrame | str | Path] | pd.DataFrame | str | Path,
-    hue: str | None = None,
     panels: Sequence[Panel] | None = None,
+    *,
+    hue: str | None = None,
 ) -> Figure:
     """The collapse curves of one or several runs as a Figure of ``len(PANELS)`` panels,
     epochs on a log axis as in the paper.
@@ -276,15 +277,16 @@ def figure_format(out: str | Path) -> str:
 def plot_runs(
     tables: Sequence[pd.DataFrame | str | Path] | pd.DataFrame | str | Path,
     out: str | Path,
-    hue: str | None = None,
     panels: Sequence[Panel] | None = None,
+    *,
+    hue: str | None = None,
 ) -> Path:
     """Draw :func:`collapse_figure` and save it atomically to ``out`` (.png, .pdf or .svg)."""
     from nctools.runs.files import atomic_write_bytes
 
     out = Path(out)
     fmt = figure_format(out)  # fail before the (slow) drawing
-    fig = collapse_figure(tables, hue, panels)
+    fig = collapse_figure(tables, panels, hue=hue)
     buf = io.BytesIO()
     fig.savefig(buf, format=fmt, dpi=150)
     out.parent.mkdir(parents=True, exist_ok=True)

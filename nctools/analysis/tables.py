@@ -274,7 +274,8 @@ def measure_snapshot(
 def _inner_layer_rows(run_dir: Path, epoch: int, meta: dict, chunk_rows: int) -> list[dict]:
     """Classifier-free metrics of each inner layer the snapshot holds (``snapshot.layers``),
     in depth order; on the test split NC4's centres are the train split's class means."""
-    from nctools.analysis.model_measure import CLASSIFIER_FREE_KEYS, LayerPasses
+    from nctools.analysis.model_measure import LayerPasses
+    from nctools.metrics.measure import CLASSIFIER_FREE_KEYS
 
     num_classes = meta["num_classes"]
     rows = []

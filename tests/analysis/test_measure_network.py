@@ -10,11 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nctools.analysis.model_measure import CLASSIFIER_FREE_KEYS
 from nctools.cli import main
 from nctools.config.schema import DataConfig
 from nctools.data.sets import load_dataset
-from nctools.metrics.measure import METRIC_KEYS, measure
+from nctools.metrics.measure import CLASSIFIER_FREE_KEYS, METRIC_KEYS, measure
 from tests.helpers import make_net
 
 DATA = ["--dataset", "synthetic", "--set", "data.image_size=8", "--set", "data.num_classes=3",
