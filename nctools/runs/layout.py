@@ -1,0 +1,18 @@
+"""The run directory's file names and table columns: every one here, once.
+
+Imports nothing, so the command line can name a run's files without loading torch.
+
+    RUN/config.yaml  run.json  history.csv  checkpoint.pt  metrics.csv  figures/
+    RUN/snapshots/epoch-NNNN/{train,test}.safetensors  classifier.safetensors  meta.json
+"""
+
+CONFIG_FILE = "config.yaml"
+MANIFEST_FILE = "run.json"
+HISTORY_FILE = "history.csv"
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.csv"
+SNAPSHOTS_DIR = "snapshots"
+FIGURES_DIR = "figures"
+HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
+META_FILE = "meta.json"
+CLASSIFIER_FILE = "classifier.safetensors"
