@@ -4,6 +4,7 @@ Public API (stable names)::
 
     nctools.measure(features, labels, weight, bias=None, num_classes=None) -> dict
     nctools.ClassStats(num_classes, dim)
+    nctools.NCMetric(num_classes, classifier=None, keep_features=False)   # torchmetrics
     nctools.analyze(run_dir) -> pandas.DataFrame
     nctools.load_config(path, overrides=()) -> Config
     nctools.train(config, out_dir) -> Path
@@ -27,19 +28,22 @@ _PUBLIC = {
     "measure": "nctools.metrics.measure",
     "measure_chunks": "nctools.metrics.measure",
     "ClassStats": "nctools.metrics.stats",
+    "NCMetric": "nctools.metrics.ncmetric",
     "analyze": "nctools.analysis.tables",
     "load_config": "nctools.config.schema",
     "train": "nctools.training.loop",
 }
 
 __all__ = [
-    "ClassStats", "__version__", "analyze", "load_config", "measure", "measure_chunks", "train",
+    "ClassStats", "NCMetric", "__version__", "analyze", "load_config", "measure",
+    "measure_chunks", "train",
 ]  # fmt: skip
 
 if TYPE_CHECKING:
     from nctools.analysis.tables import analyze
     from nctools.config.schema import load_config
     from nctools.metrics.measure import measure, measure_chunks
+    from nctools.metrics.ncmetric import NCMetric
     from nctools.metrics.stats import ClassStats
     from nctools.training.loop import train
 
