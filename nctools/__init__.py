@@ -8,6 +8,7 @@ Public API (stable names)::
     nctools.analyze(run_dir) -> pandas.DataFrame
     nctools.load_config(path, overrides=()) -> Config
     nctools.train(config, out_dir) -> Path
+    nctools.track(model, layer=None, num_classes=None) -> Tracker   # plain-loop NCMetric
 
 ``import nctools`` imports neither torch nor pandas: each name is loaded on first use
 (PEP 562 module ``__getattr__``), so the command line answers ``--help`` at once.
@@ -32,16 +33,18 @@ _PUBLIC = {
     "analyze": "nctools.analysis.tables",
     "load_config": "nctools.config.schema",
     "train": "nctools.training.loop",
+    "track": "nctools.integrations.track",
 }
 
 __all__ = [
     "ClassStats", "NCMetric", "__version__", "analyze", "load_config", "measure",
-    "measure_chunks", "train",
+    "measure_chunks", "track", "train",
 ]  # fmt: skip
 
 if TYPE_CHECKING:
     from nctools.analysis.tables import analyze
     from nctools.config.schema import load_config
+    from nctools.integrations.track import track
     from nctools.metrics.measure import measure, measure_chunks
     from nctools.metrics.ncmetric import NCMetric
     from nctools.metrics.stats import ClassStats
