@@ -67,6 +67,7 @@ class TrainConfig:
     bf16: bool = False  # CUDA only: bf16 autocast
     channels_last: bool = False  # channels_last memory format (faster on GPUs and CPUs)
     eval_every: int = 1  # test pass every K epochs (and at snapshots and the last); 0: only there
+    loggers: list[str] = field(default_factory=list)  # any of tensorboard, mlflow, wandb
 
 
 @dataclass
@@ -76,6 +77,7 @@ class SnapshotConfig:
     epochs: str | list[int] = "log:30"  # all | log:K | [1, 2, 5, ...]
     splits: list[str] = field(default_factory=lambda: ["train", "test"])
     dtype: str = "float32"  # float32 | float16
+    measure: bool = False  # measure each snapshot as it is written and send it to the loggers
 
 
 @dataclass
@@ -98,6 +100,7 @@ LOSSES = ("ce", "mse")
 SCHEDULES = ("multistep", "cosine", "constant")
 SNAPSHOT_DTYPES = ("float32", "float16")
 SPLITS = ("train", "test")
+LOGGERS = ("tensorboard", "mlflow", "wandb")  # train.loggers (nctools.training.loggers)
 
 
 def config_from_dict(data: dict, source: str = "<dict>") -> Config:
@@ -271,6 +274,9 @@ def validate(cfg: Config) -> None:
     _check(all(a < b for a, b in itertools.pairwise(ms)), "train.milestones", "increasing", ms)
     _check(math.isfinite(train.gamma) and train.gamma > 0, "train.gamma", "> 0", train.gamma)
     _check(train.eval_every >= 0, "train.eval_every", ">= 0", train.eval_every)
+    lg = train.loggers
+    _check(set(lg) <= set(LOGGERS) and len(set(lg)) == len(lg), "train.loggers",
+           f"a list of distinct names from {', '.join(LOGGERS)}", lg)
     _check(bool(_DEVICE.match(train.device)), "train.device", "auto, cpu, cuda or cuda:N",
            train.device)
     _check(snap.dtype in SNAPSHOT_DTYPES, "snapshot.dtype", f"one of {', '.join(SNAPSHOT_DTYPES)}",

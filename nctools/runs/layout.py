@@ -2,7 +2,7 @@
 
 Imports nothing, so the command line can name a run's files without loading torch.
 
-    RUN/config.yaml  run.json  history.csv  checkpoint.pt  metrics.csv  figures/
+    RUN/config.yaml  run.json  history.csv  checkpoint.pt  metrics.csv  figures/  logs/
     RUN/snapshots/epoch-NNNN/{train,test}.safetensors  classifier.safetensors  meta.json
 """
 
@@ -16,3 +16,4 @@ FIGURES_DIR = "figures"
 HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
 META_FILE = "meta.json"
 CLASSIFIER_FILE = "classifier.safetensors"
+LOGS_DIR = "logs"  # experiment loggers' files (TensorBoard events, MLflow/W&B stores)

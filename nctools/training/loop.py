@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from nctools.config.schema import (
     Config,
+    config_to_dict,
     snapshot_schedule,
 )
 from nctools.data.sets import load_dataset
@@ -65,6 +66,7 @@ from nctools.training.distributed import (
     sum_over_ranks,
     wrap_model,
 )
+from nctools.training.loggers import Loggers, open_loggers, snapshot_metrics
 from nctools.training.run_state import (
     Run,
     StopOnSignal,
@@ -143,10 +145,14 @@ def _train(config: Config, run_dir: Path, resume: bool, dist: DistInfo,
                total=config.train.epochs, unit="epoch", desc=config.name,
                disable=None if dist.is_main else True)
     last_test = ""
+    loggers = Loggers()
+    if dist.is_main and config.train.loggers:
+        loggers = open_loggers(config.train.loggers, run_dir, config_to_dict(config), config.name)
     with StopOnSignal(at_epoch_end=dist.distributed) as stop:
         try:
             for epoch in bar:
-                row = _run_epoch(run, epoch, stop)
+                row = _run_epoch(run, epoch, stop, loggers)
+                loggers.log(epoch, row)
                 shown = {"loss": f"{row['train_loss']:.4g}", "acc": f"{row['train_acc']:.4f}"}
                 if not math.isnan(row["test_acc"]):  # train.eval_every skips some epochs
                     last_test = shown["test_acc"] = f"{row['test_acc']:.4f}"
@@ -168,6 +174,7 @@ def _train(config: Config, run_dir: Path, resume: bool, dist: DistInfo,
         finally:
             bar.close()
             run.writer.close()  # no file is left half-way whatever stops the loop
+            loggers.close()
     set_status(run, "completed")
     return run_dir
 
@@ -203,7 +210,7 @@ def _setup(config: Config, run_dir: Path, dist: DistInfo, device: torch.device) 
     )
 
 
-def _run_epoch(run: Run, epoch: int, stop: StopOnSignal) -> dict:
+def _run_epoch(run: Run, epoch: int, stop: StopOnSignal, loggers: Loggers | None = None) -> dict:
     """Train one epoch, evaluate, then write its history row, snapshot and checkpoint."""
     config, tc, device, dist = run.config, run.config.train, run.device, run.dist
     t0 = time.perf_counter()
@@ -265,6 +272,13 @@ def _run_epoch(run: Run, epoch: int, stop: StopOnSignal) -> dict:
             job()
         history = []
         _write_snapshot(run, epoch, splits)  # every rank: its own shard
+        if config.snapshot.measure:  # every rank: the statistics are summed across ranks
+            clf = run.model.classifier
+            values = snapshot_metrics({s: splits[s] for s in config.snapshot.splits},
+                                      clf.weight.detach(),
+                                      None if clf.bias is None else clf.bias.detach())
+            if loggers is not None:
+                loggers.log(epoch, values)
     if dist.is_main:
         # Serialised now, written while the next epoch trains: history row, checkpoint
         # (after everything of this epoch is complete), manifest (after the checkpoint).
