@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
     p.add_argument("--strict", action="store_true",
                    help="stop at a snapshot that fails its checksum (default: skip it)")
+    p.add_argument("--export", choices=["tensorboard"],
+                   help="also write the history and metrics as event files under RUN/logs/export")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser(
@@ -198,6 +200,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     for run in args.runs:
         table = analyze(run, strict=args.strict)
         print(f"wrote {Path(run) / 'metrics.csv'} ({len(table)} rows)")
+        if args.export == "tensorboard":
+            from nctools.training.loggers import export_tensorboard
+
+            print(f"wrote TensorBoard events to {export_tensorboard(run, table)}")
         print(summary(table))
     return 0
 

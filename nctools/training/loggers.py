@@ -153,3 +153,29 @@ def snapshot_metrics(
             train_means = means
         values.update({f"nc/{name}/{key}": value for key, value in result.items()})
     return values
+
+
+def export_tensorboard(run_dir: str | os.PathLike, table: Any) -> Path:
+    """Write an analysed run as TensorBoard event files under ``RUN/logs/export``.
+
+    Args:
+        run_dir: the run directory (its ``history.csv`` gives the per-epoch scalars).
+        table: the tidy metrics table of ``nctools.analyze`` (columns epoch, split,
+            metric, value), written as ``nc/<split>/<metric>`` at step = epoch.
+
+    Returns:
+        the folder holding the event files.
+    """
+    from nctools.runs.store import read_history
+
+    folder = Path(run_dir) / LOGS_DIR / "export"
+    sink = Loggers([_tensorboard(folder, {}, "export")])
+    try:
+        for row in read_history(run_dir).to_dict("records"):
+            sink.log(int(row["epoch"]), row)
+        for epoch, rows in table.groupby("epoch"):
+            values = {f"nc/{r.split}/{r.metric}": r.value for r in rows.itertuples()}
+            sink.log(int(epoch), values)
+    finally:
+        sink.close()
+    return folder

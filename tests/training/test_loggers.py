@@ -52,3 +52,18 @@ def test_unknown_logger_is_a_config_error():
         tiny_config().train, loggers=["tensorboard", "neptune"]))  # fmt: skip
     with pytest.raises(ConfigError, match=r"train\.loggers"):
         validate(config)
+
+
+def test_analyze_export_tensorboard_writes_the_table(tmp_path, capsys):
+    from nctools.cli import main
+
+    run = train(tiny_config(epochs=2, snapshots=[2]), tmp_path / "run")
+    assert main(["analyze", str(run), "--export", "tensorboard"]) == 0
+    table = pd.read_csv(run / "metrics.csv")
+    events = EventAccumulator(str(run / LOGS_DIR / "export"))
+    events.Reload()
+    for (split, metric), rows in table.groupby(["split", "metric"]):
+        curve = events.Scalars(f"nc/{split}/{metric}")
+        assert [e.step for e in curve] == list(rows.epoch)
+        assert [e.value for e in curve] == pytest.approx(list(rows.value), rel=1e-6)
+    assert [e.step for e in events.Scalars("train_acc")] == [1, 2]
