@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. train.epochs=3 (repeatable)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in RUN from its checkpoint")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress (default: a bar on a terminal, else a line per epoch)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -90,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop at a snapshot that fails its checksum (default: skip it)")
     p.add_argument("--export", choices=["tensorboard"],
                    help="also write the history and metrics as event files under RUN/logs/export")
+    p.add_argument("--quiet", action="store_true", help="no progress bar over the snapshots")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser(
@@ -140,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a data.*, model.* or seed setting (repeatable), e.g. "
                         "data.samples_per_class=50 or model.width=16")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress bar over the batches")
     p.set_defaults(func=cmd_measure)
     return parser
 
@@ -159,7 +163,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise NctoolsError("train: give a CONFIG file (or --resume --out RUN)")
         cfg = load_config(args.config, args.overrides)
         run = Path(args.out) if args.out else Path("runs") / cfg.name
-        say(f"run saved in {train(cfg, run)}")
+        say(f"run saved in {train(cfg, run, quiet=args.quiet)}")
         return 0
     # --resume: `nctools train --resume --out RUN` or `nctools train RUN --resume`.
     config = Path(args.config) if args.config else None
@@ -176,7 +180,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     same = config == run / CONFIG_FILE and not args.overrides
     if not same:
         _check_resume_changes(run, cfg)
-    say(f"run saved in {train(cfg, run, resume=same)}")
+    say(f"run saved in {train(cfg, run, resume=same, quiet=args.quiet)}")
     return 0
 
 
@@ -198,7 +202,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from nctools.analysis.tables import analyze
 
     for run in args.runs:
-        table = analyze(run, strict=args.strict)
+        table = analyze(run, strict=args.strict, quiet=args.quiet)
         print(f"wrote {Path(run) / 'metrics.csv'} ({len(table)} rows)")
         if args.export == "tensorboard":
             from nctools.training.loggers import export_tensorboard
@@ -269,6 +273,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
         arch=args.arch, checkpoint=args.checkpoint, dataset=args.dataset, split=args.split,
         layer=args.layer, num_classes=args.num_classes, data_root=args.data_root,
         batch_size=args.batch_size, device=args.device, overrides=args.overrides,
+        quiet=args.quiet,
     )
     if not dist_from_env().is_main:  # every rank holds the result; rank 0 prints it
         return 0

@@ -181,7 +181,7 @@ def test_train_analyze_plot_workflow(capsys, tmp_path, monkeypatch):
     clf = run / "snapshots" / "epoch-0002" / "classifier.safetensors"
     clf.write_bytes(clf.read_bytes()[:-4] + b"\0\0\0\0")
     (run / "metrics.csv").unlink()
-    assert main(["analyze", str(run)]) == 0
+    assert main(["analyze", "--quiet", str(run)]) == 0  # no progress bar on stderr
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1
     assert err[0].startswith(f"nctools: warning: skipping the snapshot of epoch 2: {clf}")

@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 
 import pandas as pd
+from tqdm.auto import tqdm
 
 from nctools.config.schema import load_config
 from nctools.errors import RunError, SnapshotError
@@ -41,12 +42,13 @@ SPLIT_ORDER = ("train", "test")  # train first: the test split needs the train c
 _EXACT_FLOATS = {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
 
 
-def analyze(run_dir: str | Path, strict: bool = False) -> pd.DataFrame:
+def analyze(run_dir: str | Path, strict: bool = False, quiet: bool = True) -> pd.DataFrame:
     """Measure every snapshot of ``run_dir`` not yet in ``RUN/metrics.csv`` and rewrite it.
 
     Returns the whole table (old and new rows), columns :data:`COLUMNS`, sorted by epoch,
     split and metric order. A snapshot whose files fail their sha256 is skipped with a
-    warning naming the file, or raises :class:`SnapshotError` when ``strict``.
+    warning naming the file, or raises :class:`SnapshotError` when ``strict``. Unless
+    ``quiet`` a progress bar over the snapshots goes to stderr (the command line's default).
 
     Raises:
         RunError: no run directory at ``run_dir``, or a run without snapshots.
@@ -74,9 +76,8 @@ def analyze(run_dir: str | Path, strict: bool = False) -> pd.DataFrame:
         old = old[~old["epoch"].astype(int).isin(stale)]
     done = set(old["epoch"].astype(int)) if old is not None else set()
     frames = [] if old is None else [old[KEY_COLUMNS]]
-    for epoch in epochs:
-        if epoch in done:
-            continue
+    todo = [epoch for epoch in epochs if epoch not in done]
+    for epoch in tqdm(todo, desc=f"analyze {run_dir.name}", unit="snapshot", disable=quiet):
         try:
             rows = measure_snapshot(run_dir, epoch)
         except SnapshotError as exc:

@@ -34,6 +34,7 @@ import io
 import logging
 import math
 import shlex
+import sys
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -94,7 +95,7 @@ CONFIG_FILE, CHECKPOINT_FILE = store.CONFIG_FILE, store.CHECKPOINT_FILE
 EVAL_BATCH_FACTOR = 4  # no activations kept for backward; beyond ~128 rows a CPU gains nothing
 
 
-def train(config: Config, out_dir: str | Path, resume: bool = False) -> Path:
+def train(config: Config, out_dir: str | Path, resume: bool = False, quiet: bool = False) -> Path:
     """Train ``config`` into the run directory ``out_dir`` and return its path.
 
     A new ``out_dir`` starts a run; one holding the same config continues from its last
@@ -110,16 +111,28 @@ def train(config: Config, out_dir: str | Path, resume: bool = False) -> Path:
             (NaN/Inf loss; the last good checkpoint and snapshots are kept).
         ConfigError: under torchrun, a batch size not divisible by ``WORLD_SIZE``.
         KeyboardInterrupt: after Ctrl-C, once a resumable state is on disk.
+
+    Progress, on stderr: a bar on a terminal; otherwise (batch jobs, ``nohup``, Slurm
+    logs) one plain line per epoch (:func:`epoch_line`); nothing with ``quiet``.
     """
     dist = dist_from_env()
     run_dir = Path(out_dir).expanduser()
     device = rank_device(resolve_device(config.train.device), dist)
     with process_group(dist, device):
-        return _train(config, run_dir, resume, dist, device)
+        return _train(config, run_dir, resume, dist, device, quiet)
+
+
+def epoch_line(row: dict, epochs: int) -> str:
+    """One plain progress line: ``epoch 3/150 loss 0.4121 acc 0.8750 test_acc 0.8125 2.1s``
+    (``test_acc`` left out on epochs without a test pass)."""
+    line = f"epoch {row['epoch']}/{epochs} loss {row['train_loss']:.4g} acc {row['train_acc']:.4f}"
+    if not math.isnan(row["test_acc"]):
+        line += f" test_loss {row['test_loss']:.4g} test_acc {row['test_acc']:.4f}"
+    return f"{line} {row['seconds']:.1f}s"
 
 
 def _train(config: Config, run_dir: Path, resume: bool, dist: DistInfo,
-           device: torch.device) -> Path:
+           device: torch.device, quiet: bool = False) -> Path:
     """:func:`train` once the process group (if any) exists."""
     config, checkpoint = open_run(run_dir, config, resume)
     barrier()  # every rank has read the run directory before rank 0 writes to it
@@ -143,7 +156,10 @@ def _train(config: Config, run_dir: Path, resume: bool, dist: DistInfo,
 
     bar = tqdm(range(start + 1, config.train.epochs + 1), initial=start,
                total=config.train.epochs, unit="epoch", desc=config.name,
-               disable=None if dist.is_main else True)
+               disable=True if quiet or not dist.is_main else None)
+    # without a terminal tqdm stays silent: a plain line per epoch then, for logs, on the
+    # bar's stream (stdout keeps the command's results)
+    lines = dist.is_main and not quiet and not sys.stderr.isatty()
     last_test = ""
     loggers = Loggers()
     if dist.is_main and config.train.loggers:
@@ -153,6 +169,8 @@ def _train(config: Config, run_dir: Path, resume: bool, dist: DistInfo,
             for epoch in bar:
                 row = _run_epoch(run, epoch, stop, loggers)
                 loggers.log(epoch, row)
+                if lines:
+                    print(epoch_line(row, config.train.epochs), file=sys.stderr, flush=True)
                 shown = {"loss": f"{row['train_loss']:.4g}", "acc": f"{row['train_acc']:.4f}"}
                 if not math.isnan(row["test_acc"]):  # train.eval_every skips some epochs
                     last_test = shown["test_acc"] = f"{row['test_acc']:.4f}"
