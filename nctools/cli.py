@@ -163,7 +163,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise NctoolsError("train: give a CONFIG file (or --resume --out RUN)")
         cfg = load_config(args.config, args.overrides)
         run = Path(args.out) if args.out else Path("runs") / cfg.name
-        say(f"run saved in {train(cfg, run, quiet=args.quiet)}")
+        progress = "none" if args.quiet else "auto"  # a line per epoch without a terminal
+        say(f"run saved in {train(cfg, run, progress=progress)}")
         return 0
     # --resume: `nctools train --resume --out RUN` or `nctools train RUN --resume`.
     config = Path(args.config) if args.config else None
@@ -180,7 +181,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     same = config == run / CONFIG_FILE and not args.overrides
     if not same:
         _check_resume_changes(run, cfg)
-    say(f"run saved in {train(cfg, run, resume=same, quiet=args.quiet)}")
+    progress = "none" if args.quiet else "auto"
+    say(f"run saved in {train(cfg, run, resume=same, progress=progress)}")
     return 0
 
 

@@ -87,7 +87,7 @@ def hooked_features(model, layer, split, batch_size: int, device, rows: range | 
     A forward hook, not ``model.features``, so that any Linear can be measured (``--layer``).
     Eval mode, no gradients, the split's order, no augmentation (as in every snapshot).
     ``rows``: only these contiguous rows (a torchrun rank's shard; may be empty).
-    ``progress``: a bar over the batches on stderr.
+    ``progress``: a bar over the batches when stderr is a terminal.
     """
     import torch
     from tqdm.auto import tqdm
@@ -108,7 +108,8 @@ def hooked_features(model, layer, split, batch_size: int, device, rows: range | 
         with torch.no_grad():
             indices = torch.arange(rows.start, rows.stop)
             batches = tqdm(iterate_batches(split, indices, batch_size), unit="batch",
-                           total=-(-len(indices) // batch_size), disable=not progress)
+                           total=-(-len(indices) // batch_size),
+                           disable=None if progress else True)  # None: on a terminal only
             for images, y in batches:
                 model(images.to(device))
                 labels.append(y)

@@ -48,7 +48,7 @@ def analyze(run_dir: str | Path, strict: bool = False, quiet: bool = True) -> pd
     Returns the whole table (old and new rows), columns :data:`COLUMNS`, sorted by epoch,
     split and metric order. A snapshot whose files fail their sha256 is skipped with a
     warning naming the file, or raises :class:`SnapshotError` when ``strict``. Unless
-    ``quiet`` a progress bar over the snapshots goes to stderr (the command line's default).
+    ``quiet`` a progress bar over the snapshots goes to stderr when it is a terminal.
 
     Raises:
         RunError: no run directory at ``run_dir``, or a run without snapshots.
@@ -77,7 +77,8 @@ def analyze(run_dir: str | Path, strict: bool = False, quiet: bool = True) -> pd
     done = set(old["epoch"].astype(int)) if old is not None else set()
     frames = [] if old is None else [old[KEY_COLUMNS]]
     todo = [epoch for epoch in epochs if epoch not in done]
-    for epoch in tqdm(todo, desc=f"analyze {run_dir.name}", unit="snapshot", disable=quiet):
+    for epoch in tqdm(todo, desc=f"analyze {run_dir.name}", unit="snapshot",
+                      disable=True if quiet else None):  # None: on a terminal only
         try:
             rows = measure_snapshot(run_dir, epoch)
         except SnapshotError as exc:

@@ -92,10 +92,12 @@ from nctools.training.steps import (
 log = logging.getLogger(__name__)
 
 CONFIG_FILE, CHECKPOINT_FILE = store.CONFIG_FILE, store.CHECKPOINT_FILE
+PROGRESS = ("bar", "auto", "none")  # train(progress=...)
 EVAL_BATCH_FACTOR = 4  # no activations kept for backward; beyond ~128 rows a CPU gains nothing
 
 
-def train(config: Config, out_dir: str | Path, resume: bool = False, quiet: bool = False) -> Path:
+def train(config: Config, out_dir: str | Path, resume: bool = False,
+          progress: str = "bar") -> Path:
     """Train ``config`` into the run directory ``out_dir`` and return its path.
 
     A new ``out_dir`` starts a run; one holding the same config continues from its last
@@ -112,14 +114,17 @@ def train(config: Config, out_dir: str | Path, resume: bool = False, quiet: bool
         ConfigError: under torchrun, a batch size not divisible by ``WORLD_SIZE``.
         KeyboardInterrupt: after Ctrl-C, once a resumable state is on disk.
 
-    Progress, on stderr: a bar on a terminal; otherwise (batch jobs, ``nohup``, Slurm
-    logs) one plain line per epoch (:func:`epoch_line`); nothing with ``quiet``.
+    ``progress``: ``"bar"`` a progress bar when stderr is a terminal; ``"auto"`` (the
+    command line's) the bar on a terminal and otherwise (batch jobs, ``nohup``, Slurm
+    logs) one plain line per epoch on stdout (:func:`epoch_line`); ``"none"`` nothing.
     """
+    if progress not in PROGRESS:
+        raise ValueError(f"progress must be one of {PROGRESS}, got {progress!r}")
     dist = dist_from_env()
     run_dir = Path(out_dir).expanduser()
     device = rank_device(resolve_device(config.train.device), dist)
     with process_group(dist, device):
-        return _train(config, run_dir, resume, dist, device, quiet)
+        return _train(config, run_dir, resume, dist, device, progress)
 
 
 def epoch_line(row: dict, epochs: int) -> str:
@@ -132,7 +137,7 @@ def epoch_line(row: dict, epochs: int) -> str:
 
 
 def _train(config: Config, run_dir: Path, resume: bool, dist: DistInfo,
-           device: torch.device, quiet: bool = False) -> Path:
+           device: torch.device, progress: str = "bar") -> Path:
     """:func:`train` once the process group (if any) exists."""
     config, checkpoint = open_run(run_dir, config, resume)
     barrier()  # every rank has read the run directory before rank 0 writes to it
@@ -156,10 +161,9 @@ def _train(config: Config, run_dir: Path, resume: bool, dist: DistInfo,
 
     bar = tqdm(range(start + 1, config.train.epochs + 1), initial=start,
                total=config.train.epochs, unit="epoch", desc=config.name,
-               disable=True if quiet or not dist.is_main else None)
-    # without a terminal tqdm stays silent: a plain line per epoch then, for logs, on the
-    # bar's stream (stdout keeps the command's results)
-    lines = dist.is_main and not quiet and not sys.stderr.isatty()
+               disable=True if progress == "none" or not dist.is_main else None)
+    # without a terminal tqdm stays silent: a plain line per epoch then, for logs
+    lines = dist.is_main and progress == "auto" and not sys.stdout.isatty()
     last_test = ""
     loggers = Loggers()
     if dist.is_main and config.train.loggers:
@@ -170,7 +174,7 @@ def _train(config: Config, run_dir: Path, resume: bool, dist: DistInfo,
                 row = _run_epoch(run, epoch, stop, loggers)
                 loggers.log(epoch, row)
                 if lines:
-                    print(epoch_line(row, config.train.epochs), file=sys.stderr, flush=True)
+                    print(epoch_line(row, config.train.epochs), flush=True)
                 shown = {"loss": f"{row['train_loss']:.4g}", "acc": f"{row['train_acc']:.4f}"}
                 if not math.isnan(row["test_acc"]):  # train.eval_every skips some epochs
                     last_test = shown["test_acc"] = f"{row['test_acc']:.4f}"

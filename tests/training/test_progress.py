@@ -1,7 +1,8 @@
-"""Without a terminal, `train` prints one plain line per epoch (on stderr, the progress
-bar's stream) with the history's numbers; quiet prints nothing; analyze shows progress."""
+"""Without a terminal, `nctools train` prints one plain line per epoch with the history's
+numbers; --quiet prints nothing; analyze shows progress over snapshots."""
 
 import re
+import sys
 
 import pandas as pd
 import pytest
@@ -16,8 +17,9 @@ LINE = re.compile(
 
 
 def test_one_line_per_epoch_when_stdout_is_not_a_terminal(tmp_path, capsys):
-    run = train(tiny_config(epochs=3, eval_every=2, snapshots=[3]), tmp_path / "run")
-    lines = [m for m in map(LINE.fullmatch, capsys.readouterr().err.splitlines()) if m]
+    run = train(tiny_config(epochs=3, eval_every=2, snapshots=[3]), tmp_path / "run",
+                progress="auto")  # the command line's
+    lines = [m for m in map(LINE.fullmatch, capsys.readouterr().out.splitlines()) if m]
     history = pd.read_csv(run / HISTORY_FILE)
     assert [int(m[1]) for m in lines] == [1, 2, 3]
     for match, row in zip(lines, history.itertuples(), strict=True):
@@ -31,15 +33,17 @@ def test_one_line_per_epoch_when_stdout_is_not_a_terminal(tmp_path, capsys):
 
 
 def test_quiet_prints_nothing(tmp_path, capsys):
-    train(tiny_config(epochs=2, snapshots=[2]), tmp_path / "run", quiet=True)
+    train(tiny_config(epochs=2, snapshots=[2]), tmp_path / "run", progress="none")
     captured = capsys.readouterr()
     assert captured.out == "" and "epoch" not in captured.err
 
 
-def test_analyze_shows_progress_over_snapshots_unless_quiet(tmp_path, capsys):
+def test_analyze_shows_progress_over_snapshots_unless_quiet(tmp_path, capsys, monkeypatch):
     from nctools.cli import main
 
-    run = train(tiny_config(epochs=2, snapshots=[1, 2]), tmp_path / "run", quiet=True)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # the bar is for terminals
+
+    run = train(tiny_config(epochs=2, snapshots=[1, 2]), tmp_path / "run")
     assert main(["analyze", str(run), "--quiet"]) == 0
     assert "snapshot" not in capsys.readouterr().err
     (run / "metrics.csv").unlink()
