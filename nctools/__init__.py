@@ -5,9 +5,11 @@ Public API (stable names)::
     nctools.measure(features, labels, weight, bias=None, num_classes=None) -> dict
     nctools.ClassStats(num_classes, dim)
     nctools.measure_model(model, data, layers=None) -> {layer: dict}
+    nctools.NCMetric(num_classes, classifier=None, keep_features=False)   # torchmetrics
     nctools.analyze(run_dir) -> pandas.DataFrame
     nctools.load_config(path, overrides=()) -> Config
     nctools.train(config, out_dir) -> Path
+    nctools.track(model, layer=None, num_classes=None) -> Tracker   # plain-loop NCMetric
 
 ``import nctools`` imports neither torch nor pandas: each name is loaded on first use
 (PEP 562 module ``__getattr__``), so the command line answers ``--help`` at once.
@@ -29,21 +31,25 @@ _PUBLIC = {
     "measure_chunks": "nctools.metrics.measure",
     "measure_model": "nctools.analysis.model_measure",
     "ClassStats": "nctools.metrics.stats",
+    "NCMetric": "nctools.metrics.ncmetric",
     "analyze": "nctools.analysis.tables",
     "load_config": "nctools.config.schema",
     "train": "nctools.training.loop",
+    "track": "nctools.integrations.track",
 }
 
 __all__ = [
-    "ClassStats", "__version__", "analyze", "load_config", "measure", "measure_chunks",
-    "measure_model", "train",
+    "ClassStats", "NCMetric", "__version__", "analyze", "load_config", "measure",
+    "measure_chunks", "measure_model", "track", "train",
 ]  # fmt: skip
 
 if TYPE_CHECKING:
     from nctools.analysis.model_measure import measure_model
     from nctools.analysis.tables import analyze
     from nctools.config.schema import load_config
+    from nctools.integrations.track import track
     from nctools.metrics.measure import measure, measure_chunks
+    from nctools.metrics.ncmetric import NCMetric
     from nctools.metrics.stats import ClassStats
     from nctools.training.loop import train
 

@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. train.epochs=3 (repeatable)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in RUN from its checkpoint")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress (default: a bar on a terminal, else a line per epoch)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -95,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure only these classes, e.g. 5,6,7 (minority collapse)")
     p.add_argument("--strict", action="store_true",
                    help="stop at a snapshot that fails its checksum (default: skip it)")
+    p.add_argument("--export", choices=["tensorboard"],
+                   help="also write the history and metrics as event files under RUN/logs/export")
+    p.add_argument("--quiet", action="store_true", help="no progress bar over the snapshots")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser(
@@ -170,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a data.*, model.* or seed setting (repeatable), e.g. "
                         "data.samples_per_class=50 or model.width=16")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress bar over the batches")
     p.set_defaults(func=cmd_measure)
     return parser
 
@@ -191,7 +197,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise NctoolsError("train: give a CONFIG file (or --resume --out RUN)")
         cfg = load_config(args.config, args.overrides)
         out = Path(args.out) if args.out else Path("runs") / cfg.name
-        say(f"run saved in {train(cfg, out)}")
+        progress = "none" if args.quiet else "auto"  # a line per epoch without a terminal
+        say(f"run saved in {train(cfg, out, progress=progress)}")
         return 0
     # --resume: `nctools train --resume --out RUN` or `nctools train RUN --resume`.
     config = Path(args.config) if args.config else None
@@ -209,7 +216,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     # train.epochs may grow, extending the run).
     if config != run / CONFIG_FILE or args.overrides:
         check_resume_changes(run, cfg)
-    say(f"run saved in {train(cfg, run, resume=True)}")
+    progress = "none" if args.quiet else "auto"
+    say(f"run saved in {train(cfg, run, resume=True, progress=progress)}")
     return 0
 
 
@@ -219,13 +227,17 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     for run in args.runs:
         try:
             table = analyze(run, strict=args.strict, global_mean=args.global_mean,
-                            classes=_class_list(args.classes))
+                            classes=_class_list(args.classes), quiet=args.quiet)
         except ValueError as exc:  # e.g. --classes naming a class the run does not have
             raise NctoolsError(f"analyze {run}: {exc}") from None
         if Path(run).is_dir() and run_is_writable(Path(run)):
             print(f"wrote {Path(run) / METRICS_FILE} ({len(table)} rows)")
         else:
             print(f"{run} is read-only: {len(table)} rows measured in memory, not saved")
+        if args.export == "tensorboard":
+            from nctools.training.loggers import export_tensorboard
+
+            print(f"wrote TensorBoard events to {export_tensorboard(run, table)}")
         print(summary(table))
     return 0
 
@@ -454,6 +466,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
         arch=args.arch, checkpoint=args.checkpoint, dataset=args.dataset, split=args.split,
         layer=args.layer, num_classes=args.num_classes, data_root=args.data_root,
         batch_size=args.batch_size, device=args.device, overrides=args.overrides,
+        quiet=args.quiet,
     )
     if not dist_from_env().is_main:  # every rank holds the result; rank 0 prints it
         return 0

@@ -151,7 +151,9 @@ def test_train_analyze_plot_workflow(capsys, tmp_path, monkeypatch):
     (tmp_path / "tiny.yaml").write_text(TINY_YAML)
     assert main(["train", "tiny.yaml"]) == 0  # default --out: runs/<config name>
     run = Path("runs/tiny")
-    assert capsys.readouterr().out == f"run saved in {run}\n"
+    out = capsys.readouterr().out.splitlines()  # not a terminal: a line per epoch
+    assert out[-1] == f"run saved in {run}" and [line.split()[1] for line in out[:-1]] == [
+        "1/3", "2/3", "3/3"]
     assert sorted(p.name for p in (run / "snapshots").iterdir()) == [
         "epoch-0001", "epoch-0002", "epoch-0003"]
 

@@ -80,14 +80,17 @@ def feature_layer(model, name: str | None):
     return linears[-1]
 
 
-def hooked_features(model, layer, split, batch_size: int, device, rows: range | None = None):
+def hooked_features(model, layer, split, batch_size: int, device, rows: range | None = None,
+                    progress: bool = False):
     """Inputs of ``layer`` over a whole split: features (N, D) float32, labels (N,) int64.
 
     A forward hook, not ``model.features``, so that any Linear can be measured (``--layer``).
     Eval mode, no gradients, the split's order, no augmentation (as in every snapshot).
     ``rows``: only these contiguous rows (a torchrun rank's shard; may be empty).
+    ``progress``: a bar over the batches when stderr is a terminal.
     """
     import torch
+    from tqdm.auto import tqdm
 
     from nctools.data.splits import iterate_batches
 
@@ -104,7 +107,10 @@ def hooked_features(model, layer, split, batch_size: int, device, rows: range | 
     try:
         with torch.no_grad():
             indices = torch.arange(rows.start, rows.stop)
-            for images, y in iterate_batches(split, indices, batch_size):
+            batches = tqdm(iterate_batches(split, indices, batch_size), unit="batch",
+                           total=-(-len(indices) // batch_size),
+                           disable=None if progress else True)  # None: on a terminal only
+            for images, y in batches:
                 model(images.to(device))
                 labels.append(y)
     finally:
@@ -116,6 +122,7 @@ def measure_checkpoint(
     arch: str, checkpoint: str | Path, dataset: str, split: str = "train",
     layer: str | None = None, num_classes: int | None = None, data_root: str | None = None,
     batch_size: int = 256, device: str = "auto", overrides: Sequence[str] = (),
+    quiet: bool = True,
 ) -> dict[str, float]:
     """METRICS.md metrics of a saved network on ``split`` of ``dataset``.
 
@@ -193,10 +200,12 @@ def measure_checkpoint(
         with process_group(info, dev):
             return _measure_shards(model, linear, data, split, batch_size, dev, info,
                                    weight, bias, checkpoint)
-    features, labels = hooked_features(model, linear, getattr(data, split), batch_size, dev)
+    features, labels = hooked_features(model, linear, getattr(data, split), batch_size, dev,
+                                       progress=not quiet)
     means = None
     if split == "test":
-        train_features, train_labels = hooked_features(model, linear, data.train, batch_size, dev)
+        train_features, train_labels = hooked_features(model, linear, data.train, batch_size, dev,
+                                                       progress=not quiet)
         means = class_means(train_features, train_labels, weight.shape[0])
     try:
         return measure(features, labels, weight, bias, num_classes=weight.shape[0],

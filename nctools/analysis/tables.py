@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from nctools.config.schema import load_config
 from nctools.errors import RunError, SnapshotError
@@ -63,6 +64,7 @@ def analyze(
     *,
     global_mean: str = "samples",
     classes: list[int] | None = None,
+    quiet: bool = True,
 ) -> pd.DataFrame:
     """Measure every snapshot of ``run_dir`` not yet in ``RUN/metrics.csv`` and rewrite it.
 
@@ -82,6 +84,7 @@ def analyze(
     it finished. Old rows take the run's current name (a renamed run stays one run). A run
     folder this process cannot write (a colleague's, a read-only mount) is analysed in
     memory, with a warning, and nothing is written.
+    Unless ``quiet`` a progress bar over the snapshots goes to stderr when it is a terminal.
 
     Raises:
         RunError: no run directory at ``run_dir``, or a run without snapshots.
@@ -123,7 +126,8 @@ def analyze(
     todo = [epoch for epoch in epochs if epoch not in done]
     saved_at = time.monotonic()
     try:
-        for epoch in todo:
+        for epoch in tqdm(todo, desc=f"analyze {run_dir.name}", unit="snapshot",
+                          disable=True if quiet else None):  # None: on a terminal only
             try:
                 rows = measure_snapshot(run_dir, epoch, global_mean=global_mean,
                                         classes=classes, mse_weight_decay=mse)

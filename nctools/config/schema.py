@@ -80,6 +80,7 @@ class TrainConfig:
     # the terminal phase starts at the first epoch whose eval-mode training accuracy reaches
     # this (Papyan et al. 2020: 99.9%, 99.6% on ImageNet)
     tpt_accuracy: float = 0.999
+    loggers: list[str] = field(default_factory=list)  # any of tensorboard, mlflow, wandb
 
 
 @dataclass
@@ -92,6 +93,7 @@ class SnapshotConfig:
     # inner layers whose pooled outputs are saved beside the penultimate features (module
     # names, e.g. [layer1, layer2], or "blocks": every block of the network); [] for none
     layers: str | list[str] = field(default_factory=list)
+    measure: bool = False  # measure each snapshot as it is written and send it to the loggers
 
 
 @dataclass
@@ -118,6 +120,7 @@ SPLITS = ("train", "test")
 MAX_SEED = 2**32 - 1
 MAX_EPOCHS = 1_000_000  # the schedule, history and manifest hold one entry per epoch
 _SAFE_NAME = re.compile(r"[A-Za-z0-9._+-][A-Za-z0-9._+ -]*")
+LOGGERS = ("tensorboard", "mlflow", "wandb")  # train.loggers (nctools.training.loggers)
 
 
 def config_from_dict(data: dict, source: str = "<dict>") -> Config:
@@ -332,6 +335,9 @@ def validate(cfg: Config) -> None:
     _check(math.isfinite(train.gamma) and train.gamma > 0, "train.gamma", "> 0", train.gamma)
     _check(0 < train.tpt_accuracy <= 1, "train.tpt_accuracy", "in (0, 1]", train.tpt_accuracy)
     _check(train.eval_every >= 0, "train.eval_every", ">= 0", train.eval_every)
+    lg = train.loggers
+    _check(set(lg) <= set(LOGGERS) and len(set(lg)) == len(lg), "train.loggers",
+           f"a list of distinct names from {', '.join(LOGGERS)}", lg)
     _check(bool(_DEVICE.match(train.device)), "train.device", "auto, cpu, cuda or cuda:N",
            train.device)
     _check(snap.dtype in SNAPSHOT_DTYPES, "snapshot.dtype", f"one of {', '.join(SNAPSHOT_DTYPES)}",

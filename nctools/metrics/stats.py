@@ -102,6 +102,57 @@ class ClassStats:
         else:
             self.scatter = torch.zeros(dim, dim, dtype=F64, device=device)
 
+    @classmethod
+    def from_state(
+        cls,
+        counts: Tensor,
+        sums: Tensor,
+        sq_norms: Tensor,
+        scatter: Tensor,
+        shift: Tensor,
+        *,
+        has_shift: Tensor | None = None,
+        basis: Tensor | None = None,
+    ) -> ClassStats:
+        """A ClassStats over existing float64 state tensors, without copying them.
+
+        :meth:`update` adds into these very tensors (in place), and the derived statistics
+        read them, so a container that owns the state (``nctools.NCMetric`` registers it as
+        torchmetrics states) accumulates through this class's one route.
+
+        Args:
+            counts: (C,).  sums: (C, D).  sq_norms: (C,).  scatter: (D, D), or (k, k) with
+                ``basis`` (D, k).  All float64 on one device, about ``shift``.
+            shift: (C, D) the per-class reference points the state is taken about.
+            has_shift: (C,) bool, which shifts are set; None means all of them, fixed for
+                the whole accumulation (then an all-reduce is one SUM).
+        """
+        num_classes, dim = sums.shape
+        width = dim if basis is None else basis.shape[1]
+        for name, value, shape in (
+            ("counts", counts, (num_classes,)),
+            ("sq_norms", sq_norms, (num_classes,)),
+            ("scatter", scatter, (width, width)),
+            ("shift", shift, (num_classes, dim)),
+        ):
+            _check_shape(name, value, shape)
+        for name, value in (("counts", counts), ("sums", sums), ("sq_norms", sq_norms),
+                            ("scatter", scatter), ("shift", shift)):  # fmt: skip
+            if value.dtype != F64:
+                raise ValueError(f"{name} must be float64, got {dtype_name(value)}")
+        stats = cls.__new__(cls)
+        stats.num_classes, stats.dim = num_classes, dim
+        stats.counts, stats.sums, stats.sq_norms, stats.scatter = counts, sums, sq_norms, scatter
+        stats.shift = shift
+        stats.fixed_shift = has_shift is None
+        stats.has_shift = (
+            torch.ones(num_classes, dtype=torch.bool, device=counts.device)
+            if has_shift is None
+            else has_shift.to(device=counts.device, dtype=torch.bool)
+        )
+        stats.basis = None if basis is None else basis.to(device=counts.device, dtype=F64)
+        return stats
+
     @property
     def device(self) -> torch.device:
         return self.counts.device
@@ -367,17 +418,21 @@ class ClassStats:
         missing = [k for k in (*_STATE, "shift", "has_shift") if k not in tensors]
         if missing:
             raise ValueError(f"{path}: not a ClassStats file (missing {', '.join(missing)})")
-        num_classes, dim = tensors["sums"].shape
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
-        stats = cls(num_classes, dim, basis=tensors.get("basis"), device=device)
-        for name in _STATE:
-            _check_shape(f"{path}: {name}", tensors[name], tuple(getattr(stats, name).shape))
-            setattr(stats, name, tensors[name].to(F64))
-        stats.shift = tensors["shift"].to(F64)
-        stats.has_shift = tensors["has_shift"].bool()
-        stats.fixed_shift = meta.get("fixed_shift") == "1"
-        return stats
+        sums = tensors["sums"]
+        if sums.ndim != 2:
+            raise ValueError(f"{path}: sums must have shape (C, D), got {tuple(sums.shape)}")
+        fixed = meta.get("fixed_shift") == "1"
+        try:
+            return cls.from_state(
+                *(tensors[name].to(F64) for name in _STATE),
+                tensors["shift"].to(F64),
+                has_shift=None if fixed else tensors["has_shift"],
+                basis=tensors.get("basis"),
+            )
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
 
 
 def _check_shape(name: str, tensor: Tensor, shape: tuple[int, ...]) -> None:

@@ -228,3 +228,40 @@ class LayerTaps:
             raise ValueError(f"layers: {missing[0]!r} did not run in the forward pass")
         out, self.captured = self.captured, {}
         return out
+
+
+class InputOf:
+    """A forward pre-hook that keeps the input of ``module`` from the latest forward pass.
+
+    Usage::
+
+        with InputOf(model.fc) as hook:
+            model(x)
+            features = hook.value          # (B, D) detached: what model.fc received
+
+    ``value`` is the first positional input, detached and flattened to (B, D); the hook
+    is removed on leaving the ``with`` block (or by :meth:`remove`).
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.value: Tensor | None = None
+        self.handle = module.register_forward_pre_hook(self._keep)
+
+    def _keep(self, module: nn.Module, args: tuple) -> None:
+        self.value = args[0].detach().flatten(1)
+
+    def take(self) -> Tensor:
+        """The captured input, cleared so that a stale one is never read twice."""
+        if self.value is None:
+            raise ValueError("the hooked layer did not run in the last forward pass")
+        value, self.value = self.value, None
+        return value
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+    def __enter__(self) -> InputOf:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()

@@ -2,7 +2,7 @@
 
 Imports nothing, so the command line can name a run's files without loading torch.
 
-    RUN/config.yaml  run.json  history.csv  checkpoint.pt  metrics.csv  figures/
+    RUN/config.yaml  run.json  history.csv  checkpoint.pt  metrics.csv  figures/  logs/
     RUN/snapshots/epoch-NNNN/{train,test}.safetensors  classifier.safetensors  meta.json
 """
 
@@ -21,3 +21,4 @@ HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_acc_running", "train_acc"
                    "test_acc", "seconds")
 META_FILE = "meta.json"
 CLASSIFIER_FILE = "classifier.safetensors"
+LOGS_DIR = "logs"  # experiment loggers' files (TensorBoard events, MLflow/W&B stores)

@@ -34,6 +34,7 @@ import io
 import logging
 import math
 import shlex
+import sys
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -46,6 +47,7 @@ from tqdm.auto import tqdm
 
 from nctools.config.schema import (
     Config,
+    config_to_dict,
     snapshot_schedule,
 )
 from nctools.data.sets import load_dataset
@@ -65,6 +67,7 @@ from nctools.training.distributed import (
     sum_over_ranks,
     wrap_model,
 )
+from nctools.training.loggers import Loggers, open_loggers, snapshot_metrics
 from nctools.training.run_state import (
     Run,
     StopOnSignal,
@@ -92,10 +95,12 @@ from nctools.training.steps import (
 log = logging.getLogger(__name__)
 
 CONFIG_FILE, CHECKPOINT_FILE = store.CONFIG_FILE, store.CHECKPOINT_FILE
+PROGRESS = ("bar", "auto", "none")  # train(progress=...)
 EVAL_BATCH_FACTOR = 4  # no activations kept for backward; beyond ~128 rows a CPU gains nothing
 
 
-def train(config: Config, out_dir: str | Path, resume: bool = False) -> Path:
+def train(config: Config, out_dir: str | Path, resume: bool = False,
+          progress: str = "bar") -> Path:
     """Train ``config`` into the run directory ``out_dir`` and return its path.
 
     A new ``out_dir`` starts a run; one holding the same config continues from its last
@@ -111,16 +116,35 @@ def train(config: Config, out_dir: str | Path, resume: bool = False) -> Path:
             (NaN/Inf loss; the last good checkpoint and snapshots are kept).
         ConfigError: under torchrun, a batch size not divisible by ``WORLD_SIZE``.
         KeyboardInterrupt: after Ctrl-C, once a resumable state is on disk.
+
+    ``progress``: ``"bar"`` a progress bar when stderr is a terminal; ``"auto"`` (the
+    command line's) the bar on a terminal and otherwise (batch jobs, ``nohup``, Slurm
+    logs) one plain line per epoch on stdout (:func:`epoch_line`); ``"none"`` nothing.
     """
+    if progress not in PROGRESS:
+        raise ValueError(f"progress must be one of {PROGRESS}, got {progress!r}")
     dist = dist_from_env()
     run_dir = Path(out_dir).expanduser()
     device = rank_device(resolve_device(config.train.device), dist)
     with process_group(dist, device):
-        return _train(config, run_dir, resume, dist, device)
+        return _train(config, run_dir, resume, dist, device, progress)
+
+
+def epoch_line(row: dict, epochs: int) -> str:
+    """One plain progress line: ``epoch 3/150 loss 0.4121 acc 0.8750 test_acc 0.8125 2.1s``
+    (``acc`` the running train-mode accuracy; ``train_acc``, the eval-mode one, and
+    ``test_acc`` only on epochs that measured them)."""
+    line = (f"epoch {row['epoch']}/{epochs} loss {row['train_loss']:.4g} "
+            f"acc {row['train_acc_running']:.4f}")
+    if row.get("train_acc") is not None and not math.isnan(row["train_acc"]):
+        line += f" train_acc {row['train_acc']:.4f}"
+    if not math.isnan(row["test_acc"]):
+        line += f" test_loss {row['test_loss']:.4g} test_acc {row['test_acc']:.4f}"
+    return f"{line} {row['seconds']:.1f}s"
 
 
 def _train(config: Config, run_dir: Path, resume: bool, dist: DistInfo,
-           device: torch.device) -> Path:
+           device: torch.device, progress: str = "bar") -> Path:
     """:func:`train` once the process group (if any) exists."""
     opened, checkpoint = open_run(run_dir, config, resume)
     barrier()  # every rank has read the run directory before rank 0 writes to it
@@ -146,12 +170,20 @@ def _train(config: Config, run_dir: Path, resume: bool, dist: DistInfo,
 
     bar = tqdm(range(start + 1, config.train.epochs + 1), initial=start,
                total=config.train.epochs, unit="epoch", desc=config.name,
-               disable=None if dist.is_main else True)
+               disable=True if progress == "none" or not dist.is_main else None)
+    # without a terminal tqdm stays silent: a plain line per epoch then, for logs
+    lines = dist.is_main and progress == "auto" and not sys.stdout.isatty()
     last_test = ""
+    loggers = Loggers()
+    if dist.is_main and config.train.loggers:
+        loggers = open_loggers(config.train.loggers, run_dir, config_to_dict(config), config.name)
     with StopOnSignal(at_epoch_end=dist.distributed) as stop:
         try:
             for epoch in bar:
-                row = _run_epoch(run, epoch, stop)
+                row = _run_epoch(run, epoch, stop, loggers)
+                loggers.log(epoch, row)
+                if lines:
+                    print(epoch_line(row, config.train.epochs), flush=True)
                 shown = {"loss": f"{row['train_loss']:.4g}",
                          "acc": f"{row['train_acc_running']:.4f}"}
                 if not math.isnan(row["test_acc"]):  # train.eval_every skips some epochs
@@ -177,6 +209,7 @@ def _train(config: Config, run_dir: Path, resume: bool, dist: DistInfo,
         finally:
             bar.close()
             run.writer.close()  # no file is left half-way whatever stops the loop
+            loggers.close()
     set_status(run, "completed")
     return run_dir
 
@@ -213,7 +246,7 @@ def _setup(config: Config, run_dir: Path, dist: DistInfo, device: torch.device) 
     )
 
 
-def _run_epoch(run: Run, epoch: int, stop: StopOnSignal) -> dict:
+def _run_epoch(run: Run, epoch: int, stop: StopOnSignal, loggers: Loggers | None = None) -> dict:
     """Train one epoch, evaluate, then write its history row, snapshot and checkpoint."""
     config, tc, device, dist = run.config, run.config.train, run.device, run.dist
     t0 = time.perf_counter()
@@ -290,6 +323,13 @@ def _run_epoch(run: Run, epoch: int, stop: StopOnSignal) -> dict:
             job()
         history = []
         _write_snapshot(run, epoch, splits, inner)  # every rank: its own shard
+        if config.snapshot.measure:  # every rank: the statistics are summed across ranks
+            clf = classifier_of(run.model)
+            values = snapshot_metrics({s: splits[s] for s in config.snapshot.splits},
+                                      clf.weight.detach(),
+                                      None if clf.bias is None else clf.bias.detach())
+            if loggers is not None:
+                loggers.log(epoch, values)
     if dist.is_main:
         # Serialised now, written while the next epoch trains: history row, checkpoint
         # (after everything of this epoch is complete), manifest (after the checkpoint).
