@@ -40,7 +40,7 @@ from torchmetrics import Metric
 
 from nctools.metrics.decisions import DecisionTally
 from nctools.metrics.inputs import as_tensor, check_num_classes
-from nctools.metrics.measure import METRIC_KEYS, collapse_metrics
+from nctools.metrics.measure import BEYOND_KEYS, METRIC_KEYS, beyond_metrics, collapse_metrics
 from nctools.metrics.stats import BLOCK_ELEMENTS, ClassStats
 
 F64 = torch.float64
@@ -157,10 +157,8 @@ class NCMetric(Metric):
         if weight is None:
             _warn_once(self, "no classifier: the metrics of W (NC2 weights, NC3, NC4 "
                              "accuracy and mismatch) are NaN")  # fmt: skip
-        # without W, the NC1 / means-geometry part is computed against a stand-in weight
-        # (the centred means), and every key that reads W is then set to NaN
-        centred = stats.class_means() - stats.global_mean()
-        result: dict[str, float] = collapse_metrics(stats, centred if weight is None else weight)
+        result: dict[str, float] = collapse_metrics(stats, weight)
+        result.update(beyond_metrics(stats, weight, stats.global_mean()))
         result.update(dict.fromkeys(NC4_KEYS, float("nan")))
         if self.keep_features:
             result.update(self._decisions(stats, weight, bias))
@@ -170,7 +168,8 @@ class NCMetric(Metric):
         if weight is None:
             result.update(dict.fromkeys(CLASSIFIER_KEYS, float("nan")))
         device = self.counts.device
-        return {key: torch.tensor(result[key], dtype=F64, device=device) for key in METRIC_KEYS}
+        keys = (*METRIC_KEYS, *(key for key in BEYOND_KEYS if key in result))
+        return {key: torch.tensor(result[key], dtype=F64, device=device) for key in keys}
 
     def _classifier(self) -> tuple[Tensor | None, Tensor | None]:
         """(weight (C, D), bias (C,)) float64 on the state's device, read now."""
