@@ -510,8 +510,8 @@ def _measure_network(args: argparse.Namespace) -> int:
     width = max(len("layer"), *(len(layer) for layer in result))
     cells = [[f"{row[k]:.4g}" if k in row else "-" for k in columns] for row in result.values()]
     sizes = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(columns)]
-    for name, row in [("layer", columns), *zip(result, cells, strict=True)]:
-        padded = (f"{c:>{n}}" for c, n in zip(row, sizes, strict=True))
+    for name, line in [("layer", columns), *zip(result, cells, strict=True)]:
+        padded = (f"{c:>{n}}" for c, n in zip(line, sizes, strict=True))
         print("  ".join([f"{name:<{width}}", *padded]))
     return 0
 

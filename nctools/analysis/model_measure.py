@@ -24,6 +24,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -93,7 +94,7 @@ def measure_model(
     names = _layer_names(model, layers, cls_name)
     if linear is None and num_classes is None:
         raise ValueError("num_classes: the model has no nn.Linear classifier; give C")
-    classes = int(num_classes if num_classes is not None else linear.out_features)
+    classes = int(num_classes) if num_classes is not None else cast(nn.Linear, linear).out_features
     if device is None:
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
@@ -168,6 +169,7 @@ class LayerPasses:
         if self.stats is None:  # the first pass learns D from the first batch
             self.start(features.shape[1], labels.device)
         on_block = self.tally.add if self.tally is not None else None
+        assert self.stats is not None
         self.stats.update(features, labels, on_block=on_block)
 
     def end_pass(self, group: dist.ProcessGroup | None = None) -> None:

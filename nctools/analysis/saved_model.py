@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from nctools.errors import CheckpointError, ConfigError, NctoolsError
 from nctools.runs.layout import CONFIG_FILE
@@ -316,7 +317,7 @@ def image_folder(path: str, transform):
                 f"--dataset folder:{path}: no class folders of images ({exc})"
             ) from None
         splits.append(Split(data, torch.as_tensor(data.targets, dtype=torch.long)))
-    first = splits[0].images
+    first: Any = splits[0].images  # an ImageFolder
     image = first[0][0]
     return Dataset(f"folder:{path}", splits[0], splits[1], num_classes=len(first.classes),
                    in_channels=int(image.shape[0]), image_size=int(image.shape[-1]))

@@ -92,6 +92,7 @@ def pad_dataset(data: Dataset, size: int) -> Dataset:
     if data.train.lazy:
         raise ConfigError(f"data.pad_to: {data.name!r} is read lazily from image folders; "
                           "padding applies to in-memory data sets only")
+    assert isinstance(data.train.images, Tensor)  # in memory (checked above)
     height, width = data.train.images.shape[-2:]
     if size < max(height, width):
         raise ConfigError(f"data.pad_to: {size} is smaller than the {height} x {width} px "
@@ -99,6 +100,7 @@ def pad_dataset(data: Dataset, size: int) -> Dataset:
     top, left = (size - height) // 2, (size - width) // 2
     margins = (left, size - width - left, top, size - height - top)  # F.pad: last dim first
     for split in (data.train, data.test):
+        assert isinstance(split.images, Tensor)
         split.images = torch.nn.functional.pad(split.images, margins, value=0.0)
     data.image_size = size
     return data

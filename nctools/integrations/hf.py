@@ -21,6 +21,7 @@ dataloaders but not ``Trainer.log``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -89,6 +90,7 @@ class NeuralCollapseCallback(TrainerCallback):
     def measure(self) -> dict[str, float]:
         """{``nc/<split>/<metric>``: value} for the model as it is now."""
         model = self.trainer.model
+        assert model is not None  # the Trainer was given one
         layer = self.layer if self.layer is not None else last_linear(model)[1]
         loaders = {"train": self.trainer.get_train_dataloader}
         if self.trainer.eval_dataset is not None:
@@ -104,7 +106,7 @@ class NeuralCollapseCallback(TrainerCallback):
                         continue
                     loader = loaders[split]()
                     result, means = measure_chunks(
-                        lambda loader=loader: self._features(model, hook, loader),
+                        functools.partial(self._features, model, hook, loader),
                         layer.weight.detach(),
                         None if layer.bias is None else layer.bias.detach(),
                         class_means=train_means if split == "eval" else None,

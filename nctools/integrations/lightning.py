@@ -19,6 +19,7 @@ split's class means for NC4 (METRICS.md, "On other data") when both are measured
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -103,7 +104,7 @@ class NeuralCollapseCallback(pl.Callback):
                     if loader is None:
                         continue
                     result, means = measure_chunks(
-                        lambda loader=loader: self._features(pl_module, hook, loader),
+                        functools.partial(self._features, pl_module, hook, loader),
                         layer.weight.detach(),
                         None if layer.bias is None else layer.bias.detach(),
                         class_means=train_means if split == "val" else None,

@@ -62,7 +62,8 @@ class DecisionTally:
         self.classifier = SureArgmax(weight.T, bias)
         # + (s_y - r).(m_k - r) - ||m_k - r||^2 / 2: row y for the samples of class y
         self.centre_offset = PairOffsets(shift - reference, centres, -centres.square().sum(1) / 2)
-        self.ncc = SureArgmax(centre_coords if self.in_basis else centres.T, self.centre_offset)
+        coords = centre_coords if self.in_basis and centre_coords is not None else centres.T
+        self.ncc = SureArgmax(coords, self.centre_offset)
         self.tallied = torch.zeros(3, dtype=torch.int64, device=weight.device)
         self.num_classes = weight.shape[0]
 

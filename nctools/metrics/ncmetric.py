@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -175,7 +175,7 @@ class NCMetric(Metric):
         """(weight (C, D), bias (C,)) float64 on the state's device, read now."""
         if self.classifier is None:
             return None, None
-        weight, bias = _weight_bias(self.classifier)
+        weight, bias = _weight_bias(cast(Any, self.classifier))
         device = self.counts.device
         weight = weight.detach().to(device=device, dtype=F64)
         if tuple(weight.shape) != (self.num_classes, self.dim):

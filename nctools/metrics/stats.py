@@ -425,9 +425,9 @@ class ClassStats:
             raise ValueError(f"{path}: sums must have shape (C, D), got {tuple(sums.shape)}")
         fixed = meta.get("fixed_shift") == "1"
         try:
+            counts, sums, sq_norms, scatter = (tensors[name].to(F64) for name in _STATE)
             return cls.from_state(
-                *(tensors[name].to(F64) for name in _STATE),
-                tensors["shift"].to(F64),
+                counts, sums, sq_norms, scatter, tensors["shift"].to(F64),
                 has_shift=None if fixed else tensors["has_shift"],
                 basis=tensors.get("basis"),
             )

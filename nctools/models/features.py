@@ -11,6 +11,8 @@ Usage::
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from torch import Tensor, nn
 
@@ -104,7 +106,7 @@ def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     """
     modules = dict(model.named_modules())
     if isinstance(modules.get("classifier"), nn.Linear):
-        return "classifier", modules["classifier"]  # type: ignore[return-value]
+        return "classifier", cast(nn.Linear, modules["classifier"])
     linears = [(name, m) for name, m in modules.items() if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer (no classifier)")
@@ -215,7 +217,7 @@ class LayerTaps:
         return hook
 
     def _store_output(self, name: str):
-        def hook(_module: nn.Module, _inputs: tuple, output: object) -> None:
+        def hook(_module: nn.Module, _inputs: tuple, output: Any) -> None:
             if isinstance(output, (tuple, list)):
                 output = output[0]
             self.captured[name] = pool_activation(output.detach(), self.pool)

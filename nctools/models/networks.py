@@ -46,7 +46,7 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size
     model = _build(cfg, num_classes, in_channels, image_size)
     if cfg.classifier_init_scale is not None:
         with torch.no_grad():
-            model.classifier.weight.mul_(cfg.classifier_init_scale)
+            classifier_of(model).weight.mul_(cfg.classifier_init_scale)
     return model
 
 

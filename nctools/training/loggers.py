@@ -17,6 +17,7 @@ the training loop, below ``integrations``, calls it.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -146,7 +147,7 @@ def snapshot_metrics(
     for name in sorted(splits, key=lambda s: s != "train"):  # train first: its means
         features, labels = splits[name]
         result, means = measure_chunks(
-            lambda f=features, y=labels: [(f, y)], weight, bias,
+            functools.partial(list, [(features, labels)]), weight, bias,
             class_means=None if name == "train" else train_means,
         )
         if name == "train":
