@@ -225,7 +225,7 @@ def collapse_figure(
     ``panels``: chosen panels (:func:`select_panels`) instead of the paper's; those whose
     metric no table has are left out with a warning saying so.
     """
-    from nctools.analysis.tables import PENULTIMATE
+    from nctools.runs.layout import PENULTIMATE
 
     # inner layers (snapshot.layers) are drawn against depth (layer_plots), not here
     runs = [(label, rows[rows["layer"] == PENULTIMATE] if "layer" in rows.columns else rows)

@@ -37,12 +37,11 @@ from nctools.metrics.measure import (
     measure_chunks,
 )
 from nctools.runs import files, snapshots, store
-from nctools.runs.layout import CONFIG_FILE, MANIFEST_FILE, METRICS_FILE
+from nctools.runs.layout import CONFIG_FILE, MANIFEST_FILE, METRICS_FILE, PENULTIMATE
 
 IN_MEMORY_BYTES = 128 * 2**20  # a split up to this size is read once and measured in memory
 
 KEY_COLUMNS = ["run", "dataset", "arch", "epoch", "split", "layer", "metric", "value"]
-PENULTIMATE = "features"  # the `layer` of the penultimate features (the classifier's input)
 # how the metrics were measured (METRICS.md "Choices that change the statistics"):
 # the global mean ("samples" or "classes") and the class subset ("all", or ids "5,6,7")
 OPTION_COLUMNS = ["global_mean", "classes"]

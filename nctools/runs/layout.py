@@ -22,3 +22,4 @@ HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_acc_running", "train_acc"
 META_FILE = "meta.json"
 CLASSIFIER_FILE = "classifier.safetensors"
 LOGS_DIR = "logs"  # experiment loggers' files (TensorBoard events, MLflow/W&B stores)
+PENULTIMATE = "features"  # metrics.csv's `layer` of the penultimate features

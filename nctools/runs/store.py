@@ -141,6 +141,8 @@ def read_history(run_dir: PathLike) -> pd.DataFrame:
     for column in HISTORY_COLUMNS:  # every standard column holds numbers (NaN allowed)
         if column in history and not pd.api.types.is_numeric_dtype(history[column]):
             bad = pd.to_numeric(history[column], errors="coerce").isna() & history[column].notna()
+            if not bad.any():  # no rows, or only empty cells: text-typed, but no text
+                continue
             row = int(bad.to_numpy().argmax()) + 2  # the header is line 1
             raise _corrupt_history(path, f"line {row}: {column} is not a number: "
                                          f"{history[column][bad].iloc[0]!r}")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from nctools.config.schema import LOGGERS
-from nctools.runs.layout import LOGS_DIR
+from nctools.runs.layout import LOGS_DIR, PENULTIMATE
 
 Sink = tuple[Callable[[int, dict[str, float]], None], Callable[[], None]]  # (log, close)
 
@@ -175,7 +175,10 @@ def export_tensorboard(run_dir: str | os.PathLike, table: Any) -> Path:
         for row in read_history(run_dir).to_dict("records"):
             sink.log(int(row["epoch"]), row)
         for epoch, rows in table.groupby("epoch"):
-            values = {f"nc/{r.split}/{r.metric}": r.value for r in rows.itertuples()}
+            # the penultimate features as nc/<split>/<metric>; inner layers (snapshot.layers)
+            # as nc/<split>/<layer>/<metric>
+            values = {"/".join(["nc", r.split, *([] if r.layer == PENULTIMATE else [r.layer]),
+                                r.metric]): r.value for r in rows.itertuples()}
             sink.log(int(epoch), values)
     finally:
         sink.close()

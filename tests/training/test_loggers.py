@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from nctools import analyze, train
 from nctools.config.schema import validate
 from nctools.errors import ConfigError
+from nctools.runs import store
 from nctools.runs.layout import HISTORY_FILE, LOGS_DIR
 from nctools.training.loggers import mlflow_uri
 from tests.helpers import tiny_config
@@ -66,4 +67,6 @@ def test_analyze_export_tensorboard_writes_the_table(tmp_path, capsys):
         curve = events.Scalars(f"nc/{split}/{metric}")
         assert [e.step for e in curve] == list(rows.epoch)
         assert [e.value for e in curve] == pytest.approx(list(rows.value), rel=1e-6)
-    assert [e.step for e in events.Scalars("train_acc")] == [1, 2]
+    assert [e.step for e in events.Scalars("train_acc_running")] == [1, 2]
+    measured = store.read_history(run).dropna(subset=["train_acc"])["epoch"].tolist()
+    assert [e.step for e in events.Scalars("train_acc")] == measured  # eval mode: where taken

@@ -12,7 +12,8 @@ from nctools.runs.layout import HISTORY_FILE
 from tests.helpers import tiny_config
 
 LINE = re.compile(
-    r"epoch (\d+)/3 loss (\S+) acc (\S+)(?: test_loss (\S+) test_acc (\S+))? (\S+)s"
+    r"epoch (\d+)/3 loss (\S+) acc (\S+)(?: train_acc (\S+))?(?: test_loss (\S+) test_acc (\S+))?"
+    r" (\S+)s"
 )
 
 
@@ -24,12 +25,16 @@ def test_one_line_per_epoch_when_stdout_is_not_a_terminal(tmp_path, capsys):
     assert [int(m[1]) for m in lines] == [1, 2, 3]
     for match, row in zip(lines, history.itertuples(), strict=True):
         assert float(match[2]) == pytest.approx(row.train_loss, rel=1e-3)
-        assert float(match[3]) == pytest.approx(row.train_acc, abs=1e-4)
-        if row.epoch == 1:  # eval_every=2: no test pass, no test columns
-            assert match[5] is None
+        assert float(match[3]) == pytest.approx(row.train_acc_running, abs=1e-4)
+        if pd.isna(row.train_acc):  # the eval-mode accuracy only where it was measured
+            assert match[4] is None
         else:
-            assert float(match[5]) == pytest.approx(row.test_acc, abs=1e-4)
-        assert float(match[6]) == pytest.approx(row.seconds, abs=0.051)
+            assert float(match[4]) == pytest.approx(row.train_acc, abs=1e-4)
+        if row.epoch == 1:  # eval_every=2: no test pass, no test columns
+            assert match[6] is None
+        else:
+            assert float(match[6]) == pytest.approx(row.test_acc, abs=1e-4)
+        assert float(match[7]) == pytest.approx(row.seconds, abs=0.051)
 
 
 def test_quiet_prints_nothing(tmp_path, capsys):
