@@ -413,7 +413,8 @@ def _accumulate(
             if feats.ndim != 2 or feats.shape[1] == 0:
                 raise ValueError(f"features must have shape (n, D), got {tuple(feats.shape)}")
             stats = make_stats(feats.shape[1])
-        stats.update(feats, labs, on_block=on_block)
+        # NaN/Inf are caught once, in the first pass's class sums (measure_chunks)
+        stats.update(feats, labs, on_block=on_block, check_finite=False)
     if stats is None:
         raise ValueError("features is empty (no chunks)")
     return stats

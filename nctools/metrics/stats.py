@@ -168,7 +168,12 @@ class ClassStats:
 
     # ----------------------------------------------------------------- accumulation
     def update(
-        self, features: Tensor, labels: Tensor, on_block: OnBlock | None = None
+        self,
+        features: Tensor,
+        labels: Tensor,
+        on_block: OnBlock | None = None,
+        *,
+        check_finite: bool = True,
     ) -> ClassStats:
         """Add a chunk of samples.
 
@@ -187,17 +192,24 @@ class ClassStats:
                 (rows, D) float64, and x @ basis (rows, k) (None without a basis), so a
                 caller can reuse them (``measure`` tallies NC4). x lives in a reused
                 buffer: valid only during the call.
+            check_finite: refuse NaN/Inf features (one min/max reduction per block).
+                ``measure`` turns it off: NaN or Inf in its first pass's class sums already
+                stop it, before anything is reported, and its second pass reads the same rows.
 
         Raises:
             ValueError naming the argument: wrong shapes, non-float features, non-integer
             labels or labels outside [0, C), NaN or Inf features. Nothing is added then.
         """
-        h, y = self.checked(features, labels)
+        h, y = self.checked(features, labels, check_finite)
         if h.shape[0] == 0:
             return self
         self._set_new_shifts(h, y)
-        self.counts += torch.bincount(y, minlength=self.num_classes).to(F64)
+        batch_counts = torch.bincount(y, minlength=self.num_classes).to(F64)
+        self.counts += batch_counts
         block_rows = min(max(1, BLOCK_ELEMENTS // self.dim), h.shape[0])
+        if not self.keeps_moments and on_block is None:
+            self._add_sums(h, y, batch_counts, block_rows)
+            return self
         # reused buffers: fresh large allocations per block cost page faults and let the
         # allocator's heap grow with the number of blocks
         centred = torch.empty(block_rows, self.dim, dtype=F64, device=self.device)
@@ -221,6 +233,22 @@ class ClassStats:
                 on_block(rows, block, x, projected)
         return self
 
+    def _add_sums(self, h: Tensor, y: Tensor, batch_counts: Tensor, block_rows: int) -> None:
+        """Counts and sums only: raw float64 row sums per class, then re-centred once.
+
+        Without second moments the shift buys no accuracy (a float64 sum of n values keeps
+        the mean to ~n * 1e-16 of their size), so rows are summed as they come and
+        sum(h - s_c) = sum(h) - n_c s_c: no per-row gather of the shift.
+        """
+        raw = torch.zeros_like(self.sums)
+        converted = torch.empty(block_rows, self.dim, dtype=F64, device=self.device)
+        for start in range(0, h.shape[0], block_rows):
+            rows = y[start : start + block_rows]
+            x = converted[: rows.shape[0]]
+            x.copy_(h[start : start + block_rows])
+            raw.index_add_(0, rows, x)
+        self.sums += raw - batch_counts[:, None] * self.shift
+
     def _set_new_shifts(self, h: Tensor, y: Tensor) -> None:
         """A class seen for the first time takes its first sample as its shift.
 
@@ -236,11 +264,13 @@ class ClassStats:
             self.shift[new] = h[first[new]].to(F64)
             self.has_shift |= new
 
-    def checked(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def checked(
+        self, features: Tensor, labels: Tensor, check_finite: bool = True
+    ) -> tuple[Tensor, Tensor]:
         """(features, int64 labels) on the state's device; ValueError if malformed.
 
         The same checks as :func:`nctools.measure`: float features of shape (n, D), all
-        finite; integer labels (n,) in [0, C).
+        finite (unless ``check_finite`` is False); integer labels (n,) in [0, C).
         """
         features = as_tensor("features", features).detach()
         labels = as_tensor("labels", labels).detach()
@@ -257,6 +287,8 @@ class ClassStats:
             raise ValueError(f"features must be floating point, got dtype {dtype_name(features)}")
         check_labels(labels, self.num_classes)
         h = features.to(device=self.device)
+        if not check_finite:
+            return h, labels.to(device=self.device, dtype=torch.long)
         # NaN and Inf show in a block's min or max (torch propagates NaN there): one
         # reduction per block without a temporary, and one check for the chunk
         step = max(1, BLOCK_ELEMENTS // self.dim)
