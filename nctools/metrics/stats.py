@@ -43,7 +43,7 @@ from nctools.metrics.inputs import as_tensor, check_labels, dtype_name
 
 F64 = torch.float64
 _STATE = ("counts", "sums", "sq_norms", "scatter")
-BLOCK_ELEMENTS = 1 << 20  # float64 values of one centred block of rows (8 MiB)
+BLOCK_ELEMENTS = 1 << 19  # float64 values of one centred block of rows (4 MiB)
 OnBlock = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], None]
 
 

@@ -7,6 +7,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -52,9 +53,11 @@ class Captured(Logger):
     def log_hyperparams(self, params, *args, **kwargs):
         pass
 
+    @rank_zero_only  # as Lightning's own loggers: under DDP only rank 0 records and writes
     def log_metrics(self, metrics, step=None):
         self.rows.append(dict(metrics))
 
+    @rank_zero_only
     def finalize(self, status):
         if self.path:
             with open(self.path, "w") as handle:
