@@ -30,7 +30,13 @@ from torch import Tensor
 
 from nctools.metrics import functional as metrics
 from nctools.metrics.decisions import DecisionTally
-from nctools.metrics.inputs import as_tensor, check_finite, check_labels, check_num_classes
+from nctools.metrics.inputs import (
+    as_tensor,
+    check_finite,
+    check_labels,
+    check_num_classes,
+    check_pass_rows,
+)
 from nctools.metrics.stats import ClassStats
 
 F64 = torch.float64
@@ -280,8 +286,10 @@ def measure_chunks(
         pass_chunks,
         lambda dim: ClassStats(measured, dim, shift=means, basis=basis, device=device),
         tally,
+        first_rows=first.num_samples,
     )
     second.all_reduce(group)
+    check_pass_rows(first.num_samples, second.num_samples)  # an exhausted iterator?
     counts = tally.counts
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
@@ -402,9 +410,10 @@ def _accumulate(
     chunks: Chunks,
     make_stats: Callable[[int], ClassStats],
     tally: DecisionTally | None = None,
+    first_rows: int | None = None,
 ) -> ClassStats:
     """One pass over the chunks into fresh statistics of the first chunk's width D (and
-    NC4 tallies)."""
+    NC4 tallies); ``first_rows``: the rows of the first pass, when this is the second."""
     stats = None
     on_block = None if tally is None else tally.add
     for feats, labs in chunks():
@@ -416,6 +425,8 @@ def _accumulate(
         # NaN/Inf are caught once, in the first pass's class sums (measure_chunks)
         stats.update(feats, labs, on_block=on_block, check_finite=False)
     if stats is None:
+        if first_rows is not None:
+            check_pass_rows(first_rows, 0)
         raise ValueError("features is empty (no chunks)")
     return stats
 

@@ -12,7 +12,7 @@ from nctools import measure
 from nctools.metrics import decisions
 from nctools.metrics import functional as metrics
 from nctools.metrics import stats as stats_module
-from nctools.metrics.measure import METRIC_KEYS, class_means
+from nctools.metrics.measure import METRIC_KEYS, class_means, measure_chunks
 from tests.helpers import clusters
 from tests.reference import reference_metrics
 
@@ -321,3 +321,16 @@ def test_pair_offsets_without_a_table_decide_as_with_one(monkeypatch):
     want = reference_metrics(features, labels, weight, bias, class_means=given.numpy())
     for key in ("ncc_mismatch", "accuracy", "ncc_accuracy"):
         assert without[key] == with_table[key] == want[key], key
+
+
+def test_an_exhausted_iterator_as_chunks_is_named():
+    """measure_chunks calls `chunks` twice: a lone iterator is empty the second time, which
+    must not read as empty classes."""
+    features, labels, weight, bias = clusters(4, 6, 20, seed=5)
+    once = iter([(torch.from_numpy(features), torch.from_numpy(labels))])
+    with pytest.raises(ValueError, match=r"chunks yielded .* \(an exhausted iterator\?\)"):
+        measure_chunks(lambda: once, torch.from_numpy(weight), torch.from_numpy(bias))
+    halves = [iter([(torch.from_numpy(features), torch.from_numpy(labels))]),
+              iter([(torch.from_numpy(features[:40]), torch.from_numpy(labels[:40]))])]
+    with pytest.raises(ValueError, match="80 rows on the first pass and 40 on the second"):
+        measure_chunks(lambda: halves.pop(0), torch.from_numpy(weight))
