@@ -32,6 +32,7 @@ import sys
 import time
 
 import torch
+from memory import peak_rss, reset_peak
 
 GB = 2**30
 CASES = {
@@ -40,22 +41,6 @@ CASES = {
     "measure-c20000": ("measure N=20,000 D=8, C=20,000", "peak RSS <= 2 GB, < 60 s",
                        lambda s, peak: peak <= 2 * GB and s < 60),
 }
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as status:
-        line = next(row for row in status if row.startswith(key + ":"))
-    return int(line.split()[1]) * 1024
-
-
-def reset_peak() -> int:
-    """Restart the peak at the current resident memory (returned, in bytes)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")  # Linux >= 4.0: reset the peak RSS
-    except OSError:
-        pass  # the peak then includes what came before; the table shows "RSS before"
-    return _status("VmRSS")
 
 
 def child(case: str) -> dict:
@@ -91,7 +76,7 @@ def child(case: str) -> dict:
         result = measure(features, labels, weight)
         seconds = time.perf_counter() - start
         values = {"accuracy": result["accuracy"], "gnc2_means": result["gnc2_means"]}
-    return {"seconds": seconds, "peak": _status("VmHWM"), "base": base, "values": values}
+    return {"seconds": seconds, "peak": peak_rss(), "base": base, "values": values}
 
 
 def hardware() -> str:

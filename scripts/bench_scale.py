@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import torch
+from memory import peak_rss, reset_peak
 from synthetic import clusters
 
 GB = 2**30
@@ -54,27 +55,6 @@ CASES = {
     "c20000": ("measure N=20,000 D=8, C=20,000", "peak RSS <= 2 GB, < 60 s",
                lambda r: r["peak"] <= 2 * GB and r["seconds"] < 60),
 }
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as status:
-        line = next(row for row in status if row.startswith(key + ":"))
-    return int(line.split()[1]) * 1024
-
-
-def peak_rss() -> int:
-    """This process's peak resident memory in bytes (VmHWM) since :func:`reset_peak`."""
-    return _status("VmHWM")
-
-
-def reset_peak() -> int:
-    """Restart the peak at the current resident memory (returned, in bytes)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")  # Linux >= 4.0: reset the peak RSS
-    except OSError:
-        pass  # the peak then includes what came before; the table shows "RSS before"
-    return _status("VmRSS")
 
 
 def warm_up() -> None:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from nctools.metrics.measure import measure_chunks
+from nctools.integrations.splits import measure_splits
 from nctools.models.features import InputOf, last_linear
 
 SPLITS = ("train", "eval")
@@ -95,30 +95,15 @@ class NeuralCollapseCallback(TrainerCallback):
         loaders = {"train": self.trainer.get_train_dataloader}
         if self.trainer.eval_dataset is not None:
             loaders["eval"] = self.trainer.get_eval_dataloader
-        values: dict[str, float] = {}
-        train_means = None
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad(), InputOf(layer) as hook:
-                for split in self.splits:
-                    if split not in loaders:
-                        continue
-                    loader = loaders[split]()
-                    result, means = measure_chunks(
-                        functools.partial(self._features, model, hook, loader),
-                        layer.weight.detach(),
-                        None if layer.bias is None else layer.bias.detach(),
-                        class_means=train_means if split == "eval" else None,
-                        device=layer.weight.device,
-                        group=None,  # under DDP: summed over every process of the run
-                    )
-                    if split == "train":
-                        train_means = means
-                    values.update({f"nc/{split}/{k}": v for k, v in result.items()})
+                chunks = {split: functools.partial(self._features, model, hook, loaders[split]())
+                          for split in self.splits if split in loaders}
+                return measure_splits(chunks, layer, layer.weight.device)
         finally:
             model.train(was_training)
-        return values
 
     def _features(
         self, model: nn.Module, hook: InputOf, loader: Iterable[dict[str, Tensor]]

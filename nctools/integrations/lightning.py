@@ -27,7 +27,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from nctools.metrics.measure import measure_chunks
+from nctools.integrations.splits import measure_splits
 from nctools.models.features import InputOf, last_linear
 
 SPLITS = ("train", "val")
@@ -93,30 +93,15 @@ class NeuralCollapseCallback(pl.Callback):
         """{``nc/<split>/<metric>``: value} for this epoch's model."""
         layer = self.layer if self.layer is not None else last_linear(pl_module)[1]
         loaders = {"train": trainer.train_dataloader, "val": trainer.val_dataloaders}
-        values: dict[str, float] = {}
-        train_means = None
         was_training = pl_module.training
         pl_module.eval()
         try:
             with torch.no_grad(), InputOf(layer) as hook:
-                for split in self.splits:
-                    loader = loaders[split]
-                    if loader is None:
-                        continue
-                    result, means = measure_chunks(
-                        functools.partial(self._features, pl_module, hook, loader),
-                        layer.weight.detach(),
-                        None if layer.bias is None else layer.bias.detach(),
-                        class_means=train_means if split == "val" else None,
-                        device=pl_module.device,
-                        group=None,  # under DDP: summed over every process of the run
-                    )
-                    if split == "train":
-                        train_means = means
-                    values.update({f"nc/{split}/{k}": v for k, v in result.items()})
+                chunks = {split: functools.partial(self._features, pl_module, hook, loaders[split])
+                          for split in self.splits if loaders[split] is not None}
+                return measure_splits(chunks, layer, pl_module.device)
         finally:
             pl_module.train(was_training)
-        return values
 
     def _features(
         self, pl_module: pl.LightningModule, hook: InputOf, loaders: Any
