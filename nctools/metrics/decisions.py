@@ -119,15 +119,18 @@ class PairOffsets:
         self.left, self.right, self.constant = left, right.T.contiguous(), constant
         self.shape = (left.shape[0], right.shape[0])
         keep = self.shape[0] * self.shape[1] <= self.TABLE_ELEMENTS
-        self.table32 = (
-            torch.empty(self.shape, dtype=torch.float32, device=left.device) if keep else None
+        # kept transposed, (C, C'): a block's offsets are then gathered as the (C, rows)
+        # columns its scores are laid out in
+        self.table32_t = (
+            torch.empty(self.shape[::-1], dtype=torch.float32, device=left.device)
+            if keep else None
         )
         self.max_abs = 0.0
         step = max(1, self.BLOCK_ELEMENTS // max(1, self.shape[1]))
         for start in range(0, self.shape[0], step):
             block = self.rows(torch.arange(start, min(start + step, self.shape[0])))
-            if self.table32 is not None:
-                self.table32[start : start + step] = block
+            if self.table32_t is not None:
+                self.table32_t[:, start : start + step] = block.T
             self.max_abs = max(self.max_abs, float(block.abs().max()))
 
     def rows(self, labels: Tensor | int) -> Tensor:
@@ -136,13 +139,14 @@ class PairOffsets:
             labels = torch.tensor([labels], device=self.left.device)
         return torch.addmm(self.constant, self.left[labels], self.right)
 
-    def rows32(self, labels: Tensor | int) -> Tensor:
-        """The float32 rounding of :meth:`rows` (what the float32 scores add)."""
-        if self.table32 is not None:
-            return self.table32[labels]
+    def columns32(self, labels: Tensor | int) -> Tensor:
+        """(C, len(labels)) the float32 rounding of :meth:`rows`, transposed (what the
+        float32 scores add); (C, 1) for an int."""
         if isinstance(labels, int):
-            return self.rows(labels)[0].float()
-        return self.rows(labels).float()
+            labels = torch.tensor([labels], device=self.left.device)
+        if self.table32_t is not None:
+            return self.table32_t.index_select(1, labels)
+        return self.rows(labels).T.float()
 
     def full(self) -> Tensor:
         """The whole (C', C) float64 table (for few classes)."""
@@ -176,28 +180,29 @@ class SureArgmax:
         n = matrix.shape[0]
         self.unit = 4 * (n + 8) * F32_UNIT * (1 + 2 * (n + 2) * F32_UNIT)
         self.max_norm = float(matrix.norm(dim=0).max())
-        columns = matrix.shape[1]
-        # (C, 2): a row of 0/1 flags times this gives (how many are set, which one)
-        self.count_index = torch.stack(
-            [torch.ones(columns), torch.arange(columns, dtype=torch.float32)], 1
-        ).to(matrix.device)
 
     def __call__(self, x: Tensor, labels: Tensor | int) -> Tensor:
         """Winners (rows,) int64 for x (rows, n) in any float dtype, labelled ``labels``
         (rows,) or one int for the whole block (used only with a per-label offset)."""
         x32 = x.float()
         if isinstance(self.offset, PairOffsets):
-            offset = self.offset.rows32(labels)
+            offset = self.offset.columns32(labels)
         else:
             assert self.offset32 is not None
-            offset = self.offset32
-        scores = torch.addmm(offset.T if offset.ndim == 2 else offset[:, None],
-                             self.matrix32, x32.T).T  # fmt: skip
-        norms = torch.linalg.vector_norm(x32, dim=1)
+            offset = self.offset32[:, None]
+        # (C, rows): A^T x^T is MKL's fast shape, and the reductions below then run
+        # along contiguous rows of scores
+        scores = torch.addmm(offset, self.matrix32, x32.T)
+        norms = row_norms(x32)
         slack = norms.mul_(self.unit * self.max_norm).add_(self.unit * self.max_offset)
-        close = scores >= (scores.amax(1) - slack)[:, None]
-        count, index = (close.float() @ self.count_index).unbind(1)
-        winner = index.long()
+        # the top score and every score within 4E of it (``max`` with indices is several
+        # times slower than ``amax`` here); a sure row has exactly one such score, and its
+        # class is the winner
+        close = scores >= scores.amax(0).sub_(slack)
+        count = close.sum(0, dtype=torch.int32)
+        close_class, close_row = close.nonzero(as_tuple=True)
+        winner = torch.empty(scores.shape[1], dtype=torch.long, device=scores.device)
+        winner[close_row] = close_class  # unsure rows are re-decided below
         unsure = count != 1
         if bool(unsure.any()):
             rows = torch.nonzero(unsure).flatten()
@@ -206,3 +211,15 @@ class SureArgmax:
                 exact = exact.rows(labels if isinstance(labels, int) else labels[rows])
             winner[rows] = (x[rows].to(F64) @ self.matrix + exact).argmax(1)
         return winner
+
+
+def row_norms(x: Tensor) -> Tensor:
+    """(rows,) Euclidean norms of the rows of x (rows, n), fast in either memory layout.
+
+    torch's ``vector_norm`` is quick along contiguous rows but about 10x slower along
+    strided ones (a transposed (n, rows) block, as ``ClassStats`` hands over x @ B); a
+    sum of squares reduces well either way. Both round within the same bound.
+    """
+    if x.stride(-1) == 1:
+        return torch.linalg.vector_norm(x, dim=1)
+    return x.square().sum(1).sqrt_()

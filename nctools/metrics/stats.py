@@ -214,21 +214,26 @@ class ClassStats:
         # allocator's heap grow with the number of blocks
         centred = torch.empty(block_rows, self.dim, dtype=F64, device=self.device)
         shifts = torch.empty_like(centred)
+        basis_t = None if self.basis is None else self.basis.T.contiguous()
+        # half precision converts to float64 2.4x faster by way of float32 (both exact)
+        half = h.dtype in (torch.float16, torch.bfloat16)
         for start in range(0, h.shape[0], block_rows):
             rows = y[start : start + block_rows]
             block = h[start : start + block_rows]
             x = centred[: rows.shape[0]]
-            x.copy_(block)  # converted, then centred, in float64
+            x.copy_(block.float() if half else block)  # converted, then centred, in float64
             x.sub_(torch.index_select(self.shift, 0, rows, out=shifts[: rows.shape[0]]))
             self.sums.index_add_(0, rows, x)
             projected = None
             if self.keeps_moments:
                 self.sq_norms.index_add_(0, rows, torch.linalg.vector_norm(x, dim=1).square())
-                if self.basis is None:
+                if basis_t is None:
                     self.scatter.addmm_(x.T, x)
                 else:
-                    projected = x @ self.basis
-                    self.scatter.addmm_(projected.T, projected)
+                    # B^T x^T, (k, rows): MKL's fast shape for a thin B (up to 2x x @ B)
+                    projected_t = torch.mm(basis_t, x.T)
+                    self.scatter.addmm_(projected_t, projected_t.T)
+                    projected = projected_t.T
             if on_block is not None:
                 on_block(rows, block, x, projected)
         return self
@@ -245,7 +250,8 @@ class ClassStats:
         for start in range(0, h.shape[0], block_rows):
             rows = y[start : start + block_rows]
             x = converted[: rows.shape[0]]
-            x.copy_(h[start : start + block_rows])
+            block = h[start : start + block_rows]
+            x.copy_(block.float() if block.dtype in (torch.float16, torch.bfloat16) else block)
             raw.index_add_(0, rows, x)
         self.sums += raw - batch_counts[:, None] * self.shift
 

@@ -299,7 +299,7 @@ def test_pair_offsets_in_row_blocks_equal_the_whole_table(monkeypatch):
     monkeypatch.setattr(decisions.PairOffsets, "BLOCK_ELEMENTS", 2 * 6)
     pairs = decisions.PairOffsets(left, right, constant)
     torch.testing.assert_close(pairs.full(), want, rtol=1e-14, atol=1e-14)
-    torch.testing.assert_close(pairs.table32, want.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(pairs.table32_t, want.T.float(), rtol=1e-6, atol=1e-6)
     assert pairs.max_abs == pytest.approx(float(want.abs().max()), rel=1e-14)
     torch.testing.assert_close(pairs.rows(torch.tensor([4, 0])), want[[4, 0]])
     torch.testing.assert_close(pairs.rows(3), want[3:4])
@@ -315,8 +315,9 @@ def test_pair_offsets_without_a_table_decide_as_with_one(monkeypatch):
     pairs = decisions.PairOffsets(torch.randn(5, 3, dtype=torch.float64),
                                   torch.randn(4, 3, dtype=torch.float64),
                                   torch.randn(4, dtype=torch.float64))
-    assert pairs.table32 is None
-    torch.testing.assert_close(pairs.rows32(torch.tensor([3, 1])), pairs.full()[[3, 1]].float())
+    assert pairs.table32_t is None
+    torch.testing.assert_close(pairs.columns32(torch.tensor([3, 1])),
+                               pairs.full()[[3, 1]].T.float())
     without = measure(features, labels, weight, bias, class_means=given)
     want = reference_metrics(features, labels, weight, bias, class_means=given.numpy())
     for key in ("ncc_mismatch", "accuracy", "ncc_accuracy"):
