@@ -78,6 +78,18 @@ def test_merge_in_any_order_equals_one_pass(route):
         assert_matches(merged, ref)
 
 
+@pytest.mark.parametrize("dim", [127, 200, 520])
+def test_wide_features_accumulate_in_panels_and_stay_symmetric(dim, route):
+    """D >= 128: the second moment is added panel by panel above the diagonal and mirrored;
+    every block, below the diagonal too, must equal the reference, also after a merge."""
+    features, labels = data(num_classes=3, dim=dim, n=90, seed=4)
+    if dim >= 128:
+        assert stats_module.panel_width(dim) < dim  # the panel route is the one tested
+    stats = ClassStats(3, dim).update(features[:41], labels[:41])
+    stats.merge(ClassStats(3, dim).update(features[41:], labels[41:]))
+    assert_matches(stats, reference(features, labels, 3))
+
+
 def test_float32_and_float16_chunks_accumulate_in_float64():
     features, labels = data(seed=2)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
