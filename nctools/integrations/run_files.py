@@ -52,10 +52,11 @@ RUN_SPLITS = {"train": "train", "val": "test"}  # a loop's split -> the run dire
 def open_external_run(run_dir: Path, source: str, done: int, write: bool = True) -> None:
     """Make ``run_dir`` ready to receive a run of ``source`` after ``done`` epochs.
 
-    A new or empty folder is a new run; one holding a run of the same source continues it
-    (a training resumed from a checkpoint at epoch ``done``: later history rows are dropped
-    and are written again, as ``nctools train`` does). Raises RunError for a file, a folder
-    holding other files, or a run of ``nctools train`` or of another source. Under DDP
+    A new or empty folder is a new run; a training resumed from a checkpoint at epoch
+    ``done`` >= 1 continues the run of the same source there (later history rows are
+    dropped and written again, as ``nctools train`` does). Raises RunError for a file, a
+    folder holding other files, a run of ``nctools train`` or of another source, or a run
+    when ``done`` is 0 (a new training would mix its snapshots with the old ones). Under DDP
     every process checks (all raise together, none waits for the others in a collective)
     and only rank 0 passes ``write=True``.
     """
@@ -70,6 +71,9 @@ def open_external_run(run_dir: Path, source: str, done: int, write: bool = True)
     if found != source:
         raise RunError(f"{run_dir} holds a run of data.dataset={found!r}, not one written by "
                        f"{source}; give another folder as out")
+    if done == 0:
+        raise RunError(f"{run_dir} holds the run of an earlier training; give another folder "
+                       "as out (a training resumed from its checkpoint continues it)")
     if write:
         store.remove_stale_temps(run_dir)
         store.truncate_history(run_dir, done)

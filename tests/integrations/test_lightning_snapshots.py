@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -172,6 +173,18 @@ def test_a_folder_of_other_files_is_refused(tmp_path):
     with pytest.raises(RunError, match="no nctools run"):
         trainer(Captured(), callbacks=[callback], max_epochs=1).fit(Tiny(), train, val)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_a_new_fit_into_an_earlier_run_is_refused_a_resumed_one_continues(fitted, tmp_path):
+    run = copy_run(fitted, tmp_path)
+    train, val = loaders()
+    callback = NeuralCollapseCallback(save_snapshots=True, out=run)
+    with pytest.raises(RunError, match="earlier training"):
+        trainer(Captured(), callbacks=[callback], max_epochs=1).fit(Tiny(), train, val)
+    before = store.read_history(run)
+    callback.on_fit_start(SimpleNamespace(current_epoch=2, is_global_zero=True), None)
+    after = store.read_history(run)  # resumed after epoch 2: epoch 3 is written again
+    assert list(after.epoch) == [1, 2] and after.equals(before.iloc[:2])
 
 
 def test_bad_snapshot_arguments_name_the_problem():
