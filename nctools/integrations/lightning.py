@@ -15,22 +15,51 @@ memory. Under DDP each process measures its own shard of the data and the statis
 summed across processes (a ``DistributedSampler`` that pads a split to a multiple of
 the world size counts its repeated samples twice). Metrics of the val split use the train
 split's class means for NC4 (METRICS.md, "On other data") when both are measured.
+
+With ``save_snapshots=True`` the callback also writes an nctools run directory, so that
+``nctools analyze RUN`` and ``nctools plot RUN`` work on the Lightning run as on one of
+``nctools train`` (:mod:`nctools.integrations.run_files`, through the same writers)::
+
+    callback = NeuralCollapseCallback(every_n_epochs=5, save_snapshots=True)  # out: default
+    # -> RUN = trainer.log_dir/nctools (lightning_logs/version_N/nctools), or
+    #    default_root_dir/nctools without a logger; out="runs/mine" puts it there
+
+At each measured epoch the features of each split are taken in one pass and kept (each
+process its share, on the CPU: the snapshot writer takes a split whole), written as the
+snapshot of nctools epoch ``current_epoch + 1`` (epochs completed, as ``nctools train``
+counts) with the classifier and a sha256 per file; the metrics logged are those of the
+features as stored, so ``nctools analyze`` reproduces them. Lightning's ``val`` split is
+the run's ``test`` split (the held-out one). ``history.csv`` gets a row per measured
+epoch: ``lr`` (the optimizer's), ``train_loss`` (``trainer.callback_metrics[loss_key]``
+when logged), the eval-mode ``train_acc`` and ``test_acc`` of the measured pass, the
+epoch's ``seconds``; NaN for the rest. Under DDP each process writes its own shard and
+rank 0 merges them, and writes the history, config and manifest.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import os
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from nctools.integrations.splits import measure_splits
+from nctools.config.schema import LOSSES, SNAPSHOT_DTYPES, Config, load_config
+from nctools.integrations import run_files
+from nctools.integrations.splits import SplitChunks, measure_splits
 from nctools.models.features import InputOf, last_linear
+from nctools.runs import snapshots
+from nctools.runs.layout import CONFIG_FILE
 
 SPLITS = ("train", "val")
+SOURCE = "lightning"  # data.dataset and model.arch of a run directory the callback writes
+RUN_SUBDIR = "nctools"  # the default run directory: trainer.log_dir / RUN_SUBDIR
 Unpack = Callable[[Any], tuple[Tensor, Tensor]]
 
 
@@ -50,6 +79,17 @@ class NeuralCollapseCallback(pl.Callback):
         every_n_epochs: measure when ``(epoch + 1) % every_n_epochs == 0``.
         splits: any of ``"train"`` and ``"val"``.
         unpack: ``batch -> (inputs, labels)`` (default: the batch's first two items).
+        save_snapshots: also write an nctools run directory (snapshots, history, config,
+            manifest) that ``nctools analyze`` and ``nctools plot`` read.
+        out: the run directory (default: ``trainer.log_dir``, or ``default_root_dir``
+            without a logger, + ``/nctools``); only with ``save_snapshots``.
+        loss: the run's ``train.loss`` in its config (``ce`` | ``mse``): ``nctools
+            analyze`` adds the MSE decomposition for ``mse`` (with lambda = the
+            optimizer's weight decay / 2).
+        loss_key: the ``trainer.callback_metrics`` key of the training loss for
+            ``history.csv`` (NaN when not logged).
+        snapshot_dtype: ``float32`` | ``float16``, the features' dtype on disk.
+        tpt_accuracy: the run's ``train.tpt_accuracy`` (onset of the terminal phase).
 
     Logged with ``pl_module.log_dict`` as ``nc/<split>/<metric>`` (METRICS.md keys).
     """
@@ -61,6 +101,12 @@ class NeuralCollapseCallback(pl.Callback):
         every_n_epochs: int = 1,
         splits: Sequence[str] = SPLITS,
         unpack: Unpack = first_two,
+        save_snapshots: bool = False,
+        out: str | os.PathLike | None = None,
+        loss: str = "ce",
+        loss_key: str = "train_loss",
+        snapshot_dtype: str = "float32",
+        tpt_accuracy: float = 0.999,
     ) -> None:
         super().__init__()
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int):
@@ -72,6 +118,21 @@ class NeuralCollapseCallback(pl.Callback):
             raise ValueError(f"splits must be a non-empty subset of {SPLITS}, got {splits!r}")
         if layer is not None and not isinstance(layer, nn.Linear):
             raise ValueError(f"layer must be an nn.Linear, got {type(layer).__name__}")
+        if out is not None and not save_snapshots:
+            raise ValueError("out is the run directory of save_snapshots=True; "
+                             "set save_snapshots=True or leave out unset")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if snapshot_dtype not in SNAPSHOT_DTYPES:
+            raise ValueError(f"snapshot_dtype must be one of {SNAPSHOT_DTYPES}, "
+                             f"got {snapshot_dtype!r}")
+        if not 0 < tpt_accuracy <= 1:
+            raise ValueError(f"tpt_accuracy must be in (0, 1], got {tpt_accuracy!r}")
+        self.save_snapshots, self.out = save_snapshots, out
+        self.loss, self.loss_key = loss, loss_key
+        self.snapshot_dtype, self.tpt_accuracy = snapshot_dtype, tpt_accuracy
+        self.run_dir: Path | None = None
+        self._epoch_started = time.perf_counter()
         self.layer = layer
         self.epochs = None if epochs is None else {int(e) for e in epochs}
         self.every_n_epochs = every_n_epochs
@@ -83,11 +144,35 @@ class NeuralCollapseCallback(pl.Callback):
             return epoch in self.epochs
         return (epoch + 1) % self.every_n_epochs == 0
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.save_snapshots:
+            return
+        if self.out is not None:
+            self.run_dir = Path(self.out).expanduser()
+        else:  # trainer.log_dir is a collective under DDP: every process asks
+            self.run_dir = Path(trainer.log_dir or trainer.default_root_dir) / RUN_SUBDIR
+        run_files.open_external_run(self.run_dir, SOURCE, trainer.current_epoch,
+                                    write=trainer.is_global_zero)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_started = time.perf_counter()
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not self.due(trainer.current_epoch):
             return
-        values = self.measure(trainer, pl_module)
+        if self.save_snapshots:
+            values = self.measure_and_save(trainer, pl_module)
+        else:
+            values = self.measure(trainer, pl_module)
         pl_module.log_dict(values, on_epoch=True, sync_dist=False)  # already reduced
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._set_status(trainer, pl_module, "completed")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        interrupted = isinstance(exception, KeyboardInterrupt)
+        self._set_status(trainer, pl_module, "interrupted" if interrupted else "failed")
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """{``nc/<split>/<metric>``: value} for this epoch's model."""
@@ -111,3 +196,95 @@ class NeuralCollapseCallback(pl.Callback):
                 inputs, labels = self.unpack(batch)
                 pl_module(inputs.to(pl_module.device))
                 yield hook.take(), labels.to(pl_module.device)
+
+    # -----------------------------------------------------------------------------------
+    # save_snapshots: the run directory
+
+    def measure_and_save(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> dict[str, float]:
+        """:meth:`measure` from one pass whose features are kept and written as the snapshot
+        of epoch ``current_epoch + 1`` (with the history row, config and manifest)."""
+        assert self.run_dir is not None, "on_fit_start sets the run directory"
+        layer = self.layer if self.layer is not None else last_linear(pl_module)[1]
+        loaders = {"train": trainer.train_dataloader, "val": trainer.val_dataloaders}
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad(), InputOf(layer) as hook:
+                held = {split: self._held(pl_module, hook, loaders[split]) for split in SPLITS
+                        if split in self.splits and loaders[split] is not None}
+        finally:
+            pl_module.train(was_training)
+        chunks: dict[str, SplitChunks] = {split: functools.partial(list, [pair])
+                                          for split, pair in held.items()}
+        values = measure_splits(chunks, layer, pl_module.device)  # of the features as stored
+        epoch, world = trainer.current_epoch + 1, trainer.world_size
+        if trainer.is_global_zero:
+            config = self._config(trainer, pl_module, layer, epoch, held)
+            optimizer = trainer.optimizers[0] if trainer.optimizers else None
+            lr = float(optimizer.param_groups[0]["lr"]) if optimizer is not None else math.nan
+            loss = trainer.callback_metrics.get(self.loss_key)
+            row = run_files.history_row(epoch, lr, None if loss is None else float(loss),
+                                        values, time.perf_counter() - self._epoch_started)
+            run_files.write_records(self.run_dir, row, config)
+        run_files.write_epoch(
+            self.run_dir, epoch, {run_files.RUN_SPLITS[s]: pair for s, pair in held.items()},
+            layer.weight, layer.bias, self.snapshot_dtype,
+            shard=(trainer.global_rank, world) if world > 1 else None,
+        )
+        if world > 1:
+            trainer.strategy.barrier("nctools-snapshot")  # every shard is on disk
+            if trainer.is_global_zero:
+                snapshots.finalize_sharded_snapshot(self.run_dir, epoch, world)
+        if trainer.is_global_zero:
+            run_files.update_manifest(self.run_dir, config, source=SOURCE,
+                                      device=pl_module.device, world_size=world,
+                                      epochs_done=epoch)
+        return values
+
+    def _held(self, pl_module: pl.LightningModule, hook: InputOf,
+              loaders: Any) -> tuple[Tensor, Tensor]:
+        """This process's features (n, D) float32 rounded to the snapshot dtype, and labels
+        (n,) int64, on the CPU."""
+        feats, labels = [], []
+        for chunk, chunk_labels in self._features(pl_module, hook, loaders):
+            feats.append(chunk.float().cpu())
+            labels.append(chunk_labels.cpu())
+        dtype = snapshots.SNAPSHOT_DTYPES[self.snapshot_dtype]
+        return torch.cat(feats).to(dtype).float(), torch.cat(labels).long()
+
+    def _config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layer: nn.Linear,
+                epoch: int, held: dict[str, tuple[Tensor, Tensor]]) -> Config:
+        """The run's config: the epochs planned (all of them when ``max_epochs`` is set)
+        and the snapshots written so far."""
+        assert self.run_dir is not None
+        written = {*snapshots.list_snapshots(self.run_dir), epoch}
+        max_epochs = trainer.max_epochs
+        if max_epochs is not None and max_epochs >= 1:
+            total = max(max_epochs, epoch)
+            written |= {e + 1 for e in range(max_epochs) if self.due(e)}
+        else:  # trains until stopped: the epochs so far
+            total = max(written)
+        loader = trainer.train_dataloader
+        return run_files.external_config(
+            name=type(pl_module).__name__, source=SOURCE, num_classes=layer.out_features,
+            epochs=total, snapshot_epochs=[e for e in written if 1 <= e <= total],
+            splits=[run_files.RUN_SPLITS[s] for s in held], loss=self.loss,
+            optimizer=trainer.optimizers[0] if trainer.optimizers else None,
+            batch_size=getattr(loader, "batch_size", None), device=pl_module.device,
+            dtype=self.snapshot_dtype, tpt_accuracy=self.tpt_accuracy,
+        )
+
+    def _set_status(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                    status: str) -> None:
+        """How the fit ended, in ``run.json`` (rank 0, once a snapshot was written)."""
+        run = self.run_dir
+        if not self.save_snapshots or run is None or not trainer.is_global_zero:
+            return
+        if not snapshots.list_snapshots(run):
+            return
+        config = load_config(run / CONFIG_FILE)
+        run_files.update_manifest(run, config, source=SOURCE, device=pl_module.device,
+                                  world_size=trainer.world_size,
+                                  epochs_done=trainer.current_epoch, status=status)

@@ -12,7 +12,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from nctools import measure
+from nctools.analysis.tables import analyze
 from nctools.integrations.lightning import NeuralCollapseCallback
+from nctools.runs import snapshots
 
 NUM_CLASSES, DIM = 3, 8
 
@@ -84,9 +86,9 @@ def expected(model, loader, **kwargs):
         return measure(model.body(x), y, model.head.weight, model.head.bias, **kwargs)
 
 
-def trainer(logger, **kwargs):
+def trainer(logger, max_epochs=3, **kwargs):
     return pl.Trainer(
-        accelerator="cpu", max_epochs=3, logger=logger, enable_progress_bar=False,
+        accelerator="cpu", max_epochs=max_epochs, logger=logger, enable_progress_bar=False,
         enable_checkpointing=False, enable_model_summary=False, **kwargs,
     )  # fmt: skip
 
@@ -135,10 +137,17 @@ class TinySaved(Tiny):
 def test_ddp_two_processes_log_the_metrics_of_the_union(tmp_path):
     train, val = loaders(n_train=60, n_val=24)  # multiples of 2: no padded samples
     model, logger = TinySaved(tmp_path / "weights.pt"), Captured(tmp_path / "rows.json")
-    run = trainer(logger, callbacks=[NeuralCollapseCallback(epochs=[2], splits=("train",))],
-                  strategy="ddp_fork", devices=2)  # fmt: skip
+    callback = NeuralCollapseCallback(epochs=[2], splits=("train",), save_snapshots=True,
+                                      out=tmp_path / "run")
+    run = trainer(logger, callbacks=[callback], strategy="ddp_fork", devices=2)
     run.fit(model, train, val)
     final = next(r for r in json.loads((tmp_path / "rows.json").read_text()) if "nc/train/nc1" in r)
     model.load_state_dict(torch.load(tmp_path / "weights.pt"))
+    # save_snapshots: each process wrote its shard, rank 0 merged them; analyze reads the union
+    meta = snapshots.read_meta(tmp_path / "run", 3)
+    assert meta["world"] == 2 and meta["splits"]["train"]["rows"] == [30, 30]
+    table = analyze(tmp_path / "run", strict=True)
+    analyzed = dict(zip(table.metric, table.value, strict=True))
     for key, value in expected(model, train).items():
         assert final[f"nc/train/{key}"] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+        assert analyzed[key] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), key
