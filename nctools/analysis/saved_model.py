@@ -24,11 +24,15 @@ from nctools.runs.layout import CONFIG_FILE
 
 
 def _device(name: str):
+    from nctools.config.schema import DEVICE_PATTERN
     from nctools.training.steps import resolve_device
 
+    # the rule of train.device, named as the user wrote it (this one skips the loader)
+    if not DEVICE_PATTERN.match(name):
+        raise ConfigError(f"--device: {name!r} is not auto, cpu, cuda or cuda:N")
     try:
         return resolve_device(name)
-    except ConfigError as exc:  # same rule as train.device, named as the user wrote it
+    except ConfigError as exc:
         raise ConfigError(str(exc).replace("train.device", "--device")) from None
 
 

@@ -111,7 +111,7 @@ class Config:
 # ---------------------------------------------------------------------------------------
 # Loading: YAML -> dataclasses (nctools.config.typed_yaml), errors naming the file and key.
 
-_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 LOSSES = ("ce", "mse")
 SCHEDULES = ("multistep", "cosine", "constant")
 SNAPSHOT_DTYPES = ("float32", "float16")
@@ -199,7 +199,7 @@ def diff_configs(a: Config, b: Config, ignore: Sequence[str] = ()) -> list[str]:
 # Validation: value checks, each error naming its dotted key.
 
 
-def snapshot_schedule(spec: str | list[int], epochs: int) -> list[int]:
+def snapshot_epochs(spec: str | list[int], epochs: int) -> list[int]:
     """The epochs (sorted, unique, in [1, epochs]) at which a run saves a snapshot.
 
     ``"all"`` -> 1..epochs. ``"papyan"`` -> the epochs Papyan et al. (2020) measured
@@ -338,7 +338,7 @@ def validate(cfg: Config) -> None:
     lg = train.loggers
     _check(set(lg) <= set(LOGGERS) and len(set(lg)) == len(lg), "train.loggers",
            f"a list of distinct names from {', '.join(LOGGERS)}", lg)
-    _check(bool(_DEVICE.match(train.device)), "train.device", "auto, cpu, cuda or cuda:N",
+    _check(bool(DEVICE_PATTERN.match(train.device)), "train.device", "auto, cpu, cuda or cuda:N",
            train.device)
     _check(snap.dtype in SNAPSHOT_DTYPES, "snapshot.dtype", f"one of {', '.join(SNAPSHOT_DTYPES)}",
            snap.dtype)
@@ -349,4 +349,4 @@ def validate(cfg: Config) -> None:
     _check(layers == "blocks" or (isinstance(layers, list) and len(set(layers)) == len(layers)
                                   and all(name.strip() for name in layers)),
            "snapshot.layers", "'blocks' or a list of distinct module names", layers)
-    snapshot_schedule(snap.epochs, train.epochs)
+    snapshot_epochs(snap.epochs, train.epochs)

@@ -53,8 +53,6 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size
 def _build(cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     arch = cfg.arch.lower()
     if arch == "convnet":
-        if cfg.width < 1:
-            raise ConfigError(f"model.width must be >= 1, got {cfg.width}")
         return ConvNet(num_classes, in_channels, cfg.width)
     if arch in ARCHS:
         # torchvision takes ~2 s to import: only runs that build its networks pay for it

@@ -24,7 +24,7 @@ from torchvision.models.densenet import DenseNet
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.models.vgg import VGG, cfgs, make_layers
 
-from nctools.config.schema import STEMS, ModelConfig
+from nctools.config.schema import ModelConfig
 from nctools.errors import ConfigError
 
 SMALL_IMAGE = 32  # at or below this size the stem keeps full resolution
@@ -53,9 +53,8 @@ def build(
 
 
 def small_stem(stem: str, image_size: int) -> bool:
-    """Whether ``model.stem`` (auto | imagenet | small) gives the 3x3 stride-1 stem."""
-    if stem not in STEMS:
-        raise ConfigError(f"model.stem: one of {', '.join(STEMS)}, got {stem!r}")
+    """Whether ``model.stem`` (auto | imagenet | small, checked by the config loader) gives
+    the 3x3 stride-1 stem."""
     return stem == "small" or (stem == "auto" and image_size <= SMALL_IMAGE)
 
 
@@ -194,8 +193,6 @@ class CifarDenseNet(DenseNet):
             small = image_size <= SMALL_IMAGE
         if depth < 10 or (depth - 4) % 6:
             raise ConfigError(f"model.depth must be 6n + 4 with n >= 1 (e.g. 40, 100), got {depth}")
-        if growth_rate < 1:
-            raise ConfigError(f"model.growth_rate must be >= 1, got {growth_rate}")
         n = (depth - 4) // 6
         init = 2 * growth_rate
         super().__init__(growth_rate, (n, n, n), init, num_classes=num_classes)

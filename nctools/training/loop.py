@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from nctools.config.schema import (
     Config,
     config_to_dict,
-    snapshot_schedule,
+    snapshot_epochs,
 )
 from nctools.data.sets import load_dataset
 from nctools.errors import ConfigError, RunError
@@ -157,7 +157,7 @@ def _train(config: Config, run_dir: Path, resume: bool, dist: DistInfo,
         start = load_checkpoint(run, checkpoint)  # every rank: they start alike
         if dist.is_main:
             log.info("resuming %s after epoch %d of %d", run_dir, start, config.train.epochs)
-        record_extension(run, start)  # more epochs than saved: config, manifest, schedule
+        record_extension(run, start)  # more epochs than saved: config, manifest, LR schedule
     run.manifest.update(epochs_done=start, tpt_onset_epoch=run.tpt_onset)
     if dist.is_main:
         if checkpoint is None:
@@ -215,7 +215,7 @@ def _train(config: Config, run_dir: Path, resume: bool, dist: DistInfo,
 
 
 def _setup(config: Config, run_dir: Path, dist: DistInfo, device: torch.device) -> Run:
-    """Data, a freshly initialised model (seeded by ``config.seed``), optimizer, schedule."""
+    """Data, a fresh model (seeded by ``config.seed``), optimizer, LR schedule, snapshot epochs."""
     tc = config.train
     world = dist.world_size
     if tc.batch_size % world:
@@ -237,12 +237,12 @@ def _setup(config: Config, run_dir: Path, dist: DistInfo, device: torch.device) 
     if tc.channels_last:  # CPUs gain too (oneDNN): 1.3-1.8x for the demo
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, tc)
-    schedule = snapshot_schedule(config.snapshot.epochs, tc.epochs)
+    snapshot_at = snapshot_epochs(config.snapshot.epochs, tc.epochs)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and tc.bf16 else nullcontext()
     return Run(
         config, run_dir, dist, device, dataset, model, wrap_model(model, dist, device),
-        optimizer, build_scheduler(optimizer, tc), schedule, autocast,
-        new_manifest(config, dataset, model, device, schedule, world, run_identity(run_dir)),
+        optimizer, build_scheduler(optimizer, tc), snapshot_at, autocast,
+        new_manifest(config, dataset, model, device, snapshot_at, world, run_identity(run_dir)),
     )
 
 
@@ -275,7 +275,7 @@ def _run_epoch(run: Run, epoch: int, stop: StopOnSignal, loggers: Loggers | None
     # in the other rows. The training split's eval-mode accuracy (the paper's, which
     # starts the terminal phase) comes from the snapshot's own features; until the onset
     # is found it is also measured wherever the running accuracy reaches the threshold.
-    snapshot = epoch in run.schedule
+    snapshot = epoch in run.snapshot_epochs
     every = tc.eval_every
     evaluate = snapshot or epoch == tc.epochs or (every > 0 and epoch % every == 0)
     candidate = run.tpt_onset is None and _running_reaches(run, correct, tc.tpt_accuracy)

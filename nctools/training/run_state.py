@@ -95,7 +95,7 @@ class Run:
     net: nn.Module  # what trains: the model, or its distributed wrapper
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    schedule: list[int]  # snapshot epochs
+    snapshot_epochs: list[int]  # the epochs that write a snapshot
     autocast: AbstractContextManager
     manifest: dict
     tpt_onset: int | None = None
@@ -274,7 +274,7 @@ def run_identity(run_dir: Path) -> str:
     return uuid.uuid4().hex
 
 
-def new_manifest(config: Config, dataset: Dataset, model: nn.Module, device, schedule,
+def new_manifest(config: Config, dataset: Dataset, model: nn.Module, device, snapshot_epochs,
                  world_size: int = 1, run_id: str | None = None) -> dict:
     """The manifest (``run.json``) of a run that starts or resumes now."""
     return {
@@ -293,7 +293,7 @@ def new_manifest(config: Config, dataset: Dataset, model: nn.Module, device, sch
         "epochs": config.train.epochs,
         "epochs_done": 0,
         "tpt_onset_epoch": None,
-        "snapshot_epochs": list(schedule),
+        "snapshot_epochs": list(snapshot_epochs),
     }
 
 

@@ -12,7 +12,6 @@ The loop around them, snapshots and resume are :mod:`nctools.training.loop`.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 
 import torch
@@ -29,8 +28,6 @@ def resolve_device(spec: str) -> torch.device:
     """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda[:N]`` must exist here."""
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec != "cpu" and not re.fullmatch(r"cuda(:\d+)?", spec):
-        raise ConfigError(f"train.device: {spec!r} is not auto, cpu, cuda or cuda:N")
     device = torch.device(spec)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device.type == "cuda" and (device.index or 0) >= gpus:

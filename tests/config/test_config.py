@@ -19,7 +19,7 @@ from nctools.config.schema import (
     config_to_dict,
     diff_configs,
     load_config,
-    snapshot_schedule,
+    snapshot_epochs,
     validate,
 )
 from nctools.runs.store import save_config
@@ -296,19 +296,19 @@ def test_valid_edge_values_pass():
 
 
 def test_schedule_all_and_list():
-    assert snapshot_schedule("all", 4) == [1, 2, 3, 4]
-    assert snapshot_schedule([5, 1, 5, 3], 5) == [1, 3, 5]
+    assert snapshot_epochs("all", 4) == [1, 2, 3, 4]
+    assert snapshot_epochs([5, 1, 5, 3], 5) == [1, 3, 5]
 
 
 def test_schedule_log_decades():
-    assert snapshot_schedule("log:4", 1000) == [1, 10, 100, 1000]
-    assert snapshot_schedule("log:3", 10000) == [1, 100, 10000]
+    assert snapshot_epochs("log:4", 1000) == [1, 10, 100, 1000]
+    assert snapshot_epochs("log:3", 10000) == [1, 100, 10000]
 
 
 @given(epochs=st.integers(1, 3000), count=st.integers(2, 200))
 @settings(max_examples=300, deadline=None)
 def test_schedule_log_properties(epochs, count):
-    sched = snapshot_schedule(f"log:{count}", epochs)
+    sched = snapshot_epochs(f"log:{count}", epochs)
     assert sched[0] == 1 and sched[-1] == epochs
     assert len(sched) == min(count, epochs)
     assert all(a < b for a, b in itertools.pairwise(sched))
@@ -320,8 +320,8 @@ def test_schedule_log_properties(epochs, count):
 
 def test_schedule_log_fills_collisions_with_nearest_unused():
     # geomspace(1, 10, 8) rounds to 1 1 2 3 4 5 7 10: one collision near 1
-    assert snapshot_schedule("log:8", 10) == [1, 2, 3, 4, 5, 6, 7, 10]
-    assert snapshot_schedule("log:50", 10) == list(range(1, 11))
+    assert snapshot_epochs("log:8", 10) == [1, 2, 3, 4, 5, 6, 7, 10]
+    assert snapshot_epochs("log:50", 10) == list(range(1, 11))
 
 
 EXPECTED = "snapshot.epochs: expected 'all', 'log:K', 'papyan' or a list of ints,"
@@ -342,7 +342,7 @@ EXPECTED = "snapshot.epochs: expected 'all', 'log:K', 'papyan' or a list of ints
 )
 def test_schedule_errors_name_key(spec, message):
     with pytest.raises(ConfigError) as info:
-        snapshot_schedule(spec, 10)
+        snapshot_epochs(spec, 10)
     assert str(info.value).startswith(message)
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from nctools.config.schema import load_config, snapshot_schedule
+from nctools.config.schema import load_config, snapshot_epochs
 from nctools.data.splits import DATASETS
 from nctools.models.networks import ARCHS
 from nctools.training.loop import build_optimizer, build_scheduler
@@ -132,13 +132,13 @@ def test_grid_lr_drops_tenfold_after_a_third_and_two_thirds(name):
 
 
 def test_snapshot_epochs_papyan():
-    assert snapshot_schedule("papyan", 350) == PAPYAN_350
+    assert snapshot_epochs("papyan", 350) == PAPYAN_350
     # the construction: every epoch to 10, then 40 log-spaced from 11 to the last, rounded
     for epochs in (300, 100, 1000):
         want = sorted(set(range(1, 11)) | set(np.round(np.geomspace(11, epochs, 40)).astype(int)))
-        assert snapshot_schedule("papyan", epochs) == want, epochs
-    assert snapshot_schedule("papyan", 7) == list(range(1, 8))
-    assert snapshot_schedule(" papyan", 20) == list(range(1, 21))
+        assert snapshot_epochs("papyan", epochs) == want, epochs
+    assert snapshot_epochs("papyan", 7) == list(range(1, 8))
+    assert snapshot_epochs(" papyan", 20) == list(range(1, 21))
 
 
 def test_grid_has_a_vgg_a_resnet_and_a_densenet_per_data_set():

@@ -23,7 +23,7 @@ from nctools.config.schema import (
     Config,
     TrainConfig,
     load_config,
-    snapshot_schedule,
+    snapshot_epochs,
 )
 from nctools.data.sets import load_dataset
 from nctools.errors import ConfigError, RunError
@@ -483,4 +483,4 @@ def test_epoch_order_depends_on_seed_and_epoch_only():
 
 def test_snapshot_schedule_is_the_config_one(full_run):
     cfg, run = full_run
-    assert snapshots.list_snapshots(run) == snapshot_schedule(cfg.snapshot.epochs, EPOCHS)
+    assert snapshots.list_snapshots(run) == snapshot_epochs(cfg.snapshot.epochs, EPOCHS)
