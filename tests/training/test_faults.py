@@ -631,6 +631,16 @@ def test_a_full_disk_stops_training_naming_the_file_and_resume_recovers(
     assert_same_run(run, reference[0])
 
 
+def interrupted_in_epoch_3(config_file, run, monkeypatch, capsys) -> dict[str, str]:
+    """Train ``run`` until Ctrl-C in epoch 3 (two epochs saved), then undo the stop and
+    clear the output; the run's file hashes."""
+    stop_at_step(monkeypatch, 2 * STEPS_PER_EPOCH + 1, interrupt)
+    assert main(["train", str(config_file), "--out", str(run)]) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    return tree_hashes(run)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE semantics")
 def test_a_real_write_failure_in_torch_save_is_one_line(config_file, reference, tmp_path,
                                                        monkeypatch, capsys):
@@ -639,11 +649,7 @@ def test_a_real_write_failure_in_torch_save_is_one_line(config_file, reference, 
     line naming the checkpoint, and the previous checkpoint stays whole."""
     import resource
     run = tmp_path / "run"
-    stop_at_step(monkeypatch, 2 * STEPS_PER_EPOCH + 1, interrupt)
-    assert main(["train", str(config_file), "--out", str(run)]) == 130
-    monkeypatch.undo()
-    capsys.readouterr()
-    before = tree_hashes(run)
+    before = interrupted_in_epoch_3(config_file, run, monkeypatch, capsys)
     size = (run / "checkpoint.pt").stat().st_size
     assert all(p.stat().st_size < size // 2 for p in run.rglob("*.safetensors"))
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
@@ -668,11 +674,7 @@ def test_an_unwritable_run_directory_fails_before_touching_the_run(config_file, 
                                                                   monkeypatch, capsys):
     """A read-only folder, simulated (chmod does not stop root): every write is refused."""
     run = tmp_path / "run"
-    stop_at_step(monkeypatch, 2 * STEPS_PER_EPOCH + 1, interrupt)
-    assert main(["train", str(config_file), "--out", str(run)]) == 130
-    monkeypatch.undo()
-    capsys.readouterr()
-    before = tree_hashes(run)
+    before = interrupted_in_epoch_3(config_file, run, monkeypatch, capsys)
     real = files.atomic_write
 
     def read_only(path, writer, *rest):
