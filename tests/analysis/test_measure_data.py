@@ -164,3 +164,33 @@ def test_timm_named_set_through_its_own_transform(capsys, tmp_path, caplog):
     assert main(["measure", "--model", "timm:test_resnet", "--dataset", "synthetic",
                  "--set", "data.preprocess=pil"]) == 2
     assert "data.preprocess must be one of model, nctools" in capsys.readouterr().err
+
+
+def test_hf_folder_image_processor(capsys, tmp_path):
+    """A local Hugging Face folder with its image processor (16 px, mean and std 0.5): the
+    16 px synthetic images are only repeated to 3 channels and normalised."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=16, patch_size=8, hidden_size=8, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=8, num_labels=3)
+    net = ViTForImageClassification(config).eval()
+    net.save_pretrained(tmp_path)
+    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5] * 3,
+                      image_std=[0.5] * 3).save_pretrained(tmp_path)
+    keys = [*SYN[2:], "--set", "data.image_size=16"]
+    got = run_json(capsys, "--model", f"hf:{tmp_path}", "--dataset", "synthetic", *keys,
+                   "--ood-dataset", "synthetic")["classifier"]
+    cfg = DataConfig(dataset="synthetic", image_size=16, num_classes=3, train_per_class=6,
+                     test_per_class=3)
+    data = load_dataset(cfg, seed=0, standardise=False)
+    ood = load_dataset(cfg, seed=1, standardise=False).test.images
+
+    def pipeline(images):
+        return (images.expand(-1, 3, -1, -1) - 0.5) / 0.5
+
+    feats = input_of(net, net.classifier, pipeline(data.train.images))
+    expected = measure(feats, data.train.labels, net.classifier.weight.detach(),
+                       net.classifier.bias.detach(),
+                       ood_features=input_of(net, net.classifier, pipeline(ood)))
+    close(got, expected, [*METRIC_KEYS, "nc5"])
