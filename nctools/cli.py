@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--set model.width=16 --set data.samples_per_class=50",
             "nctools measure --model timm:resnet18 --weights ft.safetensors "
             "--dataset folder:~/imgs --num-classes 10 --layers blocks --csv",
+            "nctools measure --model timm:resnet18 --weights ft.safetensors --dataset cifar10 "
+            "--split test --ood-dataset svhn",
         ),
     )
     which = p.add_mutually_exclusive_group(required=True)

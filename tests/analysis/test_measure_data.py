@@ -194,3 +194,23 @@ def test_hf_folder_image_processor(capsys, tmp_path):
                        net.classifier.bias.detach(),
                        ood_features=input_of(net, net.classifier, pipeline(ood)))
     close(got, expected, [*METRIC_KEYS, "nc5"])
+
+
+def test_measure_model_ood_batches():
+    """measure_model(ood=...): nc5 at the classifier's input equals measure(ood_features=)
+    whatever the batching; a classifier-free layer alone gets a warning and no nc5."""
+    from nctools import measure_model
+
+    net = make_net(num_classes=3, in_channels=1)
+    gen = torch.Generator().manual_seed(5)
+    labels = torch.arange(3).repeat_interleave(5)
+    images = labels[:, None, None, None] + torch.randn(15, 1, 6, 6, generator=gen)
+    ood = 2 + torch.randn(7, 1, 6, 6, generator=gen)
+    data = [(images[:8], labels[:8]), (images[8:], labels[8:])]
+    got = measure_model(net, data, ood=[(ood[:3], torch.zeros(3)), (ood[3:], torch.zeros(4))])
+    expected = measure(input_of(net, net.head, images), labels, net.head.weight.detach(),
+                       net.head.bias.detach(), ood_features=input_of(net, net.head, ood))
+    close(got["head"], expected, [*METRIC_KEYS, "nc5"])
+    with pytest.warns(UserWarning, match="nc5 is measured at the classifier's input only"):
+        inner = measure_model(net, data, layers=["block1"], ood=[(ood, None)])
+    assert "nc5" not in inner["block1"]
