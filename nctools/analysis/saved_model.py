@@ -405,6 +405,8 @@ def measure_network(
     folder = dataset.startswith(FOLDER_PREFIX)
     transform = None
     data_cfg, seed = DataConfig(dataset=dataset), 0
+    if data_root is not None:  # where an --ood-dataset is looked for too
+        data_cfg.root = data_root
     if folder:  # the network first: its transform decides the pixels
         if given == "nctools":
             raise ConfigError(f"--set {PREPROCESS_KEY}=nctools: a folder:PATH data set is "
@@ -417,8 +419,8 @@ def measure_network(
     else:
         if overrides:
             data_cfg, _, seed = _override(data_cfg, ModelConfig(), seed, overrides)
-        if data_root is not None:
-            data_cfg.root = data_root
+            if data_root is not None:
+                data_cfg.root = data_root
         try:
             data = load_dataset(data_cfg, seed=seed, standardise=preprocess == "nctools")
         except ConfigError as exc:
