@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--set model.width=16 --set data.samples_per_class=50",
             "nctools measure --model timm:resnet18 --weights ft.safetensors "
             "--dataset folder:~/imgs --num-classes 10 --layers blocks --csv",
+            "nctools measure --model timm:resnet18 --weights ft.safetensors --dataset cifar10 "
+            "--split test --ood-dataset svhn",
         ),
     )
     which = p.add_mutually_exclusive_group(required=True)
@@ -164,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True,
                    help="data set name, e.g. cifar10, or folder:PATH (an ImageFolder)")
     p.add_argument("--split", choices=("train", "test"), default="train")
+    p.add_argument("--ood-dataset", metavar="NAME",
+                   help="adds nc5: the test split of this data set (a name or folder:PATH), "
+                        "prepared as --dataset is, as out-of-distribution data")  # fmt: skip
     p.add_argument("--layer", metavar="NAME",
                    help="the nn.Linear whose input are the features (default: the last one)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -174,7 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a data.*, model.* or seed setting (repeatable), e.g. "
-                        "data.samples_per_class=50 or model.width=16")  # fmt: skip
+                        "data.samples_per_class=50 or model.width=16; with --model, "
+                        "data.preprocess=model|nctools: the network's own evaluation "
+                        "transform (default for timm/torchvision/hf) or nctools' "
+                        "standardisation")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar over the batches")
     p.set_defaults(func=cmd_measure)
     return parser
@@ -466,7 +474,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
         arch=args.arch, checkpoint=args.checkpoint, dataset=args.dataset, split=args.split,
         layer=args.layer, num_classes=args.num_classes, data_root=args.data_root,
         batch_size=args.batch_size, device=args.device, overrides=args.overrides,
-        quiet=args.quiet,
+        quiet=args.quiet, ood_dataset=args.ood_dataset,
     )
     if not dist_from_env().is_main:  # every rank holds the result; rank 0 prints it
         return 0
@@ -493,7 +501,7 @@ def _measure_network(args: argparse.Namespace) -> int:
         args.model, args.dataset, weights=args.weights, split=args.split,
         layers=parse_layers(args.layers), num_classes=args.num_classes,
         data_root=args.data_root, batch_size=args.batch_size, device=args.device,
-        overrides=args.overrides,
+        overrides=args.overrides, ood_dataset=args.ood_dataset,
     )
     if not dist_from_env().is_main:
         return 0

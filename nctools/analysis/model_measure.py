@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import cast
 
@@ -57,6 +58,7 @@ def measure_model(
     group: dist.ProcessGroup | None = None,
     progress: bool = False,
     reference: Iterable[tuple[Tensor, Tensor]] | None = None,
+    ood: Iterable[tuple[Tensor, Tensor]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Neural-collapse metrics (Papyan, Han & Donoho, PNAS 2020) of ``model`` at named layers.
 
@@ -81,6 +83,11 @@ def measure_model(
         reference: batches of another split (e.g. the training set) whose class means the
             nearest-class-centre rule uses (METRICS.md, "On other data"), at every layer;
             one more forward sweep. Default: ``data``'s own class means.
+        ood: batches of out-of-distribution inputs (``(inputs, labels)`` pairs, labels
+            ignored): adds ``nc5`` (Ammar et al., ICLR 2024; METRICS.md) at the
+            classifier's input, the one layer it is reported at; one more forward sweep,
+            only the mean of those features is kept. Under torch.distributed: this
+            process's shard.
 
     Returns:
         ``{layer: {metric: value}}`` in the order of ``layers``.
@@ -130,6 +137,14 @@ def measure_model(
                         layer.end_pass(group)
                     except ValueError as exc:
                         raise ValueError(f"layer {name!r}: {exc}") from None
+            if ood is not None and input_of is None:
+                warnings.warn("ood: nc5 is measured at the classifier's input only (METRICS.md), "
+                              "and no measured layer is it", stacklevel=2)
+            elif ood is not None:
+                layer = passes[cast(str, input_of)]
+                layer.ood_mean = _ood_mean(model, ood, taps, cast(str, input_of),
+                                           layer.class_means().shape[1], device, group,
+                                           progress)
     finally:
         model.train(was_training)
     return {name: layer.result() for name, layer in passes.items()}
@@ -158,6 +173,8 @@ class LayerPasses:
         self.second = False
         self.eig: tuple[Tensor, Tensor] | None = None
         self.means: Tensor | None = None
+        self.reference: Tensor | None = None  # mu_G of the first pass
+        self.ood_mean: Tensor | None = None  # (D,) mean of OOD features: nc5
 
     def start(self, dim: int, device: torch.device) -> None:
         """First-pass statistics of width ``dim``: counts and sums only."""
@@ -200,6 +217,7 @@ class LayerPasses:
         ncc = None if self.ncc_means is None else self.ncc_means.to(means.device, F64)
         self.tally = DecisionTally(weight, bias, means, reference, ncc, coords)
         self.eig, self.means, self.second = (eigvals, eigvecs), means, True
+        self.reference = reference
         self.stats = ClassStats(self.num_classes, dim, shift=means, basis=basis,
                                 device=means.device)
 
@@ -218,6 +236,10 @@ class LayerPasses:
         result["ncc_mismatch"] = float(counts[0]) / total
         result["accuracy"] = float(counts[1]) / total
         result["ncc_accuracy"] = float(counts[2]) / total
+        if self.ood_mean is not None:
+            assert self.means is not None and self.reference is not None
+            result["nc5"] = functional.nc5(self.means - self.reference,
+                                           self.ood_mean - self.reference)
         if self.weight is None:
             return {key: result[key] for key in CLASSIFIER_FREE_KEYS}
         return {key: result[key] for key in (*METRIC_KEYS, *BEYOND_KEYS) if key in result}
@@ -272,6 +294,42 @@ def _sweep(model: nn.Module, data: Iterable, taps: LayerTaps, passes: dict[str, 
             if progress and time.monotonic() - shown > 5:
                 print(f"measure_model: {sweep} pass, {batches} batches", file=sys.stderr)
                 shown = time.monotonic()
+
+
+def _ood_mean(model: nn.Module, ood: Iterable, taps: LayerTaps, name: str, dim: int,
+              device: torch.device, group: dist.ProcessGroup | None, progress: bool) -> Tensor:
+    """(D,) float64 mean of layer ``name``'s features over the ``ood`` batches, one forward
+    sweep (summed over processes)."""
+    stats = ClassStats(1, dim, basis=torch.zeros(dim, 0, dtype=F64, device=device),
+                       device=device)
+    shown, batches = time.monotonic(), 0
+    with torch.no_grad():
+        for batch in ood:
+            inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+            try:
+                model(_to(inputs, device))
+            except RuntimeError as exc:  # e.g. other channels or sizes than the data's
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else "error"
+                raise ValueError(f"ood: the network fails on these inputs: {first}") from None
+            features = taps.pop()[name]
+            if features.shape[1] != dim:
+                raise ValueError(f"ood: features of width {features.shape[1]} at {name!r}, "
+                                 f"the data's are {dim}")
+            try:
+                stats.update(features, torch.zeros(features.shape[0], dtype=torch.long,
+                                                   device=features.device))
+            except ValueError as exc:
+                raise ValueError(f"ood: {exc}") from None
+            batches += 1
+            if progress and time.monotonic() - shown > 5:
+                print(f"measure_model: ood pass, {batches} batches", file=sys.stderr)
+                shown = time.monotonic()
+    stats.all_reduce(group)
+    if stats.num_samples == 0:
+        raise ValueError("ood is empty (no samples in any batch)")
+    if not bool(torch.isfinite(stats.sums).all()):
+        raise ValueError("ood: activations contain NaN or Inf values")
+    return stats.global_mean()
 
 
 def _agree_on_widths(passes: dict[str, LayerPasses], device: torch.device,

@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from nctools.errors import CheckpointError, ConfigError, NctoolsError
 from nctools.runs.layout import CONFIG_FILE
@@ -49,6 +48,8 @@ def _override(data_cfg, model_cfg, seed: int, overrides: Sequence[str]):
     cfg = config_from_dict(merged)
     for item in overrides:
         key = item.partition("=")[0].strip()
+        if key == PREPROCESS_KEY:
+            raise ConfigError(f"--set {item}: {PREPROCESS_KEY} goes with --model")
         if key in ("data.dataset", "model.arch"):
             flag = "--dataset" if key == "data.dataset" else "--arch"
             raise ConfigError(f"--set {item}: give {key} as {flag}")
@@ -127,7 +128,7 @@ def measure_checkpoint(
     arch: str, checkpoint: str | Path, dataset: str, split: str = "train",
     layer: str | None = None, num_classes: int | None = None, data_root: str | None = None,
     batch_size: int = 256, device: str = "auto", overrides: Sequence[str] = (),
-    quiet: bool = True,
+    quiet: bool = True, ood_dataset: str | None = None,
 ) -> dict[str, float]:
     """METRICS.md metrics of a saved network on ``split`` of ``dataset``.
 
@@ -142,6 +143,9 @@ def measure_checkpoint(
     Under torchrun each rank extracts its own contiguous rows and the statistics are
     summed with all_reduce (:func:`nctools.measure.measure_chunks`); every rank returns
     the metrics of the whole split.
+
+    ``ood_dataset``: a data set name or ``folder:PATH`` whose TEST split, standardised as
+    ``dataset`` is (:func:`ood_data`), gives the out-of-distribution features of ``nc5``.
     """
     from nctools.config.schema import DataConfig, ModelConfig, load_config
     from nctools.data.sets import load_dataset
@@ -201,12 +205,19 @@ def measure_checkpoint(
     weight, bias = linear.weight.detach().cpu(), None
     if linear.bias is not None:
         bias = linear.bias.detach().cpu()
+    ood = None
+    if ood_dataset is not None:
+        ood = ood_data(ood_dataset, data_cfg, seed, data)
     if info.distributed:
         with process_group(info, dev):
             return _measure_shards(model, linear, data, split, batch_size, dev, info,
-                                   weight, bias, checkpoint)
+                                   weight, bias, checkpoint, ood)
     features, labels = hooked_features(model, linear, getattr(data, split), batch_size, dev,
                                        progress=not quiet)
+    ood_features = None
+    if ood is not None:
+        ood_features, _ = hooked_features(model, linear, ood.test, batch_size, dev,
+                                          progress=not quiet)
     means = None
     if split == "test":
         train_features, train_labels = hooked_features(model, linear, data.train, batch_size, dev,
@@ -214,7 +225,7 @@ def measure_checkpoint(
         means = class_means(train_features, train_labels, weight.shape[0])
     try:
         return measure(features, labels, weight, bias, num_classes=weight.shape[0],
-                       class_means=means)
+                       class_means=means, ood_features=ood_features)
     except ValueError as exc:  # e.g. labels beyond --num-classes
         raise NctoolsError(f"measure --checkpoint {checkpoint}: {exc}") from None
 
@@ -229,7 +240,7 @@ def _stem_hint(state, model) -> str:
 
 
 def _measure_shards(model, linear, data, split: str, batch_size: int, dev, info,
-                    weight, bias, checkpoint) -> dict[str, float]:
+                    weight, bias, checkpoint, ood=None) -> dict[str, float]:
     """:func:`measure_checkpoint` on this rank's rows, statistics summed over the ranks."""
     import torch
 
@@ -237,8 +248,8 @@ def _measure_shards(model, linear, data, split: str, batch_size: int, dev, info,
     from nctools.metrics.stats import ClassStats
     from nctools.training.distributed import shard_rows
 
-    def shard(name: str):
-        part = getattr(data, name)
+    def shard(name: str, source=data):
+        part = getattr(source, name)
         return hooked_features(model, linear, part, batch_size, dev,
                                shard_rows(len(part.labels), batch_size, info))
 
@@ -253,8 +264,9 @@ def _measure_shards(model, linear, data, split: str, batch_size: int, dev, info,
             stats.update(train_features, train_labels).all_reduce()
             stats.check_nonempty()
             means = stats.class_means()
+        ood_features = None if ood is None else shard("test", ood)[0]
         result, _ = measure_chunks(lambda: [(features, labels)], weight, bias, num_classes,
-                                   class_means=means, device=dev)
+                                   class_means=means, device=dev, ood_features=ood_features)
         return result
     except ValueError as exc:
         raise NctoolsError(f"measure --checkpoint {checkpoint}: {exc}") from None
@@ -262,6 +274,11 @@ def _measure_shards(model, linear, data, split: str, batch_size: int, dev, info,
 
 # ------------------------------------------------------------- any network, any layer
 FOLDER_PREFIX = "folder:"
+# measure --model only: "model" (the network's own evaluation transform; the default for
+# timm, torchvision and hf networks) or "nctools" (nctools' standardisation; the default
+# for a user's own network)
+PREPROCESS_KEY = "data.preprocess"
+PREPROCESS = ("model", "nctools")
 
 
 class _Batches:
@@ -290,100 +307,167 @@ def parse_layers(text: str | None) -> list[str] | str | None:
     return names
 
 
-def image_folder(path: str, transform):
-    """``folder:PATH`` as a Dataset: PATH/train and PATH/val (or test), else PATH for both.
+def split_preprocess(overrides: Sequence[str]) -> tuple[str | None, list[str]]:
+    """(``data.preprocess`` of ``overrides``, None if not given; the other overrides)."""
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    choice, rest = None, []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() != PREPROCESS_KEY:
+            rest.append(item)
+            continue
+        choice = value.strip()
+        if choice not in PREPROCESS:
+            raise ConfigError(f"--set {item}: {PREPROCESS_KEY} must be one of "
+                              f"{', '.join(PREPROCESS)}")
+    return choice, rest
 
-    Images go through ``transform`` (the network's own evaluation transform), read lazily.
+
+def ood_data(name: str, data_cfg, seed: int, data, transform=None, flag: str = "--ood-dataset"):
+    """The out-of-distribution set ``name`` prepared as the in-distribution ``data`` is.
+
+    Only its TEST split is measured (the held-out images; for ``folder:PATH`` PATH/val or
+    PATH/test, else PATH itself). Its settings are ``data_cfg``'s (root, download, pad_to,
+    the synthetic shape keys) without the class subsets, and its seed is ``seed + 1``, so
+    that ``synthetic`` draws other class centres than a synthetic ``data``.
+
+    ``transform``: the network's own evaluation transform (``--model``): the OOD images go
+    through it as ``data``'s do. None: nctools' preprocessing, standardised with ``data``'s
+    training mean and std, and the same channels and size are required. Raises ConfigError
+    naming ``flag`` for an unknown name or images the network does not take.
     """
-    import torch
-    from torchvision import datasets, transforms
+    from nctools.data import model_inputs
+    from nctools.data.sets import load_dataset, standardise_splits
+    from nctools.models import zoo
 
-    from nctools.data.splits import Dataset, Split
-    from nctools.data.torchvision_sets import IMAGENET_MEAN, IMAGENET_STD
-    from nctools.errors import DataError
+    if name.startswith(FOLDER_PREFIX):
+        if transform is None:  # the in-distribution pixels: size, channels, mean/std
+            transform = (zoo.imagenet_eval_transform() if data.channel_mean is None
+                         else model_inputs.standardised_like(data))
+        ood = model_inputs.image_folder(name[len(FOLDER_PREFIX):], transform, flag=flag)
+    else:
+        cfg = replace(data_cfg, dataset=name, samples_per_class=None,
+                      test_samples_per_class=None)
+        try:  # raw pixels: prepared below as the in-distribution set's
+            ood = load_dataset(cfg, seed=seed + 1, standardise=data.channel_mean is None
+                               and transform is None)
+        except ConfigError as exc:
+            text = str(exc).replace("data.dataset", flag)
+            raise ConfigError(text if text.startswith(flag) else f"{flag} {name}: {text}") from None
+        if transform is not None:
+            ood = model_inputs.through_transform(ood, transform, flag=flag)
+    _check_fits(ood, data, name, flag)
+    if not name.startswith(FOLDER_PREFIX) and transform is None and data.channel_mean is not None:
+        standardise_splits(ood, data.channel_mean, data.channel_std)
+    return ood
 
-    if transform is None:  # a network without its own transform: ImageNet's evaluation
-        transform = transforms.Compose([
-            transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ])  # fmt: skip
-    root = Path(path).expanduser()
-    train_dir = root / "train"
-    test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), train_dir)
-    if not train_dir.is_dir():
-        train_dir = test_dir = root
-    splits = []
-    for folder in (train_dir, test_dir):
-        try:
-            data = datasets.ImageFolder(str(folder), transform=transform)
-        except (FileNotFoundError, OSError, RuntimeError) as exc:
-            raise DataError(
-                f"--dataset folder:{path}: no class folders of images ({exc})"
-            ) from None
-        splits.append(Split(data, torch.as_tensor(data.targets, dtype=torch.long)))
-    first: Any = splits[0].images  # an ImageFolder
-    image = first[0][0]
-    return Dataset(f"folder:{path}", splits[0], splits[1], num_classes=len(first.classes),
-                   in_channels=int(image.shape[0]), image_size=int(image.shape[-1]))
+
+def _check_fits(ood, data, name: str, flag: str) -> None:
+    """The out-of-distribution images have the channels and size of the network's input."""
+    if (ood.in_channels, ood.image_size) != (data.in_channels, data.image_size):
+        raise ConfigError(
+            f"{flag} {name}: images of {ood.in_channels} channel(s), {ood.image_size} px, but "
+            f"the network takes {data.name}'s {data.in_channels} channel(s), "
+            f"{data.image_size} px"
+            + ("; --set data.pad_to=N pads both sets" if ood.image_size < data.image_size
+               else "")
+        )
 
 
 def measure_network(
     spec: str, dataset: str, weights: str | Path | None = None, split: str = "train",
     layers: Sequence[str] | str | None = None, num_classes: int | None = None,
     data_root: str | None = None, batch_size: int = 256, device: str = "auto",
-    overrides: Sequence[str] = (), pool: str = "avg",
+    overrides: Sequence[str] = (), pool: str = "avg", ood_dataset: str | None = None,
 ) -> dict[str, dict[str, float]]:
     """Metrics of a zoo or user network (``--model SPEC``) at ``layers`` on ``split``.
 
     ``spec`` and ``weights`` as in :mod:`nctools.models.zoo`. ``dataset`` is a data set
-    name (nctools' own preprocessing, then ``overrides``, as for ``--arch``) or
-    ``folder:PATH`` (an ImageFolder read through the network's own evaluation transform).
+    name or ``folder:PATH`` (an ImageFolder). Both are read through the network's own
+    evaluation transform (:func:`nctools.models.zoo.eval_transform`; 1-channel sets
+    repeated to 3 channels) for timm, torchvision and hf networks, and through nctools'
+    standardisation for a user's network; ``data.preprocess=model|nctools`` among
+    ``overrides`` chooses (a folder always takes the network's transform). The other
+    overrides as for ``--arch`` (e.g. ``data.samples_per_class``).
     Layers as in :func:`nctools.analysis.model_measure.measure_model`; on the test split
     the nearest-class-centre rule uses the training class means (METRICS.md, "On other
-    data"). Under torchrun each rank measures its contiguous rows and every rank gets the
-    union's metrics.
+    data"). ``ood_dataset``: adds ``nc5`` at the classifier's input, from the test split
+    of that set prepared as ``dataset`` is (:func:`ood_data`). Under torchrun each rank
+    measures its contiguous rows and every rank gets the union's metrics.
     """
     from nctools.analysis.model_measure import measure_model
     from nctools.config.schema import DataConfig, ModelConfig
+    from nctools.data import model_inputs
     from nctools.data.sets import load_dataset
     from nctools.models import zoo
     from nctools.training import distributed
 
+    given, overrides = split_preprocess(overrides)
+    own = spec.partition(":")[0] in zoo.ZOOS  # a zoo network has its own transform
+    preprocess = given or ("model" if own else "nctools")
     folder = dataset.startswith(FOLDER_PREFIX)
-    model = None
+    transform = None
+    data_cfg, seed = DataConfig(dataset=dataset), 0
+    if data_root is not None:  # where an --ood-dataset is looked for too
+        data_cfg.root = data_root
     if folder:  # the network first: its transform decides the pixels
+        if given == "nctools":
+            raise ConfigError(f"--set {PREPROCESS_KEY}=nctools: a folder:PATH data set is "
+                              "read through the network's own transform")
         if num_classes is None:
             raise ConfigError("--num-classes: needed with --dataset folder:PATH")
-        model = zoo.build_from_spec(spec, num_classes, 3)
-        data = image_folder(dataset[len(FOLDER_PREFIX):], zoo.eval_transform(model, spec))
+        model = zoo.build_from_spec(spec, num_classes, model_inputs.MODEL_CHANNELS)
+        transform = zoo.eval_transform(model, spec)
+        data = model_inputs.image_folder(dataset[len(FOLDER_PREFIX):], transform)
     else:
-        data_cfg, seed = DataConfig(dataset=dataset), 0
         if overrides:
             data_cfg, _, seed = _override(data_cfg, ModelConfig(), seed, overrides)
-        if data_root is not None:
-            data_cfg.root = data_root
+            if data_root is not None:
+                data_cfg.root = data_root
         try:
-            data = load_dataset(data_cfg, seed=seed)
+            data = load_dataset(data_cfg, seed=seed, standardise=preprocess == "nctools")
         except ConfigError as exc:
             raise ConfigError(str(exc).replace("data.dataset", "--dataset")) from None
-        model = zoo.build_from_spec(spec, num_classes or data.num_classes, data.in_channels)
+        if preprocess == "model":  # raw pixels through the network's own transform
+            model = zoo.build_from_spec(spec, num_classes or data.num_classes,
+                                        model_inputs.MODEL_CHANNELS)
+            transform = zoo.eval_transform(model, spec)
+            data = model_inputs.through_transform(data, transform)
+        else:
+            model = zoo.build_from_spec(spec, num_classes or data.num_classes,
+                                        data.in_channels)
+    ood = None
+    if ood_dataset is not None:
+        ood = ood_data(ood_dataset, data_cfg, seed, data, transform)
     if weights is not None:
-        zoo.load_weights(model, weights)
+        try:
+            zoo.load_weights(model, weights)
+        except CheckpointError as exc:
+            if transform is None:
+                raise
+            raise CheckpointError(
+                f"{exc} (the network was built for its own preprocessing, with 3 input "
+                f"channels; --set {PREPROCESS_KEY}=nctools builds it for the data set's "
+                "channels and standardisation)") from None
     info = distributed.dist_from_env()
     dev = distributed.rank_device(_device(device), info, key="--device")
     model.to(dev)
-    def batches(name: str) -> _Batches:  # this rank's rows of a split
-        part = getattr(data, name)
+
+    def batches(part) -> _Batches:  # this rank's rows of a split
         rows = distributed.shard_rows(len(part.labels), batch_size, info)
         return _Batches(part, batch_size, rows if info.distributed else None)
 
     # on the test split NC4's centres are the training class means (METRICS.md)
-    reference = batches("train") if split == "test" else None
+    reference = batches(data.train) if split == "test" else None
     try:
         with distributed.process_group(info, dev):
-            return measure_model(model, batches(split), layers=layers, pool=pool,
-                                 device=dev, progress=True, reference=reference)
+            return measure_model(model, batches(getattr(data, split)), layers=layers,
+                                 pool=pool, device=dev, progress=True, reference=reference,
+                                 ood=None if ood is None else batches(ood.test))
     except ValueError as exc:
+        if str(exc).startswith("ood"):
+            raise NctoolsError(f"--ood-dataset {ood_dataset}: {exc}") from None
         raise NctoolsError(f"measure --model {spec}: {exc}") from None
     except RuntimeError as exc:  # the network refuses the images (channels, size)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

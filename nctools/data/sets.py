@@ -45,12 +45,18 @@ MNIST5K_TRAIN_PER_CLASS = 400  # of the 500 digits per class; the other 100 are 
 MNIST5K_CACHE = "mnist5k.npz"
 
 
-def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
+def load_dataset(
+    cfg: DataConfig, seed: int, standardise: bool = True
+) -> Dataset:
     """Load ``cfg.dataset``, take the balanced subset, standardise with train statistics.
 
     ``seed`` drives the ``samples_per_class`` and ``test_samples_per_class`` subsets and
     the ``synthetic`` data; the
     ``mnist5k`` split uses :data:`MNIST5K_SPLIT_SEED` whatever the run seed.
+    ``standardise``: True: with the training split's per-channel mean and std; False: the
+    raw pixels (in [0, 1] for image sets), for a network's own evaluation transform or
+    another set's statistics (:func:`standardise_splits`). Lazy image-folder sets are
+    never standardised here (their transform normalises).
     """
     name = cfg.dataset.lower()
     if name not in DATASETS:
@@ -73,11 +79,23 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
         )
     if cfg.pad_to is not None:
         data = pad_dataset(data, cfg.pad_to)
-    if isinstance(data.train.images, Tensor):  # in memory (not a lazy image folder)
-        mean, std = channel_stats(data.train.images)
-        for split in (data.train, data.test):
-            assert isinstance(split.images, Tensor)
-            split.images.sub_(mean[None, :, None, None]).div_(std[None, :, None, None])
+    if isinstance(data.train.images, Tensor) and standardise:  # in memory
+        standardise_splits(data, *channel_stats(data.train.images))
+    return data
+
+
+def standardise_splits(data: Dataset, mean: Tensor, std: Tensor) -> Dataset:
+    """Standardise ``data``'s in-memory splits in place: (x - mean) / std per channel.
+
+    mean, std: (C_in,). Records them as ``data.channel_mean`` and ``data.channel_std``.
+    """
+    if mean.shape != (data.in_channels,) or std.shape != (data.in_channels,):
+        raise ConfigError(f"{data.name}: {data.in_channels}-channel images cannot be "
+                          f"standardised with {mean.numel()} channel mean(s)")
+    data.channel_mean, data.channel_std = mean, std
+    for split in (data.train, data.test):
+        assert isinstance(split.images, Tensor)
+        split.images.sub_(mean[None, :, None, None]).div_(std[None, :, None, None])
     return data
 
 

@@ -57,7 +57,11 @@ class Split:
 
 @dataclass
 class Dataset:
-    """A train/test pair with the shape facts a network needs."""
+    """A train/test pair with the shape facts a network needs.
+
+    channel_mean, channel_std: (C_in,) the standardisation applied to in-memory splits
+    (:func:`nctools.data.sets.load_dataset`), None when the pixels are not standardised.
+    """
 
     name: str
     train: Split
@@ -65,6 +69,8 @@ class Dataset:
     num_classes: int
     in_channels: int
     image_size: int
+    channel_mean: Tensor | None = None
+    channel_std: Tensor | None = None
 
 
 def iterate_batches(

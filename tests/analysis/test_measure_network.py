@@ -18,6 +18,9 @@ from tests.helpers import make_net
 
 DATA = ["--dataset", "synthetic", "--set", "data.image_size=8", "--set", "data.num_classes=3",
         "--set", "data.train_per_class=6"]
+# a zoo network's own evaluation transform is the default; these tests measure the
+# standardised tensors (1-channel networks, 8 px images)
+OWN = [*DATA, "--set", "data.preprocess=nctools"]
 
 
 def synthetic():
@@ -86,7 +89,7 @@ def test_timm_weights_files(capsys, tmp_path, wrap):
     else:
         torch.save(state, path)
     data = synthetic()
-    got = run_json(capsys, "--model", "timm:resnet10t", "--weights", str(path), *DATA)
+    got = run_json(capsys, "--model", "timm:resnet10t", "--weights", str(path), *OWN)
     expected = measure(hooked(net, data.train.images, "fc", True), data.train.labels,
                        net.fc.weight.detach(), net.fc.bias.detach())
     assert list(got) == ["fc"]
@@ -96,7 +99,7 @@ def test_timm_weights_files(capsys, tmp_path, wrap):
 
 def test_torchvision_spec_and_bad_inputs(capsys, tmp_path):
     # torchvision builds 3-channel networks; the synthetic images here have one channel
-    assert main(["measure", "--model", "torchvision:resnet18", *DATA]) == 2
+    assert main(["measure", "--model", "torchvision:resnet18", *OWN]) == 2
     err = capsys.readouterr().err
     assert err.startswith("nctools: error: measure --model torchvision:resnet18: the network "
                           "fails on synthetic's images of 1 channel(s), 8 px: ")

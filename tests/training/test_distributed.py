@@ -313,20 +313,21 @@ def _measure_rank(rank: int, argv: list[str], out: str) -> None:
     Path(out, f"stdout{rank}.txt").write_text(text.getvalue())
 
 
-@pytest.mark.parametrize("split", ["train", "test"])
-def test_measure_under_torchrun_equals_one_process(tmp_path, split):
+@pytest.mark.parametrize("split, ood", [("train", []), ("test", ["--ood-dataset", "synthetic"])])
+def test_measure_under_torchrun_equals_one_process(tmp_path, split, ood):
     torch.manual_seed(0)  # untrained weights measure as well as trained ones
     model = build_model(ModelConfig(arch="convnet"), 10, 1, 16)  # what --arch convnet builds
     torch.save(model.state_dict(), tmp_path / "model.pt")
     # 640 train / 160 test rows in batches of 96: 7 + 2 batches, split 4 + 3 and 1 + 1
     argv = ["measure", "--arch", "convnet", "--checkpoint", str(tmp_path / "model.pt"),
-            "--dataset", "synthetic", "--split", split, "--batch-size", "96", "--json"]
+            "--dataset", "synthetic", "--split", split, "--batch-size", "96", "--json", *ood]
     run_ranks(_measure_rank, argv, str(tmp_path))
     assert (tmp_path / "stdout1.txt").read_text() == ""  # rank 0 alone prints
     got = json.loads((tmp_path / "stdout0.txt").read_text())
     expected = saved_model.measure_checkpoint("convnet", tmp_path / "model.pt", "synthetic", split,
-                                      batch_size=96, device="cpu")
-    assert got.keys() == expected.keys()
+                                      batch_size=96, device="cpu",
+                                      ood_dataset="synthetic" if ood else None)
+    assert got.keys() == expected.keys() and ("nc5" in got) == bool(ood)
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
 
