@@ -90,3 +90,36 @@ def make_net(num_classes: int = 3, in_channels: int = 1) -> nn.Module:
     """Factory for ``--model tests.helpers:make_net``."""
     torch.manual_seed(0)
     return SmallNet(num_classes, in_channels)
+
+
+def hooked(net: nn.Module, images: torch.Tensor, module: nn.Module | str,
+           use_input: bool = False) -> torch.Tensor:
+    """The output (or with ``use_input`` the input) of ``module`` (a module of ``net`` or
+    its name) over ``images``, from one eval-mode forward pass with the test's own hook;
+    a 4-D activation averaged over space; float64. An independent extractor to hold
+    nctools' feature taps to."""
+    if isinstance(module, str):
+        module = dict(net.named_modules())[module]
+    out = []
+
+    def take(_module, inputs, output):
+        value = inputs[0] if use_input else output
+        out.append(value.mean(dim=(2, 3)) if value.ndim == 4 else value)
+
+    handle = module.register_forward_hook(take)
+    net.eval()
+    with torch.no_grad():
+        net(images)
+    handle.remove()
+    return out[0].double()
+
+
+def measure_json(capsys, *argv: str) -> dict:
+    """``nctools measure ARGV --json``: exit status 0 and the parsed output."""
+    import json
+
+    from nctools.cli import main
+
+    assert main(["measure", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+

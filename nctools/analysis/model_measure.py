@@ -119,24 +119,11 @@ def measure_model(
             centres: dict[str, Tensor | None] = dict.fromkeys(names)
             if reference is not None:  # class means of the reference split: pass 1 only
                 means = {name: LayerPasses(classes, None, None) for name in names}
-                _sweep(model, reference, taps, means, "reference", device, progress)
-                _agree_on_widths(means, device, group)
-                for name, layer in means.items():
-                    try:
-                        layer.end_pass(group)
-                    except ValueError as exc:
-                        raise ValueError(f"reference, layer {name!r}: {exc}") from None
-                    centres[name] = layer.class_means()
+                _passes(model, reference, taps, means, ("reference",), device, group, progress)
+                centres = {name: layer.class_means() for name, layer in means.items()}
             passes = {name: LayerPasses(classes, weight if name == input_of else None, bias,
                                         ncc_means=centres[name]) for name in names}
-            for sweep in ("first", "second"):
-                _sweep(model, data, taps, passes, sweep, device, progress)
-                _agree_on_widths(passes, device, group)
-                for name, layer in passes.items():
-                    try:
-                        layer.end_pass(group)
-                    except ValueError as exc:
-                        raise ValueError(f"layer {name!r}: {exc}") from None
+            _passes(model, data, taps, passes, ("first", "second"), device, group, progress)
             if ood is not None and input_of is None:
                 warnings.warn("ood: nc5 is measured at the classifier's input only (METRICS.md), "
                               "and no measured layer is it", stacklevel=2)
@@ -148,6 +135,22 @@ def measure_model(
     finally:
         model.train(was_training)
     return {name: layer.result() for name, layer in passes.items()}
+
+
+def _passes(model: nn.Module, data: Iterable, taps: LayerTaps, layers: dict[str, LayerPasses],
+            sweeps: tuple[str, ...], device: torch.device, group: dist.ProcessGroup | None,
+            progress: bool) -> None:
+    """Forward sweeps over ``data``, each ending every layer's pass (summed over ranks);
+    errors name the layer (and the reference split)."""
+    where = "reference, " if sweeps == ("reference",) else ""
+    for sweep in sweeps:
+        _sweep(model, data, taps, layers, sweep, device, progress)
+        _agree_on_widths(layers, device, group)
+        for name, layer in layers.items():
+            try:
+                layer.end_pass(group)
+            except ValueError as exc:
+                raise ValueError(f"{where}layer {name!r}: {exc}") from None
 
 
 class LayerPasses:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import timm
 import torch
@@ -14,7 +12,7 @@ from nctools.config.schema import DataConfig, ModelConfig
 from nctools.data.sets import load_dataset
 from nctools.metrics.measure import METRIC_KEYS, measure
 from nctools.models.networks import build_model
-from tests.helpers import make_net
+from tests.helpers import hooked, make_net, measure_json
 
 SYN = ["--set", "data.image_size=8", "--set", "data.num_classes=3", "--set",
        "data.train_per_class=6", "--set", "data.test_per_class=3"]
@@ -36,19 +34,8 @@ def standardise(images, like):
 
 
 def input_of(net, layer, images):
-    """The input of ``layer`` over ``images`` in one forward pass (own hook), float64."""
-    out = []
-    handle = layer.register_forward_hook(lambda m, i, o: out.append(i[0].flatten(1)))
-    net.eval()
-    with torch.no_grad():
-        net(images)
-    handle.remove()
-    return out[0].double()
-
-
-def run_json(capsys, *argv):
-    assert main(["measure", *argv, "--json"]) == 0
-    return json.loads(capsys.readouterr().out)
+    """The input of ``layer`` over ``images`` (the test's own hook), float64."""
+    return hooked(net, images, layer, use_input=True)
 
 
 def close(got, expected, keys):
@@ -65,7 +52,7 @@ def test_ood_dataset_user_network_nc5(capsys):
     train, labels, _ = synthetic(0)
     _, _, ood = synthetic(1)  # the OOD set is drawn from seed + 1
     net = make_net(num_classes=3, in_channels=1)
-    got = run_json(capsys, "--model", "tests.helpers:make_net", "--dataset", "synthetic", *SYN,
+    got = measure_json(capsys, "--model", "tests.helpers:make_net", "--dataset", "synthetic", *SYN,
                    "--ood-dataset", "synthetic", "--layers", "block2,head")
     feats = input_of(net, net.head, standardise(train, train))
     ood_feats = input_of(net, net.head, standardise(ood, train))
@@ -82,7 +69,7 @@ def test_ood_dataset_arch_checkpoint_mnist5k(capsys, tmp_path):
     net = build_model(ModelConfig(arch="convnet", width=4), 10, 1, 28).eval()
     path = tmp_path / "net.pt"
     torch.save(net.state_dict(), path)
-    got = run_json(capsys, "--arch", "convnet", "--checkpoint", str(path), "--dataset",
+    got = measure_json(capsys, "--arch", "convnet", "--checkpoint", str(path), "--dataset",
                    "mnist5k", "--set", "model.width=4", "--set", "data.samples_per_class=5",
                    "--ood-dataset", "synthetic", "--set", "data.image_size=28")
     data = load_dataset(DataConfig(dataset="mnist5k", samples_per_class=5), seed=0,
@@ -135,7 +122,7 @@ def test_timm_named_set_through_its_own_transform(capsys, tmp_path, caplog):
     path = tmp_path / "w.pt"
     torch.save(net.state_dict(), path)
     with caplog.at_level("INFO"):
-        got = run_json(capsys, "--model", "timm:test_resnet", "--weights", str(path),
+        got = measure_json(capsys, "--model", "timm:test_resnet", "--weights", str(path),
                        "--dataset", "synthetic", *SYN, "--ood-dataset", "synthetic")["fc"]
     assert "1-channel images repeated to 3 channels" in caplog.text
 
@@ -156,7 +143,7 @@ def test_timm_named_set_through_its_own_transform(capsys, tmp_path, caplog):
     torch.manual_seed(1)
     gray = timm.create_model("test_resnet", pretrained=False, num_classes=3, in_chans=1).eval()
     torch.save(gray.state_dict(), path)
-    got = run_json(capsys, "--model", "timm:test_resnet", "--weights", str(path),
+    got = measure_json(capsys, "--model", "timm:test_resnet", "--weights", str(path),
                    "--dataset", "synthetic", *SYN, "--set", "data.preprocess=nctools")["fc"]
     expected = measure(input_of(gray, gray.fc, standardise(train, train)), labels,
                        gray.fc.weight.detach(), gray.fc.bias.detach())
@@ -179,7 +166,7 @@ def test_hf_folder_image_processor(capsys, tmp_path):
     ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5] * 3,
                       image_std=[0.5] * 3).save_pretrained(tmp_path)
     keys = [*SYN[2:], "--set", "data.image_size=16"]
-    got = run_json(capsys, "--model", f"hf:{tmp_path}", "--dataset", "synthetic", *keys,
+    got = measure_json(capsys, "--model", f"hf:{tmp_path}", "--dataset", "synthetic", *keys,
                    "--ood-dataset", "synthetic")["classifier"]
     cfg = DataConfig(dataset="synthetic", image_size=16, num_classes=3, train_per_class=6,
                      test_per_class=3)

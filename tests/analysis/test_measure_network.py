@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from nctools.cli import main
 from nctools.config.schema import DataConfig
 from nctools.data.sets import load_dataset
 from nctools.metrics.measure import CLASSIFIER_FREE_KEYS, METRIC_KEYS, measure
-from tests.helpers import make_net
+from tests.helpers import hooked, make_net, measure_json
 
 DATA = ["--dataset", "synthetic", "--set", "data.image_size=8", "--set", "data.num_classes=3",
         "--set", "data.train_per_class=6"]
@@ -28,29 +27,11 @@ def synthetic():
                                    train_per_class=6), seed=0)
 
 
-def hooked(net, images, layer, use_input=False):
-    out = []
-    module = dict(net.named_modules())[layer]
-    handle = module.register_forward_hook(
-        lambda m, i, o: out.append((i[0] if use_input else o).mean(dim=(2, 3))
-                                   if (i[0] if use_input else o).ndim == 4
-                                   else (i[0] if use_input else o)))
-    net.eval()
-    with torch.no_grad():
-        net(images)
-    handle.remove()
-    return out[0].double()
-
-
-def run_json(capsys, *argv):
-    assert main(["measure", *argv, "--json"]) == 0
-    return json.loads(capsys.readouterr().out)
-
-
 def test_user_factory_layers_match_own_hooks(capsys):
     data = synthetic()
     net = make_net(num_classes=3, in_channels=1)
-    got = run_json(capsys, "--model", "tests.helpers:make_net", *DATA, "--layers", "block1,head",
+    got = measure_json(capsys, "--model", "tests.helpers:make_net", *DATA,
+                       "--layers", "block1,head",
                    "--batch-size", "7")
     assert list(got) == ["block1", "head"]
     labels = data.train.labels
@@ -89,7 +70,7 @@ def test_timm_weights_files(capsys, tmp_path, wrap):
     else:
         torch.save(state, path)
     data = synthetic()
-    got = run_json(capsys, "--model", "timm:resnet10t", "--weights", str(path), *OWN)
+    got = measure_json(capsys, "--model", "timm:resnet10t", "--weights", str(path), *OWN)
     expected = measure(hooked(net, data.train.images, "fc", True), data.train.labels,
                        net.fc.weight.detach(), net.fc.bias.detach())
     assert list(got) == ["fc"]
@@ -120,7 +101,8 @@ def test_torchvision_spec_and_bad_inputs(capsys, tmp_path):
 def test_test_split_uses_training_means(capsys):
     data = synthetic()
     net = make_net(num_classes=3, in_channels=1)
-    got = run_json(capsys, "--model", "tests.helpers:make_net", *DATA, "--layers", "block2,head",
+    got = measure_json(capsys, "--model", "tests.helpers:make_net", *DATA,
+                       "--layers", "block2,head",
                    "--split", "test")
     train_h = hooked(net, data.train.images, "head", True)
     test_h = hooked(net, data.test.images, "head", True)
