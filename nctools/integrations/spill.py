@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-Chunks = Callable[[], Iterable[tuple[Tensor, Tensor]]]
+from nctools.metrics.measure import Chunks
+
 FEATURES_SUFFIX, LABELS_SUFFIX = ".features", ".labels"
 
 
