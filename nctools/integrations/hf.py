@@ -11,7 +11,10 @@ At each chosen epoch end the callback makes eval-mode, no-grad passes over the T
 own train (and eval) dataloaders, takes the features at the input of the classification
 head's last ``nn.Linear`` (``layer``, default the model's last ``nn.Linear``: BERT's and
 ViT's ``classifier``) with a forward pre-hook, and measures the METRICS.md suite with
-``measure_chunks`` (two streaming passes; under DDP summed across processes). The values
+``measure_chunks`` (two streaming passes; under DDP summed across processes). The model
+runs once per split: the first pass's features are spilled to a temporary folder
+(``spill_dir``; N x D x the features' itemsize bytes per split, removed after it) and read
+back for the second; ``reuse_features=False`` runs the model twice instead. The values
 go through ``Trainer.log``, so they land in ``state.log_history`` and every ``report_to``
 integration (TensorBoard, W&B, MLflow) receives them (the integrations prefix keys not
 starting with ``eval_`` by ``train/``: TensorBoard shows ``train/nc/train/nc1``). The
@@ -22,6 +25,7 @@ dataloaders but not ``Trainer.log``.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -29,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from nctools.integrations.spill import check_reuse
 from nctools.integrations.splits import measure_splits
 from nctools.models.features import InputOf, last_linear
 
@@ -47,6 +52,10 @@ class NeuralCollapseCallback(TrainerCallback):
         every_n_epochs: measure when the finished epoch count is a multiple of it.
         splits: any of ``"train"`` and ``"eval"``.
         label_key: the batch key holding the labels.
+        reuse_features: run the model once per split, its features spilled to disk for
+            the second pass (N x D x itemsize bytes per split); False: run it twice.
+        spill_dir: where the temporary spill folder goes (default: the system's
+            temporary folder); only with ``reuse_features``.
 
     Logged as ``nc/<split>/<metric>`` (METRICS.md keys).
     """
@@ -59,6 +68,8 @@ class NeuralCollapseCallback(TrainerCallback):
         every_n_epochs: int = 1,
         splits: Sequence[str] = SPLITS,
         label_key: str = "labels",
+        reuse_features: bool = True,
+        spill_dir: str | os.PathLike | None = None,
     ) -> None:
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or (
             every_n_epochs < 1
@@ -68,6 +79,8 @@ class NeuralCollapseCallback(TrainerCallback):
             raise ValueError(f"splits must be a non-empty subset of {SPLITS}, got {splits!r}")
         if layer is not None and not isinstance(layer, nn.Linear):
             raise ValueError(f"layer must be an nn.Linear, got {type(layer).__name__}")
+        check_reuse(reuse_features, spill_dir)
+        self.reuse_features, self.spill_dir = reuse_features, spill_dir
         self.trainer, self.layer = trainer, layer
         self.epochs = None if epochs is None else {int(e) for e in epochs}
         self.every_n_epochs, self.splits, self.label_key = every_n_epochs, tuple(splits), label_key
@@ -101,7 +114,8 @@ class NeuralCollapseCallback(TrainerCallback):
             with torch.no_grad(), InputOf(layer) as hook:
                 chunks = {split: functools.partial(self._features, model, hook, loaders[split]())
                           for split in self.splits if split in loaders}
-                return measure_splits(chunks, layer, layer.weight.device)
+                return measure_splits(chunks, layer, layer.weight.device,
+                                      self.reuse_features, self.spill_dir)
         finally:
             model.train(was_training)
 

@@ -11,10 +11,14 @@ own train (and val) dataloaders, takes the features at the input of ``layer`` (d
 the model's last ``nn.Linear``, the classifier, whose weight and bias are W and b) with
 a forward pre-hook, and measures the full METRICS.md suite with
 ``nctools.metrics.measure.measure_chunks``: two streaming passes, never every feature in
-memory. Under DDP each process measures its own shard of the data and the statistics are
-summed across processes (a ``DistributedSampler`` that pads a split to a multiple of
-the world size counts its repeated samples twice). Metrics of the val split use the train
-split's class means for NC4 (METRICS.md, "On other data") when both are measured.
+memory. The model runs once per split: the first pass's features are spilled to a
+temporary folder (``spill_dir``; N x D x the features' itemsize bytes per split, removed
+after it) and read back for the second; ``reuse_features=False`` runs the model twice
+instead and writes nothing. Under DDP each process measures (and spills) its own shard of
+the data and the statistics are summed across processes (a ``DistributedSampler`` that
+pads a split to a multiple of the world size counts its repeated samples twice). Metrics
+of the val split use the train split's class means for NC4 (METRICS.md, "On other data")
+when both are measured.
 
 With ``save_snapshots=True`` the callback also writes an nctools run directory, so that
 ``nctools analyze RUN`` and ``nctools plot RUN`` work on the Lightning run as on one of
@@ -52,6 +56,7 @@ from torch import Tensor, nn
 
 from nctools.config.schema import LOSSES, SNAPSHOT_DTYPES, Config, load_config
 from nctools.integrations import run_files
+from nctools.integrations.spill import check_reuse
 from nctools.integrations.splits import SplitChunks, measure_splits
 from nctools.models.features import InputOf, last_linear
 from nctools.runs import snapshots
@@ -90,6 +95,10 @@ class NeuralCollapseCallback(pl.Callback):
             ``history.csv`` (NaN when not logged).
         snapshot_dtype: ``float32`` | ``float16``, the features' dtype on disk.
         tpt_accuracy: the run's ``train.tpt_accuracy`` (onset of the terminal phase).
+        reuse_features: run the model once per split, its features spilled to disk for
+            the second pass (N x D x itemsize bytes per split); False: run it twice.
+        spill_dir: where the temporary spill folder goes (default: the system's
+            temporary folder); only with ``reuse_features``.
 
     Logged with ``pl_module.log_dict`` as ``nc/<split>/<metric>`` (METRICS.md keys).
     """
@@ -107,6 +116,8 @@ class NeuralCollapseCallback(pl.Callback):
         loss_key: str = "train_loss",
         snapshot_dtype: str = "float32",
         tpt_accuracy: float = 0.999,
+        reuse_features: bool = True,
+        spill_dir: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int):
@@ -128,6 +139,8 @@ class NeuralCollapseCallback(pl.Callback):
                              f"got {snapshot_dtype!r}")
         if not 0 < tpt_accuracy <= 1:
             raise ValueError(f"tpt_accuracy must be in (0, 1], got {tpt_accuracy!r}")
+        check_reuse(reuse_features, spill_dir)
+        self.reuse_features, self.spill_dir = reuse_features, spill_dir
         self.save_snapshots, self.out = save_snapshots, out
         self.loss, self.loss_key = loss, loss_key
         self.snapshot_dtype, self.tpt_accuracy = snapshot_dtype, tpt_accuracy
@@ -184,7 +197,8 @@ class NeuralCollapseCallback(pl.Callback):
             with torch.no_grad(), InputOf(layer) as hook:
                 chunks = {split: functools.partial(self._features, pl_module, hook, loaders[split])
                           for split in self.splits if loaders[split] is not None}
-                return measure_splits(chunks, layer, pl_module.device)
+                return measure_splits(chunks, layer, pl_module.device,
+                                      self.reuse_features, self.spill_dir)
         finally:
             pl_module.train(was_training)
 
@@ -218,7 +232,8 @@ class NeuralCollapseCallback(pl.Callback):
             pl_module.train(was_training)
         chunks: dict[str, SplitChunks] = {split: functools.partial(list, [pair])
                                           for split, pair in held.items()}
-        values = measure_splits(chunks, layer, pl_module.device)  # of the features as stored
+        # of the features as stored, already in memory: nothing to spill
+        values = measure_splits(chunks, layer, pl_module.device, reuse_features=False)
         epoch, world = trainer.current_epoch + 1, trainer.world_size
         if trainer.is_global_zero:
             config = self._config(trainer, pl_module, layer, epoch, held)

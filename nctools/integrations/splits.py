@@ -1,5 +1,7 @@
 """The measurement both training-loop callbacks make: each split's features at a layer's
-input, two streaming passes, logged as ``nc/<split>/<metric>``.
+input, two streaming passes, logged as ``nc/<split>/<metric>``. By default the model runs
+once per split: the first pass's features are spilled to a temporary folder and read back
+for the second (:mod:`nctools.integrations.spill`).
 
 Usage (by :mod:`nctools.integrations.lightning` and :mod:`nctools.integrations.hf`)::
 
@@ -8,18 +10,25 @@ Usage (by :mod:`nctools.integrations.lightning` and :mod:`nctools.integrations.h
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import Tensor, nn
 
+from nctools.integrations.spill import spilled
 from nctools.metrics.measure import measure_chunks
 
 SplitChunks = Callable[[], Iterable[tuple[Tensor, Tensor]]]
 
 
 def measure_splits(
-    chunks: Mapping[str, SplitChunks], layer: nn.Linear, device: torch.device | str
+    chunks: Mapping[str, SplitChunks],
+    layer: nn.Linear,
+    device: torch.device | str,
+    reuse_features: bool = True,
+    spill_dir: str | os.PathLike | None = None,
 ) -> dict[str, float]:
     """{``nc/<split>/<metric>``: value} of every split in ``chunks`` (in their order).
 
@@ -27,17 +36,24 @@ def measure_splits(
     the input of ``layer``, the classifier W (C, D), b (C,). Splits after ``train`` take
     its class means for NC4 (METRICS.md, "On other data"). Under DDP each process passes
     its own shard and the statistics are summed over every process of the run.
+
+    With ``reuse_features`` each split's chunks are produced once and spilled to a temporary
+    folder in ``spill_dir`` for the second pass (each process its own shard; removed once
+    the split is measured); without, ``chunks[split]`` is called twice.
     """
     values: dict[str, float] = {}
     train_means = None
-    for split, split_chunks in chunks.items():
-        result, means = measure_chunks(
-            split_chunks,
-            layer.weight.detach(),
-            None if layer.bias is None else layer.bias.detach(),
-            class_means=None if split == "train" else train_means,
-            device=device,
-        )
+    for split, source in chunks.items():
+        passes: AbstractContextManager[SplitChunks] = (
+            spilled(source, spill_dir) if reuse_features else nullcontext(source))
+        with passes as split_chunks:
+            result, means = measure_chunks(
+                split_chunks,
+                layer.weight.detach(),
+                None if layer.bias is None else layer.bias.detach(),
+                class_means=None if split == "train" else train_means,
+                device=device,
+            )
         if split == "train":
             train_means = means
         values.update({f"nc/{split}/{k}": v for k, v in result.items()})

@@ -2,6 +2,8 @@
 itself, for the model as it stands at the end of each measured epoch."""
 
 import json
+import os
+import tempfile
 
 import lightning.pytorch as pl
 import pytest
@@ -151,3 +153,27 @@ def test_ddp_two_processes_log_the_metrics_of_the_union(tmp_path):
     for key, value in expected(model, train).items():
         assert final[f"nc/train/{key}"] == pytest.approx(value, rel=1e-6, abs=1e-9), key
         assert analyzed[key] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), key
+
+
+def test_ddp_each_process_spills_its_shard_and_logs_the_union(tmp_path, monkeypatch):
+    made, folder = tmp_path / "made.txt", tempfile.TemporaryDirectory
+
+    def noted(*args, **kwargs):  # each spill folder a (forked) process makes, in a file
+        with open(made, "a") as handle:
+            handle.write(f"{os.getpid()} {kwargs.get('prefix')}\n")
+        return folder(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", noted)
+    train, val = loaders(n_train=60, n_val=24)
+    model, logger = TinySaved(tmp_path / "weights.pt"), Captured(tmp_path / "rows.json")
+    (tmp_path / "spill").mkdir()
+    callback = NeuralCollapseCallback(epochs=[1], splits=("train",), spill_dir=tmp_path / "spill")
+    trainer(logger, max_epochs=2, callbacks=[callback], strategy="ddp_fork",
+            devices=2).fit(model, train, val)
+    final = next(r for r in json.loads((tmp_path / "rows.json").read_text()) if "nc/train/nc1" in r)
+    model.load_state_dict(torch.load(tmp_path / "weights.pt"))
+    for key, value in expected(model, train).items():  # one forward pass each, summed
+        assert final[f"nc/train/{key}"] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    assert list((tmp_path / "spill").iterdir()) == []
+    spills = [line.split() for line in made.read_text().splitlines() if "nctools-spill" in line]
+    assert len(spills) == 2 and len({pid for pid, _ in spills}) == 2  # one per process
