@@ -1,9 +1,12 @@
-"""Regenerate results/mnist5k-convnet/: the packaged demo config, trained, analysed, plotted.
+"""Regenerate results/mnist5k-convnet/ (the packaged demo config, trained, analysed,
+plotted) or, with ``--layers blocks``, results/layerwise-demo/ (the same run with every
+top-level block's features in each snapshot, drawn against depth).
 
 Usage::
 
     python scripts/make_results.py      # run in runs/results-demo, files in results/mnist5k-convnet
     python scripts/make_results.py --run /tmp/demo --results results/mnist5k-convnet
+    python scripts/make_results.py --layers blocks  # runs/results-layers -> results/layerwise-demo
 
 Trains ``nctools/configs/demo.yaml`` (mnist5k + convnet) into a fresh run directory
 (an existing one of the same config is continued, a finished one is kept), measures
@@ -26,13 +29,16 @@ import time
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 import yaml
 
+from nctools.analysis.layer_plots import FUZZINESS, plot_layers, separation_fit
 from nctools.analysis.plots import plot_runs
 from nctools.analysis.tables import analyze
 from nctools.config.schema import load_config
+from nctools.runs.layout import PENULTIMATE
 from nctools.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +108,53 @@ def ratios(table: pd.DataFrame, start: int, last: int) -> dict[str, float]:
     wide = train_rows.pivot_table(index="epoch", columns="metric", values="value")
     return {m: float(wide.loc[start, m] / wide.loc[last, m]) if wide.loc[last, m] else math.inf
             for m in FIGURE_METRICS}
+
+
+def layer_epochs(table: pd.DataFrame) -> list[int]:
+    """The epochs drawn against depth: the first, the onset snapshot, the last before the
+    learning-rate drop and the last."""
+    available = sorted(int(e) for e in table["epoch"].unique())
+    onset = table["tpt_onset_epoch"].iloc[0]
+    picks = [available[0], available[-1]]
+    if not pd.isna(onset):
+        picks.append(next(e for e in available if e >= int(onset)))
+    before_drop = [e for e in available if e <= 0.75 * available[-1]]
+    if before_drop:
+        picks.append(before_drop[-1])
+    return sorted(set(picks))
+
+
+def layer_readme(text: str, table: pd.DataFrame, epochs: list[int]) -> str:
+    """The demo README retitled for the layer-wise run, with the fitted metric per layer
+    at ``epochs`` and He & Su's decay ratio per layer (train split)."""
+    layers = list(pd.unique(table["layer"]))
+    metric = next(m for m in FUZZINESS if m in set(table["metric"]))
+    train_rows = table[(table["split"] == "train") & (table["metric"] == metric)]
+    wide = train_rows.pivot_table(index="epoch", columns="layer", values="value")[layers]
+    depth = np.arange(1, len(layers) + 1, dtype=float)
+    lines = [f"| epoch | {' | '.join(layers)} | decay ratio per layer |",
+             "|" + "---:|" * (len(layers) + 2)]
+    for epoch in epochs:
+        values = wide.loc[epoch].to_numpy(dtype=float)
+        ratio = separation_fit(depth, values)[2]
+        lines.append(f"| {epoch} | " + " | ".join(f"{v:.4g}" for v in values)
+                     + f" | {ratio:.3g} |")
+    head, rest = text.split("\n", 1)
+    head = "# Layer-wise collapse: the demo with `snapshot.layers: blocks`"
+    section = [
+        "", "## Layer by layer", "",
+        f"Train `{metric}` at each layer (`layer` column of `metrics.csv`; `{PENULTIMATE}` is "
+        "the penultimate features, the other layers' outputs are globally average-pooled), "
+        "and the decay ratio exp(slope) of the least-squares fit of its log against depth "
+        "(He & Su 2023, \"law of data separation\"). `layers.png` draws these epochs.", "",
+        *lines, "",
+    ]
+    rest = rest.replace("- `collapse.png`: the collapse curves (train solid, test dashed, "
+                        "dotted line at the onset)",
+                        "- `layers.png`: every layer's metrics against depth at the epochs "
+                        "of the table (train solid, test dashed)")
+    files = rest.index("## Files")
+    return head + "\n" + rest[:files] + "\n".join(section) + "\n" + rest[files:]
 
 
 def load_average() -> str:
@@ -176,22 +229,33 @@ def readme(cfg_text: str, facts: dict, command: str, seconds: float, cpu: float,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", default=str(ROOT / "runs" / "results-demo"),
-                        help="run directory for the training (snapshots stay there)")
-    parser.add_argument("--results", default=str(ROOT / "results" / "mnist5k-convnet"),
-                        help="folder that receives the small files and README.md")
+    parser.add_argument("--layers", help="snapshot.layers for the run (e.g. blocks): the "
+                        "layer-wise demo, drawn against depth")
+    parser.add_argument("--run", help="run directory for the training (snapshots stay there; "
+                        "default runs/results-demo, or runs/results-layers with --layers)")
+    parser.add_argument("--results", help="folder that receives the small files and README.md "
+                        "(default results/mnist5k-convnet, or results/layerwise-demo)")
     args = parser.parse_args()
-    run, results = Path(args.run), Path(args.results)
+    layered = args.layers is not None
+    run = Path(args.run or ROOT / "runs" / ("results-layers" if layered else "results-demo"))
+    results = Path(args.results or ROOT / "results" / (
+        "layerwise-demo" if layered else "mnist5k-convnet"))
     command = "python scripts/make_results.py" + "".join(f" {a}" for a in sys.argv[1:])
 
     # A run directory that already holds epochs is continued, so the times cover less.
     manifest = run / "run.json"
     done = json.loads(manifest.read_text())["epochs_done"] if manifest.is_file() else 0
     load_start, start, cpu_start = load_average(), time.perf_counter(), time.process_time()
-    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    overrides = [f"snapshot.layers={args.layers}"] if layered else []
+    cfg = load_config(ROOT / "configs" / "demo.yaml", overrides=overrides)
     train(cfg, run)
     table = analyze(run)
-    plot_runs(table, run / "figures" / "collapse.png")
+    figure = "layers.png" if layered else "collapse.png"
+    epochs = layer_epochs(table) if layered else None
+    if layered:
+        plot_layers(table, run / "figures" / figure, epochs=epochs)
+    else:
+        plot_runs(table, run / "figures" / figure)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
 
     results.mkdir(parents=True, exist_ok=True)
@@ -199,13 +263,14 @@ def main() -> int:
         shutil.copyfile(run / name, results / name)
     config_text = applicable_config((run / "config.yaml").read_text())
     (results / "config.yaml").write_text(config_text)
-    shutil.copyfile(run / "figures" / "collapse.png", results / "collapse.png")
+    shutil.copyfile(run / "figures" / figure, results / figure)
     history = pd.read_csv(run / "history.csv")
-    facts = headline(table, history)
+    facts = headline(table[table["layer"] == PENULTIMATE] if layered else table, history)
     load = f"{load_start} / {load_average()}"
     device = json.loads(manifest.read_text()).get("device", "unknown")
-    text = readme(config_text, facts, command, seconds, cpu, load, device,
-                  done)
+    text = readme(config_text, facts, command, seconds, cpu, load, device, done)
+    if layered:
+        text = layer_readme(text, table, epochs or [])
     (results / "README.md").write_text(text)
     print(text)
     return 0
