@@ -42,6 +42,7 @@ rank 0 merges them, and writes the history, config and manifest.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -189,16 +190,23 @@ class NeuralCollapseCallback(pl.Callback):
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """{``nc/<split>/<metric>``: value} for this epoch's model."""
-        layer = self.layer if self.layer is not None else last_linear(pl_module)[1]
         loaders = {"train": trainer.train_dataloader, "val": trainer.val_dataloaders}
+        with self._evaluating(pl_module) as (layer, hook):
+            chunks = {split: functools.partial(self._features, pl_module, hook, loaders[split])
+                      for split in self.splits if loaders[split] is not None}
+            return measure_splits(chunks, layer, pl_module.device,
+                                  self.reuse_features, self.spill_dir)
+
+    @contextlib.contextmanager
+    def _evaluating(self, pl_module: pl.LightningModule) -> Iterator[tuple[nn.Linear, InputOf]]:
+        """Eval mode, no grad and a hook at the classifier's input; the mode restored after.
+        Yields (the classifier, the hook)."""
+        layer = self.layer if self.layer is not None else last_linear(pl_module)[1]
         was_training = pl_module.training
         pl_module.eval()
         try:
             with torch.no_grad(), InputOf(layer) as hook:
-                chunks = {split: functools.partial(self._features, pl_module, hook, loaders[split])
-                          for split in self.splits if loaders[split] is not None}
-                return measure_splits(chunks, layer, pl_module.device,
-                                      self.reuse_features, self.spill_dir)
+                yield layer, hook
         finally:
             pl_module.train(was_training)
 
@@ -220,16 +228,10 @@ class NeuralCollapseCallback(pl.Callback):
         """:meth:`measure` from one pass whose features are kept and written as the snapshot
         of epoch ``current_epoch + 1`` (with the history row, config and manifest)."""
         assert self.run_dir is not None, "on_fit_start sets the run directory"
-        layer = self.layer if self.layer is not None else last_linear(pl_module)[1]
         loaders = {"train": trainer.train_dataloader, "val": trainer.val_dataloaders}
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with torch.no_grad(), InputOf(layer) as hook:
-                held = {split: self._held(pl_module, hook, loaders[split]) for split in SPLITS
-                        if split in self.splits and loaders[split] is not None}
-        finally:
-            pl_module.train(was_training)
+        with self._evaluating(pl_module) as (layer, hook):
+            held = {split: self._held(pl_module, hook, loaders[split]) for split in SPLITS
+                    if split in self.splits and loaders[split] is not None}
         chunks: dict[str, SplitChunks] = {split: functools.partial(list, [pair])
                                           for split, pair in held.items()}
         # of the features as stored, already in memory: nothing to spill
