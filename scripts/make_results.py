@@ -75,7 +75,22 @@ def headline(table: pd.DataFrame, history: pd.DataFrame) -> dict:
         out["nc1_onset"] = float(at.iloc[0])
         out["ratio"] = out["nc1_onset"] / out["nc1_last"]
         out["ratios"] = ratios(table, out["onset_snapshot"], out["last_epoch"])
+        out["dips"] = accuracy_dips(history, out["onset"])
     return out
+
+
+def accuracy_dips(history: pd.DataFrame, onset: int) -> dict:
+    """After the onset: the lowest eval-mode training accuracy (and its epoch) at the
+    epochs where it was measured, and the first epoch from which it never fell again."""
+    measured = history[(history["epoch"] > onset) & history["train_acc"].notna()]
+    low = measured.loc[measured["train_acc"].idxmin()]
+    below = measured[measured["train_acc"] < 1.0]
+    after = measured[measured["epoch"] > below["epoch"].max()] if len(below) else measured
+    running = history[history["epoch"] > onset]["train_acc_running"]
+    return {"min": float(low["train_acc"]), "min_epoch": int(low["epoch"]),
+            "dipped": len(below), "measured": len(measured),
+            "stable_from": int(after["epoch"].iloc[0]) if len(after) else None,
+            "running_min": float(running.min())}
 
 
 # Keys that mean something only for some data sets or networks (their defaults are
@@ -110,15 +125,17 @@ def ratios(table: pd.DataFrame, start: int, last: int) -> dict[str, float]:
             for m in FIGURE_METRICS}
 
 
-def layer_epochs(table: pd.DataFrame) -> list[int]:
+def layer_epochs(table: pd.DataFrame, history: pd.DataFrame) -> list[int]:
     """The epochs drawn against depth: the first, the onset snapshot, the last before the
-    learning-rate drop and the last."""
+    first learning-rate drop and the last."""
     available = sorted(int(e) for e in table["epoch"].unique())
     onset = table["tpt_onset_epoch"].iloc[0]
     picks = [available[0], available[-1]]
     if not pd.isna(onset):
         picks.append(next(e for e in available if e >= int(onset)))
-    before_drop = [e for e in available if e <= 0.75 * available[-1]]
+    first_lr = history["lr"].iloc[0]
+    before_drop = [e for e in available
+                   if history.loc[history["epoch"] == e, "lr"].iloc[0] == first_lr]
     if before_drop:
         picks.append(before_drop[-1])
     return sorted(set(picks))
@@ -139,7 +156,10 @@ def layer_readme(text: str, table: pd.DataFrame, epochs: list[int]) -> str:
         ratio = separation_fit(depth, values)[2]
         lines.append(f"| {epoch} | " + " | ".join(f"{v:.4g}" for v in values)
                      + f" | {ratio:.3g} |")
-    head, rest = text.split("\n", 1)
+    rest = text.split("\n", 1)[1].replace(
+        "runs the packaged demo\nconfig (`nctools/configs/demo.yaml`, the same run as "
+        "`nctools demo`)", "runs the packaged demo\nconfig (`nctools/configs/demo.yaml`) "
+        "with `snapshot.layers: blocks` (the training is `nctools demo`'s)")
     head = "# Layer-wise collapse: the demo with `snapshot.layers: blocks`"
     section = [
         "", "## Layer by layer", "",
@@ -173,7 +193,8 @@ def readme(cfg_text: str, facts: dict, command: str, seconds: float, cpu: float,
         "",
         f"Made by `{command}` on {date.today().isoformat()}, which runs the packaged demo",
         "config (`nctools/configs/demo.yaml`, the same run as `nctools demo`) through",
-        "`nctools.train.train`, `nctools.analysis.analyze` and `nctools.plots.plot_runs`.",
+        "`nctools.training.loop.train`, `nctools.analysis.tables.analyze` and the plots of",
+        "`nctools.analysis`.",
         "",
         "## Hardware",
         "",
@@ -196,6 +217,16 @@ def readme(cfg_text: str, facts: dict, command: str, seconds: float, cpu: float,
             f"reaches train.tpt_accuracy): "
             f"epoch {h['onset']}; {h['last_epoch'] - h['onset']} epochs of TPT follow "
             f"({(h['last_epoch'] - h['onset']) / h['onset']:.1f} x the onset epoch)",
+            "- eval-mode training accuracy after the onset (measured at the snapshot epochs): "
+            f"below 1 at {h['dips']['dipped']} of {h['dips']['measured']}, lowest "
+            f"{h['dips']['min']:.3f} at epoch {h['dips']['min_epoch']}"
+            + (f"; 1 at every one from epoch {h['dips']['stable_from']} on"
+               if h['dips']['stable_from'] else "")
+            + (" (the running, train-mode accuracy stays at 1: the dips come from batch "
+               "norm's running statistics, which eval mode uses and which lag the weights "
+               "while the learning rate is high)" if h["dips"]["running_min"] >= 1.0
+               else f" (the running, train-mode accuracy's lowest: "
+                    f"{h['dips']['running_min']:.3f})"),
             f"- NC1 (train, Tr(Sigma_W Sigma_B^+)/C) at the onset snapshot "
             f"(epoch {h['onset_snapshot']}): {h['nc1_onset']:.4g}",
             f"- NC1 at the last epoch ({h['last_epoch']}): {h['nc1_last']:.4g}, "
@@ -251,7 +282,7 @@ def main() -> int:
     train(cfg, run)
     table = analyze(run)
     figure = "layers.png" if layered else "collapse.png"
-    epochs = layer_epochs(table) if layered else None
+    epochs = layer_epochs(table, pd.read_csv(run / "history.csv")) if layered else None
     if layered:
         plot_layers(table, run / "figures" / figure, epochs=epochs)
     else:
