@@ -6,10 +6,10 @@ Usage::
     python scripts/bench_train.py --threads 1 --clock cpu   # on a shared, busy machine
     python scripts/bench_train.py --epochs 8 --device cuda
 
-In one process, on the data and model of ``nctools/configs/demo.yaml`` (DataConfig and
-ModelConfig defaults if it is absent), it prints:
+In one process, on the data and model of the packaged demo config (``configs/demo.yaml``,
+loaded by name), it prints:
 
-- the overhead of ``nctools.train.train`` over a bare PyTorch loop doing the same work:
+- the overhead of ``nctools.training.loop.train`` over a bare PyTorch loop doing the same work:
   same model (and memory format), initialisation, batches, optimizer and loss, and
   nothing else. Epochs run in pairs, a bare epoch right before each nctools epoch (each
   call of its per-epoch function: training, the test pass, history row, checkpoint,
@@ -41,12 +41,11 @@ import statistics
 import tempfile
 import time
 from dataclasses import replace
-from importlib.resources import as_file, files
 from pathlib import Path
 
 import torch
 
-from nctools.config.schema import Config, DataConfig, ModelConfig, load_config
+from nctools.config.schema import Config, load_config
 from nctools.data.sets import load_dataset
 from nctools.data.splits import iterate_batches
 from nctools.models.features import extract_features
@@ -57,11 +56,8 @@ T = importlib.import_module("nctools.training.loop")  # the module, not the func
 
 
 def demo_config() -> Config:
-    try:
-        with as_file(files("nctools") / "configs" / "demo.yaml") as path:
-            return load_config(path)
-    except Exception:  # absent in an old checkout: the defaults are mnist5k + convnet
-        return Config(name="demo", data=DataConfig(), model=ModelConfig())
+    """The packaged demo config, found by name as ``nctools train demo`` finds it."""
+    return load_config("demo")
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
