@@ -153,6 +153,36 @@ def test_timm_named_set_through_its_own_transform(capsys, tmp_path, caplog):
     assert "data.preprocess must be one of model, nctools" in capsys.readouterr().err
 
 
+
+def test_torchvision_named_set_through_its_weights_transforms(capsys, tmp_path):
+    """synthetic through the transforms of torchvision's default MobileNetV3-Small weights
+    (looked up by name, nothing downloaded: resize 256 with antialiasing, centre crop 224,
+    ImageNet mean and std), on randomly initialised weights given with --weights: the
+    CLI's numbers equal this test's own pipeline and hooks."""
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.mobilenet_v3_small(num_classes=3).eval()
+    path = tmp_path / "w.pt"
+    torch.save(net.state_dict(), path)
+    got = measure_json(capsys, "--model", "torchvision:mobilenet_v3_small", "--weights",
+                       str(path), "--dataset", "synthetic", *SYN)
+    head = net.classifier[3]  # the last nn.Linear: the classifier W, b
+
+    def pipeline(images):  # 1 -> 3 channels, 8 -> 256 px, centre 224, ImageNet mean/std
+        x = images.expand(-1, 3, -1, -1)
+        x = F.interpolate(x, size=(256, 256), mode="bilinear", align_corners=False,
+                          antialias=True)[:, :, 16:240, 16:240]
+        mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+        std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+        return (x - mean) / std
+
+    train, labels, _ = synthetic(0)
+    expected = measure(input_of(net, head, pipeline(train)), labels, head.weight.detach(),
+                       head.bias.detach())
+    (layer,) = got
+    close(got[layer], expected, METRIC_KEYS)
+
 def test_hf_folder_image_processor(capsys, tmp_path):
     """A local Hugging Face folder with its image processor (16 px, mean and std 0.5): the
     16 px synthetic images are only repeated to 3 channels and normalised."""
