@@ -23,15 +23,13 @@ resident memory at that moment (torch imported, inputs made). Seconds cover the 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 
 import torch
+from machine import hardware
 from memory import peak_rss, reset_peak
 
 GB = 2**30
@@ -77,17 +75,6 @@ def child(case: str) -> dict:
         seconds = time.perf_counter() - start
         values = {"accuracy": result["accuracy"], "gnc2_means": result["gnc2_means"]}
     return {"seconds": seconds, "peak": peak_rss(), "base": base, "values": values}
-
-
-def hardware() -> str:
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(r.split(":", 1)[1].strip() for r in info if r.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads, "
-            f"torch {torch.__version__}, {datetime.date.today().isoformat()}")
 
 
 def main() -> None:

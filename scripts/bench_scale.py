@@ -29,10 +29,7 @@ and date above it; it needs Linux (/proc), about 5 GB of memory and 2 GB of disk
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -40,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import hardware
 from memory import peak_rss, reset_peak
 from synthetic import clusters
 
@@ -118,18 +116,6 @@ def run_child(case: str, folder: Path) -> dict:
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["(no output)"])[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(r.split(":", 1)[1].strip() for r in info if r.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads, "
-            f"torch {torch.__version__}, Python {platform.python_version()}, "
-            f"{datetime.date.today().isoformat()}")
 
 
 def main() -> None:

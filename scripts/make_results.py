@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from machine import cpu_model
 
 from nctools.analysis.layer_plots import FUZZINESS, plot_layers, separation_fit
 from nctools.analysis.plots import plot_runs
@@ -43,17 +44,6 @@ from nctools.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 COPIED = ("metrics.csv", "history.csv", "run.json", "config.yaml")
-
-
-def cpu_model() -> str:
-    """The CPU's name from /proc/cpuinfo (Linux), else what platform reports."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def headline(table: pd.DataFrame, history: pd.DataFrame) -> dict:
