@@ -123,3 +123,31 @@ def measure_json(capsys, *argv: str) -> dict:
     assert main(["measure", *argv, "--json"]) == 0
     return json.loads(capsys.readouterr().out)
 
+
+class Tokens(torch.utils.data.Dataset):
+    """``n`` sequences of 6 token ids whose first id is the label (``i % num_classes``): a
+    text task a tiny BERT separates at once. Items are the Trainer's dicts."""
+
+    def __init__(self, n: int, seed: int, num_classes: int = 3) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.labels = torch.arange(n) % num_classes
+        self.ids = torch.randint(3, 30, (n, 6), generator=gen)
+        self.ids[:, 0] = self.labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def tiny_bert(num_classes: int = 3) -> nn.Module:
+    """A randomly initialised one-layer BERT classifier built from a config (nothing
+    downloaded), for the Tokens task."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=32, num_labels=num_classes,
+                        max_position_embeddings=8)
+    return BertForSequenceClassification(config)
+

@@ -4,37 +4,18 @@ features into the Trainer's log history and its report_to loggers (TensorBoard h
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torch.utils.data import Dataset
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from nctools import measure
 from nctools.integrations.hf import NeuralCollapseCallback
+from tests.helpers import Tokens, tiny_bert
 
 NUM_CLASSES = 3
 
 
-class Tokens(Dataset):
-    """Sequences whose first token is their class: learnable in a few steps."""
-
-    def __init__(self, n, seed):
-        gen = torch.Generator().manual_seed(seed)
-        self.labels = torch.arange(n) % NUM_CLASSES
-        self.ids = torch.randint(3, 30, (n, 6), generator=gen)
-        self.ids[:, 0] = self.labels
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
-
-
 def test_logged_values_equal_measure_and_reach_tensorboard(tmp_path):
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
-                        num_attention_heads=2, intermediate_size=32, num_labels=NUM_CLASSES,
-                        max_position_embeddings=8)  # fmt: skip
-    model = BertForSequenceClassification(config)
+    model = tiny_bert(NUM_CLASSES)
     train, val = Tokens(48, 1), Tokens(21, 2)
     args = TrainingArguments(
         output_dir=str(tmp_path / "out"), num_train_epochs=2, per_device_train_batch_size=8,

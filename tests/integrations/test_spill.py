@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+from torch.utils.data import DataLoader, TensorDataset
+from transformers import Trainer, TrainingArguments
 
 from nctools.integrations import hf, lightning
 from nctools.integrations.spill import SpilledChunks, spilled
 from nctools.integrations.splits import measure_splits
+from tests.helpers import Tokens, tiny_bert
 
 NUM_CLASSES, DIM = 3, 8
 
@@ -175,28 +176,13 @@ def test_lightning_callback_reuse_is_bit_identical_with_one_forward_pass(tmp_pat
     assert "nc/val/ncc_mismatch" in reused and list(tmp_path.iterdir()) == []
 
 
-class Tokens(Dataset):
-    def __init__(self, n):
-        self.labels = torch.arange(n) % NUM_CLASSES
-        self.ids = torch.randint(3, 30, (n, 6), generator=torch.Generator().manual_seed(2))
-        self.ids[:, 0] = self.labels
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
-
-
 def test_hf_callback_reuse_is_bit_identical_with_one_forward_pass(tmp_path):
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
-                        num_attention_heads=2, intermediate_size=32, num_labels=NUM_CLASSES,
-                        max_position_embeddings=8)  # fmt: skip
-    model = BertForSequenceClassification(config)
+    model = tiny_bert(NUM_CLASSES)
     args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_eval_batch_size=8,
                              use_cpu=True, report_to=[], disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=Tokens(8), eval_dataset=Tokens(30))
+    trainer = Trainer(model=model, args=args, train_dataset=Tokens(8, 2),
+                      eval_dataset=Tokens(30, 2))
     calls = []
     model.bert.register_forward_hook(lambda *_: calls.append(1))
     spill_dir = tmp_path / "spill"
