@@ -53,7 +53,7 @@ def test_ood_dataset_user_network_nc5(capsys):
     _, _, ood = synthetic(1)  # the OOD set is drawn from seed + 1
     net = make_net(num_classes=3, in_channels=1)
     got = measure_json(capsys, "--model", "tests.helpers:make_net", "--dataset", "synthetic", *SYN,
-                   "--ood-dataset", "synthetic", "--layers", "block2,head")
+                       "--ood-dataset", "synthetic", "--layers", "block2,head")
     feats = input_of(net, net.head, standardise(train, train))
     ood_feats = input_of(net, net.head, standardise(ood, train))
     expected = measure(feats, labels, net.head.weight.detach(), net.head.bias.detach(),
@@ -70,8 +70,8 @@ def test_ood_dataset_arch_checkpoint_mnist5k(capsys, tmp_path):
     path = tmp_path / "net.pt"
     torch.save(net.state_dict(), path)
     got = measure_json(capsys, "--arch", "convnet", "--checkpoint", str(path), "--dataset",
-                   "mnist5k", "--set", "model.width=4", "--set", "data.samples_per_class=5",
-                   "--ood-dataset", "synthetic", "--set", "data.image_size=28")
+                       "mnist5k", "--set", "model.width=4", "--set", "data.samples_per_class=5",
+                       "--ood-dataset", "synthetic", "--set", "data.image_size=28")
     data = load_dataset(DataConfig(dataset="mnist5k", samples_per_class=5), seed=0,
                         standardise=False)
     ood = load_dataset(DataConfig(dataset="synthetic", image_size=28), seed=1,
@@ -123,7 +123,7 @@ def test_timm_named_set_through_its_own_transform(capsys, tmp_path, caplog):
     torch.save(net.state_dict(), path)
     with caplog.at_level("INFO"):
         got = measure_json(capsys, "--model", "timm:test_resnet", "--weights", str(path),
-                       "--dataset", "synthetic", *SYN, "--ood-dataset", "synthetic")["fc"]
+                           "--dataset", "synthetic", *SYN, "--ood-dataset", "synthetic")["fc"]
     assert "1-channel images repeated to 3 channels" in caplog.text
 
     def pipeline(images):  # 1 -> 3 channels, shorter side 160 / 0.95 -> 168, crop 160
@@ -144,7 +144,7 @@ def test_timm_named_set_through_its_own_transform(capsys, tmp_path, caplog):
     gray = timm.create_model("test_resnet", pretrained=False, num_classes=3, in_chans=1).eval()
     torch.save(gray.state_dict(), path)
     got = measure_json(capsys, "--model", "timm:test_resnet", "--weights", str(path),
-                   "--dataset", "synthetic", *SYN, "--set", "data.preprocess=nctools")["fc"]
+                       "--dataset", "synthetic", *SYN, "--set", "data.preprocess=nctools")["fc"]
     expected = measure(input_of(gray, gray.fc, standardise(train, train)), labels,
                        gray.fc.weight.detach(), gray.fc.bias.detach())
     close(got, expected, METRIC_KEYS)
@@ -197,7 +197,7 @@ def test_hf_folder_image_processor(capsys, tmp_path):
                       image_std=[0.5] * 3).save_pretrained(tmp_path)
     keys = [*SYN[2:], "--set", "data.image_size=16"]
     got = measure_json(capsys, "--model", f"hf:{tmp_path}", "--dataset", "synthetic", *keys,
-                   "--ood-dataset", "synthetic")["classifier"]
+                       "--ood-dataset", "synthetic")["classifier"]
     cfg = DataConfig(dataset="synthetic", image_size=16, num_classes=3, train_per_class=6,
                      test_per_class=3)
     data = load_dataset(cfg, seed=0, standardise=False)

@@ -31,8 +31,7 @@ def test_user_factory_layers_match_own_hooks(capsys):
     data = synthetic()
     net = make_net(num_classes=3, in_channels=1)
     got = measure_json(capsys, "--model", "tests.helpers:make_net", *DATA,
-                       "--layers", "block1,head",
-                   "--batch-size", "7")
+                       "--layers", "block1,head", "--batch-size", "7")
     assert list(got) == ["block1", "head"]
     labels = data.train.labels
     block1 = measure(hooked(net, data.train.images, "block1"), labels, torch.randn(3, 8))
@@ -102,8 +101,7 @@ def test_test_split_uses_training_means(capsys):
     data = synthetic()
     net = make_net(num_classes=3, in_channels=1)
     got = measure_json(capsys, "--model", "tests.helpers:make_net", *DATA,
-                       "--layers", "block2,head",
-                   "--split", "test")
+                       "--layers", "block2,head", "--split", "test")
     train_h = hooked(net, data.train.images, "head", True)
     test_h = hooked(net, data.test.images, "head", True)
     means = torch.stack([train_h[data.train.labels == c].mean(0) for c in range(3)])
