@@ -212,13 +212,12 @@ class LayerPasses:
         # as in measure_chunks: Sigma_W only along Sigma_B's <= C - 1 eigenvectors when
         # that is the smaller matrix, and the same projection serves the NCC rule
         basis = eigvecs if eigvecs.shape[1] < dim // 2 else None
-        coords = None if basis is None else ((means - reference) @ basis).T
         # without a classifier the NCC tally still needs one: a zero W whose decisions
         # are discarded (only ncc_accuracy is reported)
         weight = self.weight if self.weight is not None else means.new_zeros(means.shape)
         bias = self.bias if self.bias is not None else means.new_zeros(self.num_classes)
         ncc = None if self.ncc_means is None else self.ncc_means.to(means.device, F64)
-        self.tally = DecisionTally(weight, bias, means, reference, ncc, coords)
+        self.tally = DecisionTally(weight, bias, means, reference, ncc, basis)
         self.eig, self.means, self.second = (eigvals, eigvecs), means, True
         self.reference = reference
         self.stats = ClassStats(self.num_classes, dim, shift=means, basis=basis,

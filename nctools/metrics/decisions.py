@@ -37,6 +37,14 @@ class DecisionTally:
       against an offset. With a basis B whose span holds the centres, x.(m_k - r) is
       (x @ B) @ centre_coords, an r-dimensional product.
 
+    With a basis, the classifier is first tried in it too: w_k.h + b_k = (s_y.w_k + b_k)
+    + (B^T w_k).(B^T x) + w_k.x_perp, where x_perp = x - B B^T x is what the basis leaves
+    out, |w_k.x_perp| <= ||w_k - B B^T w_k|| ||x_perp||, and ||x_perp||^2 = ||x||^2 -
+    ||B^T x||^2 comes from norms already at hand. A row whose winner that bound settles is
+    decided by an r-dimensional product instead of a D-dimensional one (features near
+    their class means, the terminal phase, make almost every row such a row); the others
+    go through the full classifier.
+
     The products run in float32 and the decisions stay those of float64: see
     :class:`SureArgmax`.
 
@@ -44,9 +52,16 @@ class DecisionTally:
         weight: (C, D), bias: (C,) float64 classifier.
         shift: (C, D) the s_c of the blocks.   reference: (D,) r.
         ncc_means: (C, D) centres m_k of the NCC rule; None means the shift (own means).
-        centre_coords: (r, C) coordinates of the centres s_k - r in the ClassStats basis
-            B, when the blocks arrive with x @ B computed and the centres are the shift.
+        basis: (D, r) orthonormal columns B of the ClassStats the blocks come from, when
+            they arrive with x @ B computed (the span must hold the centres s_k - r when
+            ``ncc_means`` is None).
     """
+
+    # the classifier in the basis is given up once, after TRIAL_ROWS rows, more than
+    # GIVE_UP_SHARE of its rows needed the full classifier as well (features far from
+    # the span, as early in training: the basis then only adds work)
+    TRIAL_ROWS = 4096
+    GIVE_UP_SHARE = 0.1
 
     def __init__(
         self,
@@ -55,17 +70,26 @@ class DecisionTally:
         shift: Tensor,
         reference: Tensor,
         ncc_means: Tensor | None = None,
-        centre_coords: Tensor | None = None,
+        basis: Tensor | None = None,
     ) -> None:
         centres = (shift if ncc_means is None else ncc_means) - reference
-        self.in_basis = centre_coords is not None and ncc_means is None
+        self.in_basis = basis is not None and ncc_means is None
         self.classifier = SureArgmax(weight.T, bias)
         # + (s_y - r).(m_k - r) - ||m_k - r||^2 / 2: row y for the samples of class y
         self.centre_offset = PairOffsets(shift - reference, centres, -centres.square().sum(1) / 2)
-        coords = centre_coords if self.in_basis and centre_coords is not None else centres.T
-        self.ncc = SureArgmax(coords, self.centre_offset)
+        coords = centres @ basis if self.in_basis and basis is not None else centres
+        self.ncc = SureArgmax(coords.T, self.centre_offset)
         self.tallied = torch.zeros(3, dtype=torch.int64, device=weight.device)
         self.num_classes = weight.shape[0]
+        self.classifier_in_basis: SureArgmax | None = None
+        self.off_span = 0.0
+        self.tried, self.deferred = 0, 0
+        if basis is not None and shift.shape[0] * weight.shape[0] <= PairOffsets.TABLE_ELEMENTS:
+            in_span = weight @ basis  # (C, r)
+            # max_k ||w_k - B B^T w_k||, enlarged past its own rounding
+            off_span = float((weight - in_span @ basis.T).norm(dim=1).max())
+            self.off_span = off_span * (1 + 1e-6) + 1e-300
+            self.classifier_in_basis = SureArgmax(in_span.T, PairOffsets(shift, weight, bias))
 
     def fresh(self) -> DecisionTally:
         """A tally sharing these precomputed matrices, with no decisions yet."""
@@ -80,11 +104,16 @@ class DecisionTally:
         return self.tallied.to(F64)
 
     def add(
-        self, labels: Tensor | int, h: Tensor, x: Tensor, projected: Tensor | None = None
+        self,
+        labels: Tensor | int,
+        h: Tensor,
+        x: Tensor,
+        projected: Tensor | None = None,
+        x_sq: Tensor | None = None,
     ) -> None:
         """Tally one block: labels (rows,) (or one int when the whole block is of one
         class), samples h (rows, D) in any float dtype, x = h - s_y (rows, D) float64, and
-        x @ B (rows, r) when the statistics keep a basis."""
+        when the statistics keep a basis B, x @ B (rows, r) and ||x||^2 (rows,) float64."""
         if self.in_basis and projected is None:
             raise ValueError("DecisionTally: centres in a basis need blocks with x @ basis")
         ncc_input = x if projected is None or not self.in_basis else projected
@@ -93,10 +122,37 @@ class DecisionTally:
         for start in range(0, h.shape[0], step):
             part = slice(start, start + step)
             y = labels if isinstance(labels, int) else labels[part]
-            predicted = self.classifier(h[part], y)
+            if projected is not None and x_sq is not None and self._try_basis():
+                predicted = self._classify_in_basis(h[part], y, projected[part], x_sq[part])
+            else:
+                predicted = self.classifier(h[part], y)
             nearest = self.ncc(ncc_input[part], y)
             hits = (predicted != nearest, predicted == y, nearest == y)
             self.tallied += torch.stack([hit.sum() for hit in hits])
+
+    def _try_basis(self) -> bool:
+        """Whether the classifier in the basis is still worth trying."""
+        if self.classifier_in_basis is None:
+            return False
+        return self.tried < self.TRIAL_ROWS or self.deferred <= self.GIVE_UP_SHARE * self.tried
+
+    def _classify_in_basis(
+        self, h: Tensor, labels: Tensor | int, projected: Tensor, x_sq: Tensor
+    ) -> Tensor:
+        """Classifier decisions (rows,) from x @ B (rows, r), the rows the off-span bound
+        leaves open re-decided by the full classifier on h (rows, D)."""
+        assert self.classifier_in_basis is not None
+        # ||x_perp||^2 = ||x||^2 - ||B^T x||^2, enlarged past the rounding of both and of
+        # B's orthonormality (a relative 1e-10 of ||x||^2, far above either)
+        perp_sq = (x_sq - projected.square().sum(1)).clamp_min_(0.0).add_(x_sq, alpha=1e-10)
+        extra = perp_sq.sqrt_().mul_(4 * self.off_span).float()
+        winner, open_rows = self.classifier_in_basis.settle(projected, labels, extra)
+        self.tried += h.shape[0]
+        self.deferred += open_rows.numel()
+        if open_rows.numel():
+            rows_labels = labels if isinstance(labels, int) else labels[open_rows]
+            winner[open_rows] = self.classifier(h[open_rows], rows_labels)
+        return winner
 
 
 class PairOffsets:
@@ -184,6 +240,25 @@ class SureArgmax:
     def __call__(self, x: Tensor, labels: Tensor | int) -> Tensor:
         """Winners (rows,) int64 for x (rows, n) in any float dtype, labelled ``labels``
         (rows,) or one int for the whole block (used only with a per-label offset)."""
+        winner, rows = self.settle(x, labels)
+        if rows.numel():
+            exact = self.offset
+            if isinstance(exact, PairOffsets):
+                exact = exact.rows(labels if isinstance(labels, int) else labels[rows])
+            winner[rows] = (x[rows].to(F64) @ self.matrix + exact).argmax(1)
+        return winner
+
+    def settle(
+        self, x: Tensor, labels: Tensor | int, extra: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Winners (rows,) int64 of the rows the float32 scores settle, and the indices of
+        the rows they leave open (their winner entries are arbitrary).
+
+        Args:
+            x, labels: as in :meth:`__call__`.
+            extra: optional (rows,) float32 further slack per row, added to 4 E (a bound on
+                how far each exact score may lie from the one this matrix gives, times 4).
+        """
         x32 = x.float()
         if isinstance(self.offset, PairOffsets):
             offset = self.offset.columns32(labels)
@@ -195,6 +270,8 @@ class SureArgmax:
         scores = torch.addmm(offset, self.matrix32, x32.T)
         norms = row_norms(x32)
         slack = norms.mul_(self.unit * self.max_norm).add_(self.unit * self.max_offset)
+        if extra is not None:
+            slack.add_(extra)
         # the top score and every score within 4E of it (``max`` with indices is several
         # times slower than ``amax`` here); a sure row has exactly one such score, and its
         # class is the winner
@@ -202,15 +279,8 @@ class SureArgmax:
         count = close.sum(0, dtype=torch.int32)
         close_class, close_row = close.nonzero(as_tuple=True)
         winner = torch.empty(scores.shape[1], dtype=torch.long, device=scores.device)
-        winner[close_row] = close_class  # unsure rows are re-decided below
-        unsure = count != 1
-        if bool(unsure.any()):
-            rows = torch.nonzero(unsure).flatten()
-            exact = self.offset
-            if isinstance(exact, PairOffsets):
-                exact = exact.rows(labels if isinstance(labels, int) else labels[rows])
-            winner[rows] = (x[rows].to(F64) @ self.matrix + exact).argmax(1)
-        return winner
+        winner[close_row] = close_class  # open rows are decided by the caller
+        return winner, torch.nonzero(count != 1).flatten()
 
 
 def row_norms(x: Tensor) -> Tensor:

@@ -271,17 +271,16 @@ def measure_chunks(
     eigvals, eigvecs = metrics.between_class_eig(means - reference)
     # Sigma_B^+ lives in the span of its r <= C - 1 eigenvectors V, so with 0 < r < D/2
     # Sigma_W is kept only there (an r x r moment); the same product x @ V serves the NCC
-    # rule, as x.(mu_c - mu_G) = (x @ V) @ (M~ @ V)^T for means in that span. The MSE
-    # decomposition needs all of Sigma_W.
+    # rule, as x.(mu_c - mu_G) = (x @ V) @ (M~ @ V)^T for means in that span, and settles
+    # most classifier decisions (DecisionTally). The MSE decomposition needs all of Sigma_W.
     in_span = 0 < eigvecs.shape[1] < dim // 2 and mse_weight_decay is None
     basis = eigvecs if in_span else None
-    coords = None if basis is None else ((means - reference) @ basis).T  # (r, C)
     if weight64 is None:  # the NCC rule itself stands in for the classifier
         centres = means - reference
         rule_w, rule_b = centres, -(centres @ reference) - centres.square().sum(1) / 2
     else:
         rule_w, rule_b = weight64, bias64
-    tally = DecisionTally(rule_w, rule_b, means, reference, ncc_means, coords)
+    tally = DecisionTally(rule_w, rule_b, means, reference, ncc_means, basis)
     second = _accumulate(
         pass_chunks,
         lambda dim: ClassStats(measured, dim, shift=means, basis=basis, device=device),

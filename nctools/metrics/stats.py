@@ -44,7 +44,7 @@ from nctools.metrics.inputs import as_tensor, check_labels, dtype_name
 F64 = torch.float64
 _STATE = ("counts", "sums", "sq_norms", "scatter")
 BLOCK_ELEMENTS = 1 << 19  # float64 values of one centred block of rows (4 MiB)
-OnBlock = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], None]
+OnBlock = Callable[[Tensor, Tensor, Tensor, "Tensor | None", "Tensor | None"], None]
 
 
 class ClassStats:
@@ -187,11 +187,12 @@ class ClassStats:
             features: (n, D) any float dtype, any device (moved to the state's device);
                 with or without grad (detached: statistics are not differentiated).
             labels: (n,) integers in [0, C).
-            on_block: optional ``fn(y, h, x, xb)`` called with each block's labels (rows,),
-                its samples h (rows, D) as given, their centred form x = h - s_y
-                (rows, D) float64, and x @ basis (rows, k) (None without a basis), so a
-                caller can reuse them (``measure`` tallies NC4). x lives in a reused
-                buffer: valid only during the call.
+            on_block: optional ``fn(y, h, x, xb, x_sq)`` called with each block's labels
+                (rows,), its samples h (rows, D) as given, their centred form x = h - s_y
+                (rows, D) float64, x @ basis (rows, k) (None without a basis) and the
+                squared norms ||x||^2 (rows,) (None without second moments), so a caller
+                can reuse them (``measure`` tallies NC4). x lives in a reused buffer:
+                valid only during the call.
             check_finite: refuse NaN/Inf features (one min/max reduction per block).
                 ``measure`` turns it off: NaN or Inf in its first pass's class sums already
                 stop it, before anything is reported, and its second pass reads the same rows.
@@ -224,9 +225,10 @@ class ClassStats:
             x.copy_(block.float() if half else block)  # converted, then centred, in float64
             x.sub_(torch.index_select(self.shift, 0, rows, out=shifts[: rows.shape[0]]))
             self.sums.index_add_(0, rows, x)
-            projected = None
+            projected = row_sq = None
             if self.keeps_moments:
-                self.sq_norms.index_add_(0, rows, torch.linalg.vector_norm(x, dim=1).square())
+                row_sq = torch.linalg.vector_norm(x, dim=1).square_()
+                self.sq_norms.index_add_(0, rows, row_sq)
                 if basis_t is None:
                     add_upper_panels(self.scatter, x)
                 else:
@@ -235,7 +237,7 @@ class ClassStats:
                     self.scatter.addmm_(projected_t, projected_t.T)
                     projected = projected_t.T
             if on_block is not None:
-                on_block(rows, block, x, projected)
+                on_block(rows, block, x, projected, row_sq)
         if self.keeps_moments and basis_t is None:
             mirror_upper_panels(self.scatter)
         return self
