@@ -15,6 +15,7 @@ re-decided in float64.
 from __future__ import annotations
 
 import copy
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -116,19 +117,26 @@ class DecisionTally:
         when the statistics keep a basis B, x @ B (rows, r) and ||x||^2 (rows,) float64."""
         if self.in_basis and projected is None:
             raise ValueError("DecisionTally: centres in a basis need blocks with x @ basis")
-        ncc_input = x if projected is None or not self.in_basis else projected
         # rows at a time so that the (rows, C) scores stay within SCORE_ELEMENTS
         step = max(1, SCORE_ELEMENTS // self.num_classes)
         for start in range(0, h.shape[0], step):
             part = slice(start, start + step)
             y = labels if isinstance(labels, int) else labels[part]
-            if projected is not None and x_sq is not None and self._try_basis():
-                predicted = self._classify_in_basis(h[part], y, projected[part], x_sq[part])
+            in_basis = None
+            if projected is not None:  # converted and normed once for both rules
+                p = projected[part]
+                p_sq = p.square().sum(1)
+                in_basis = Scored(p, p.float(), p_sq.sqrt().float())
+            if in_basis is not None and x_sq is not None and self._try_basis():
+                predicted = self._classify_in_basis(h[part], y, in_basis, p_sq, x_sq[part])
             else:
-                predicted = self.classifier(h[part], y)
-            nearest = self.ncc(ncc_input[part], y)
-            hits = (predicted != nearest, predicted == y, nearest == y)
-            self.tallied += torch.stack([hit.sum() for hit in hits])
+                predicted = self.classifier(Scored.of(h[part]), y)
+            if in_basis is not None and self.in_basis:
+                nearest = self.ncc(in_basis, y)
+            else:
+                nearest = self.ncc(Scored.of(x[part]), y)
+            hits = torch.stack((predicted != nearest, predicted == y, nearest == y))
+            self.tallied += hits.sum(1)
 
     def _try_basis(self) -> bool:
         """Whether the classifier in the basis is still worth trying."""
@@ -137,22 +145,37 @@ class DecisionTally:
         return self.tried < self.TRIAL_ROWS or self.deferred <= self.GIVE_UP_SHARE * self.tried
 
     def _classify_in_basis(
-        self, h: Tensor, labels: Tensor | int, projected: Tensor, x_sq: Tensor
+        self, h: Tensor, labels: Tensor | int, projected: Scored, p_sq: Tensor, x_sq: Tensor
     ) -> Tensor:
-        """Classifier decisions (rows,) from x @ B (rows, r), the rows the off-span bound
-        leaves open re-decided by the full classifier on h (rows, D)."""
+        """Classifier decisions (rows,) from x @ B (rows, r) with its squared norms p_sq,
+        the rows the off-span bound leaves open re-decided by the full classifier on h
+        (rows, D); x_sq: ||x||^2 (rows,)."""
         assert self.classifier_in_basis is not None
         # ||x_perp||^2 = ||x||^2 - ||B^T x||^2, enlarged past the rounding of both and of
         # B's orthonormality (a relative 1e-10 of ||x||^2, far above either)
-        perp_sq = (x_sq - projected.square().sum(1)).clamp_min_(0.0).add_(x_sq, alpha=1e-10)
+        perp_sq = (x_sq - p_sq).clamp_min_(0.0).add_(x_sq, alpha=1e-10)
         extra = perp_sq.sqrt_().mul_(4 * self.off_span).float()
         winner, open_rows = self.classifier_in_basis.settle(projected, labels, extra)
         self.tried += h.shape[0]
         self.deferred += open_rows.numel()
         if open_rows.numel():
             rows_labels = labels if isinstance(labels, int) else labels[open_rows]
-            winner[open_rows] = self.classifier(h[open_rows], rows_labels)
+            winner[open_rows] = self.classifier(Scored.of(h[open_rows]), rows_labels)
         return winner
+
+
+class Scored(NamedTuple):
+    """Rows to score: x (rows, n) as given (float64 for the re-decisions), its float32
+    rounding and their Euclidean norms (rows,) float32 (at most float32's rounding off)."""
+
+    x: Tensor
+    x32: Tensor
+    norms: Tensor
+
+    @classmethod
+    def of(cls, x: Tensor) -> Scored:
+        x32 = x.float()
+        return cls(x, x32, torch.linalg.vector_norm(x32, dim=1))
 
 
 class PairOffsets:
@@ -215,9 +238,10 @@ class SureArgmax:
     Scores are formed in float32 (one matrix product with the offset added): with the
     inputs rounded too, each is within E = (n + 6) u (||x|| max_k ||a_k|| + max |o|) of
     the exact score (Higham, Accuracy and Stability of Numerical Algorithms, 2002,
-    eq. 3.5; u = 2^-24, any summation order; ||x|| is taken in float32 and enlarged by its
-    own worst rounding). A row where only the top score lies within 4 E of the top has
-    the float64 winner; the few rows where several do are recomputed in float64.
+    eq. 3.5; u = 2^-24, any summation order; ||x|| is taken in float32, or rounded to it
+    from float64, and enlarged by its own worst rounding). A row where only the top score
+    lies within 4 E of the top has the float64 winner; the few rows where several do are
+    recomputed in float64.
 
     Args:
         matrix: (n, C) float64 A with columns a_k.
@@ -237,29 +261,28 @@ class SureArgmax:
         self.unit = 4 * (n + 8) * F32_UNIT * (1 + 2 * (n + 2) * F32_UNIT)
         self.max_norm = float(matrix.norm(dim=0).max())
 
-    def __call__(self, x: Tensor, labels: Tensor | int) -> Tensor:
-        """Winners (rows,) int64 for x (rows, n) in any float dtype, labelled ``labels``
+    def __call__(self, rows: Scored, labels: Tensor | int) -> Tensor:
+        """Winners (rows,) int64 for the rows x (rows, n) of ``rows``, labelled ``labels``
         (rows,) or one int for the whole block (used only with a per-label offset)."""
-        winner, rows = self.settle(x, labels)
-        if rows.numel():
+        winner, open_rows = self.settle(rows, labels)
+        if open_rows.numel():
             exact = self.offset
             if isinstance(exact, PairOffsets):
-                exact = exact.rows(labels if isinstance(labels, int) else labels[rows])
-            winner[rows] = (x[rows].to(F64) @ self.matrix + exact).argmax(1)
+                exact = exact.rows(labels if isinstance(labels, int) else labels[open_rows])
+            winner[open_rows] = (rows.x[open_rows].to(F64) @ self.matrix + exact).argmax(1)
         return winner
 
     def settle(
-        self, x: Tensor, labels: Tensor | int, extra: Tensor | None = None
+        self, rows: Scored, labels: Tensor | int, extra: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """Winners (rows,) int64 of the rows the float32 scores settle, and the indices of
         the rows they leave open (their winner entries are arbitrary).
 
         Args:
-            x, labels: as in :meth:`__call__`.
+            rows, labels: as in :meth:`__call__`.
             extra: optional (rows,) float32 further slack per row, added to 4 E (a bound on
                 how far each exact score may lie from the one this matrix gives, times 4).
         """
-        x32 = x.float()
         if isinstance(self.offset, PairOffsets):
             offset = self.offset.columns32(labels)
         else:
@@ -267,9 +290,8 @@ class SureArgmax:
             offset = self.offset32[:, None]
         # (C, rows): A^T x^T is MKL's fast shape, and the reductions below then run
         # along contiguous rows of scores
-        scores = torch.addmm(offset, self.matrix32, x32.T)
-        norms = row_norms(x32)
-        slack = norms.mul_(self.unit * self.max_norm).add_(self.unit * self.max_offset)
+        scores = torch.addmm(offset, self.matrix32, rows.x32.T)
+        slack = rows.norms.mul(self.unit * self.max_norm).add_(self.unit * self.max_offset)
         if extra is not None:
             slack.add_(extra)
         # the top score and every score within 4E of it (``max`` with indices is several
@@ -281,15 +303,3 @@ class SureArgmax:
         winner = torch.empty(scores.shape[1], dtype=torch.long, device=scores.device)
         winner[close_row] = close_class  # open rows are decided by the caller
         return winner, torch.nonzero(count != 1).flatten()
-
-
-def row_norms(x: Tensor) -> Tensor:
-    """(rows,) Euclidean norms of the rows of x (rows, n), fast in either memory layout.
-
-    torch's ``vector_norm`` is quick along contiguous rows but about 10x slower along
-    strided ones (a transposed (n, rows) block, as ``ClassStats`` hands over x @ B); a
-    sum of squares reduces well either way. Both round within the same bound.
-    """
-    if x.stride(-1) == 1:
-        return torch.linalg.vector_norm(x, dim=1)
-    return x.square().sum(1).sqrt_()
