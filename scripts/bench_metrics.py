@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from memory import peak_rss, reset_peak
 from synthetic import clusters
 
 from nctools import measure
@@ -60,20 +61,11 @@ def per_sample_loop(features: torch.Tensor, labels: torch.Tensor, c: int) -> tor
 
 def peak_extra_bytes(fn) -> int:
     """Peak resident memory added while ``fn`` runs (Linux: VmHWM after a reset)."""
-    status = Path("/proc/self/status")
-    if not status.exists():
+    if not Path("/proc/self/status").exists():
         return -1
-
-    def read(field: str) -> int:
-        for line in status.read_text().splitlines():
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-        return -1
-
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak to the current RSS
-    before = read("VmRSS:")
+    before = reset_peak()
     fn()
-    return read("VmHWM:") - before
+    return peak_rss() - before
 
 
 def run_case(n: int, d: int, c: int, repeats: int) -> dict[str, float]:

@@ -3,7 +3,7 @@
 Usage (from another script in this folder)::
 
     from memory import peak_rss, reset_peak
-    before = reset_peak()      # bytes resident now; the peak restarts here
+    before = reset_peak()      # bytes resident now (freed heap returned first); peak restarts
     ...                        # the measured call
     grown = peak_rss() - before
 
@@ -12,6 +12,9 @@ reset and would even start at the parent's peak (it survives fork and exec).
 """
 
 from __future__ import annotations
+
+import ctypes
+import ctypes.util
 
 
 def _status(key: str) -> int:
@@ -26,7 +29,17 @@ def peak_rss() -> int:
 
 
 def reset_peak() -> int:
-    """Restart the peak at the current resident memory (returned, in bytes)."""
+    """Restart the peak at the current resident memory (returned, in bytes).
+
+    Memory freed earlier but still held by the C allocator (glibc keeps freed heap pages
+    resident) is handed back to the system first: otherwise a call that only reuses such
+    pages would show no growth, however much it allocates.
+    """
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        libc = ctypes.CDLL(libc_name)
+        if hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
     try:
         with open("/proc/self/clear_refs", "w") as refs:
             refs.write("5")  # Linux >= 4.0: reset the peak RSS
