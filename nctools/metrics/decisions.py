@@ -14,7 +14,6 @@ re-decided in float64.
 
 from __future__ import annotations
 
-import copy
 from typing import NamedTuple
 
 import torch
@@ -91,12 +90,6 @@ class DecisionTally:
             off_span = float((weight - in_span @ basis.T).norm(dim=1).max())
             self.off_span = off_span * (1 + 1e-6) + 1e-300
             self.classifier_in_basis = SureArgmax(in_span.T, PairOffsets(shift, weight, bias))
-
-    def fresh(self) -> DecisionTally:
-        """A tally sharing these precomputed matrices, with no decisions yet."""
-        other = copy.copy(self)
-        other.tallied = torch.zeros(3, dtype=torch.int64, device=self.tallied.device)
-        return other
 
     @property
     def counts(self) -> Tensor:
