@@ -259,8 +259,22 @@ def test_near_tied_centre_decisions_match_float64(other_means, monkeypatch):
     assert 0 < (nearest[labels <= 1] == 1).sum() < (labels <= 1).sum()  # a real near-tie
 
 
+@pytest.fixture
+def tallies(monkeypatch):
+    """The DecisionTally objects measure builds, in order (to read their counters)."""
+    made = []
+    init = decisions.DecisionTally.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(decisions.DecisionTally, "__init__", spy)
+    return made
+
+
 @pytest.mark.parametrize("spread", [0.05, 3.0])
-def test_classifier_decisions_in_the_basis_match_float64(spread, monkeypatch):
+def test_classifier_decisions_in_the_basis_match_float64(spread, tallies, monkeypatch):
     """With Sigma_B's eigenbasis kept (C - 1 < D / 2), the classifier is first decided
     from x @ B, and the part of w_k.x outside the span is bounded by
     ||w_k - B B^T w_k|| ||x_perp||: near the means (small spread) the basis settles every
@@ -269,14 +283,6 @@ def test_classifier_decisions_in_the_basis_match_float64(spread, monkeypatch):
     features, labels, weight, bias = clusters(4, 24, 150, spread=spread, seed=31)
     weight += 0.5 * np.random.default_rng(32).normal(size=weight.shape)  # off the span
     want = reference_metrics(features, labels, weight, bias)
-    tallies = []
-    init = decisions.DecisionTally.__init__
-
-    def spy(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        tallies.append(self)
-
-    monkeypatch.setattr(decisions.DecisionTally, "__init__", spy)
     monkeypatch.setattr(decisions.DecisionTally, "GIVE_UP_SHARE", 1.0)  # never give up
     got = measure(features, labels, weight, bias)
     for key in ("accuracy", "ncc_mismatch", "ncc_accuracy"):
@@ -293,19 +299,11 @@ def test_classifier_decisions_in_the_basis_match_float64(spread, monkeypatch):
     assert measure(features, labels, weight, bias)["accuracy"] != want["accuracy"]
 
 
-def test_classifier_in_the_basis_is_given_up_when_it_settles_too_few_rows(monkeypatch):
+def test_classifier_in_the_basis_is_given_up_when_it_settles_too_few_rows(tallies, monkeypatch):
     """Far from the class means the basis settles few classifier decisions: after the
     trial rows the tally stops trying it, and the decisions stay float64's."""
     features, labels, weight, bias = clusters(4, 24, 500, spread=3.0, seed=31)
     weight += 0.5 * np.random.default_rng(32).normal(size=weight.shape)
-    tallies = []
-    init = decisions.DecisionTally.__init__
-
-    def spy(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        tallies.append(self)
-
-    monkeypatch.setattr(decisions.DecisionTally, "__init__", spy)
     monkeypatch.setattr(decisions.DecisionTally, "TRIAL_ROWS", 300)
     monkeypatch.setattr(stats_module, "BLOCK_ELEMENTS", 24 * 100)  # blocks of 100 rows
     got = measure(features, labels, weight, bias)
