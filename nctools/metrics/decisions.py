@@ -35,7 +35,7 @@ class DecisionTally:
       argmax_k x.(m_k - r) + (s_y - r).(m_k - r) - ||m_k - r||^2 / 2 for a common
       reference r (the global mean), which keeps the dot products free of cancellation
       against an offset. With a basis B whose span holds the centres, x.(m_k - r) is
-      (x @ B) @ centre_coords, an r-dimensional product.
+      (x @ B).(B^T (m_k - r)), an r-dimensional product.
 
     With a basis, the classifier is first tried in it too: w_k.h + b_k = (s_y.w_k + b_k)
     + (B^T w_k).(B^T x) + w_k.x_perp, where x_perp = x - B B^T x is what the basis leaves
