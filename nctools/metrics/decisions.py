@@ -115,12 +115,14 @@ class DecisionTally:
         for start in range(0, h.shape[0], step):
             part = slice(start, start + step)
             y = labels if isinstance(labels, int) else labels[part]
+            try_basis = projected is not None and x_sq is not None and self._try_basis()
             in_basis = None
-            if projected is not None:  # converted and normed once for both rules
+            if projected is not None and (try_basis or self.in_basis):
+                # converted and normed once for both rules
                 p = projected[part]
                 p_sq = p.square().sum(1)
                 in_basis = Scored(p, p.float(), p_sq.sqrt().float())
-            if in_basis is not None and x_sq is not None and self._try_basis():
+            if in_basis is not None and x_sq is not None and try_basis:
                 predicted = self._classify_in_basis(h[part], y, in_basis, p_sq, x_sq[part])
             else:
                 predicted = self.classifier(Scored.of(h[part]), y)
