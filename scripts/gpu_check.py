@@ -10,12 +10,18 @@ Usage::
    128, bf16 autocast and channels_last, for 3 epochs: epoch 1 warms cuDNN up, epoch 2
    is the steady-state epoch reported (training plus the test-set evaluation), epoch 3
    also extracts and writes a snapshot.
-2. ``nctools.metrics.measure`` on the GPU: N = 1,000,000 features of D = 512 in C = 1,000 classes
+2. One cell of the paper's grid, ``papyan2020/cifar10-resnet18`` as shipped (fp32, SGD,
+   batch 128, a test pass every epoch), on synthetic data of CIFAR10's shape, for 3
+   epochs (the learning-rate drops scaled to them, a snapshot at the last): the steady
+   epoch's seconds, what 350 of them take, and the sustained TFLOP/s they imply next to
+   the FLOP estimate of docs/paper-settings.md (``scripts/paper_networks.py``).
+3. ``nctools.metrics.measure`` on the GPU: N = 1,000,000 features of D = 512 in C = 1,000 classes
    (float32, 2 GB), after a warm-up call; a 20,000-row subset is also measured on the CPU
    and must agree to 1e-9 (relative; metrics above 1e-6).
 
-Prints the GPU name and both times. Without a CUDA device it prints why and exits with
-status 1. For several GPUs, train the same config under torchrun (the command is printed).
+Prints the GPU name and the times. Without a CUDA device it only checks that the paper
+cell's config loads (the CPU-safe part), prints why it stops and exits with status 1.
+For several GPUs, train the same config under torchrun (the command is printed).
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from nctools.config.schema import Config
 
 
 def train_epoch(out: Path) -> tuple[float, float, Path]:
@@ -56,6 +64,42 @@ def train_epoch(out: Path) -> tuple[float, float, Path]:
     save_config(config, out / "gpu-check.yaml")
     seconds = store.read_history(run)["seconds"].tolist()
     return seconds[0], seconds[1], out / "gpu-check.yaml"
+
+
+PAPER_CELL = "papyan2020/cifar10-resnet18"
+# CIFAR10's shape in Gaussian class clusters: 10 classes, 5,000 training and 1,000 test
+# images of 3 x 32 x 32, all kept
+CIFAR_SHAPED = ("data.dataset=synthetic", "data.num_classes=10", "data.channels=3",
+                "data.image_size=32", "data.train_per_class=5000", "data.test_per_class=1000",
+                "data.samples_per_class=null")
+
+
+def paper_cell_config(epochs: int = 3, device: str = "cuda") -> Config:
+    """The shipped ``PAPER_CELL`` on CIFAR-shaped synthetic data for ``epochs`` epochs."""
+    from nctools.config.schema import load_config
+
+    return load_config(PAPER_CELL, [*CIFAR_SHAPED, f"train.epochs={epochs}",
+                                    "train.milestones=[0.3333,0.6667]",
+                                    f"snapshot.epochs=[{epochs}]", f"train.device={device}"])
+
+
+def paper_cell(config: Config, out: Path) -> tuple[float, float, float]:
+    """Seconds of the steady epoch (the second) of ``config``; the GPU hours of the shipped
+    cell's epochs at that pace; the TFLOP/s it sustains by the FLOP count of
+    scripts/paper_networks.py (3 forwards per training image, one per test image)."""
+    from paper_networks import GRID, cell
+
+    from nctools.config.schema import load_config
+    from nctools.runs import store
+    from nctools.training.loop import train
+
+    run = train(config, out / "paper-cell")
+    steady = store.read_history(run)["seconds"].tolist()[1]
+    facts = cell(GRID / (PAPER_CELL.split("/")[1] + ".yaml"))
+    data = config.data
+    images = data.num_classes * (3 * data.train_per_class + data.test_per_class)
+    hours = load_config(PAPER_CELL).train.epochs * steady / 3600
+    return steady, hours, facts.forward_flops * images / steady / 1e12
 
 
 def measure_large(n: int = 1_000_000, dim: int = 512, num_classes: int = 1000) -> float:
@@ -89,6 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="run directory to keep (default: temporary)")
     args = parser.parse_args()
+    cell_config = paper_cell_config()  # on any machine: a config error shows without a GPU
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device is visible to torch "
               f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); "
@@ -104,6 +149,10 @@ def main() -> None:
         kept = config if args.out else "CONFIG (pass --out to keep gpu-check.yaml)"
         print(f"  several GPUs: torchrun --nproc_per_node=K -m nctools train {kept} --out RUN",
               flush=True)
+        steady, hours, tflops = paper_cell(cell_config, out)
+        print(f"{PAPER_CELL} (fp32) on CIFAR-shaped synthetic data: steady epoch "
+              f"{steady:.1f} s, {hours:.2f} GPU hours for all the cell's epochs at that pace; "
+              f"{tflops:.1f} TFLOP/s sustained", flush=True)
         seconds = measure_large()
         print(f"measure N=1,000,000 D=512 C=1,000 on the GPU: {seconds:.2f} s")
 

@@ -31,7 +31,8 @@ def reference_metrics(H, y, W, b=None, C=None, class_means=None):
     )
     for suffix, V in (("means", Mc), ("weights", W)):
         norms = np.linalg.norm(V, axis=1)
-        out[f"equinorm_{suffix}"] = np.std(norms) / np.mean(norms)
+        # the std over C - 1, as the authors' code (torch.std) computes Fig. 2
+        out[f"equinorm_{suffix}"] = np.std(norms, ddof=1) / np.mean(norms)
         cos = np.array([V[c] @ V[d] / (norms[c] * norms[d]) for c, d in pairs])
         out[f"equiangular_{suffix}"] = np.std(cos)
         out[f"maxangle_{suffix}"] = np.mean(np.abs(cos + 1 / (C - 1)))

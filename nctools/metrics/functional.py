@@ -103,13 +103,21 @@ def cdnv(centred_means: Tensor, class_variances: Tensor) -> float:
 
 
 def equinorm(vectors: Tensor) -> float:
-    """std_c ||v_c|| / mean_c ||v_c|| (Papyan et al. 2020, Fig. 2), population std.
+    """std_c ||v_c|| / mean_c ||v_c|| (Papyan et al. 2020, Fig. 2), the std over C - 1.
+
+    The std divides by C - 1, as the authors' code computes Fig. 2's coefficient of
+    variation (``torch.std``'s default), so the values equal theirs on the same features;
+    it is the one std of the metrics that does (README.md, "Metrics"). A population std would
+    give sqrt((C - 1) / C) times this. NaN for C < 2, where the std is undefined, and for
+    a zero mean norm (``measure`` warns about either).
 
     Args:
         vectors: (C, D) centred class means or classifier rows.
     """
+    if vectors.shape[0] < 2:
+        return math.nan
     norms = vectors.norm(dim=1)
-    return float(norms.std(correction=0) / norms.mean())
+    return float(norms.std(correction=1) / norms.mean())
 
 
 def simplex_geometry(vectors: Tensor) -> dict[str, float]:

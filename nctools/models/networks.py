@@ -32,11 +32,15 @@ ARCHS = (
     "resnet18",
     "resnet34",
     "resnet50",
+    "resnet152",
     "vgg11",
     "vgg13",
     "vgg16",
     "vgg19",
     "densenet",
+    "densenet40",
+    "densenet201",
+    "densenet250",
 )
 
 

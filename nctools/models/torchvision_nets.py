@@ -20,7 +20,7 @@ from typing import cast
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.densenet import DenseNet
+from torchvision.models.densenet import DenseNet, _Transition
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.models.vgg import VGG, cfgs, make_layers
 
@@ -32,6 +32,7 @@ _RESNET_LAYERS = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
     "resnet34": (BasicBlock, [3, 4, 6, 3]),
     "resnet50": (Bottleneck, [3, 4, 6, 3]),
+    "resnet152": (Bottleneck, [3, 8, 36, 3]),
 }
 _VGG_CFG = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}
 
@@ -39,7 +40,14 @@ _VGG_CFG = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}
 def build(
     arch: str, cfg: ModelConfig, num_classes: int, in_channels: int, image_size: int
 ) -> nn.Module:
-    """A freshly initialised ``arch`` (resnet18/34/50, vgg11/13/16/19, densenet)."""
+    """A freshly initialised ``arch``: resnet18/34/50/152, vgg11/13/16/19, densenet (BC, of
+    ``model.depth`` and ``model.growth_rate``), densenet40, densenet201, densenet250.
+
+    The named DenseNets are the ones Papyan, Han & Donoho (PNAS 2020) trained, whatever
+    ``model.depth`` and ``model.growth_rate`` say: densenet40 is Huang et al.'s DenseNet-40
+    (k = 12, no bottleneck, no compression), densenet250 their DenseNet-BC-250 (k = 24),
+    densenet201 torchvision's four-block DenseNet-201 (k = 32).
+    """
     small = small_stem(cfg.stem, image_size)
     if arch in _RESNET_LAYERS:
         block, layers = _RESNET_LAYERS[arch]
@@ -49,6 +57,12 @@ def build(
     if arch == "densenet":
         return CifarDenseNet(cfg.depth, cfg.growth_rate, num_classes, in_channels, image_size,
                              small)
+    if arch == "densenet40":
+        return PlainDenseNet(40, 12, num_classes, in_channels, small)
+    if arch == "densenet250":
+        return CifarDenseNet(250, 24, num_classes, in_channels, image_size, small)
+    if arch == "densenet201":
+        return StemmedDenseNet(32, (6, 12, 48, 32), 64, num_classes, in_channels, small)
     raise ConfigError(f"model.arch: {arch!r} is not a torchvision-based network")
 
 
@@ -170,15 +184,48 @@ class CifarVGG(VGG):
         return self.classifier(self.features(x))
 
 
-class CifarDenseNet(DenseNet):
+class StemmedDenseNet(DenseNet):
+    """torchvision's DenseNet-BC with any input channels and, if ``small``, a 3x3 stem.
+
+    torchvision's ``DenseNet(growth_rate, block_config, num_init_features)``: bottleneck
+    layers (1x1 conv to 4k channels, then 3x3 conv to k) and transitions that halve the
+    channels (Huang et al., CVPR 2017); DenseNet-201 is ``(32, (6, 12, 48, 32), 64)``.
+    The stem is torchvision's 7x7 stride-2 conv + max-pool, or a 3x3 stride-1 conv and no
+    pool when ``small``. features: (B, D) after BN, ReLU, global pool.
+    """
+
+    features: nn.Module  # torchvision's trunk, then wrapped in a PooledTrunk
+
+    def __init__(
+        self,
+        growth_rate: int,
+        block_config: tuple[int, ...],
+        num_init_features: int,
+        num_classes: int,
+        in_channels: int,
+        small: bool,
+    ) -> None:
+        super().__init__(growth_rate, block_config, num_init_features, num_classes=num_classes)
+        trunk = cast(nn.Sequential, self.features)
+        shape = (3, 1, 1) if small else (7, 2, 3)
+        stem = nn.Conv2d(in_channels, num_init_features, *shape, bias=False)
+        trunk.conv0 = stem
+        if small:
+            trunk.pool0 = nn.Identity()
+        nn.init.kaiming_normal_(stem.weight)
+        self.features = PooledTrunk(trunk, final_relu=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
+class CifarDenseNet(StemmedDenseNet):
     """torchvision's DenseNet-BC with three dense blocks of (depth - 4) / 6 layers.
 
     Huang et al. (CVPR 2017): ``depth`` counts the convs, two per bottleneck layer, plus
     the stem, two transitions and the classifier; the stem has 2 x growth_rate channels
     and transitions halve the channels. features: (B, D) after BN, ReLU, global pool.
     """
-
-    features: nn.Module  # torchvision's trunk, then wrapped in a PooledTrunk
 
     def __init__(
         self,
@@ -194,15 +241,69 @@ class CifarDenseNet(DenseNet):
         if depth < 10 or (depth - 4) % 6:
             raise ConfigError(f"model.depth must be 6n + 4 with n >= 1 (e.g. 40, 100), got {depth}")
         n = (depth - 4) // 6
-        init = 2 * growth_rate
-        super().__init__(growth_rate, (n, n, n), init, num_classes=num_classes)
-        trunk = cast(nn.Sequential, self.features)
-        stem = nn.Conv2d(in_channels, init, *((3, 1, 1) if small else (7, 2, 3)), bias=False)
-        trunk.conv0 = stem
-        if small:
-            trunk.pool0 = nn.Identity()
-        nn.init.kaiming_normal_(stem.weight)
-        self.features = PooledTrunk(trunk, final_relu=True)
+        super().__init__(growth_rate, (n, n, n), 2 * growth_rate, num_classes, in_channels, small)
+
+
+class PlainDenseLayer(nn.Sequential):
+    """BN-ReLU-3x3 conv adding ``growth_rate`` channels: (B, c, H, W) -> (B, c + k, H, W).
+
+    Huang et al.'s (CVPR 2017) composite function H_l without the 1x1 bottleneck, which
+    torchvision's ``_DenseLayer`` always has.
+    """
+
+    def __init__(self, in_channels: int, growth_rate: int) -> None:
+        super().__init__(OrderedDict(
+            norm1=nn.BatchNorm2d(in_channels),
+            relu1=nn.ReLU(inplace=True),
+            conv1=nn.Conv2d(in_channels, growth_rate, 3, padding=1, bias=False),
+        ))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([x, super().forward(x)], 1)
+
+
+class PlainDenseNet(nn.Module):
+    """Huang et al.'s (CVPR 2017) DenseNet for CIFAR: no bottleneck, no compression.
+
+    A 16-channel stem conv, three dense blocks of (depth - 4) / 3 :class:`PlainDenseLayer`
+    s, transitions (BN-ReLU-1x1 conv-2x2 average pool) that keep the channels, then BN,
+    ReLU and the global pool. depth 40, k = 12 is their DenseNet-40 (1.0M parameters on
+    CIFAR10, their Table 2), trained without their dropout as Papyan, Han & Donoho (PNAS
+    2020) mention none. Module names follow torchvision's DenseNet (``features.conv0``,
+    ``features.denseblock1.denselayer1.conv1``, ..., ``features.norm5``). The stem is a
+    3x3 stride-1 conv when ``small``, else a 7x7 stride-2 conv + max-pool.
+    features: (B, 16 + 3 (depth - 4) / 3 k); 448 for DenseNet-40.
+    """
+
+    def __init__(self, depth: int, growth_rate: int, num_classes: int, in_channels: int = 3,
+                 small: bool = True) -> None:
+        super().__init__()
+        layers, channels = (depth - 4) // 3, 16
+        trunk: OrderedDict[str, nn.Module] = OrderedDict()
+        trunk["conv0"] = nn.Conv2d(in_channels, channels, *((3, 1, 1) if small else (7, 2, 3)),
+                                   bias=False)
+        if not small:
+            trunk["pool0"] = nn.MaxPool2d(3, stride=2, padding=1)
+        for b in range(1, 4):
+            block = nn.Sequential()
+            for i in range(1, layers + 1):
+                block.add_module(f"denselayer{i}", PlainDenseLayer(channels, growth_rate))
+                channels += growth_rate
+            trunk[f"denseblock{b}"] = block
+            if b < 3:
+                trunk[f"transition{b}"] = _Transition(channels, channels)
+        trunk["norm5"] = nn.BatchNorm2d(channels)
+        self.features = PooledTrunk(nn.Sequential(trunk), final_relu=True)
+        self.classifier = nn.Linear(channels, num_classes)
+        # torchvision's DenseNet initialisation
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))

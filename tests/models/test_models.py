@@ -13,9 +13,12 @@ from nctools.errors import CheckpointError, ConfigError
 from nctools.models.networks import ARCHS, build_model, feature_dim, load_state_dict_compat
 
 # D for each arch at the defaults: widths 4 * 32 (convnet), 512 / 2048 (ResNet), 512 (VGG);
-# DenseNet-BC 40, k=12: 24 + 6k = 96 -> 48, 48 + 6k = 120 -> 60, 60 + 6k = 132.
+# DenseNet-BC 40, k=12: 24 + 6k = 96 -> 48, 48 + 6k = 120 -> 60, 60 + 6k = 132;
+# DenseNet-40 (no compression): 16 + 36k = 448; DenseNet-BC-250, k=24: 48 + 41k = 1032 ->
+# 516, 516 + 41k = 1500 -> 750, 750 + 41k = 1734; DenseNet-201: 1920 (torchvision's).
 EXPECTED_DIM = {"convnet": 128, "resnet18": 512, "resnet34": 512, "resnet50": 2048,
-                "vgg11": 512, "vgg13": 512, "vgg16": 512, "vgg19": 512, "densenet": 132}
+                "resnet152": 2048, "vgg11": 512, "vgg13": 512, "vgg16": 512, "vgg19": 512,
+                "densenet": 132, "densenet40": 448, "densenet201": 1920, "densenet250": 1734}
 
 
 def _build(arch: str, num_classes: int = 10, in_channels: int = 3, size: int = 32) -> nn.Module:
