@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nctools.config.schema import TrainConfig
+from nctools.config.schema import TrainConfig, milestone_epochs
 from nctools.data.splits import Split, iterate_batches
 from nctools.errors import ConfigError
 from nctools.training.distributed import DistInfo
@@ -46,14 +46,13 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, tc: TrainConfig
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-epoch schedule: ``multistep`` multiplies by ``gamma`` after each milestone: an
-    epoch ``m >= 1``, or ``round(m * epochs)`` for a fraction ``m`` in (0, 1) (the paper: /10
-    after epochs 350 // 3 = 116 and 2 * 350 // 3 = 233), ``cosine`` anneals to 0 over all
-    epochs, ``constant`` keeps ``lr``."""
+    epoch ``m >= 1``, or ``floor(m * epochs)`` for a fraction ``m`` of the run
+    (:func:`~nctools.config.schema.milestone_epochs`; the paper's ``[1/3, 2/3]``: /10 after
+    epochs 116 and 233 of 350), ``cosine`` anneals to 0 over all epochs, ``constant`` keeps
+    ``lr``."""
     sched = torch.optim.lr_scheduler
     if tc.schedule == "multistep":
-        # >= 1: a milestone at 0 would decay the lr before the first epoch
-        milestones = [int(m) if m >= 1 else max(1, round(m * tc.epochs))
-                      for m in tc.milestones]
+        milestones = milestone_epochs(tc.milestones, tc.epochs)
         return sched.MultiStepLR(optimizer, milestones=milestones, gamma=tc.gamma)
     if tc.schedule == "cosine":
         return sched.CosineAnnealingLR(optimizer, T_max=tc.epochs)
