@@ -298,7 +298,9 @@ def papyan_epochs(epochs: int) -> list[int]:
     Every epoch 1-10, then 40 epochs spaced evenly in log(epoch) from 11 to ``epochs``,
     rounded to the nearest integer (duplicates merged). For 350 epochs this is the authors'
     list of 50 epochs (1-14, 16, 17, 19, ..., 293, 320, 350); for shorter runs the same
-    construction gives fewer, for runs of at most 11 epochs every epoch.
+    construction gives fewer, for runs of at most 11 epochs every epoch. Any other length
+    (ImageNet's 300 epochs) is an extrapolation of the notebook's 350-epoch list: no list
+    was published for it.
     """
     if epochs <= PAPYAN_EVERY + 1:
         return list(range(1, epochs + 1))
