@@ -430,3 +430,30 @@ def test_bad_milestones_name_the_key(tmp_path, milestones, shown):
 def test_decreasing_milestones_are_refused(tmp_path):
     message = error_of(tmp_path, "train: {milestones: [2/3, 0.5]}\n")
     assert message.endswith("train.milestones: must be increasing, got ['2/3', 0.5]")
+
+
+def _alias_bomb(levels: int, width: int) -> str:
+    """``train.milestones``: a list whose every level repeats the previous one ``width``
+    times by alias (``width ** levels`` leaves from (levels - 1) * width aliases)."""
+    rows = [f"    - &l0 [{', '.join(['lol'] * width)}]"]
+    for level in range(1, levels):
+        rows.append(f"    - &l{level} [{', '.join([f'*l{level - 1}'] * width)}]")
+    return "train:\n  milestones:\n" + "\n".join(rows) + "\n"
+
+
+def test_yaml_alias_bomb_is_refused_naming_the_file(tmp_path):
+    """A "billion laughs" config: 5 levels of 30 aliases (24 million leaves) is refused at
+    its 101st alias, on line 7, before anything walks the values."""
+    path = write(tmp_path, _alias_bomb(levels=5, width=30))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (f"{path}: line 7: more than 100 YAML aliases (*name); refused "
+                               "(nested aliases can take gigabytes of memory)")
+    # 100 aliases are within the budget: the file reaches the type check
+    message = error_of(tmp_path, _alias_bomb(levels=2, width=100))
+    assert message.startswith(f"{tmp_path / 'cfg.yaml'}: train.milestones: expected list of")
+    item = "train.milestones=[&a [1], " + ", ".join(["*a"] * 101) + "]"
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "name: x\n"), [item])
+    assert str(info.value) == (f"--set {item}: train.milestones: more than 100 YAML aliases "
+                               "(*name); refused (nested aliases can take gigabytes of memory)")
