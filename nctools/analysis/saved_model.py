@@ -419,7 +419,7 @@ def measure_network(
             raise ConfigError("--num-classes: needed with --dataset folder:PATH")
         model = zoo.build_from_spec(spec, num_classes, model_inputs.MODEL_CHANNELS)
         transform = zoo.eval_transform(model, spec)
-        data = model_inputs.image_folder(dataset[len(FOLDER_PREFIX):], transform)
+        data = model_inputs.image_folder(dataset[len(FOLDER_PREFIX):], transform, split=split)
     else:
         if overrides:
             data_cfg, _, seed = _override(data_cfg, ModelConfig(), seed, overrides)
