@@ -85,7 +85,12 @@ def folder_layout(path: str, flag: str = "--dataset") -> tuple[Path, Path | None
     """``folder:PATH``'s training and test folders: PATH/train and PATH/val (or PATH/test);
     the test folder is None where there is none: PATH/train alone, or a flat PATH of class
     folders (its images are one split, the training one).
+
+    Raises ConfigError naming ``flag`` for an empty PATH (it would read the current folder).
     """
+    if not path.strip():
+        raise ConfigError(f"{flag} folder:{path}: empty path; give folder:PATH, a folder of "
+                          "class folders (or of train/ and val/)")
     root = Path(path).expanduser()
     if not (root / "train").is_dir():
         return root, None
@@ -96,15 +101,19 @@ def image_folder(path: str, transform: Callable, flag: str = "--dataset",
                  split: str | None = None) -> Dataset:
     """``folder:PATH`` as a Dataset: PATH/train and PATH/val (or test), else PATH for both.
 
-    Images go through ``transform`` (the network's own evaluation transform), read lazily.
-    The test folder's classes are
+    Images go through ``transform`` (the network's own evaluation transform), read lazily;
+    a file that is no image is a DataError naming it
+    (:func:`~nctools.data.torchvision_sets.read_image`). The test folder's classes are
     matched to the training folder's by name (train's sorted list is the index): a class
     unknown to train is a DataError naming it and the folder; a training class absent from
     the test folder leaves that class without test samples. ``split``: the split the
     caller will measure, if any: ``"test"`` is refused for a flat folder (its only images
-    are the training ones). ``flag`` names the option in errors.
+    are the training ones) and for a test folder lacking a class (naming the class and the
+    folder). ``flag`` names the option in errors.
     """
     from torchvision import datasets
+
+    from nctools.data.torchvision_sets import read_image
 
     train_dir, test_dir = folder_layout(path, flag)
     if test_dir is None and split == "test":
@@ -116,12 +125,14 @@ def image_folder(path: str, transform: Callable, flag: str = "--dataset",
     folders = []
     for folder in (train_dir, test_dir or train_dir):
         try:
-            folders.append(datasets.ImageFolder(str(folder), transform=transform))
+            folders.append(datasets.ImageFolder(str(folder), transform=transform,
+                                                loader=read_image))
         except (FileNotFoundError, OSError, RuntimeError) as exc:
             raise DataError(f"{flag} folder:{path}: no class folders of images ({exc})") from None
     train, test = folders
     if test_dir is not None:
-        _index_like(test, train, f"{flag} folder:{path}", test_dir, train_dir)
+        _index_like(test, train, f"{flag} folder:{path}", test_dir, train_dir,
+                    must_hold_all=split == "test")
     first: Any = train[0][0]
     return Dataset(f"folder:{path}", Split(train, _targets(train)), Split(test, _targets(test)),
                    num_classes=len(train.classes), in_channels=int(first.shape[0]),
@@ -132,7 +143,8 @@ def _targets(folder: Any) -> Tensor:
     return torch.as_tensor(folder.targets, dtype=torch.long)
 
 
-def _index_like(test: Any, train: Any, where: str, test_dir: Path, train_dir: Path) -> None:
+def _index_like(test: Any, train: Any, where: str, test_dir: Path, train_dir: Path,
+                must_hold_all: bool) -> None:
     """Relabel ImageFolder ``test`` in place with ``train``'s class indices, by class name
     (each folder alone indexes its own sorted names: {a, c, d} would read c as b)."""
     index = train.class_to_idx
@@ -141,6 +153,10 @@ def _index_like(test: Any, train: Any, where: str, test_dir: Path, train_dir: Pa
         raise DataError(f"{where}: class {unknown[0]!r} of {test_dir} is not a class of "
                         f"{train_dir} ({', '.join(train.classes)})")
     missing = [name for name in train.classes if name not in test.class_to_idx]
+    if missing and must_hold_all:
+        raise DataError(f"{where}: class {missing[0]!r} (class {index[missing[0]]}) has no "
+                        f"samples in {test_dir} ({len(missing)} of {len(train.classes)} "
+                        f"classes missing there: {', '.join(missing)})")
     if missing:
         log.info("%s: %s has no images of class(es) %s", where, test_dir, ", ".join(missing))
     test.samples = [(file, index[test.classes[label]]) for file, label in test.samples]

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from nctools.errors import DataError
+
 DIGIT_SETS = ("mnist5k", "mnist", "kmnist", "svhn")  # a mirrored digit is another symbol
 # where torchvision reads each set from under data.root (SVHN reads root itself)
 TORCHVISION_DIRS = {
@@ -143,7 +145,23 @@ def _iterate_lazy(
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
     )
-    for images, labels in loader:
-        if augment:
-            images = augment_batch(images, generator, hflip=split.hflip)
-        yield images, labels.long()
+    try:
+        for images, labels in loader:
+            if augment:
+                images = augment_batch(images, generator, hflip=split.hflip)
+            yield images, labels.long()
+    except DataError as exc:  # e.g. an unreadable image, named by the data set's loader
+        raise DataError(worker_message(exc)) from None
+
+
+def worker_message(exc: Exception) -> str:
+    """The message of an error raised in a DataLoader worker, without the worker's traceback.
+
+    A worker's exception comes back as the same type built from "Caught X in DataLoader
+    worker process N. Original Traceback ...", its own message on the last line.
+    """
+    text = str(exc).strip()
+    if "Original Traceback" not in text:
+        return text
+    last = text.splitlines()[-1]
+    return last.partition(f"{type(exc).__name__}: ")[2] or last

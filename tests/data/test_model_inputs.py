@@ -1,5 +1,5 @@
-"""folder:PATH image folders (nctools/data/model_inputs.py): class matching by name and
-the split a folder can give."""
+"""folder:PATH image folders (nctools/data/model_inputs.py): class matching by name, the
+split a folder can give, unreadable images and empty paths, each a one-line error."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from nctools.data.model_inputs import image_folder
+from nctools.data.model_inputs import folder_layout, image_folder
+from nctools.data.splits import iterate_batches
 from nctools.errors import ConfigError, DataError
 
 # one grey level per class name: an image's class is read back from its pixels
@@ -56,6 +57,17 @@ def test_a_val_class_unknown_to_train_is_named(tmp_path):
                                f"is not a class of {tmp_path / 'train'} (a, b, c)")
 
 
+def test_measuring_a_val_that_lacks_a_class_names_the_class_and_folder(tmp_path):
+    make_classes(tmp_path / "train", "abc")
+    make_classes(tmp_path / "val", "ac")
+    with pytest.raises(DataError) as info:
+        image_folder(str(tmp_path), to_tensor, split="test")
+    assert str(info.value) == (f"--dataset folder:{tmp_path}: class 'b' (class 1) has no "
+                               f"samples in {tmp_path / 'val'} (1 of 3 classes missing there: b)")
+    # the training split needs nothing of val
+    assert len(image_folder(str(tmp_path), to_tensor, split="train").train) == 6
+
+
 def test_a_folder_without_val_gives_no_test_split(tmp_path):
     make_classes(tmp_path / "flat", "ab")
     make_classes(tmp_path / "only" / "train", "ab")
@@ -73,3 +85,34 @@ def test_a_folder_without_val_gives_no_test_split(tmp_path):
     # the training split (and the test split for an OOD set) are the folder's images
     flat = image_folder(str(tmp_path / "flat"), to_tensor)
     assert flat.train.labels.tolist() == flat.test.labels.tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("path", ["", "  "])
+def test_an_empty_folder_path_is_refused(tmp_path, monkeypatch, path):
+    make_classes(tmp_path, "ab")  # the current folder has class folders: it must not be read
+    monkeypatch.chdir(tmp_path)
+    message = (f"--dataset folder:{path}: empty path; give folder:PATH, a folder of class "
+               "folders (or of train/ and val/)")
+    with pytest.raises(ConfigError) as info:
+        image_folder(path, to_tensor)
+    assert str(info.value) == message
+    with pytest.raises(ConfigError) as info:
+        folder_layout(path, "--ood-dataset")
+    assert str(info.value).startswith(f"--ood-dataset folder:{path}: empty path")
+
+
+def test_an_unreadable_image_is_one_line_naming_the_file(tmp_path):
+    """Read by DataLoader workers: the worker's traceback is not part of the message."""
+    make_classes(tmp_path / "train", "ab", per_class=3)
+    bad = tmp_path / "train" / "b" / "1.png"
+    bad.write_bytes(b"not an image")
+    truncated = tmp_path / "train" / "b" / "2.png"
+    truncated.write_bytes(truncated.read_bytes()[:40])
+    data = image_folder(str(tmp_path), to_tensor)
+    with pytest.raises(DataError) as info:
+        list(iterate_batches(data.train, torch.arange(6), batch_size=2))
+    assert str(info.value) == f"{bad}: cannot read image (not an image format PIL knows)"
+    with pytest.raises(DataError) as info:
+        list(iterate_batches(data.train, torch.tensor([0, 5]), batch_size=2))
+    assert str(info.value).startswith(f"{truncated}: cannot read image (")
+    assert "\n" not in str(info.value) and "Traceback" not in str(info.value)
