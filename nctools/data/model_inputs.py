@@ -97,6 +97,19 @@ def folder_layout(path: str, flag: str = "--dataset") -> tuple[Path, Path | None
     return root / "train", next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
 
 
+def folder_classes(path: str, flag: str = "--dataset") -> list[str]:
+    """The class names of ``folder:PATH`` (its training folder's class folders, sorted as
+    torchvision's ImageFolder indexes them): ``len`` of it is the number of classes, known
+    before any network is built. Raises DataError naming ``flag`` when there are none."""
+    from torchvision.datasets.folder import find_classes
+
+    train_dir, _ = folder_layout(path, flag)
+    try:
+        return find_classes(str(train_dir))[0]
+    except (FileNotFoundError, OSError) as exc:
+        raise DataError(f"{flag} folder:{path}: no class folders of images ({exc})") from None
+
+
 def image_folder(path: str, transform: Callable, flag: str = "--dataset",
                  split: str | None = None) -> Dataset:
     """``folder:PATH`` as a Dataset: PATH/train and PATH/val (or test), else PATH for both.
@@ -136,7 +149,7 @@ def image_folder(path: str, transform: Callable, flag: str = "--dataset",
     first: Any = train[0][0]
     return Dataset(f"folder:{path}", Split(train, _targets(train)), Split(test, _targets(test)),
                    num_classes=len(train.classes), in_channels=int(first.shape[0]),
-                   image_size=int(first.shape[-1]))
+                   image_size=int(first.shape[-1]), class_names=list(train.classes))
 
 
 def _targets(folder: Any) -> Tensor:

@@ -63,6 +63,7 @@ class Dataset:
 
     channel_mean, channel_std: (C_in,) the standardisation applied to in-memory splits
     (:func:`nctools.data.sets.load_dataset`), None when the pixels are not standardised.
+    class_names: the name of each label where the data has them (image folders), else None.
     """
 
     name: str
@@ -73,6 +74,7 @@ class Dataset:
     image_size: int
     channel_mean: Tensor | None = None
     channel_std: Tensor | None = None
+    class_names: list[str] | None = None  # label c is class_names[c] (image folders)
 
 
 def iterate_batches(

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nctools.data.model_inputs import folder_layout, image_folder
+from nctools.data.model_inputs import folder_classes, folder_layout, image_folder
 from nctools.data.splits import iterate_batches
 from nctools.errors import ConfigError, DataError
 
@@ -42,7 +42,7 @@ def test_val_classes_are_matched_to_train_by_name(tmp_path):
     make_classes(tmp_path / "train", "abc")
     make_classes(tmp_path / "val", "ac")
     data = image_folder(str(tmp_path), to_tensor)
-    assert data.num_classes == 3
+    assert data.num_classes == 3 and data.class_names == ["a", "b", "c"]
     assert shade_labels(data.train) == [(10, 0), (60, 1), (110, 2)]
     assert shade_labels(data.test) == [(10, 0), (110, 2)]
     assert data.test.labels.tolist() == [0, 0, 2, 2]
@@ -93,9 +93,10 @@ def test_an_empty_folder_path_is_refused(tmp_path, monkeypatch, path):
     monkeypatch.chdir(tmp_path)
     message = (f"--dataset folder:{path}: empty path; give folder:PATH, a folder of class "
                "folders (or of train/ and val/)")
-    with pytest.raises(ConfigError) as info:
-        image_folder(path, to_tensor)
-    assert str(info.value) == message
+    for call in (lambda: image_folder(path, to_tensor), lambda: folder_classes(path)):
+        with pytest.raises(ConfigError) as info:
+            call()
+        assert str(info.value) == message
     with pytest.raises(ConfigError) as info:
         folder_layout(path, "--ood-dataset")
     assert str(info.value).startswith(f"--ood-dataset folder:{path}: empty path")
@@ -116,3 +117,16 @@ def test_an_unreadable_image_is_one_line_naming_the_file(tmp_path):
         list(iterate_batches(data.train, torch.tensor([0, 5]), batch_size=2))
     assert str(info.value).startswith(f"{truncated}: cannot read image (")
     assert "\n" not in str(info.value) and "Traceback" not in str(info.value)
+
+
+def test_folder_classes_count_the_training_class_folders(tmp_path):
+    """The number of classes of folder:PATH, known before a network is built (so
+    measure need not ask for --num-classes)."""
+    make_classes(tmp_path / "flat", "cab")
+    assert folder_classes(str(tmp_path / "flat")) == ["a", "b", "c"]
+    make_classes(tmp_path / "split" / "train", "abd")
+    make_classes(tmp_path / "split" / "val", "ab")
+    assert folder_classes(str(tmp_path / "split")) == ["a", "b", "d"]
+    with pytest.raises(DataError) as info:
+        folder_classes(str(tmp_path / "none"))
+    assert str(info.value).startswith(f"--dataset folder:{tmp_path / 'none'}: no class folders")
