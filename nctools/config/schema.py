@@ -36,6 +36,9 @@ class DataConfig:
     test_samples_per_class: int | None = None  # balanced test subset; None keeps all
     augment: bool = False  # random crop + flip on the training split (the paper uses none)
     pad_to: int | None = None  # zero-pad images to this many px square (the paper: MNIST to 32)
+    # standardisation of in-memory sets: train (the training split's per-channel mean and
+    # std) | mnist (the fixed MNIST constants of the authors' notebook, 1-channel sets)
+    normalize: str = "train"
     # synthetic only: Gaussian class clusters shaped like images
     num_classes: int = 10
     train_per_class: int = 64
@@ -83,6 +86,7 @@ class TrainConfig:
     # this (Papyan et al. 2020: 99.9%, 99.6% on ImageNet)
     tpt_accuracy: float = 0.999
     loggers: list[str] = field(default_factory=list)  # any of tensorboard, mlflow, wandb
+    drop_last: bool = False  # skip each epoch's last, incomplete batch (the authors' notebook)
 
 
 @dataclass
@@ -118,6 +122,7 @@ LOSSES = ("ce", "mse")
 SCHEDULES = ("multistep", "cosine", "constant")
 SNAPSHOT_DTYPES = ("float32", "float16")
 STEMS = ("auto", "imagenet", "small")  # model.stem
+NORMALIZE = ("train", "mnist")  # data.normalize (nctools.data.sets.normalization)
 SPLITS = ("train", "test")
 MAX_SEED = 2**32 - 1
 MAX_EPOCHS = 1_000_000  # the schedule, history and manifest hold one entry per epoch
@@ -349,6 +354,8 @@ def validate(cfg: Config) -> None:
     tspc = data.test_samples_per_class
     _check(tspc is None or tspc >= 1, "data.test_samples_per_class", ">= 1 or null", tspc)
     _check(data.pad_to is None or data.pad_to >= 1, "data.pad_to", ">= 1 or null", data.pad_to)
+    _check(data.normalize in NORMALIZE, "data.normalize", f"one of {', '.join(NORMALIZE)}",
+           data.normalize)
     # NC metrics compare class means against a simplex of C >= 2 vertices
     _check(data.num_classes >= 2, "data.num_classes", ">= 2", data.num_classes)
     for name in ("train_per_class", "test_per_class", "channels", "image_size"):

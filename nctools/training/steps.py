@@ -110,9 +110,20 @@ def train_step(
     return total, (logits.detach().argmax(dim=1) == y).sum()
 
 
+def trained_rows(rows: int, batch_size: int, drop_last: bool) -> int:
+    """How many of an epoch's ``rows`` training rows are trained on: all, or with
+    ``train.drop_last`` the whole batches only (ConfigError if that leaves none)."""
+    if not drop_last:
+        return rows
+    if rows < batch_size:
+        raise ConfigError(f"train.drop_last: the {rows} training samples make no whole batch "
+                          f"of train.batch_size={batch_size}")
+    return rows - rows % batch_size
+
+
 def rank_batches(
     split: Split, order: Tensor, batch_size: int, augment: bool,
-    generator: torch.Generator, dist: DistInfo,
+    generator: torch.Generator, dist: DistInfo, drop_last: bool = False,
 ) -> Iterator[tuple[Tensor, Tensor, int]]:
     """This rank's rows of each global batch of ``order``: (images, labels, global rows).
 
@@ -122,8 +133,11 @@ def rank_batches(
     yields as many batches as there are global ones, so the collectives stay in step.
     An in-memory split with augmentation is augmented a global batch at a time, so the
     random crops and flips are those of one process; a lazy (image-folder) split loads
-    only this rank's rows and draws its own augmentation.
+    only this rank's rows and draws its own augmentation. ``drop_last``: the last,
+    incomplete global batch is skipped, as the authors' notebook's DataLoader
+    (``drop_last=True``) does; :func:`trained_rows` rows are trained.
     """
+    order = order[: trained_rows(len(order), batch_size, drop_last)]
     if not dist.distributed:
         for x, y in iterate_batches(split, order, batch_size, augment, generator):
             yield x, y, len(y)
