@@ -345,7 +345,7 @@ def ood_data(name: str, data_cfg, seed: int, data, transform=None, flag: str = "
         if transform is None:  # the in-distribution pixels: size, channels, mean/std
             transform = (zoo.imagenet_eval_transform() if data.channel_mean is None
                          else model_inputs.standardised_like(data))
-        ood = model_inputs.image_folder(name[len(FOLDER_PREFIX):], transform, flag=flag)
+        ood = model_inputs.image_folder(name[len(FOLDER_PREFIX):], transform, flag, labels=False)
     else:
         cfg = replace(data_cfg, dataset=name, samples_per_class=None,
                       test_samples_per_class=None)

@@ -111,7 +111,7 @@ def folder_classes(path: str, flag: str = "--dataset") -> list[str]:
 
 
 def image_folder(path: str, transform: Callable, flag: str = "--dataset",
-                 split: str | None = None) -> Dataset:
+                 split: str | None = None, labels: bool = True) -> Dataset:
     """``folder:PATH`` as a Dataset: PATH/train and PATH/val (or test), else PATH for both.
 
     Images go through ``transform`` (the network's own evaluation transform), read lazily;
@@ -122,7 +122,9 @@ def image_folder(path: str, transform: Callable, flag: str = "--dataset",
     the test folder leaves that class without test samples. ``split``: the split the
     caller will measure, if any: ``"test"`` is refused for a flat folder (its only images
     are the training ones) and for a test folder lacking a class (naming the class and the
-    folder). ``flag`` names the option in errors.
+    folder). ``labels=False``: the test images' labels go unused (an out-of-distribution
+    set): its classes need not be the training folder's and keep their own indices.
+    ``flag`` names the option in errors.
     """
     from torchvision import datasets
 
@@ -143,7 +145,7 @@ def image_folder(path: str, transform: Callable, flag: str = "--dataset",
         except (FileNotFoundError, OSError, RuntimeError) as exc:
             raise DataError(f"{flag} folder:{path}: no class folders of images ({exc})") from None
     train, test = folders
-    if test_dir is not None:
+    if test_dir is not None and labels:
         _index_like(test, train, f"{flag} folder:{path}", test_dir, train_dir,
                     must_hold_all=split == "test")
     first: Any = train[0][0]

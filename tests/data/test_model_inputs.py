@@ -130,3 +130,15 @@ def test_folder_classes_count_the_training_class_folders(tmp_path):
     with pytest.raises(DataError) as info:
         folder_classes(str(tmp_path / "none"))
     assert str(info.value).startswith(f"--dataset folder:{tmp_path / 'none'}: no class folders")
+
+
+def test_an_out_of_distribution_folder_keeps_its_own_classes(tmp_path):
+    """labels=False (--ood-dataset): val's classes need not be train's; nothing is
+    relabelled and nothing is refused."""
+    make_classes(tmp_path / "train", "ab")
+    make_classes(tmp_path / "val", "cd")
+    data = image_folder(str(tmp_path), to_tensor, "--ood-dataset", labels=False)
+    assert shade_labels(data.test) == [(110, 0), (160, 1)]
+    with pytest.raises(DataError) as info:
+        image_folder(str(tmp_path), to_tensor, "--ood-dataset")
+    assert str(info.value).startswith(f"--ood-dataset folder:{tmp_path}: class 'c' of ")
