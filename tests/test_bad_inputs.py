@@ -865,3 +865,53 @@ def test_an_exhausted_chunk_iterator_is_named(first, again, message):
     check_pass_rows(6, 6)
     with pytest.raises(ValueError, match=message):
         check_pass_rows(first, again)
+
+
+# ------------------------------------------------------------- folder:PATH image folders
+
+
+def _image_classes(folder: Path, names: str) -> None:
+    from PIL import Image
+
+    for name in names:
+        (folder / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (40 * i, 90, 200)).save(folder / name / f"{i}.png")
+
+
+FOLDER_MEASURE = ("measure", "--model", "tests.helpers:make_net", "--num-classes", "3")
+
+
+def test_measure_a_flat_folder_test_split_is_refused(tmp_path, capsys):
+    """A folder without train/ and val/ holds training images only: --split test would
+    measure them as test images."""
+    _image_classes(tmp_path / "flat", "abc")
+    assert main([*FOLDER_MEASURE, "--dataset", f"folder:{tmp_path / 'flat'}", "--split",
+                 "test"]) == 2
+    assert capsys.readouterr().err == (
+        f"nctools: error: --split test: folder:{tmp_path / 'flat'} has no train/ and val/ "
+        "folders, so no test images (its images are the training split); measure --split "
+        "train, or give it train/ and val/ class folders\n")
+
+
+def test_measure_folder_errors_are_one_line_naming_the_culprit(tmp_path, capsys):
+    """A val/ lacking a class names it and the folder; an unreadable image names the file
+    (not a DataLoader worker's traceback); an empty folder: path is not the current folder."""
+    _image_classes(tmp_path / "split" / "train", "abc")
+    _image_classes(tmp_path / "split" / "val", "ac")
+    _image_classes(tmp_path / "bad" / "train", "abc")
+    bad = tmp_path / "bad" / "train" / "c" / "1.png"
+    bad.write_bytes(b"GIF89a but not really")
+    cases = [
+        (("--dataset", f"folder:{tmp_path / 'split'}", "--split", "test"),
+         f"--dataset folder:{tmp_path / 'split'}: class 'b' (class 1) has no samples in "
+         f"{tmp_path / 'split' / 'val'} (1 of 3 classes missing there: b)"),
+        (("--dataset", f"folder:{tmp_path / 'bad'}"),
+         f"{bad}: cannot read image (not an image format PIL knows)"),
+        (("--dataset", "folder:"),
+         "--dataset folder:: empty path; give folder:PATH, a folder of class folders (or of "
+         "train/ and val/)"),
+    ]
+    for argv, message in cases:
+        assert main([*FOLDER_MEASURE, *argv]) == 2, argv
+        assert capsys.readouterr().err == f"nctools: error: {message}\n"

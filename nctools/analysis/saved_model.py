@@ -345,7 +345,7 @@ def ood_data(name: str, data_cfg, seed: int, data, transform=None, flag: str = "
         if transform is None:  # the in-distribution pixels: size, channels, mean/std
             transform = (zoo.imagenet_eval_transform() if data.channel_mean is None
                          else model_inputs.standardised_like(data))
-        ood = model_inputs.image_folder(name[len(FOLDER_PREFIX):], transform, flag=flag)
+        ood = model_inputs.image_folder(name[len(FOLDER_PREFIX):], transform, flag, labels=False)
     else:
         cfg = replace(data_cfg, dataset=name, samples_per_class=None,
                       test_samples_per_class=None)
@@ -419,7 +419,7 @@ def measure_network(
             raise ConfigError("--num-classes: needed with --dataset folder:PATH")
         model = zoo.build_from_spec(spec, num_classes, model_inputs.MODEL_CHANNELS)
         transform = zoo.eval_transform(model, spec)
-        data = model_inputs.image_folder(dataset[len(FOLDER_PREFIX):], transform)
+        data = model_inputs.image_folder(dataset[len(FOLDER_PREFIX):], transform, split=split)
     else:
         if overrides:
             data_cfg, _, seed = _override(data_cfg, ModelConfig(), seed, overrides)

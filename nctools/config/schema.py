@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,9 @@ class DataConfig:
     test_samples_per_class: int | None = None  # balanced test subset; None keeps all
     augment: bool = False  # random crop + flip on the training split (the paper uses none)
     pad_to: int | None = None  # zero-pad images to this many px square (the paper: MNIST to 32)
+    # standardisation of in-memory sets: train (the training split's per-channel mean and
+    # std) | mnist (the fixed MNIST constants of the authors' notebook, 1-channel sets)
+    normalize: str = "train"
     # synthetic only: Gaussian class clusters shaped like images
     num_classes: int = 10
     train_per_class: int = 64
@@ -70,8 +74,9 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5.0e-4
     schedule: str = "multistep"  # multistep (/10 at 1/3 and 2/3 of epochs) | cosine | constant
-    # multistep: fractions of epochs in (0, 1), rounded; or whole epochs >= 1 ([116, 233])
-    milestones: list[float] = field(default_factory=lambda: [1 / 3, 2 / 3])
+    # multistep: fractions of the run ([1/3, 2/3] or 0.5), at floor(fraction * epochs); or
+    # whole epochs >= 1 ([116, 233]); see milestone_epochs and docs/config-notes.md
+    milestones: list[float | str] = field(default_factory=lambda: [1 / 3, 2 / 3])
     gamma: float = 0.1  # multistep: factor at each milestone
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     bf16: bool = False  # CUDA only: bf16 autocast
@@ -81,6 +86,7 @@ class TrainConfig:
     # this (Papyan et al. 2020: 99.9%, 99.6% on ImageNet)
     tpt_accuracy: float = 0.999
     loggers: list[str] = field(default_factory=list)  # any of tensorboard, mlflow, wandb
+    drop_last: bool = False  # skip each epoch's last, incomplete batch (the authors' notebook)
 
 
 @dataclass
@@ -116,6 +122,7 @@ LOSSES = ("ce", "mse")
 SCHEDULES = ("multistep", "cosine", "constant")
 SNAPSHOT_DTYPES = ("float32", "float16")
 STEMS = ("auto", "imagenet", "small")  # model.stem
+NORMALIZE = ("train", "mnist")  # data.normalize (nctools.data.sets.normalization)
 SPLITS = ("train", "test")
 MAX_SEED = 2**32 - 1
 MAX_EPOCHS = 1_000_000  # the schedule, history and manifest hold one entry per epoch
@@ -245,6 +252,47 @@ def snapshot_epochs(spec: str | list[int], epochs: int) -> list[int]:
     return sorted(chosen)
 
 
+MILESTONE_DENOMINATOR = 10**6  # a decimal milestone is read to this precision (1/3 as a float)
+_FRACTION = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
+
+
+def milestone_value(item: float | str) -> Fraction | None:
+    """One ``train.milestones`` item as an exact number, or None when it is not one.
+
+    ``"p/q"`` (YAML reads ``1/3`` as text) is the fraction p/q exactly; a decimal below 1 is
+    the nearest fraction with a denominator of at most :data:`MILESTONE_DENOMINATOR` (so
+    Python's ``1 / 3`` is a third, ``0.333333`` is 333333/10^6); a number >= 1 is itself.
+    """
+    if isinstance(item, str):
+        match = _FRACTION.fullmatch(item)
+        if match is None or int(match.group(2)) == 0:
+            return None
+        return Fraction(int(match.group(1)), int(match.group(2)))
+    if isinstance(item, bool) or not isinstance(item, (int, float)) or not math.isfinite(item):
+        return None
+    value = Fraction(item)
+    return value.limit_denominator(MILESTONE_DENOMINATOR) if value < 1 else value
+
+
+def milestone_epochs(milestones: Sequence[float | str], epochs: int) -> list[int]:
+    """The epochs after which ``multistep`` multiplies the learning rate by ``gamma``.
+
+    A fraction f in (0, 1) of the run (``"1/3"`` or a decimal, :func:`milestone_value`) is
+    epoch ``floor(f * epochs)``, at least 1 (a drop before the first epoch would start the
+    run at ``lr * gamma``); a whole number >= 1 is that epoch. The paper's rule, "divided by
+    10 at 1/3 and 2/3 of training" (Papyan, Han & Donoho 2020; the authors' notebook:
+    ``[epochs // 3, epochs * 2 // 3]``), is ``[1/3, 2/3]``: [116, 233] of 350 epochs,
+    [100, 200] of 300, [10, 20] of 30. Items are checked by :func:`validate`.
+    """
+    resolved = []
+    for item in milestones:
+        value = milestone_value(item)
+        if value is None:
+            raise ConfigError(f"train.milestones: {_show(item)} is not a fraction or an epoch")
+        resolved.append(int(value) if value >= 1 else max(1, math.floor(value * epochs)))
+    return resolved
+
+
 PAPYAN_EVERY = 10  # papyan: every epoch up to this one, then
 PAPYAN_LOG = 40  # this many epochs spaced evenly in log(epoch), from PAPYAN_EVERY + 1 to the last
 
@@ -255,7 +303,9 @@ def papyan_epochs(epochs: int) -> list[int]:
     Every epoch 1-10, then 40 epochs spaced evenly in log(epoch) from 11 to ``epochs``,
     rounded to the nearest integer (duplicates merged). For 350 epochs this is the authors'
     list of 50 epochs (1-14, 16, 17, 19, ..., 293, 320, 350); for shorter runs the same
-    construction gives fewer, for runs of at most 11 epochs every epoch.
+    construction gives fewer, for runs of at most 11 epochs every epoch. Any other length
+    (ImageNet's 300 epochs) is an extrapolation of the notebook's 350-epoch list: no list
+    was published for it.
     """
     if epochs <= PAPYAN_EVERY + 1:
         return list(range(1, epochs + 1))
@@ -304,6 +354,8 @@ def validate(cfg: Config) -> None:
     tspc = data.test_samples_per_class
     _check(tspc is None or tspc >= 1, "data.test_samples_per_class", ">= 1 or null", tspc)
     _check(data.pad_to is None or data.pad_to >= 1, "data.pad_to", ">= 1 or null", data.pad_to)
+    _check(data.normalize in NORMALIZE, "data.normalize", f"one of {', '.join(NORMALIZE)}",
+           data.normalize)
     # NC metrics compare class means against a simplex of C >= 2 vertices
     _check(data.num_classes >= 2, "data.num_classes", ">= 2", data.num_classes)
     for name in ("train_per_class", "test_per_class", "channels", "image_size"):
@@ -327,11 +379,17 @@ def validate(cfg: Config) -> None:
     schedule = train.schedule
     _check(schedule in SCHEDULES, "train.schedule", f"one of {', '.join(SCHEDULES)}", schedule)
     ms = train.milestones
-    fractions = all(0 < m < 1 for m in ms)
-    epochs = all(m >= 1 and float(m).is_integer() and m < train.epochs for m in ms)
+    values = [milestone_value(m) for m in ms]
+    fractions = all(v is not None and 0 < v < 1 for v in values)
+    # "p/q" is a fraction of the run: "3/3" is not an epoch
+    epochs = all(v is not None and not isinstance(m, str) and v >= 1 and v.denominator == 1
+                 and v < train.epochs for m, v in zip(ms, values, strict=True))
     _check(fractions or epochs, "train.milestones",
-           "fractions in (0, 1), or whole epochs in [1, train.epochs)", ms)
-    _check(all(a < b for a, b in itertools.pairwise(ms)), "train.milestones", "increasing", ms)
+           "fractions of the run in (0, 1) (1/3 or 0.5), or whole epochs in "
+           "[1, train.epochs)", ms)
+    known = [v for v in values if v is not None]  # all of them, checked above
+    _check(all(a < b for a, b in itertools.pairwise(known)), "train.milestones", "increasing",
+           ms)
     _check(math.isfinite(train.gamma) and train.gamma > 0, "train.gamma", "> 0", train.gamma)
     _check(0 < train.tpt_accuracy <= 1, "train.tpt_accuracy", "in (0, 1]", train.tpt_accuracy)
     _check(train.eval_every >= 0, "train.eval_every", ">= 0", train.eval_every)

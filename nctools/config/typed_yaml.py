@@ -29,8 +29,33 @@ from nctools.errors import ConfigError
 _SCI_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
+MAX_ALIASES = 100  # a config needs few; nested aliases ("billion laughs") grow exponentially
+
+
+class AliasBudgetError(yaml.YAMLError):
+    """More than :data:`MAX_ALIASES` aliases in one YAML document."""
+
+    def __init__(self, mark: yaml.Mark) -> None:
+        super().__init__(f"more than {MAX_ALIASES} YAML aliases (*name)")
+        self.problem_mark = mark
+
+
 class StrictLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice (PyYAML silently keeps the last)."""
+    """yaml.SafeLoader that refuses a key given twice (PyYAML silently keeps the last) and
+    more than :data:`MAX_ALIASES` aliases: aliases of aliases expand exponentially in
+    everything that walks the values (type checks, error messages), hundreds of MB for a
+    file of a few lines."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self.aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                raise AliasBudgetError(self.peek_event().start_mark)
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
@@ -193,7 +218,10 @@ def apply_override(root: type, data: dict, item: str) -> str:
     if not sep or not key:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
     try:
-        value = yaml.safe_load(raw)
+        value = yaml.load(raw, Loader=StrictLoader)  # safe: a SafeLoader subclass
+    except AliasBudgetError as exc:
+        raise ConfigError(f"{source}: {key}: {exc}; refused (nested aliases can take "
+                          "gigabytes of memory)") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: {key}: cannot parse value {raw!r} ({exc})") from None
     # `--set name=2024` or `--set train.device=cuda:` mean text, whatever YAML makes of them
@@ -257,6 +285,9 @@ def read_mapping(path: Path, root: type) -> dict:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror or exc})") from None
     try:
         data = yaml.load(text, Loader=StrictLoader)  # safe: a SafeLoader subclass
+    except AliasBudgetError as exc:
+        raise ConfigError(f"{path}: line {exc.problem_mark.line + 1}: {exc}; refused "
+                          "(nested aliases can take gigabytes of memory)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}:" if mark is not None else ""

@@ -81,30 +81,103 @@ def through_transform(data: Dataset, transform: Callable, flag: str = "--dataset
                    in_channels=int(first.shape[0]), image_size=int(first.shape[-1]))
 
 
-def image_folder(path: str, transform: Callable, flag: str = "--dataset") -> Dataset:
+def folder_layout(path: str, flag: str = "--dataset") -> tuple[Path, Path | None]:
+    """``folder:PATH``'s training and test folders: PATH/train and PATH/val (or PATH/test);
+    the test folder is None where there is none: PATH/train alone, or a flat PATH of class
+    folders (its images are one split, the training one).
+
+    Raises ConfigError naming ``flag`` for an empty PATH (it would read the current folder).
+    """
+    if not path.strip():
+        raise ConfigError(f"{flag} folder:{path}: empty path; give folder:PATH, a folder of "
+                          "class folders (or of train/ and val/)")
+    root = Path(path).expanduser()
+    if not (root / "train").is_dir():
+        return root, None
+    return root / "train", next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
+
+
+def folder_classes(path: str, flag: str = "--dataset") -> list[str]:
+    """The class names of ``folder:PATH`` (its training folder's class folders, sorted as
+    torchvision's ImageFolder indexes them): ``len`` of it is the number of classes, known
+    before any network is built. Raises DataError naming ``flag`` when there are none."""
+    from torchvision.datasets.folder import find_classes
+
+    train_dir, _ = folder_layout(path, flag)
+    try:
+        return find_classes(str(train_dir))[0]
+    except (FileNotFoundError, OSError) as exc:
+        raise DataError(f"{flag} folder:{path}: no class folders of images ({exc})") from None
+
+
+def image_folder(path: str, transform: Callable, flag: str = "--dataset",
+                 split: str | None = None, labels: bool = True) -> Dataset:
     """``folder:PATH`` as a Dataset: PATH/train and PATH/val (or test), else PATH for both.
 
-    Images go through ``transform`` (the network's own evaluation transform), read lazily.
+    Images go through ``transform`` (the network's own evaluation transform), read lazily;
+    a file that is no image is a DataError naming it
+    (:func:`~nctools.data.torchvision_sets.read_image`). The test folder's classes are
+    matched to the training folder's by name (train's sorted list is the index): a class
+    unknown to train is a DataError naming it and the folder; a training class absent from
+    the test folder leaves that class without test samples. ``split``: the split the
+    caller will measure, if any: ``"test"`` is refused for a flat folder (its only images
+    are the training ones) and for a test folder lacking a class (naming the class and the
+    folder). ``labels=False``: the test images' labels go unused (an out-of-distribution
+    set): its classes need not be the training folder's and keep their own indices.
     ``flag`` names the option in errors.
     """
     from torchvision import datasets
 
-    root = Path(path).expanduser()
-    train_dir = root / "train"
-    test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), train_dir)
-    if not train_dir.is_dir():
-        train_dir = test_dir = root
-    splits = []
-    for folder in (train_dir, test_dir):
+    from nctools.data.torchvision_sets import read_image
+
+    train_dir, test_dir = folder_layout(path, flag)
+    if test_dir is None and split == "test":
+        lacks = ("train/ and val/ folders" if train_dir == Path(path).expanduser()
+                 else "val/ (or test/) folder beside its train/")
+        raise ConfigError(f"--split test: folder:{path} has no {lacks}, so no test "
+                          "images (its images are the training split); measure --split "
+                          "train, or give it train/ and val/ class folders")
+    folders = []
+    for folder in (train_dir, test_dir or train_dir):
         try:
-            data = datasets.ImageFolder(str(folder), transform=transform)
+            folders.append(datasets.ImageFolder(str(folder), transform=transform,
+                                                loader=read_image))
         except (FileNotFoundError, OSError, RuntimeError) as exc:
             raise DataError(f"{flag} folder:{path}: no class folders of images ({exc})") from None
-        splits.append(Split(data, torch.as_tensor(data.targets, dtype=torch.long)))
-    first: Any = splits[0].images  # an ImageFolder
-    image = first[0][0]
-    return Dataset(f"folder:{path}", splits[0], splits[1], num_classes=len(first.classes),
-                   in_channels=int(image.shape[0]), image_size=int(image.shape[-1]))
+    train, test = folders
+    if test_dir is not None and labels:
+        _index_like(test, train, f"{flag} folder:{path}", test_dir, train_dir,
+                    must_hold_all=split == "test")
+    first: Any = train[0][0]
+    return Dataset(f"folder:{path}", Split(train, _targets(train)), Split(test, _targets(test)),
+                   num_classes=len(train.classes), in_channels=int(first.shape[0]),
+                   image_size=int(first.shape[-1]), class_names=list(train.classes))
+
+
+def _targets(folder: Any) -> Tensor:
+    return torch.as_tensor(folder.targets, dtype=torch.long)
+
+
+def _index_like(test: Any, train: Any, where: str, test_dir: Path, train_dir: Path,
+                must_hold_all: bool) -> None:
+    """Relabel ImageFolder ``test`` in place with ``train``'s class indices, by class name
+    (each folder alone indexes its own sorted names: {a, c, d} would read c as b)."""
+    index = train.class_to_idx
+    unknown = [name for name in test.classes if name not in index]
+    if unknown:
+        raise DataError(f"{where}: class {unknown[0]!r} of {test_dir} is not a class of "
+                        f"{train_dir} ({', '.join(train.classes)})")
+    missing = [name for name in train.classes if name not in test.class_to_idx]
+    if missing and must_hold_all:
+        raise DataError(f"{where}: class {missing[0]!r} (class {index[missing[0]]}) has no "
+                        f"samples in {test_dir} ({len(missing)} of {len(train.classes)} "
+                        f"classes missing there: {', '.join(missing)})")
+    if missing:
+        log.info("%s: %s has no images of class(es) %s", where, test_dir, ", ".join(missing))
+    test.samples = [(file, index[test.classes[label]]) for file, label in test.samples]
+    test.imgs = test.samples
+    test.targets = [label for _, label in test.samples]
+    test.classes, test.class_to_idx = list(train.classes), dict(index)
 
 
 def standardised_like(data: Dataset) -> Callable:

@@ -19,7 +19,8 @@ Data sets (``data.dataset``):
 
 ``data.pad_to`` zero-pads the images to a square size first (:func:`pad_dataset`).
 Every in-memory split is standardised with the per-channel mean and std of the training
-split (after ``data.samples_per_class`` subsetting), applied to both splits.
+split (after ``data.samples_per_class`` subsetting), applied to both splits; with
+``data.normalize: mnist`` with the fixed MNIST constants instead (:func:`normalization`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ from nctools.limits import check_fits
 MNIST5K_SPLIT_SEED = 0  # fixed, independent of the run seed: one split for every run
 MNIST5K_TRAIN_PER_CLASS = 400  # of the 500 digits per class; the other 100 are the test split
 MNIST5K_CACHE = "mnist5k.npz"
+# data.normalize: mnist: the mean and std of MNIST's 60,000 training digits, the constants
+# of the authors' notebook (transforms.Normalize((0.1307,), (0.3081,)), after Pad(2))
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
 def load_dataset(
@@ -53,10 +57,11 @@ def load_dataset(
     ``seed`` drives the ``samples_per_class`` and ``test_samples_per_class`` subsets and
     the ``synthetic`` data; the
     ``mnist5k`` split uses :data:`MNIST5K_SPLIT_SEED` whatever the run seed.
-    ``standardise``: True: with the training split's per-channel mean and std; False: the
-    raw pixels (in [0, 1] for image sets), for a network's own evaluation transform or
-    another set's statistics (:func:`standardise_splits`). Lazy image-folder sets are
-    never standardised here (their transform normalises).
+    ``standardise``: True: with the mean and std ``data.normalize`` names
+    (:func:`normalization`); False: the raw pixels (in [0, 1] for image sets), for a
+    network's own evaluation transform or another set's statistics
+    (:func:`standardise_splits`). Lazy image-folder sets are never standardised here
+    (their transform normalises).
     """
     name = cfg.dataset.lower()
     if name not in DATASETS:
@@ -80,8 +85,27 @@ def load_dataset(
     if cfg.pad_to is not None:
         data = pad_dataset(data, cfg.pad_to)
     if isinstance(data.train.images, Tensor) and standardise:  # in memory
-        standardise_splits(data, *channel_stats(data.train.images))
+        standardise_splits(data, *normalization(data, cfg.normalize))
     return data
+
+
+def normalization(data: Dataset, normalize: str) -> tuple[Tensor, Tensor]:
+    """The per-channel mean and std (C_in,) that ``data.normalize`` standardises with.
+
+    ``train``: the training split's own (:func:`channel_stats`, after subsetting and
+    padding). ``mnist``: :data:`MNIST_MEAN` and :data:`MNIST_STD`, fixed, as the authors'
+    notebook of Papyan, Han & Donoho (PNAS 2020) normalises MNIST; 1-channel sets only
+    (ConfigError naming ``data.normalize`` otherwise).
+    """
+    if normalize == "train":
+        assert isinstance(data.train.images, Tensor)  # in memory
+        return channel_stats(data.train.images)
+    if normalize == "mnist":
+        if data.in_channels != 1:
+            raise ConfigError(f"data.normalize: mnist is the 1-channel MNIST mean and std, but "
+                              f"{data.name!r} has {data.in_channels} channels")
+        return torch.tensor([MNIST_MEAN]), torch.tensor([MNIST_STD])
+    raise ConfigError(f"data.normalize: {normalize!r} is not train or mnist")
 
 
 def standardise_splits(data: Dataset, mean: Tensor, std: Tensor) -> Dataset:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from nctools.errors import DataError
+
 DIGIT_SETS = ("mnist5k", "mnist", "kmnist", "svhn")  # a mirrored digit is another symbol
 # where torchvision reads each set from under data.root (SVHN reads root itself)
 TORCHVISION_DIRS = {
@@ -61,6 +63,7 @@ class Dataset:
 
     channel_mean, channel_std: (C_in,) the standardisation applied to in-memory splits
     (:func:`nctools.data.sets.load_dataset`), None when the pixels are not standardised.
+    class_names: the name of each label where the data has them (image folders), else None.
     """
 
     name: str
@@ -71,6 +74,7 @@ class Dataset:
     image_size: int
     channel_mean: Tensor | None = None
     channel_std: Tensor | None = None
+    class_names: list[str] | None = None  # label c is class_names[c] (image folders)
 
 
 def iterate_batches(
@@ -143,7 +147,23 @@ def _iterate_lazy(
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
     )
-    for images, labels in loader:
-        if augment:
-            images = augment_batch(images, generator, hflip=split.hflip)
-        yield images, labels.long()
+    try:
+        for images, labels in loader:
+            if augment:
+                images = augment_batch(images, generator, hflip=split.hflip)
+            yield images, labels.long()
+    except DataError as exc:  # e.g. an unreadable image, named by the data set's loader
+        raise DataError(worker_message(exc)) from None
+
+
+def worker_message(exc: Exception) -> str:
+    """The message of an error raised in a DataLoader worker, without the worker's traceback.
+
+    A worker's exception comes back as the same type built from "Caught X in DataLoader
+    worker process N. Original Traceback ...", its own message on the last line.
+    """
+    text = str(exc).strip()
+    if "Original Traceback" not in text:
+        return text
+    last = text.splitlines()[-1]
+    return last.partition(f"{type(exc).__name__}: ")[2] or last

@@ -82,6 +82,21 @@ def _to_tensors(ds: Any) -> tuple[Tensor, Tensor]:
     return data.contiguous().float().div_(255), labels
 
 
+def read_image(path: str) -> Any:
+    """The image file ``path`` as an RGB PIL image (torchvision's ImageFolder loader);
+    a file PIL cannot read is a DataError naming it, one line even from a loader worker."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: cannot read image (not an image format PIL knows)") from None
+    except Exception as exc:  # truncated or corrupt data: PIL's decoders raise many types
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: cannot read image ({reason})") from None
+
+
 def imagenet(cfg: DataConfig) -> Dataset:
     """``root/imagenet/{train,val}/CLASS/*.JPEG``, read through a DataLoader when iterated.
 
@@ -103,7 +118,7 @@ def imagenet(cfg: DataConfig) -> Dataset:
     splits = []
     for sub in ("train", "val"):
         try:
-            folder = datasets.ImageFolder(str(root / sub), transform=tf)
+            folder = datasets.ImageFolder(str(root / sub), transform=tf, loader=read_image)
         except (FileNotFoundError, OSError, RuntimeError) as e:
             raise DataError(
                 f"data set 'imagenet' not found: expected class folders under {root / sub} "

@@ -90,6 +90,7 @@ from nctools.training.steps import (
     rank_batches,
     resolve_device,
     train_step,
+    trained_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -257,7 +258,8 @@ def _run_epoch(run: Run, epoch: int, stop: StopOnSignal, loggers: Loggers | None
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     run.net.train()
-    batches = rank_batches(split, order, tc.batch_size, config.data.augment, gen, dist)
+    batches = rank_batches(split, order, tc.batch_size, config.data.augment, gen, dist,
+                           tc.drop_last)
     for x, y, rows in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if tc.channels_last:
@@ -303,7 +305,8 @@ def _run_epoch(run: Run, epoch: int, stop: StopOnSignal, loggers: Loggers | None
     train_loss, train_hits, test_loss, test_hits, eval_hits, stops = \
         sum_over_ranks(totals).tolist()
     stop.agreed = stops > 0  # every rank stops after this epoch if one was asked to
-    n, n_test = len(split), len(run.dataset.test) if evaluate else math.nan
+    n = trained_rows(len(split), tc.batch_size, tc.drop_last)  # the rows trained on
+    n_test = len(run.dataset.test) if evaluate else math.nan
     row = {"epoch": epoch, "lr": lr, "train_loss": train_loss / n,
            "train_acc_running": train_hits / n,
            "train_acc": eval_hits / n if measure_train else None,
@@ -348,7 +351,8 @@ def _running_reaches(run: Run, correct: Tensor, threshold: float) -> bool:
     """Whether the epoch's running (train-mode) accuracy, over all ranks, reaches
     ``threshold``: the epochs worth an eval-mode pass over the training split."""
     hits = sum_over_ranks(correct.double().reshape(1)).item()
-    return hits / len(run.dataset.train) >= threshold
+    tc = run.config.train
+    return hits / trained_rows(len(run.dataset.train), tc.batch_size, tc.drop_last) >= threshold
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nctools.config.schema import TrainConfig
+from nctools.config.schema import TrainConfig, milestone_epochs
 from nctools.data.splits import Split, iterate_batches
 from nctools.errors import ConfigError
 from nctools.training.distributed import DistInfo
@@ -46,14 +46,13 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, tc: TrainConfig
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-epoch schedule: ``multistep`` multiplies by ``gamma`` after each milestone: an
-    epoch ``m >= 1``, or ``round(m * epochs)`` for a fraction ``m`` in (0, 1) (the paper: /10
-    after epochs 350 // 3 = 116 and 2 * 350 // 3 = 233), ``cosine`` anneals to 0 over all
-    epochs, ``constant`` keeps ``lr``."""
+    epoch ``m >= 1``, or ``floor(m * epochs)`` for a fraction ``m`` of the run
+    (:func:`~nctools.config.schema.milestone_epochs`; the paper's ``[1/3, 2/3]``: /10 after
+    epochs 116 and 233 of 350), ``cosine`` anneals to 0 over all epochs, ``constant`` keeps
+    ``lr``."""
     sched = torch.optim.lr_scheduler
     if tc.schedule == "multistep":
-        # >= 1: a milestone at 0 would decay the lr before the first epoch
-        milestones = [int(m) if m >= 1 else max(1, round(m * tc.epochs))
-                      for m in tc.milestones]
+        milestones = milestone_epochs(tc.milestones, tc.epochs)
         return sched.MultiStepLR(optimizer, milestones=milestones, gamma=tc.gamma)
     if tc.schedule == "cosine":
         return sched.CosineAnnealingLR(optimizer, T_max=tc.epochs)
@@ -111,9 +110,20 @@ def train_step(
     return total, (logits.detach().argmax(dim=1) == y).sum()
 
 
+def trained_rows(rows: int, batch_size: int, drop_last: bool) -> int:
+    """How many of an epoch's ``rows`` training rows are trained on: all, or with
+    ``train.drop_last`` the whole batches only (ConfigError if that leaves none)."""
+    if not drop_last:
+        return rows
+    if rows < batch_size:
+        raise ConfigError(f"train.drop_last: the {rows} training samples make no whole batch "
+                          f"of train.batch_size={batch_size}")
+    return rows - rows % batch_size
+
+
 def rank_batches(
     split: Split, order: Tensor, batch_size: int, augment: bool,
-    generator: torch.Generator, dist: DistInfo,
+    generator: torch.Generator, dist: DistInfo, drop_last: bool = False,
 ) -> Iterator[tuple[Tensor, Tensor, int]]:
     """This rank's rows of each global batch of ``order``: (images, labels, global rows).
 
@@ -123,8 +133,11 @@ def rank_batches(
     yields as many batches as there are global ones, so the collectives stay in step.
     An in-memory split with augmentation is augmented a global batch at a time, so the
     random crops and flips are those of one process; a lazy (image-folder) split loads
-    only this rank's rows and draws its own augmentation.
+    only this rank's rows and draws its own augmentation. ``drop_last``: the last,
+    incomplete global batch is skipped, as the authors' notebook's DataLoader
+    (``drop_last=True``) does; :func:`trained_rows` rows are trained.
     """
+    order = order[: trained_rows(len(order), batch_size, drop_last)]
     if not dist.distributed:
         for x, y in iterate_batches(split, order, batch_size, augment, generator):
             yield x, y, len(y)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,9 +148,10 @@ def test_unknown_key_without_close_match_lists_valid_keys(tmp_path):
         ("train: {lr: fast}", "train.lr: expected float, got str 'fast'"),
         ("train: {lr: true}", "train.lr: expected float, got bool True"),
         ("train: {bf16: 1}", "train.bf16: expected bool, got int 1"),
-        ("train: {milestones: 0.5}", "train.milestones: expected list of float, got float 0.5"),
-        ("train: {milestones: [0.5, x]}",
-         "train.milestones: expected list of float, got list [0.5, 'x']"),
+        ("train: {milestones: 0.5}",
+         "train.milestones: expected list of float or str, got float 0.5"),
+        ("train: {milestones: [0.5, true]}",
+         "train.milestones: expected list of float or str, got list [0.5, True]"),
         ("data: {samples_per_class: 1.5}",
          "data.samples_per_class: expected int or list of int or null, got float 1.5"),
         ("name: null", "name: expected str, got null None"),
@@ -368,3 +370,90 @@ def test_saved_yaml_is_plain(tmp_path):
     data = yaml.safe_load((tmp_path / "c.yaml").read_text())
     assert list(data) == ["name", "seed", "data", "model", "train", "snapshot"]
     assert math.isclose(data["train"]["milestones"][0], 1 / 3, rel_tol=0, abs_tol=0)
+
+
+# ---------------------------------------------------------------------------------------
+# Learning-rate milestones: fractions of the run, or whole epochs
+
+
+def test_paper_configs_shortened_keep_the_schedule_shape():
+    """The example of `nctools train --help`: 30 epochs drop at 10 and 20 (floor(30/3),
+    floor(60/3)); the full 350 give the notebook's 350 // 3 = 116 and 700 // 3 = 233."""
+    from nctools.config.schema import milestone_epochs
+
+    grid = Path(__file__).resolve().parents[2] / "configs" / "papyan2020"
+    short = load_config(grid / "mnist-resnet18.yaml", ["train.epochs=30"])
+    assert short.train.milestones == ["1/3", "2/3"]
+    assert milestone_epochs(short.train.milestones, 30) == [10, 20]
+    full = load_config(grid / "mnist-resnet18.yaml")
+    assert milestone_epochs(full.train.milestones, full.train.epochs) == [116, 233]
+    imagenet = load_config(grid / "imagenet-resnet50.yaml")
+    assert milestone_epochs(imagenet.train.milestones, imagenet.train.epochs) == [100, 200]
+    assert milestone_epochs(imagenet.train.milestones, 31) == [10, 20]
+
+
+@pytest.mark.parametrize(("milestones", "epochs", "expected"), [
+    (["1/3", "2/3"], 350, [116, 233]),  # floor, not round (117)
+    (["1/3", "2/3"], 300, [100, 200]),
+    ([1 / 3, 2 / 3], 300, [100, 200]),  # the default's floats are thirds exactly
+    ([1 / 3, 2 / 3], 10, [3, 6]),
+    ([0.333333, 0.666667], 350, [116, 233]),
+    ([0.333333, 0.666667], 300, [99, 200]),  # six decimals are not a third
+    ([0.5], 400, [200]), ([0.75], 100, [75]),  # configs/demo.yaml, minority-collapse.yaml
+    (["1/3"], 2, [1]),  # never before the first epoch
+    ([116, 233], 350, [116, 233]), ([116, 233], 1000, [116, 233]),  # whole epochs stay
+    ([" 1 / 4 ", "3/4"], 8, [2, 6]),
+])
+def test_milestone_epochs(milestones, epochs, expected):
+    from nctools.config.schema import milestone_epochs
+
+    assert milestone_epochs(milestones, epochs) == expected
+    cfg = Config()
+    cfg.train.epochs, cfg.train.milestones = epochs, milestones
+    validate(cfg)
+
+
+FRACTIONS_OR_EPOCHS = ("fractions of the run in (0, 1) (1/3 or 0.5), or whole epochs in "
+                      "[1, train.epochs)")
+
+
+@pytest.mark.parametrize(("milestones", "shown"), [
+    ("['1/3', x]", "['1/3', 'x']"), ("[1/0]", "['1/0']"), ("[3/3]", "['3/3']"),
+    ("[1/3, 200]", "['1/3', 200.0]"), ("[0/3]", "['0/3']"), ("[-1/3]", "['-1/3']"),
+    ("[.inf]", "[inf]"),
+])
+def test_bad_milestones_name_the_key(tmp_path, milestones, shown):
+    message = error_of(tmp_path, "train: {epochs: 300}\n", [f"train.milestones={milestones}"])
+    assert message.endswith(f"train.milestones: must be {FRACTIONS_OR_EPOCHS}, got {shown}")
+
+
+def test_decreasing_milestones_are_refused(tmp_path):
+    message = error_of(tmp_path, "train: {milestones: [2/3, 0.5]}\n")
+    assert message.endswith("train.milestones: must be increasing, got ['2/3', 0.5]")
+
+
+def _alias_bomb(levels: int, width: int) -> str:
+    """``train.milestones``: a list whose every level repeats the previous one ``width``
+    times by alias (``width ** levels`` leaves from (levels - 1) * width aliases)."""
+    rows = [f"    - &l0 [{', '.join(['lol'] * width)}]"]
+    for level in range(1, levels):
+        rows.append(f"    - &l{level} [{', '.join([f'*l{level - 1}'] * width)}]")
+    return "train:\n  milestones:\n" + "\n".join(rows) + "\n"
+
+
+def test_yaml_alias_bomb_is_refused_naming_the_file(tmp_path):
+    """A "billion laughs" config: 5 levels of 30 aliases (24 million leaves) is refused at
+    its 101st alias, on line 7, before anything walks the values."""
+    path = write(tmp_path, _alias_bomb(levels=5, width=30))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (f"{path}: line 7: more than 100 YAML aliases (*name); refused "
+                               "(nested aliases can take gigabytes of memory)")
+    # 100 aliases are within the budget: the file reaches the type check
+    message = error_of(tmp_path, _alias_bomb(levels=2, width=100))
+    assert message.startswith(f"{tmp_path / 'cfg.yaml'}: train.milestones: expected list of")
+    item = "train.milestones=[&a [1], " + ", ".join(["*a"] * 101) + "]"
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "name: x\n"), [item])
+    assert str(info.value) == (f"--set {item}: train.milestones: more than 100 YAML aliases "
+                               "(*name); refused (nested aliases can take gigabytes of memory)")

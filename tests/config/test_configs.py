@@ -171,3 +171,21 @@ def test_demo_config_is_mnist5k_convnet_and_one_file():
     assert load_config("demo") == cfg == load_config("demo.yaml")
     assert (cfg.data.dataset, cfg.model.arch) == ("mnist5k", "convnet")
     assert cfg.snapshot.epochs.startswith("log:")
+
+
+def test_readme_and_imagenet_configs_state_imagenet_schedule_as_configured():
+    """The README's ImageNet sentence names the drops the configs make (100 and 200 of 300),
+    and each ImageNet config says its snapshot list extrapolates the notebook's."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    sentence = readme[readme.index("ImageNet trains"):].split(";")[0]
+    cfg = load_config(ROOT / "configs" / "papyan2020" / "imagenet-resnet50.yaml")
+    from nctools.config.schema import milestone_epochs
+
+    drops = milestone_epochs(cfg.train.milestones, cfg.train.epochs)
+    assert drops == [100, 200]
+    assert sentence.endswith(f"after epochs {drops[0]} and {drops[1]}"), sentence
+    for path in GRID:
+        if path.stem.startswith("imagenet-"):
+            text = path.read_text()
+            comment = text[: text.index("epochs: papyan")].rsplit("snapshot:", 1)[1]
+            assert "an extrapolation" in comment and "350-epoch run" in comment, path

@@ -331,3 +331,42 @@ def test_pad_to_pads_black_borders_before_standardising(mnist5k, mnist_root):
     slope, intercept = np.polyfit(plain, inner, 1)
     assert np.allclose(inner, slope * plain + intercept, atol=1e-4)
     assert border[0] == pytest.approx(plain.min() * slope + intercept, abs=1e-4)
+
+
+def test_normalize_mnist_uses_the_notebooks_constants(mnist_root):
+    """data.normalize: mnist standardises with (0.1307, 0.3081) after padding, as the
+    authors' notebook (Pad(2), ToTensor, Normalize): the standardised data's mean and std
+    follow from the raw pixels' by the same affine map, not 0 and 1."""
+    root, X, y = mnist_root
+    cfg = DataConfig(dataset="mnist5k", root=str(root), pad_to=32, normalize="mnist")
+    data = load_dataset(cfg, seed=0)
+    train_idx, test_idx = mnist5k_split_indices(y)
+    for images, idx in ((data.train.images, train_idx), (data.test.images, test_idx)):
+        raw = np.zeros((len(idx), 32, 32))
+        raw[:, 2:30, 2:30] = X[idx.numpy()].reshape(-1, 28, 28) / 255.0  # Pad(2), ToTensor
+        mean, std = raw.mean(), raw.std()
+        got = images.double()
+        assert got.mean().item() == pytest.approx((mean - 0.1307) / 0.3081, abs=1e-6)
+        assert got.std(correction=0).item() == pytest.approx(std / 0.3081, rel=1e-6)
+        assert got[0, 0, 0, 0].item() == pytest.approx(-0.1307 / 0.3081, abs=1e-7)  # border
+    assert torch.equal(data.channel_mean, torch.tensor([0.1307]))  # float32, as recorded
+    assert torch.equal(data.channel_std, torch.tensor([0.3081]))
+    # the default standardises with the training split's own statistics: mean 0, std 1
+    own = load_dataset(DataConfig(dataset="mnist5k", root=str(root), pad_to=32), seed=0)
+    assert abs(own.train.images.mean().item()) < 1e-5
+    assert own.train.images.std(correction=0).item() == pytest.approx(1, abs=1e-4)
+
+
+def test_normalize_mnist_refuses_colour_images_and_unknown_names():
+    cfg = DataConfig(dataset="synthetic", channels=3, normalize="mnist")
+    with pytest.raises(ConfigError) as info:
+        load_dataset(cfg, seed=0)
+    assert str(info.value) == ("data.normalize: mnist is the 1-channel MNIST mean and std, but "
+                               "'synthetic' has 3 channels")
+    from nctools.config.schema import Config, validate
+
+    bad = Config()
+    bad.data.normalize = "imagenet"
+    with pytest.raises(ConfigError) as info:
+        validate(bad)
+    assert str(info.value) == "data.normalize: must be one of train, mnist, got 'imagenet'"
