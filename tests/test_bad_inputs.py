@@ -638,7 +638,7 @@ def test_a_closed_pipe_ends_quietly(scratch, capsys, monkeypatch):
 
 def test_measure_json_writes_null_for_nan(capsys, monkeypatch):
     values = {"accuracy": 0.75, "nc1": float("nan"), "self_duality": float("inf")}
-    monkeypatch.setattr("nctools.analysis.saved_model.measure_checkpoint", lambda **_: values)
+    monkeypatch.setattr("nctools.cli.measure_arch.measure", lambda args: values)
     assert main([*MEASURE, "model.pt", "--json"]) == 0
 
     def refuse(constant: str) -> None:

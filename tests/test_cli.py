@@ -16,6 +16,7 @@ import torchvision
 from torch import nn
 
 import nctools.analysis.tables
+import nctools.cli.analyze
 import nctools.data.sets
 from nctools import cli
 from nctools.cli import main
@@ -235,7 +236,7 @@ def test_ctrl_c_exits_130(capsys, monkeypatch):
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "cmd_analyze", interrupted)
+    monkeypatch.setattr(cli.analyze, "run", interrupted)
     assert main(["analyze", "anywhere"]) == 130
     assert capsys.readouterr().err == "nctools: interrupted\n"
 
