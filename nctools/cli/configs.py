@@ -14,15 +14,15 @@ from nctools.errors import ConfigError
 def add_parser(sub) -> None:
     p = add_command(sub, "configs", "list the configs shipped with nctools, or show one",
                     "nctools configs", "nctools configs show papyan2020/cifar10-resnet18")
-    p.add_argument("action", nargs="?", choices=("show",), help="show: print the config NAME")
+    p.add_argument("action", nargs="?", metavar="show", help="print the config NAME")
     p.add_argument("name", nargs="?", metavar="NAME", help="a config of the list, e.g. demo")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.action not in (None, "show"):
+        raise ConfigError(f"configs {args.action}: did you mean `nctools configs show "
+                          f"{args.action}`?")
     if args.action is None:
-        if args.name is not None:
-            raise ConfigError(f"configs {args.name}: did you mean `nctools configs show "
-                              f"{args.name}`?")
         names = packaged_configs()
         width = max(len(name) for name in names)
         for name in names:
