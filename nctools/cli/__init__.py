@@ -10,9 +10,10 @@ Usage::
 
 Each command module has ``add_parser(sub)`` (its arguments and help example) and
 ``run(args) -> int``. Every user error (an :class:`~nctools.errors.NctoolsError`) ends the
-command with one line ``nctools: error: MESSAGE`` on stderr and exit status 2; Ctrl-C
-exits with 130. Heavy imports (torch, pandas, matplotlib) happen inside ``run`` so that
-``--help`` answers at once.
+command with one line ``nctools: error: MESSAGE`` on stderr and exit status 2, and a missing
+optional library with one line naming the extra that installs it; Ctrl-C exits with 130.
+Heavy imports (torch, pandas, matplotlib) happen inside ``run`` so that ``--help`` answers
+at once.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import warnings
 from collections.abc import Sequence
 
 from nctools.cli.common import FORMATTER, Parser, epilog
-from nctools.errors import NctoolsError
+from nctools.errors import NctoolsError, missing_extra
 
 # The subcommands in the order of `nctools --help`, each the module nctools.cli.<name>.
 COMMANDS = ("train", "analyze", "plot", "sweep", "collect", "demo", "measure", "configs")
@@ -80,6 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("nctools: interrupted", file=sys.stderr)
             return 130
+        except ImportError as exc:  # an optional library: one line naming its extra
+            extra = missing_extra(exc)
+            if extra is None:
+                raise
+            print(f"nctools: {extra}", file=sys.stderr)
+            return 2
 
 
 def error_line(exc: Exception) -> str:

@@ -105,3 +105,41 @@ def test_errors_are_one_line_exit_2(error_runs, case):
     assert "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(f"nctools: error: {expected}")
+
+
+# ----------------------------------------------------------------------- optional libraries
+
+TINY = ["--set", "data.dataset=synthetic", "--set", "data.num_classes=4",
+        "--set", "data.train_per_class=16", "--set", "data.test_per_class=8",
+        "--set", "data.samples_per_class=null", "--set", "data.test_samples_per_class=null",
+        "--set", "data.image_size=8", "--set", "model.width=8", "--set", "train.epochs=1",
+        "--set", "snapshot.epochs=all", "--set", "train.device=cpu", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("extras") / "run"
+    assert main(["train", "demo", "--out", str(run), *TINY]) == 0
+    return run
+
+
+@pytest.mark.parametrize("module, extra, argv", [
+    ("timm", "timm", ["measure", "--model", "timm:resnet18", "--dataset", "synthetic"]),
+    ("transformers", "hf", ["measure", "--model", "hf:.", "--dataset", "synthetic"]),
+    ("submitit", "slurm", ["sweep", "demo", "--grid", "train.lr=0.1", "--out", "{tmp}/sweep",
+                           "--executor", "slurm"]),
+    ("tensorboard", "tensorboard", ["analyze", "{run}", "--export", "tensorboard", "--quiet"]),
+    ("mlflow", "mlflow", ["train", "demo", "--out", "{tmp}/run", *TINY,
+                          "--set", "train.loggers=[mlflow]"]),
+    ("wandb", "wandb", ["train", "demo", "--out", "{tmp}/run", *TINY,
+                        "--set", "train.loggers=[wandb]"]),
+    ("pyarrow", "parquet", ["collect", "{run}", "--out", "{tmp}/table.parquet"]),
+])  # fmt: skip
+def test_a_missing_optional_library_is_one_line_naming_its_extra(
+        capsys, monkeypatch, tmp_path, tiny_run, module, extra, argv):
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` fails as if absent
+    argv = [a.format(tmp=tmp_path, run=tiny_run) for a in argv]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.splitlines()[-1:] == [
+        f'nctools: {module} is not installed: pip install "neural-collapse[{extra}]"']
+
