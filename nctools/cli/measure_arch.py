@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from nctools.cli import measure_data
 from nctools.config.schema import DataConfig, ModelConfig, load_config
 from nctools.errors import CheckpointError, ConfigError, NctoolsError
 from nctools.models import networks, registry, weights
+from nctools.models.features import last_linear
 from nctools.runs import store
 from nctools.runs.layout import CONFIG_FILE
 
@@ -41,8 +43,9 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     if args.ood_dataset is not None:
         ood = measure_data.ood_data(args.ood_dataset, data_cfg, seed, data)
     try:
+        # progress on a terminal only, unless --quiet
         result = measure_data.measure_split(model, data, args, [name], name, ood,
-                                            progress=not args.quiet)
+                                            progress=not args.quiet and sys.stderr.isatty())
     except ValueError as exc:  # e.g. labels beyond --num-classes
         raise NctoolsError(f"measure --checkpoint {args.checkpoint}: {exc}") from None
     return result[name]
@@ -83,8 +86,6 @@ def _load(model: nn.Module, state, args: argparse.Namespace, classes: int,
 
 def classifier_name(model: nn.Module, name: str | None) -> str:
     """The nn.Linear whose input are the features: ``--layer``, else the last one."""
-    from nctools.models.features import last_linear
-
     modules = dict(model.named_modules())
     if name is None:
         try:

@@ -14,12 +14,14 @@ from dataclasses import asdict, replace
 
 import torch
 
+from nctools.analysis.model_measure import measure_model
 from nctools.config import typed_yaml
 from nctools.config.schema import DEVICE_PATTERN, Config, config_from_dict, validate
 from nctools.data import model_inputs, sets
 from nctools.data.splits import iterate_batches
 from nctools.errors import ConfigError
 from nctools.models.transforms import imagenet_eval_transform
+from nctools.training import distributed
 from nctools.training.steps import resolve_device
 
 FOLDER_PREFIX = "folder:"
@@ -164,9 +166,6 @@ def measure_split(model, data, args, layers, classifier: str | None = None, ood=
     rank passes its contiguous rows (:func:`~nctools.training.distributed.shard_rows`) and
     every rank gets the metrics of the whole split. ValueError and RuntimeError pass through.
     """
-    from nctools.analysis.model_measure import measure_model
-    from nctools.training import distributed
-
     info = distributed.dist_from_env()
     dev = distributed.rank_device(device(args.device), info, key="--device")
     model.to(dev)

@@ -181,3 +181,18 @@ def test_measure_set_gives_a_plain_checkpoint_the_run_settings(capsys, tmp_path)
         err = capsys.readouterr().err
         assert err.startswith("nctools: error: ") and message in err, err
         assert err.count("\n") == 1
+
+
+def test_arch_and_model_name_the_same_network_alike(capsys, tmp_path):
+    """--arch convnet --checkpoint and --model convnet --weights: one registry, one
+    measure_model, the same numbers (the --model row of the classifier's input)."""
+    from nctools.models.registry import create_model
+
+    torch.manual_seed(0)
+    path = tmp_path / "convnet.pt"
+    torch.save(create_model("convnet", 3, 1, 8).state_dict(), path)
+    data = ["--dataset", "synthetic", "--set", "data.image_size=8", "--set", "data.num_classes=3",
+            "--set", "data.train_per_class=6", "--split", "test"]
+    by_arch = run_json(capsys, "--arch", "convnet", "--checkpoint", str(path), *data)
+    by_model = run_json(capsys, "--model", "convnet", "--weights", str(path), *data)
+    assert by_model == {"classifier": by_arch} and len(by_arch) == 23
