@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from nctools.cli import main
-from nctools.config.schema import load_config, packaged_configs
+from nctools.config.schema import packaged_configs
 
 
 def shipped(name: str) -> Path:
@@ -34,7 +34,6 @@ def test_show_prints_the_file_that_load_config_reads(capsys, name):
     assert main(["configs", "show", name]) == 0
     text = capsys.readouterr().out
     assert text == shipped(name.removesuffix(".yaml")).read_text()
-    assert load_config(name).name == load_config(shipped(name.removesuffix(".yaml"))).name
 
 
 @pytest.mark.parametrize("argv, message", [
