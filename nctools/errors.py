@@ -27,3 +27,32 @@ class CheckpointError(NctoolsError):
 
 class RunError(NctoolsError):
     """A run directory is missing, holds another config, or cannot be written."""
+
+
+# The optional libraries nctools reaches for, each with the extra of the `neural-collapse`
+# distribution that installs it (pyproject.toml's [project.optional-dependencies]).
+EXTRAS = {
+    "timm": "timm",
+    "transformers": "hf",
+    "accelerate": "hf",
+    "lightning": "lightning",
+    "tensorboard": "tensorboard",
+    "mlflow": "mlflow",
+    "wandb": "wandb",
+    "submitit": "slurm",
+    "pyarrow": "parquet",
+}
+
+
+def missing_extra(exc: BaseException) -> str | None:
+    """``NAME is not installed: pip install "neural-collapse[EXTRA]"`` when ``exc``, or an
+    exception it was raised from, is the failed import of an optional library; else None."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        name = (getattr(cause, "name", None) or "").partition(".")[0]
+        if isinstance(cause, ImportError) and name in EXTRAS:
+            return f'{name} is not installed: pip install "neural-collapse[{EXTRAS[name]}]"'
+        cause = cause.__cause__ or cause.__context__
+    return None

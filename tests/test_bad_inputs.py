@@ -638,7 +638,7 @@ def test_a_closed_pipe_ends_quietly(scratch, capsys, monkeypatch):
 
 def test_measure_json_writes_null_for_nan(capsys, monkeypatch):
     values = {"accuracy": 0.75, "nc1": float("nan"), "self_duality": float("inf")}
-    monkeypatch.setattr("nctools.analysis.saved_model.measure_checkpoint", lambda **_: values)
+    monkeypatch.setattr("nctools.cli.measure_arch.measure", lambda args: values)
     assert main([*MEASURE, "model.pt", "--json"]) == 0
 
     def refuse(constant: str) -> None:
@@ -915,3 +915,18 @@ def test_measure_folder_errors_are_one_line_naming_the_culprit(tmp_path, capsys)
     for argv, message in cases:
         assert main([*FOLDER_MEASURE, *argv]) == 2, argv
         assert capsys.readouterr().err == f"nctools: error: {message}\n"
+
+
+def test_measure_a_folder_counts_its_classes(tmp_path, capsys):
+    """--num-classes is the number of class folders unless given; a different one is refused."""
+    _image_classes(tmp_path / "imgs", "abc")
+    base = ("measure", "--model", "tests.helpers:make_net", "--dataset",
+            f"folder:{tmp_path / 'imgs'}", "--json")
+    assert main(list(base)) == 0
+    inferred = json.loads(capsys.readouterr().out)
+    assert main([*base, "--num-classes", "3"]) == 0
+    assert json.loads(capsys.readouterr().out) == inferred
+    assert main([*base, "--num-classes", "4"]) == 2
+    assert capsys.readouterr().err == (
+        f"nctools: error: --num-classes 4: --dataset folder:{tmp_path / 'imgs'} has 3 class "
+        "folders\n")

@@ -1,2 +1,2 @@
 """From runs to answers: run -> tidy metrics table (`tables`), tables -> figures (`plots`),
-and the metrics of one saved network (`saved_model`)."""
+the metrics of any network at any layer (`model_measure`), sweeps as one table (`sweep`)."""

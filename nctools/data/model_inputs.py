@@ -2,7 +2,7 @@
 
 Usage::
 
-    transform = zoo.eval_transform(model, "timm:resnet18")      # image -> (3, H, W)
+    transform = transforms.eval_transform(model, "timm:resnet18")  # image -> (3, H, W)
     data = image_folder("~/imgs", transform)                      # folder:PATH
     data = through_transform(load_dataset(cfg, seed, standardise=False), transform)
 

@@ -1,13 +1,10 @@
-"""The nctools command: measure against a hand-made reference, the run workflow, errors."""
+"""`nctools measure --arch A --checkpoint FILE`: against a hand-made reference, a run's
+checkpoint and its settings, one-line errors."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
-from importlib.resources import files
 from pathlib import Path
 
 import pytest
@@ -15,25 +12,11 @@ import torch
 import torchvision
 from torch import nn
 
-import nctools.analysis.tables
 import nctools.data.sets
-from nctools import cli
 from nctools.cli import main
 from nctools.config.schema import load_config
 from nctools.metrics.measure import METRIC_KEYS, class_means, measure
 from nctools.runs import snapshots
-
-TINY_YAML = """\
-name: tiny
-data: {dataset: synthetic, num_classes: 4, train_per_class: 16, test_per_class: 8,
-       image_size: 8}
-model: {arch: convnet, width: 8}
-train: {epochs: 3, batch_size: 32, device: cpu}
-snapshot: {epochs: all}
-"""
-
-
-# ----------------------------------------------------------------------------- measure
 
 
 @pytest.fixture
@@ -146,157 +129,6 @@ def test_measure_refuses_code_in_checkpoint(capsys, small_synthetic, tmp_path):
 # ----------------------------------------------------------------------------- workflow
 
 
-def test_train_analyze_plot_workflow(capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "tiny.yaml").write_text(TINY_YAML)
-    assert main(["train", "tiny.yaml"]) == 0  # default --out: runs/<config name>
-    run = Path("runs/tiny")
-    out = capsys.readouterr().out.splitlines()  # not a terminal: a line per epoch
-    assert out[-1] == f"run saved in {run}" and [line.split()[1] for line in out[:-1]] == [
-        "1/3", "2/3", "3/3"]
-    assert sorted(p.name for p in (run / "snapshots").iterdir()) == [
-        "epoch-0001", "epoch-0002", "epoch-0003"]
-
-    history = (run / "history.csv").read_text()
-    assert main(["train", "--resume", "--out", str(run)]) == 0  # complete: nothing to redo
-    assert (run / "history.csv").read_text() == history
-    capsys.readouterr()
-
-    # plot without a table analyses first, then draws to RUN/figures/collapse.png
-    assert main(["plot", str(run)]) == 0
-    assert capsys.readouterr().out == f"wrote {run / 'figures' / 'collapse.png'}\n"
-    assert (run / "figures" / "collapse.png").read_bytes().startswith(b"\x89PNG")
-    table = nctools.analysis.tables.read_table(run / "metrics.csv")
-    assert sorted(table["epoch"].unique()) == [1, 2, 3]
-
-    assert main(["analyze", str(run)]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert out[0] == f"wrote {run / 'metrics.csv'} ({len(table)} rows)"  # 3 epochs x 2 x keys
-    assert len(table) == 3 * 2 * table["metric"].nunique()
-    assert out[1] == "epoch 3:"
-    assert out[2].split() == ["train", "test"]
-    last = table[(table["epoch"] == 3) & (table["metric"] == "nc1")].set_index("split")
-    nc1_row = next(line.split() for line in out if line.startswith("nc1 "))
-    assert float(nc1_row[1]) == pytest.approx(last.loc["train", "value"], rel=1e-3)
-    assert float(nc1_row[2]) == pytest.approx(last.loc["test", "value"], rel=1e-3)
-
-    # A snapshot failing its checksum: skipped with a one-line warning, or an error (--strict).
-    clf = run / "snapshots" / "epoch-0002" / "classifier.safetensors"
-    clf.write_bytes(clf.read_bytes()[:-4] + b"\0\0\0\0")
-    (run / "metrics.csv").unlink()
-    assert main(["analyze", str(run)]) == 0
-    err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1
-    assert err[0].startswith(f"nctools: warning: skipping the snapshot of epoch 2: {clf}")
-    (run / "metrics.csv").unlink()
-    assert main(["analyze", "--strict", str(run)]) == 2
-    assert capsys.readouterr().err.startswith(f"nctools: error: {clf}")
-    assert not (run / "metrics.csv").exists()
-
-
-def test_demo_config_is_packaged_and_valid():
-    with files("nctools.configs").joinpath("demo.yaml").open() as f:
-        assert "mnist5k" in f.read()
-    cfg = load_config("demo")
-    assert (cfg.name, cfg.data.dataset, cfg.model.arch) == ("demo", "mnist5k", "convnet")
-
-
-def test_demo_runs_end_to_end(capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # from any folder: the config comes from the package
-    overrides = ["data.dataset=synthetic", "data.num_classes=4", "data.train_per_class=16",
-                 "data.samples_per_class=null", "data.test_samples_per_class=null",
-                 "data.test_per_class=8", "data.image_size=8",
-                 "model.width=8",
-                 "train.epochs=2", "snapshot.epochs=all", "train.device=cpu"]
-    argv = ["demo", "--out", "d"] + [a for o in overrides for a in ("--set", o)]
-    assert main(argv) == 0
-    out = capsys.readouterr().out
-    assert f"metrics table: {Path('d') / 'metrics.csv'}" in out
-    assert f"figure:        {Path('d') / 'figures' / 'collapse.png'}" in out
-    assert (tmp_path / "d" / "figures" / "collapse.png").stat().st_size > 0
-
-
-@pytest.mark.slow
-def test_demo_packaged_config_one_epoch(capsys, tmp_path):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--set", "train.epochs=1",
-                 "--set", "snapshot.epochs=all"]) == 0
-    assert "mnist5k" in (tmp_path / "demo" / "metrics.csv").read_text()
-
-
-def test_help_has_examples(capsys):
-    for command in ("train", "analyze", "plot", "demo", "measure"):
-        with pytest.raises(SystemExit) as exit_info:
-            main([command, "--help"])
-        assert exit_info.value.code == 0
-        assert f"example:\n  nctools {command}" in capsys.readouterr().out
-
-
-def test_ctrl_c_exits_130(capsys, monkeypatch):
-    def interrupted(args):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(cli, "cmd_analyze", interrupted)
-    assert main(["analyze", "anywhere"]) == 130
-    assert capsys.readouterr().err == "nctools: interrupted\n"
-
-
-# ----------------------------------------------------------------------------- errors
-
-
-def _error_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
-    (tmp / "empty_run").mkdir()
-    state = {"model": nn.Linear(3, 2).state_dict()}
-    torch.save(state, tmp / "linear.pt")
-    return {
-        "missing run": (["analyze", str(tmp / "nowhere")],
-                        f"no run directory at {tmp / 'nowhere'}"),
-        "no snapshots": (["analyze", str(tmp / "empty_run")],
-                         f"{tmp / 'empty_run'} has no snapshots to analyze; make some with "
-                         f"`nctools train CONFIG --out {tmp / 'empty_run'} "
-                         "--set snapshot.epochs=all`"),
-        "unknown arch": (["measure", "--arch", "alexnet", "--checkpoint", "x.pt",
-                          "--dataset", "synthetic"],
-                         "--arch 'alexnet': unknown architecture; valid names: convnet, "),
-        "checkpoint misfit": (["measure", "--arch", "convnet", "--checkpoint",
-                               str(tmp / "linear.pt"), "--dataset", "synthetic"],
-                              f"{tmp / 'linear.pt'} does not fit convnet with 10 classes and 1 "
-                              "input channels: "),
-        "missing config": (["train", str(tmp / "nope.yaml")],
-                           f"{tmp / 'nope.yaml'}: config file not found"),
-        "bad figure format": (["plot", str(tmp / "empty_run"), "--out", "f.gif"],
-                              "cannot save a figure as f.gif: unknown extension '.gif'"),
-    }
-
-
-@pytest.fixture(scope="module")
-def error_runs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, str]]:
-    """Each error case run as `python -m nctools ...`, all started at once (imports are slow)."""
-    tmp = tmp_path_factory.mktemp("errors")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    procs = {
-        name: (subprocess.Popen([sys.executable, "-m", "nctools", *argv], cwd=tmp, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-               expected)
-        for name, (argv, expected) in _error_cases(tmp).items()
-    }
-    results = {}
-    for name, (proc, expected) in procs.items():
-        out, err = proc.communicate(timeout=300)
-        results[name] = (subprocess.CompletedProcess(proc.args, proc.returncode, out, err),
-                         expected)
-    return results
-
-
-@pytest.mark.parametrize("case", ["missing run", "no snapshots", "unknown arch",
-                                  "checkpoint misfit", "missing config", "bad figure format"])
-def test_errors_are_one_line_exit_2(error_runs, case):
-    result, expected = error_runs[case]
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    assert result.stderr.count("\n") == 1, result.stderr
-    assert result.stderr.startswith(f"nctools: error: {expected}")
-
-
 def test_measure_a_run_checkpoint_uses_the_run_model_settings(capsys, tmp_path):
     """A run's checkpoint.pt (a convnet of non-default width) is rebuilt from its config.yaml,
     and its data set with the run's subsets, seed and standardisation: the metrics equal
@@ -349,3 +181,18 @@ def test_measure_set_gives_a_plain_checkpoint_the_run_settings(capsys, tmp_path)
         err = capsys.readouterr().err
         assert err.startswith("nctools: error: ") and message in err, err
         assert err.count("\n") == 1
+
+
+def test_arch_and_model_name_the_same_network_alike(capsys, tmp_path):
+    """--arch convnet --checkpoint and --model convnet --weights: one registry, one
+    measure_model, the same numbers (the --model row of the classifier's input)."""
+    from nctools.models.registry import create_model
+
+    torch.manual_seed(0)
+    path = tmp_path / "convnet.pt"
+    torch.save(create_model("convnet", 3, 1, 8).state_dict(), path)
+    data = ["--dataset", "synthetic", "--set", "data.image_size=8", "--set", "data.num_classes=3",
+            "--set", "data.train_per_class=6", "--split", "test"]
+    by_arch = run_json(capsys, "--arch", "convnet", "--checkpoint", str(path), *data)
+    by_model = run_json(capsys, "--model", "convnet", "--weights", str(path), *data)
+    assert by_model == {"classifier": by_arch} and len(by_arch) == 23

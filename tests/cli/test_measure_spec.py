@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 
 import pytest
 import torch
@@ -114,3 +115,15 @@ def test_test_split_uses_training_means(capsys):
     nearest = torch.cdist(test_h, means).argmin(1)
     assert expected["ncc_accuracy"] == pytest.approx(
         float((nearest == data.test.labels).double().mean()), abs=1e-15)
+
+
+def test_a_factory_in_the_current_folder_needs_no_pythonpath(capsys, tmp_path, monkeypatch):
+    """`nctools measure --model nets:make` from the folder of nets.py, as the console script
+    runs it (the current folder not on sys.path): the network of tests.helpers, the same
+    numbers as naming it there."""
+    (tmp_path / "nets_here.py").write_text("from tests.helpers import make_net as make\n")
+    expected = measure_json(capsys, "--model", "tests.helpers:make_net", *DATA)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    got = measure_json(capsys, "--model", "nets_here:make", *DATA)
+    assert got == expected and list(got) == ["head"]

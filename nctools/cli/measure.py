@@ -1,0 +1,139 @@
+"""``nctools measure``: the NC metrics of a saved network on a split of a data set.
+
+Two ways to name the network, one measurement: both end in
+:func:`nctools.analysis.model_measure.measure_model`.
+
+- ``--arch A --checkpoint FILE``: an nctools network (built through
+  :mod:`nctools.models.registry`) and an nctools ``checkpoint.pt`` or a plain state_dict
+  (torchvision ResNet names included), read with ``torch.load(weights_only=True)``. A run's
+  checkpoint is rebuilt with its run's ``config.yaml`` (and its data settings when the data
+  set is the run's). Prints the metrics of the input of the last ``nn.Linear`` (or
+  ``--layer``): a text table or ``--json``.
+- ``--model SPEC [--weights FILE]``: any network of the registry (``timm:``,
+  ``torchvision:``, ``hf:``, ``package.module:factory``), at ``--layers``: one row per layer.
+
+On the test split the nearest-class-centre rule uses the training class means
+(``reference=``); ``--ood-dataset`` adds nc5 (``ood=``); under torchrun every rank measures
+its contiguous rows and the statistics are summed (``group=``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from nctools.cli.common import add_command, add_overrides
+from nctools.errors import NctoolsError
+
+
+def add_parser(sub) -> None:
+    p = add_command(
+        sub, "measure", "NC metrics of a saved classifier on a data set split",
+        "nctools measure --arch resnet18 --checkpoint runs/c10/checkpoint.pt "
+        "--dataset cifar10 --split test --json",
+        "nctools measure --arch convnet --checkpoint model.pt --dataset mnist5k "
+        "--set model.width=16 --set data.samples_per_class=50",
+        "nctools measure --model timm:resnet18 --weights ft.safetensors "
+        "--dataset folder:~/imgs --layers blocks --csv",
+        "nctools measure --model timm:resnet18 --weights ft.safetensors --dataset cifar10 "
+        "--split test --ood-dataset svhn",
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--arch", help="an nctools network architecture, e.g. resnet18")
+    which.add_argument("--model", metavar="SPEC",
+                       help="timm:NAME, torchvision:NAME, hf:PATH or package.module:factory")
+    p.add_argument("--checkpoint", metavar="FILE",
+                   help="with --arch: nctools checkpoint.pt or a plain state_dict")
+    p.add_argument("--weights", metavar="FILE",
+                   help="with --model: state_dict .pt, .safetensors or Lightning checkpoint")
+    p.add_argument("--layers", metavar="A,B,C",
+                   help="with --model: module names, or 'blocks' (every top-level block); "
+                        "default: the input of the last nn.Linear")  # fmt: skip
+    p.add_argument("--csv", action="store_true", help="with --model: print one CSV row per layer")
+    p.add_argument("--dataset", required=True,
+                   help="data set name, e.g. cifar10, or folder:PATH (an ImageFolder)")
+    p.add_argument("--split", choices=("train", "test"), default="train")
+    p.add_argument("--ood-dataset", metavar="NAME",
+                   help="adds nc5: the test split of this data set (a name or folder:PATH), "
+                        "prepared as --dataset is, as out-of-distribution data")  # fmt: skip
+    p.add_argument("--layer", metavar="NAME",
+                   help="the nn.Linear whose input are the features (default: the last one)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--num-classes", type=int, metavar="C",
+                   help="classes of the network (default: the data set's)")
+    p.add_argument("--data-root", metavar="DIR", help="where torchvision data sets live")
+    p.add_argument("--batch-size", type=int, default=256, metavar="B")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_overrides(p, "a data.*, model.* or seed setting (repeatable), e.g. "
+                     "data.samples_per_class=50 or model.width=16; with --model, "
+                     "data.preprocess=model|nctools: the network's own evaluation "
+                     "transform (default for timm/torchvision/hf) or nctools' "
+                     "standardisation")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress bar over the batches")
+
+
+def run(args: argparse.Namespace) -> int:
+    from nctools.cli import measure_arch, measure_spec
+    from nctools.training.distributed import dist_from_env
+
+    _check_flags(args)
+    if args.model is not None:
+        layers = measure_spec.measure(args)
+        if dist_from_env().is_main:  # every rank holds the result; rank 0 prints it
+            print(format_layers(layers, "json" if args.json else "csv" if args.csv else "table"))
+        return 0
+    result = measure_arch.measure(args)
+    if dist_from_env().is_main:
+        print(format_metrics(result, as_json=args.json))
+    return 0
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """The flags of the other way of naming a network, and values argparse lets through."""
+    if args.batch_size < 1:
+        raise NctoolsError(f"--batch-size: must be an int >= 1, got {args.batch_size!r}")
+    if args.num_classes is not None and args.num_classes < 2:
+        raise NctoolsError(f"--num-classes: must be an int >= 2, got {args.num_classes!r}")
+    if args.model is not None:
+        if args.checkpoint is not None:
+            raise NctoolsError("--checkpoint goes with --arch; give --model's weights as "
+                               "--weights")
+        if args.json and args.csv:
+            raise NctoolsError("--json and --csv: choose one")
+        return
+    for flag in ("weights", "layers", "csv"):
+        if getattr(args, flag):
+            raise NctoolsError(f"--{flag} goes with --model, not --arch")
+    if args.checkpoint is None:
+        raise NctoolsError("--arch needs --checkpoint FILE")
+
+
+def format_metrics(result: dict[str, float], as_json: bool) -> str:
+    """One network's metrics: ``key  value`` lines, or JSON (strict: NaN is null)."""
+    if as_json:
+        plain = {k: (v if math.isfinite(v) else None) for k, v in result.items()}
+        return json.dumps(plain, indent=2, allow_nan=False)
+    width = max(len(k) for k in result)
+    return "\n".join(f"{k:<{width}}  {v:.6g}" for k, v in result.items())
+
+
+def format_layers(result: dict[str, dict[str, float]], style: str) -> str:
+    """One row per layer: ``json``, ``csv`` (exact values) or an aligned ``table``."""
+    if style == "json":
+        return json.dumps(result, indent=2)
+    rows = sorted(result.values(), key=len, reverse=True)  # the full suite's order first
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    if style == "csv":
+        lines = [",".join(["layer", *columns])]
+        lines += [",".join([layer, *(repr(row[k]) if k in row else "" for k in columns)])
+                  for layer, row in result.items()]
+        return "\n".join(lines)
+    width = max(len("layer"), *(len(layer) for layer in result))
+    cells = [[f"{row[k]:.4g}" if k in row else "-" for k in columns] for row in result.values()]
+    sizes = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(columns)]
+    lines = []
+    for name, line in [("layer", columns), *zip(result, cells, strict=True)]:
+        padded = (f"{c:>{n}}" for c, n in zip(line, sizes, strict=True))
+        lines.append("  ".join([f"{name:<{width}}", *padded]))
+    return "\n".join(lines)

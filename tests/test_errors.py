@@ -1,0 +1,43 @@
+"""`missing_extra`: which failed imports name an extra to install, through raise ... from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import tomllib
+
+from nctools.errors import EXTRAS, missing_extra
+
+
+def test_a_submodule_of_an_optional_library_names_its_extra():
+    exc = ModuleNotFoundError("No module named 'timm.data'", name="timm.data")
+    assert missing_extra(exc) == 'timm is not installed: pip install "neural-collapse[timm]"'
+
+
+def test_the_cause_of_a_library_s_own_import_error_is_followed():
+    # pandas raises its own ImportError from the failed `import pyarrow`
+    try:
+        try:
+            raise ModuleNotFoundError("import of pyarrow halted", name="pyarrow")
+        except ImportError as inner:
+            raise ImportError("pyarrow is required for parquet support") from inner
+    except ImportError as outer:
+        assert missing_extra(outer) == ('pyarrow is not installed: pip install '
+                                        '"neural-collapse[parquet]"')
+
+
+@pytest.mark.parametrize("exc", [ModuleNotFoundError("no yaml", name="yaml"),
+                                 ImportError("cannot import name 'x'"), ValueError("timm")])
+def test_anything_else_is_not_a_missing_extra(exc):
+    assert missing_extra(exc) is None
+
+
+def test_every_extra_named_is_one_of_the_distribution():
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    extras = pyproject["project"]["optional-dependencies"]
+    assert set(EXTRAS.values()) <= set(extras)
+    for module, extra in EXTRAS.items():  # the module is a requirement of its extra
+        # (accelerate comes with transformers[torch], the Trainer's requirement)
+        assert any(r.startswith(module) for r in extras[extra]) or \
+            (module, extra) == ("accelerate", "hf"), (module, extra)
