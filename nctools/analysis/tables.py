@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from nctools.config.schema import load_config
 from nctools.errors import RunError, SnapshotError
+from nctools.metrics.engine import CLASSIFIER_FREE_KEYS, Engine, Layer, ReferenceMeans
 from nctools.metrics.measure import (
     BEYOND_KEYS,
     CHUNK_ELEMENTS,
@@ -239,7 +240,7 @@ def measure_snapshot(
     weight, bias = snapshots.load_classifier(run_dir, epoch)
     num_classes, dim = weight.shape
     stream_rows = chunk_rows or max(1, CHUNK_ELEMENTS // dim)
-    train_means = None
+    train_means = ReferenceMeans(num_classes)
     rows = []
     for split in snapshot_splits(run_dir, epoch):
         names = meta["splits"][split]["files"]
@@ -250,19 +251,14 @@ def measure_snapshot(
         else:
             passes = iter([True, False])  # hash the files on the first pass only
             chunks = functools.partial(_streamed, run_dir, epoch, split, stream_rows, passes)
-        means: Tensor | None = train_means if split != "train" else None
         try:
             values, split_means = measure_chunks(
-                chunks, weight, bias, num_classes, class_means=means, global_mean=global_mean,
-                classes=classes, mse_weight_decay=mse_weight_decay)
+                chunks, weight, bias, num_classes, class_means=train_means.for_split(split),
+                global_mean=global_mean, classes=classes, mse_weight_decay=mse_weight_decay)
         except ValueError as exc:  # NaN features, labels out of range: this snapshot only
             raise SnapshotError(f"{snapshots.snapshot_dir(run_dir, epoch)}: the {split} split "
                                 f"cannot be measured ({exc})") from None
-        if split == "train":
-            train_means = split_means
-            if classes is not None:  # measure_chunks takes one row per class of C
-                train_means = weight.new_zeros(num_classes, dim, dtype=split_means.dtype)
-                train_means[classes] = split_means
+        train_means.keep(split, split_means, classes)
         rows += [{"split": split, "layer": PENULTIMATE, "metric": key, "value": value}
                  for key, value in values.items()]
     rows = _inner_layer_rows(run_dir, epoch, meta, stream_rows) + rows
@@ -277,24 +273,19 @@ def measure_snapshot(
 def _inner_layer_rows(run_dir: Path, epoch: int, meta: dict, chunk_rows: int) -> list[dict]:
     """Classifier-free metrics of each inner layer the snapshot holds (``snapshot.layers``),
     in depth order; on the test split NC4's centres are the train split's class means."""
-    from nctools.analysis.model_measure import LayerPasses
-    from nctools.metrics.measure import CLASSIFIER_FREE_KEYS
-
     num_classes = meta["num_classes"]
     rows = []
     for layer in snapshots.snapshot_layers(meta):
-        train_means = None
+        train_means = ReferenceMeans()
         for split in snapshot_splits(run_dir, epoch):
-            passes = LayerPasses(num_classes, None, None,
-                                 ncc_means=train_means if split != "train" else None)
+            engine = Engine(num_classes, {layer: Layer(class_means=train_means.for_split(split))})
             for verify in (True, False):  # hash the files on the first pass only
                 for feats, labels in snapshots.iter_split(run_dir, epoch, split, chunk_rows,
                                                           verify=verify, layer=layer):
-                    passes.update(feats, labels)
-                passes.end_pass()
-            values = passes.result()
-            if split == "train":
-                train_means = passes.class_means()
+                    engine.update(feats, labels)
+                engine.end_pass()
+            values = engine.result()
+            train_means.keep(split, engine.class_means())
             rows += [{"split": split, "layer": layer, "metric": key, "value": values[key]}
                      for key in CLASSIFIER_FREE_KEYS]
     return rows

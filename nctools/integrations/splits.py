@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from nctools.integrations.spill import spilled
+from nctools.metrics.engine import ReferenceMeans
 from nctools.metrics.measure import measure_chunks
 
 SplitChunks = Callable[[], Iterable[tuple[Tensor, Tensor]]]
@@ -42,7 +43,7 @@ def measure_splits(
     the split is measured); without, ``chunks[split]`` is called twice.
     """
     values: dict[str, float] = {}
-    train_means = None
+    train_means = ReferenceMeans()
     for split, source in chunks.items():
         passes: AbstractContextManager[SplitChunks] = (
             spilled(source, spill_dir) if reuse_features else nullcontext(source))
@@ -51,10 +52,9 @@ def measure_splits(
                 split_chunks,
                 layer.weight.detach(),
                 None if layer.bias is None else layer.bias.detach(),
-                class_means=None if split == "train" else train_means,
+                class_means=train_means.for_split(split),
                 device=device,
             )
-        if split == "train":
-            train_means = means
+        train_means.keep(split, means)
         values.update({f"nc/{split}/{k}": v for k, v in result.items()})
     return values

@@ -1,7 +1,7 @@
 """Neural-collapse metrics as pure functions of class statistics (no models, no data).
 
 Every function takes float64 tensors and returns a Python float; the definitions and
-key names are those of METRICS.md, after Papyan, Han & Donoho, "Prevalence of neural
+key names are those of docs/metrics.md, after Papyan, Han & Donoho, "Prevalence of neural
 collapse during the terminal phase of deep learning training", PNAS 2020 (figure
 numbers below refer to that paper).
 

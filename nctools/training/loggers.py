@@ -140,18 +140,18 @@ def snapshot_metrics(
             (every rank must call this: the statistics are summed across processes).
         weight: (C, D), bias: (C,) or None, the classifier.
     """
+    from nctools.metrics.engine import TRAIN_SPLIT, ReferenceMeans
     from nctools.metrics.measure import measure_chunks
 
     values: dict[str, float] = {}
-    train_means = None
-    for name in sorted(splits, key=lambda s: s != "train"):  # train first: its means
+    train_means = ReferenceMeans()
+    for name in sorted(splits, key=lambda s: s != TRAIN_SPLIT):  # train first: its means
         features, labels = splits[name]
         result, means = measure_chunks(
             functools.partial(list, [(features, labels)]), weight, bias,
-            class_means=None if name == "train" else train_means,
+            class_means=train_means.for_split(name),
         )
-        if name == "train":
-            train_means = means
+        train_means.keep(name, means)
         values.update({f"nc/{name}/{key}": value for key, value in result.items()})
     return values
 
