@@ -266,7 +266,8 @@ def _measure_shards(model, linear, data, split: str, batch_size: int, dev, info,
             means = stats.class_means()
         ood_features = None if ood is None else shard("test", ood)[0]
         result, _ = measure_chunks(lambda: [(features, labels)], weight, bias, num_classes,
-                                   class_means=means, device=dev, ood_features=ood_features)
+                                   class_means=means, device=dev, ood_features=ood_features,
+                                   group=torch.distributed.group.WORLD)
         return result
     except ValueError as exc:
         raise NctoolsError(f"measure --checkpoint {checkpoint}: {exc}") from None

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from nctools.integrations.spill import spilled
@@ -54,6 +55,7 @@ def measure_splits(
                 None if layer.bias is None else layer.bias.detach(),
                 class_means=train_means.for_split(split),
                 device=device,
+                group=dist.group.WORLD,  # None outside DDP: this process alone
             )
         train_means.keep(split, means)
         values.update({f"nc/{split}/{k}": v for k, v in result.items()})

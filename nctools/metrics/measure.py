@@ -10,7 +10,9 @@ These are the public entry points of the measurement engine
 (:class:`nctools.metrics.engine.Engine`, whose docstring tells how each metric is
 computed): they check their inputs once, here, and drive the engine's two passes over the
 features, whole (`measure`) or in chunks streamed from disk (`measure_chunks`), across
-processes when ``group`` is given (``torch.distributed.all_reduce``).
+processes only when a process group is given (``torch.distributed.all_reduce``): like
+torchmetrics' functional API, a call inside an initialised process group makes no
+collective call unless asked.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ def measure(
     drop_empty: bool = False,
     ood_features: Tensor | np.ndarray | None = None,
     mse_weight_decay: float | None = None,
+    process_group: dist.ProcessGroup | None = None,
 ) -> dict[str, float]:
     """Neural-collapse metrics (Papyan, Han & Donoho, PNAS 2020, and docs/metrics.md "Beyond
     the paper") of one set of features.
@@ -86,6 +89,10 @@ def measure(
         ood_features: (N', D) out-of-distribution features: adds ``nc5``.
         mse_weight_decay: lambda of the regularised MSE loss: adds ``mse_nc1``,
             ``mse_nc23``, ``mse_perp`` (see ``BEYOND_KEYS`` for lambda of a run).
+        process_group: under torch.distributed, the processes whose features (each its
+            own shard) are measured as one set, summed with ``all_reduce``; every one of
+            them must call. Default: this process's features alone, no communication
+            (``torch.distributed.group.WORLD`` asks for every process).
 
     Returns:
         dict of the defined ``METRIC_KEYS`` then ``BEYOND_KEYS`` (docs/metrics.md), as Python
@@ -128,7 +135,7 @@ def measure(
             )
         ood = setup.checked_ood(ood)
     result, _ = _measure(lambda: [(features, labels)], setup, drop_empty,
-                         None if ood is None else (lambda: [ood]), group=None)
+                         None if ood is None else (lambda: [ood]), process_group)
     return result
 
 
@@ -156,7 +163,9 @@ def measure_chunks(
         weight, bias, num_classes, class_means: as in :func:`measure` (``num_classes`` is
             required without a weight; ``class_means`` has one row per class of C).
         device: where the statistics live (default: the classifier's device).
-        group: the process group to reduce over when torch.distributed is initialised.
+        group: under torch.distributed, the process group whose shards are measured as
+            one set (every process of it must call); None (the default): this process's
+            chunks alone, no communication.
         global_mean, classes, drop_empty, mse_weight_decay: as in :func:`measure`.
         ood_features: (N', D) features, or a callable returning an iterable of (n', D)
             chunks of them (this process's shard); only their mean is used.
@@ -204,11 +213,12 @@ def _measure(
     chunks: Chunks, setup: _Setup, drop_empty: bool, ood: OodChunks | None,
     group: dist.ProcessGroup | None,
 ) -> tuple[dict[str, float], Tensor]:
-    """The engine's two passes over checked chunks, then the OOD features' mean."""
+    """The engine's two passes over checked chunks, then the OOD features' mean; summed
+    over the processes of ``group`` when one is given."""
     layer = Layer(setup.weight, setup.bias, setup.class_means, setup.mse, ood=ood is not None)
     engine = Engine(setup.measured, {"features": layer}, device=setup.device,
                     global_mean=setup.global_mean, drop_empty=drop_empty,
-                    class_ids=setup.subset, sync=True, group=group)
+                    class_ids=setup.subset, sync=group is not None, group=group)
     for _ in range(2):
         for feats, labs in chunks():
             engine.update(feats, labs)

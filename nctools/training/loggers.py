@@ -140,6 +140,8 @@ def snapshot_metrics(
             (every rank must call this: the statistics are summed across processes).
         weight: (C, D), bias: (C,) or None, the classifier.
     """
+    import torch.distributed as dist
+
     from nctools.metrics.engine import TRAIN_SPLIT, ReferenceMeans
     from nctools.metrics.measure import measure_chunks
 
@@ -150,6 +152,7 @@ def snapshot_metrics(
         result, means = measure_chunks(
             functools.partial(list, [(features, labels)]), weight, bias,
             class_means=train_means.for_split(name),
+            group=dist.group.WORLD,  # None outside torchrun: this process alone
         )
         train_means.keep(name, means)
         values.update({f"nc/{name}/{key}": value for key, value in result.items()})

@@ -136,7 +136,7 @@ def test_ood_mean_gives_nc5():
            for m in means - centre]
     assert engine.result()["nc5"] == pytest.approx(np.mean(cos), rel=1e-12)
     empty = _run(Engine(5, {"fc": Layer(w, b, ood=True)}, ood_source="ood"), h, y)
-    with pytest.raises(ValueError, match="^ood is empty$"):
+    with pytest.raises(ValueError, match=r"^ood is empty$"):
         empty.result()
 
 
@@ -146,7 +146,7 @@ def test_a_second_pass_with_other_rows_is_refused():
     engine.update(h, y)
     engine.end_pass()
     engine.update(h[:50], y[:50])
-    with pytest.raises(ValueError, match="^data yielded 200 rows on the first pass and 50 on"):
+    with pytest.raises(ValueError, match=r"^data yielded 200 rows on the first pass and 50 on"):
         engine.end_pass()
 
 
@@ -164,6 +164,6 @@ def test_nan_features_stop_the_first_pass():
     h[3, 2] = math.nan
     engine = Engine(5, {"fc": (w, b)})
     engine.update(h, y)
-    with pytest.raises(ValueError, match="^features contain NaN or Inf values$"):
+    with pytest.raises(ValueError, match=r"^features contain NaN or Inf values$"):
         engine.end_pass()
     assert engine_module.TRAIN_SPLIT == "train"
