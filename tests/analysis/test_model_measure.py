@@ -129,3 +129,25 @@ def test_peak_memory_does_not_grow_with_n():
     small, large = (float(v) for v in out.stdout.split())
     # holding the 40,000 flattened activations alone would add 78 MiB
     assert large - small < 16, (small, large)
+
+
+class Shrinking:
+    """A loader whose second pass yields only its first batch (a sampler that changed, a
+    stream that ran dry): the two passes would read different samples."""
+
+    def __init__(self, data):
+        self.data, self.passes = data, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.data if self.passes == 1 else self.data[:1])
+
+
+def test_a_loader_with_fewer_rows_on_its_second_pass_is_refused():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 4))
+    data = batches()
+    with pytest.raises(ValueError, match=r"^data yielded 24 rows on the first pass and 5 on "
+                                         r"the second: it must return the same rows"):
+        nctools.measure_model(net, Shrinking(data), layers=["0", "4"])
