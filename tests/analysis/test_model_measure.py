@@ -151,3 +151,19 @@ def test_a_loader_with_fewer_rows_on_its_second_pass_is_refused():
     with pytest.raises(ValueError, match=r"^data yielded 24 rows on the first pass and 5 on "
                                          r"the second: it must return the same rows"):
         nctools.measure_model(net, Shrinking(data), layers=["0", "4"])
+
+
+def test_a_float64_network_is_measured_in_its_own_precision():
+    """Features 1e6 from the origin with a within-class spread of 1e-3: float32 keeps
+    steps of 0.06 there, so a cast would leave no spread to measure."""
+    torch.manual_seed(1)
+    num_classes, dim = 3, 5
+    labels = torch.arange(num_classes).repeat(20)
+    centres = torch.randn(num_classes, dim, dtype=torch.float64)
+    inputs = 1e6 + centres[labels] + 1e-3 * torch.randn(60, dim, dtype=torch.float64)
+    net = nn.Sequential(nn.Identity(), nn.Linear(dim, num_classes)).double()
+    data = [(inputs[i : i + 16], labels[i : i + 16]) for i in range(0, 60, 16)]
+    got = nctools.measure_model(net, data, layers=["1"])["1"]
+    want = nctools.measure(inputs, labels, net[1].weight.detach(), net[1].bias.detach())
+    for key in ("nc1", "nc1_ratio", "cdnv", "etf_means", "accuracy", "ncc_accuracy"):
+        assert got[key] == pytest.approx(want[key], rel=1e-9), key
