@@ -40,7 +40,7 @@ from torchmetrics import Metric
 
 from nctools.metrics.decisions import DecisionTally
 from nctools.metrics.engine import BEYOND_KEYS, METRIC_KEYS, class_metrics, nc4_metrics
-from nctools.metrics.inputs import as_tensor, check_num_classes
+from nctools.metrics.inputs import as_tensor, check_num_classes, dtype_name
 from nctools.metrics.stats import BLOCK_ELEMENTS, ClassStats
 
 F64 = torch.float64
@@ -123,8 +123,9 @@ class NCMetric(Metric):
             if not bool(torch.isfinite(reference).all()):
                 raise ValueError("reference contains NaN or Inf values")
             shift = shift + reference
-        # not a state: fixed, identical on every process, moved with the module
-        self.register_buffer("shift", shift, persistent=False)
+        # fixed, identical on every process, moved with the module; saved in state_dict
+        # (the sums are about it) and checked on load and on merge
+        self.register_buffer("shift", shift, persistent=True)
         self.add_state("counts", torch.zeros(num_classes, dtype=F64), dist_reduce_fx="sum")
         self.add_state("sums", torch.zeros(num_classes, dim, dtype=F64), dist_reduce_fx="sum")
         self.add_state("sq_norms", torch.zeros(num_classes, dtype=F64), dist_reduce_fx="sum")
@@ -132,6 +133,33 @@ class NCMetric(Metric):
         if self.keep_features:
             self.add_state("features", [], dist_reduce_fx="cat")
             self.add_state("labels", [], dist_reduce_fx="cat")
+
+    def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
+        """Add another NCMetric's state (torchmetrics' merge): both must have been built with
+        the same ``reference``, the point their sums are taken about."""
+        if isinstance(incoming_state, NCMetric) and not torch.equal(
+            self.shift, incoming_state.shift.to(self.shift.device)
+        ):
+            raise ValueError("merge_state: the metrics were built with different reference= "
+                             "(their moments are about different points); give both the same")
+        super().merge_state(incoming_state)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        """Load the states and the ``reference`` they are about (ValueError naming reference
+        if it has another shape or is not finite); a state dict saved without it keeps
+        this metric's."""
+        key = prefix + "shift"
+        if key not in state_dict:
+            state_dict[key] = self.shift
+        loaded = as_tensor("reference", state_dict[key])
+        if tuple(loaded.shape) != tuple(self.shift.shape) or not loaded.dtype.is_floating_point:
+            raise ValueError(f"reference in the state dict has shape {tuple(loaded.shape)} "
+                             f"({dtype_name(loaded)}); this metric's is "
+                             f"{tuple(self.shift.shape)} float64")
+        if not bool(torch.isfinite(loaded).all()):
+            raise ValueError("reference in the state dict contains NaN or Inf values")
+        state_dict[key] = loaded.to(F64)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _stats(self) -> ClassStats:
         return ClassStats.from_state(
