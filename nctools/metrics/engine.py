@@ -55,8 +55,8 @@ METRIC_KEYS = (
     "ncc_mismatch", "accuracy", "ncc_accuracy",
 )  # fmt: skip
 
-# docs/metrics.md "Beyond the paper", returned after METRIC_KEYS when defined: nc5 needs
-# ood_features, the mse_* keys need mse_weight_decay (lambda of the objective
+# docs/metrics.md "Beyond the paper", returned after METRIC_KEYS when defined: nc5 and
+# nc5_uncentred need ood_features, the mse_* keys need mse_weight_decay (lambda of the objective
 # (1/2N) sum ||W h + b - e_y||^2 + (lambda/2)(||W||^2 + ||b||^2); for a network trained by
 # nctools with loss mse (squared error summed over classes, averaged over samples) and SGD
 # weight decay wd, the objective is twice that with lambda = wd / 2: pass wd / 2).
@@ -64,7 +64,7 @@ BEYOND_KEYS = (
     "separation_fuzziness",
     "gnc2_means", "gnc2_weights", "gnc2_energy_means", "gnc2_energy_weights",
     "duality_cos", "unc3", "self_duality_etf",
-    "nc5",
+    "nc5", "nc5_uncentred",
     "mse_nc1", "mse_nc23", "mse_perp",
 )  # fmt: skip
 
@@ -299,9 +299,10 @@ class Engine:
         if layer.tally is not None:
             total = float(layer.stats.counts.sum())
             result.update(nc4_metrics(layer.tally, total, layer.weight is not None))
-        if layer.wants_ood:
-            direction = self._ood_mean(layer) - layer.centre
-            result["nc5"] = functional.nc5(layer.means - layer.centre, direction)
+        if layer.wants_ood:  # centred on mu_G (translation-invariant), and as NECO has it
+            ood_mean = self._ood_mean(layer)
+            result["nc5"] = functional.nc5(layer.means - layer.centre, ood_mean - layer.centre)
+            result["nc5_uncentred"] = functional.nc5(layer.means, ood_mean)
         if layer.mse is not None and layer.weight is not None and layer.bias is not None:
             second = layer.stats
             result.update(functional.mse_decomposition(

@@ -335,6 +335,8 @@ def self_duality_etf(weight: Tensor, centred_means: Tensor) -> float:
 def nc5(centred_means: Tensor, ood_direction: Tensor) -> float:
     """NC5 = mean_c |cos(mu_c - mu_G, g)|, g = mean(H') - mu_G the direction of the
     out-of-distribution features' mean (Ammar et al., ICLR 2024, "NECO"); 0 = orthogonal.
+    Given the raw means mu_c and mean(H') instead, the same formula is ``nc5_uncentred``,
+    the uncentred form NECO and the public peer library use (docs/metrics.md, "NC5").
 
     Args:
         centred_means: (C, D) rows mu_c - mu_G.   ood_direction: (D,) g.
