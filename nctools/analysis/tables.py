@@ -7,7 +7,7 @@ Usage::
 Every complete snapshot is measured on each saved split, streamed from disk in chunks
 (:func:`nctools.measure.measure_chunks`, the engine of :func:`nctools.measure.measure`);
 on the test split NC4 and ``ncc_accuracy`` use the training class means
-(METRICS.md, "On other data"), as Papyan, Han & Donoho (PNAS 2020) report test-set
+(docs/metrics.md, "On other data"), as Papyan, Han & Donoho (PNAS 2020) report test-set
 collapse. The table is long ("tidy"): one row per run, epoch, split and metric, with the
 training history of that epoch joined as columns. Analysis is incremental: epochs
 already in ``metrics.csv`` are not measured again, so a run still training can be
@@ -43,7 +43,7 @@ from nctools.runs.layout import CONFIG_FILE, MANIFEST_FILE, METRICS_FILE, PENULT
 IN_MEMORY_BYTES = 128 * 2**20  # a split up to this size is read once and measured in memory
 
 KEY_COLUMNS = ["run", "dataset", "arch", "epoch", "split", "layer", "metric", "value"]
-# how the metrics were measured (METRICS.md "Choices that change the statistics"):
+# how the metrics were measured (docs/metrics.md "Choices that change the statistics"):
 # the global mean ("samples" or "classes") and the class subset ("all", or ids "5,6,7")
 OPTION_COLUMNS = ["global_mean", "classes"]
 TABLE_METRICS = (*METRIC_KEYS, *BEYOND_KEYS, "classes_measured")  # row order of a table
@@ -72,7 +72,7 @@ def analyze(
     (:data:`OPTION_COLUMNS`), and rows measured with other choices are measured again. A
     run trained with ``train.loss: mse`` also gets the MSE decomposition, with lambda =
     ``train.weight_decay / 2`` (nctools' MSE sums over classes and averages over samples,
-    so SGD's weight decay wd is the objective's (wd/2)||theta||^2 at twice the METRICS.md
+    so SGD's weight decay wd is the objective's (wd/2)||theta||^2 at twice the docs/metrics.md
     scaling).
 
     Returns the whole table (old and new rows), columns :data:`COLUMNS`, sorted by epoch,
@@ -224,7 +224,7 @@ def measure_snapshot(
     classes: list[int] | None = None,
     mse_weight_decay: float | None = None,
 ) -> list[dict]:
-    """Rows ``{"split", "metric", "value"}`` of one snapshot, every METRICS.md key per split
+    """Rows ``{"split", "metric", "value"}`` of one snapshot, every docs/metrics.md key per split
     that :func:`nctools.measure` returns with these options.
 
     A split whose files total at most :data:`IN_MEMORY_BYTES` is read once, its sha256

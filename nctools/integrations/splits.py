@@ -36,7 +36,7 @@ def measure_splits(
 
     Each value of ``chunks`` returns a fresh iterable of (features (n, D), labels (n,)) at
     the input of ``layer``, the classifier W (C, D), b (C,). Splits after ``train`` take
-    its class means for NC4 (METRICS.md, "On other data"). Under DDP each process passes
+    its class means for NC4 (docs/metrics.md, "On other data"). Under DDP each process passes
     its own shard and the statistics are summed over every process of the run.
 
     With ``reuse_features`` each split's chunks are produced once and spilled to a temporary

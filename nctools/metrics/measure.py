@@ -184,7 +184,9 @@ def measure_chunks(
             yield setup.checked_chunk(as_tensor("features", feats), as_tensor("labels", labs))
 
     def checked_ood() -> Iterator[Tensor]:
-        source = ood_features if callable(ood_features) else (lambda: [ood_features])
+        assert ood_features is not None
+        whole = ood_features
+        source = whole if callable(whole) else (lambda: [whole])
         for feats in source():
             yield setup.checked_ood(as_tensor("ood_features", feats))
 

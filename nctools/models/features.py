@@ -153,7 +153,7 @@ def pool_activation(x: Tensor, pool: str) -> Tensor:
     float64 features: float32 would lose the within-class spread under a large common
     offset); a non-float activation becomes float32.
 
-    ``pool="avg"``: a 4-D (B, K, H, W) map is averaged over H and W (METRICS.md,
+    ``pool="avg"``: a 4-D (B, K, H, W) map is averaged over H and W (docs/metrics.md,
     "Classifier-free measurement"); a 3-D token sequence (B, T, K) over T. Other shapes
     and ``pool="flatten"`` flatten everything after the batch axis.
     """
