@@ -340,7 +340,8 @@ def class_metrics(stats: ClassStats, weight: Tensor | None, centre: Tensor,
     et al. 2023), NC3 (Wu & Papyan 2024) and Zhu et al.'s (2021) self-duality follow.
 
     Args:
-        stats: statistics of all samples, every class non-empty (second-pass moments).
+        stats: statistics of all samples, every class non-empty (second-pass moments),
+            with Sigma_W whole or kept in the basis ``eig``'s eigenvectors themselves.
         weight: (C, D) float64 classifier rows, or None (the classifier-free keys only).
         centre: (D,) the global mean mu_G the class means are centred on.
         eig: Sigma_B's eigenpairs ((r,), (D, r)) if already known.
@@ -348,18 +349,21 @@ def class_metrics(stats: ClassStats, weight: Tensor | None, centre: Tensor,
     means = stats.class_means()
     centred = means - centre
     eigvals, eigvecs = eig if eig is not None else functional.between_class_eig(centred)
+    within = stats.within_class_cov()  # (D, D), or (r, r) in the basis V itself
+    # v_k^T Sigma_W v_k for each eigenvector v_k: the diagonal when Sigma_W is kept in V
+    along = (torch.diagonal(within).clone() if stats.basis is not None
+             else ((within @ eigvecs) * eigvecs).sum(0))
     geometry = functional.simplex_geometry(centred)
     gnc2 = functional.gnc2(centred)
     result = {
-        "nc1": functional.nc1(stats.within_class_var_along(eigvecs), eigvals,
-                              stats.num_classes),
+        "nc1": functional.nc1(along, eigvals, stats.num_classes),
         "nc1_ratio": functional.nc1_ratio(stats.within_class_trace(), centred),
         "cdnv": functional.cdnv(centred, stats.class_variances()),
         "equinorm_means": functional.equinorm(centred),
         "equiangular_means": geometry["equiangular"], "maxangle_means": geometry["maxangle"],
         "etf_means": geometry["etf"],
         "separation_fuzziness": functional.separation_fuzziness(
-            stats.within_class_cov(), stats.basis, means, stats.counts),
+            within, stats.basis, means, stats.counts),
         "gnc2_means": gnc2["variance"], "gnc2_energy_means": gnc2["energy"],
     }
     if weight is not None:
