@@ -95,7 +95,8 @@ class Layer:
         class_means: (C, D) float64 centres of the NCC rule from another split (docs/
             metrics.md, "On other data"); None: these samples' own class means.
         mse_weight_decay: lambda of the MSE decomposition, or None (not reported).
-        ood: report ``nc5`` from the features :meth:`Engine.update_ood` adds.
+        ood: report ``nc5`` and ``nc5_uncentred`` from the features
+            :meth:`Engine.update_ood` adds.
     """
 
     def __init__(self, weight: Tensor | None = None, bias: Tensor | None = None,
@@ -185,7 +186,8 @@ class Engine:
         for layer in self.layers.values():
             if layer.stats is None:
                 raise ValueError(f"{self._empty()} (no {self._part(plural=True)})")
-            layer.stats.all_reduce(self.group) if self.sync else None
+            if self.sync:
+                layer.stats.all_reduce(self.group)
         if self.passes_done == 0:
             self._between_passes()
         else:
