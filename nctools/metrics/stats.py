@@ -173,6 +173,7 @@ class ClassStats:
         labels: Tensor,
         on_block: OnBlock | None = None,
         *,
+        check_finite: bool = True,
         check: bool = True,
     ) -> ClassStats:
         """Add a chunk of samples.
@@ -193,7 +194,8 @@ class ClassStats:
                 squared norms ||x||^2 (rows,) (None without second moments), so a caller
                 can reuse them (``measure`` tallies NC4). x lives in a reused buffer:
                 valid only during the call.
-            check: check the inputs (below). The measurement engine
+            check_finite: refuse NaN/Inf features (one min/max reduction per block).
+            check: check the inputs at all (below). The measurement engine
                 (:mod:`nctools.metrics.engine`) turns it off: its entry points have checked
                 them, and NaN or Inf show in its first pass's class sums.
 
@@ -202,7 +204,7 @@ class ClassStats:
             labels or labels outside [0, C), NaN or Inf features. Nothing is added then.
         """
         if check:
-            h, y = self.checked(features, labels)
+            h, y = self.checked(features, labels, check_finite)
         else:
             h, y = features.detach().to(self.device), labels.to(self.device, torch.long)
         if h.shape[0] == 0:
