@@ -1,14 +1,17 @@
-"""What several test files share: tiny run configs, class clusters, free ports, tree
-hashes, and a user network factory (``tests.helpers:make_net`` on the command line)."""
+"""What several test files share: tiny run configs, class clusters, free ports, forked
+gloo ranks, tree hashes, and a user network factory (``tests.helpers:make_net`` on the
+command line)."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.multiprocessing as mp
 from torch import nn
 
 from nctools.config.schema import Config, DataConfig, ModelConfig, SnapshotConfig, TrainConfig
@@ -64,6 +67,18 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def as_rank(rank: int, world: int, port: int, fn, args) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    fn(rank, *args)
+
+
+def run_ranks(fn, *args, world: int = 2) -> None:
+    """``fn(rank, *args)`` in ``world`` forked processes with torchrun's environment."""
+    mp.start_processes(as_rank, args=(world, free_port(), fn, args), nprocs=world,
+                       join=True, start_method="fork")
 
 
 def tree_hashes(root: Path) -> dict[str, str]:

@@ -7,7 +7,7 @@ Usage::
 Every complete snapshot is measured on each saved split, streamed from disk in chunks
 (:func:`nctools.measure.measure_chunks`, the engine of :func:`nctools.measure.measure`);
 on the test split NC4 and ``ncc_accuracy`` use the training class means
-(METRICS.md, "On other data"), as Papyan, Han & Donoho (PNAS 2020) report test-set
+(docs/metrics.md, "On other data"), as Papyan, Han & Donoho (PNAS 2020) report test-set
 collapse. The table is long ("tidy"): one row per run, epoch, split and metric, with the
 training history of that epoch joined as columns. Analysis is incremental: epochs
 already in ``metrics.csv`` are not measured again, so a run still training can be
@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from nctools.config.schema import load_config
 from nctools.errors import RunError, SnapshotError
+from nctools.metrics.engine import CLASSIFIER_FREE_KEYS, Engine, Layer, ReferenceMeans
 from nctools.metrics.measure import (
     BEYOND_KEYS,
     CHUNK_ELEMENTS,
@@ -42,7 +43,7 @@ from nctools.runs.layout import CONFIG_FILE, MANIFEST_FILE, METRICS_FILE, PENULT
 IN_MEMORY_BYTES = 128 * 2**20  # a split up to this size is read once and measured in memory
 
 KEY_COLUMNS = ["run", "dataset", "arch", "epoch", "split", "layer", "metric", "value"]
-# how the metrics were measured (METRICS.md "Choices that change the statistics"):
+# how the metrics were measured (docs/metrics.md "Choices that change the statistics"):
 # the global mean ("samples" or "classes") and the class subset ("all", or ids "5,6,7")
 OPTION_COLUMNS = ["global_mean", "classes"]
 TABLE_METRICS = (*METRIC_KEYS, *BEYOND_KEYS, "classes_measured")  # row order of a table
@@ -71,7 +72,7 @@ def analyze(
     (:data:`OPTION_COLUMNS`), and rows measured with other choices are measured again. A
     run trained with ``train.loss: mse`` also gets the MSE decomposition, with lambda =
     ``train.weight_decay / 2`` (nctools' MSE sums over classes and averages over samples,
-    so SGD's weight decay wd is the objective's (wd/2)||theta||^2 at twice the METRICS.md
+    so SGD's weight decay wd is the objective's (wd/2)||theta||^2 at twice the docs/metrics.md
     scaling).
 
     Returns the whole table (old and new rows), columns :data:`COLUMNS`, sorted by epoch,
@@ -223,7 +224,7 @@ def measure_snapshot(
     classes: list[int] | None = None,
     mse_weight_decay: float | None = None,
 ) -> list[dict]:
-    """Rows ``{"split", "metric", "value"}`` of one snapshot, every METRICS.md key per split
+    """Rows ``{"split", "metric", "value"}`` of one snapshot, every docs/metrics.md key per split
     that :func:`nctools.measure` returns with these options.
 
     A split whose files total at most :data:`IN_MEMORY_BYTES` is read once, its sha256
@@ -239,7 +240,7 @@ def measure_snapshot(
     weight, bias = snapshots.load_classifier(run_dir, epoch)
     num_classes, dim = weight.shape
     stream_rows = chunk_rows or max(1, CHUNK_ELEMENTS // dim)
-    train_means = None
+    train_means = ReferenceMeans(num_classes)
     rows = []
     for split in snapshot_splits(run_dir, epoch):
         names = meta["splits"][split]["files"]
@@ -250,19 +251,14 @@ def measure_snapshot(
         else:
             passes = iter([True, False])  # hash the files on the first pass only
             chunks = functools.partial(_streamed, run_dir, epoch, split, stream_rows, passes)
-        means: Tensor | None = train_means if split != "train" else None
         try:
             values, split_means = measure_chunks(
-                chunks, weight, bias, num_classes, class_means=means, global_mean=global_mean,
-                classes=classes, mse_weight_decay=mse_weight_decay)
+                chunks, weight, bias, num_classes, class_means=train_means.for_split(split),
+                global_mean=global_mean, classes=classes, mse_weight_decay=mse_weight_decay)
         except ValueError as exc:  # NaN features, labels out of range: this snapshot only
             raise SnapshotError(f"{snapshots.snapshot_dir(run_dir, epoch)}: the {split} split "
                                 f"cannot be measured ({exc})") from None
-        if split == "train":
-            train_means = split_means
-            if classes is not None:  # measure_chunks takes one row per class of C
-                train_means = weight.new_zeros(num_classes, dim, dtype=split_means.dtype)
-                train_means[classes] = split_means
+        train_means.keep(split, split_means, classes)
         rows += [{"split": split, "layer": PENULTIMATE, "metric": key, "value": value}
                  for key, value in values.items()]
     rows = _inner_layer_rows(run_dir, epoch, meta, stream_rows) + rows
@@ -277,24 +273,19 @@ def measure_snapshot(
 def _inner_layer_rows(run_dir: Path, epoch: int, meta: dict, chunk_rows: int) -> list[dict]:
     """Classifier-free metrics of each inner layer the snapshot holds (``snapshot.layers``),
     in depth order; on the test split NC4's centres are the train split's class means."""
-    from nctools.analysis.model_measure import LayerPasses
-    from nctools.metrics.measure import CLASSIFIER_FREE_KEYS
-
     num_classes = meta["num_classes"]
     rows = []
     for layer in snapshots.snapshot_layers(meta):
-        train_means = None
+        train_means = ReferenceMeans()
         for split in snapshot_splits(run_dir, epoch):
-            passes = LayerPasses(num_classes, None, None,
-                                 ncc_means=train_means if split != "train" else None)
+            engine = Engine(num_classes, {layer: Layer(class_means=train_means.for_split(split))})
             for verify in (True, False):  # hash the files on the first pass only
                 for feats, labels in snapshots.iter_split(run_dir, epoch, split, chunk_rows,
                                                           verify=verify, layer=layer):
-                    passes.update(feats, labels)
-                passes.end_pass()
-            values = passes.result()
-            if split == "train":
-                train_means = passes.class_means()
+                    engine.update(feats, labels)
+                engine.end_pass()
+            values = engine.result()
+            train_means.keep(split, engine.class_means())
             rows += [{"split": split, "layer": layer, "metric": key, "value": values[key]}
                      for key in CLASSIFIER_FREE_KEYS]
     return rows

@@ -15,9 +15,11 @@ from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from nctools.integrations.spill import spilled
+from nctools.metrics.engine import ReferenceMeans
 from nctools.metrics.measure import measure_chunks
 
 SplitChunks = Callable[[], Iterable[tuple[Tensor, Tensor]]]
@@ -34,7 +36,7 @@ def measure_splits(
 
     Each value of ``chunks`` returns a fresh iterable of (features (n, D), labels (n,)) at
     the input of ``layer``, the classifier W (C, D), b (C,). Splits after ``train`` take
-    its class means for NC4 (METRICS.md, "On other data"). Under DDP each process passes
+    its class means for NC4 (docs/metrics.md, "On other data"). Under DDP each process passes
     its own shard and the statistics are summed over every process of the run.
 
     With ``reuse_features`` each split's chunks are produced once and spilled to a temporary
@@ -42,7 +44,7 @@ def measure_splits(
     the split is measured); without, ``chunks[split]`` is called twice.
     """
     values: dict[str, float] = {}
-    train_means = None
+    train_means = ReferenceMeans()
     for split, source in chunks.items():
         passes: AbstractContextManager[SplitChunks] = (
             spilled(source, spill_dir) if reuse_features else nullcontext(source))
@@ -51,10 +53,10 @@ def measure_splits(
                 split_chunks,
                 layer.weight.detach(),
                 None if layer.bias is None else layer.bias.detach(),
-                class_means=None if split == "train" else train_means,
+                class_means=train_means.for_split(split),
                 device=device,
+                group=dist.group.WORLD,  # None outside DDP: this process alone
             )
-        if split == "train":
-            train_means = means
+        train_means.keep(split, means)
         values.update({f"nc/{split}/{k}": v for k, v in result.items()})
     return values

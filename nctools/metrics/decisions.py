@@ -49,7 +49,8 @@ class DecisionTally:
     :class:`SureArgmax`.
 
     Args:
-        weight: (C, D), bias: (C,) float64 classifier.
+        weight: (C, D), bias: (C,) float64 classifier, or None: the NCC rule alone (the
+            first two counts stay zero).
         shift: (C, D) the s_c of the blocks.   reference: (D,) r.
         ncc_means: (C, D) centres m_k of the NCC rule; None means the shift (own means).
         basis: (D, r) orthonormal columns B of the ClassStats the blocks come from, when
@@ -65,8 +66,8 @@ class DecisionTally:
 
     def __init__(
         self,
-        weight: Tensor,
-        bias: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
         shift: Tensor,
         reference: Tensor,
         ncc_means: Tensor | None = None,
@@ -74,17 +75,18 @@ class DecisionTally:
     ) -> None:
         centres = (shift if ncc_means is None else ncc_means) - reference
         self.in_basis = basis is not None and ncc_means is None
-        self.classifier = SureArgmax(weight.T, bias)
+        self.classifier = None if weight is None or bias is None else SureArgmax(weight.T, bias)
         # + (s_y - r).(m_k - r) - ||m_k - r||^2 / 2: row y for the samples of class y
         self.centre_offset = PairOffsets(shift - reference, centres, -centres.square().sum(1) / 2)
         coords = centres @ basis if self.in_basis and basis is not None else centres
         self.ncc = SureArgmax(coords.T, self.centre_offset)
-        self.tallied = torch.zeros(3, dtype=torch.int64, device=weight.device)
-        self.num_classes = weight.shape[0]
+        self.tallied = torch.zeros(3, dtype=torch.int64, device=shift.device)
+        self.num_classes = shift.shape[0]
         self.classifier_in_basis: SureArgmax | None = None
         self.off_span = 0.0
         self.tried, self.deferred = 0, 0
-        if basis is not None and shift.shape[0] * weight.shape[0] <= PairOffsets.TABLE_ELEMENTS:
+        if (weight is not None and bias is not None and basis is not None
+                and shift.shape[0] * weight.shape[0] <= PairOffsets.TABLE_ELEMENTS):
             in_span = weight @ basis  # (C, r)
             # max_k ||w_k - B B^T w_k||, enlarged past its own rounding
             off_span = float((weight - in_span @ basis.T).norm(dim=1).max())
@@ -122,14 +124,17 @@ class DecisionTally:
                 p = projected[part]
                 p_sq = p.square().sum(1)
                 in_basis = Scored(p, p.float(), p_sq.sqrt().float())
-            if in_basis is not None and x_sq is not None and try_basis:
-                predicted = self._classify_in_basis(h[part], y, in_basis, p_sq, x_sq[part])
-            else:
-                predicted = self.classifier(Scored.of(h[part]), y)
             if in_basis is not None and self.in_basis:
                 nearest = self.ncc(in_basis, y)
             else:
                 nearest = self.ncc(Scored.of(x[part]), y)
+            if self.classifier is None:
+                self.tallied[2] += (nearest == y).sum()
+                continue
+            if in_basis is not None and x_sq is not None and try_basis:
+                predicted = self._classify_in_basis(h[part], y, in_basis, p_sq, x_sq[part])
+            else:
+                predicted = self.classifier(Scored.of(h[part]), y)
             hits = torch.stack((predicted != nearest, predicted == y, nearest == y))
             self.tallied += hits.sum(1)
 
@@ -145,7 +150,7 @@ class DecisionTally:
         """Classifier decisions (rows,) from x @ B (rows, r) with its squared norms p_sq,
         the rows the off-span bound leaves open re-decided by the full classifier on h
         (rows, D); x_sq: ||x||^2 (rows,)."""
-        assert self.classifier_in_basis is not None
+        assert self.classifier_in_basis is not None and self.classifier is not None
         # ||x_perp||^2 = ||x||^2 - ||B^T x||^2, enlarged past the rounding of both and of
         # B's orthonormality (a relative 1e-10 of ||x||^2, far above either)
         perp_sq = (x_sq - p_sq).clamp_min_(0.0).add_(x_sq, alpha=1e-10)

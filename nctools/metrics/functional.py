@@ -1,7 +1,7 @@
 """Neural-collapse metrics as pure functions of class statistics (no models, no data).
 
 Every function takes float64 tensors and returns a Python float; the definitions and
-key names are those of METRICS.md, after Papyan, Han & Donoho, "Prevalence of neural
+key names are those of docs/metrics.md, after Papyan, Han & Donoho, "Prevalence of neural
 collapse during the terminal phase of deep learning training", PNAS 2020 (figure
 numbers below refer to that paper).
 
@@ -343,6 +343,8 @@ def self_duality_etf(weight: Tensor, centred_means: Tensor) -> float:
 def nc5(centred_means: Tensor, ood_direction: Tensor) -> float:
     """NC5 = mean_c |cos(mu_c - mu_G, g)|, g = mean(H') - mu_G the direction of the
     out-of-distribution features' mean (Ammar et al., ICLR 2024, "NECO"); 0 = orthogonal.
+    Given the raw means mu_c and mean(H') instead, the same formula is ``nc5_uncentred``,
+    the uncentred form NECO and the public peer library use (docs/metrics.md, "NC5").
 
     Args:
         centred_means: (C, D) rows mu_c - mu_G.   ood_direction: (D,) g.

@@ -59,14 +59,14 @@ def check_num_classes(num_classes: object) -> int:
     return int(num_classes)
 
 
-def check_pass_rows(first: int, again: int) -> None:
-    """ValueError when the chunks of a two-pass measurement (``measure_chunks``) gave no
-    rows, or other rows the second time: ``chunks`` must be a callable returning a fresh
-    iterable on every call, and an exhausted iterator would look like empty classes."""
+def check_pass_rows(first: int, again: int, source: str = "chunks") -> None:
+    """ValueError when the ``source`` of a two-pass measurement (``measure_chunks``'
+    chunks, ``measure_model``'s data) gave no rows, or other rows the second time: it must
+    be re-iterable, and an exhausted iterator would look like empty classes."""
     if first == 0:
-        raise ValueError("chunks yielded no rows: it must return a fresh iterable of "
+        raise ValueError(f"{source} yielded no rows: it must return a fresh iterable of "
                          "(features, labels) on every call (an exhausted iterator?)")
     if again != first:
-        raise ValueError(f"chunks yielded {first} rows on the first pass and {again} on the "
-                         "second: it must return the same rows on every call (an exhausted "
-                         "iterator?)")
+        raise ValueError(f"{source} yielded {first} rows on the first pass and {again} on "
+                         "the second: it must return the same rows on every call (an "
+                         "exhausted iterator?)")

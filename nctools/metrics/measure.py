@@ -1,26 +1,22 @@
-"""`measure`: every NC1-NC4 metric of METRICS.md from features, labels and a classifier.
+"""`measure` and `measure_chunks`: every NC1-NC4 metric of docs/metrics.md from features,
+labels and a classifier.
 
 Usage::
 
     from nctools.metrics import measure
-    metrics = measure(features, labels, weight, bias)   # dict of METRICS.md keys -> float
+    metrics = measure(features, labels, weight, bias)   # dict of docs/metrics.md keys -> float
 
-Two streaming passes over the features, in float64 chunks so memory stays within about
-twice the features' own size: the first gathers class counts and means; the second
-re-centres every sample on its exact class mean, keeps Sigma_W only along the <= C - 1
-eigenvectors of Sigma_B (all NC1 needs; no D x D inverse), and tallies the classifier
-and nearest-class-centre decisions (NC4). The same passes run on chunks streamed from
-disk (`measure_chunks`) and across processes (``group``), where the statistics are
-summed with ``torch.distributed.all_reduce``. Both passes are :class:`ClassStats`
-updates, the one accumulation route (torch operations on blocks of rows, CPU or CUDA);
-torch's own intra-op threads parallelise them, and the caller's thread settings are left
-as they are.
+These are the public entry points of the measurement engine
+(:class:`nctools.metrics.engine.Engine`, whose docstring tells how each metric is
+computed): they check their inputs once, here, and drive the engine's two passes over the
+features, whole (`measure`) or in chunks streamed from disk (`measure_chunks`), across
+processes only when a process group is given (``torch.distributed.all_reduce``): like
+torchmetrics' functional API, a call inside an initialised process group makes no
+collective call unless asked.
 """
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -28,56 +24,28 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from nctools.metrics import functional as metrics
-from nctools.metrics.decisions import DecisionTally
+from nctools.metrics.engine import (
+    BEYOND_KEYS,
+    CLASSIFIER_FREE_KEYS,
+    GLOBAL_MEANS,
+    METRIC_KEYS,
+    Engine,
+    Layer,
+)
 from nctools.metrics.inputs import (
     as_tensor,
     check_finite,
     check_labels,
     check_num_classes,
-    check_pass_rows,
+    dtype_name,
 )
 from nctools.metrics.stats import ClassStats
 
+__all__ = ["BEYOND_KEYS", "CLASSIFIER_FREE_KEYS", "METRIC_KEYS", "class_means", "measure",
+           "measure_chunks"]
+
 F64 = torch.float64
 CHUNK_ELEMENTS = 1 << 22  # feature values per chunk streamed from disk (e.g. 8192 x 512)
-
-METRIC_KEYS = (
-    "nc1", "nc1_ratio", "cdnv",
-    "equinorm_means", "equinorm_weights", "equiangular_means", "equiangular_weights",
-    "maxangle_means", "maxangle_weights", "etf_means", "etf_weights",
-    "self_duality",
-    "ncc_mismatch", "accuracy", "ncc_accuracy",
-)  # fmt: skip
-
-# METRICS.md "Beyond the paper", returned after METRIC_KEYS when defined: nc5 needs
-# ood_features, the mse_* keys need mse_weight_decay (lambda of the objective
-# (1/2N) sum ||W h + b - e_y||^2 + (lambda/2)(||W||^2 + ||b||^2); for a network trained by
-# nctools with loss mse (squared error summed over classes, averaged over samples) and SGD
-# weight decay wd, the objective is twice that with lambda = wd / 2: pass wd / 2).
-BEYOND_KEYS = (
-    "separation_fuzziness",
-    "gnc2_means", "gnc2_weights", "gnc2_energy_means", "gnc2_energy_weights",
-    "duality_cos", "unc3", "self_duality_etf",
-    "nc5",
-    "mse_nc1", "mse_nc23", "mse_perp",
-)  # fmt: skip
-
-# Without a classifier (an intermediate layer), the keys that need none (METRICS.md).
-CLASSIFIER_FREE_KEYS = (
-    "nc1", "nc1_ratio", "cdnv", "separation_fuzziness",
-    "equinorm_means", "equiangular_means", "maxangle_means", "etf_means",
-    "gnc2_means", "gnc2_energy_means", "ncc_accuracy",
-)  # fmt: skip
-
-GLOBAL_MEANS = ("samples", "classes")
-
-# Keys built on the centred class means M~: undefined when every class mean coincides.
-_MEANS_KEYS = (
-    "nc1", "nc1_ratio", "cdnv", "equinorm_means", "equiangular_means", "maxangle_means",
-    "etf_means", "self_duality", "separation_fuzziness", "gnc2_means", "gnc2_energy_means",
-    "duality_cos", "unc3", "self_duality_etf", "nc5",
-)  # fmt: skip
 
 Chunks = Callable[[], Iterable[tuple[Tensor, Tensor]]]
 OodChunks = Callable[[], Iterable[Tensor]]
@@ -96,8 +64,9 @@ def measure(
     drop_empty: bool = False,
     ood_features: Tensor | np.ndarray | None = None,
     mse_weight_decay: float | None = None,
+    process_group: dist.ProcessGroup | None = None,
 ) -> dict[str, float]:
-    """Neural-collapse metrics (Papyan, Han & Donoho, PNAS 2020, and METRICS.md "Beyond
+    """Neural-collapse metrics (Papyan, Han & Donoho, PNAS 2020, and docs/metrics.md "Beyond
     the paper") of one set of features.
 
     Args:
@@ -110,7 +79,7 @@ def measure(
         num_classes: C; defaults to weight's row count (and must agree with it), or
             without a weight to max(labels) + 1.
         class_means: optional (C, D) means from another split (e.g. the training set):
-            NC4 and ``ncc_accuracy`` then use them (METRICS.md, "On other data").
+            NC4 and ``ncc_accuracy`` then use them (docs/metrics.md, "On other data").
         global_mean: ``"samples"`` (the paper's mu_G, the mean of all samples) or
             ``"classes"`` (the mean of the class means).
         classes: measure only these classes (samples, rows of W and b, decisions among
@@ -120,9 +89,13 @@ def measure(
         ood_features: (N', D) out-of-distribution features: adds ``nc5``.
         mse_weight_decay: lambda of the regularised MSE loss: adds ``mse_nc1``,
             ``mse_nc23``, ``mse_perp`` (see ``BEYOND_KEYS`` for lambda of a run).
+        process_group: under torch.distributed, the processes whose features (each its
+            own shard) are measured as one set, summed with ``all_reduce``; every one of
+            them must call. Default: this process's features alone, no communication
+            (``torch.distributed.group.WORLD`` asks for every process).
 
     Returns:
-        dict of the defined ``METRIC_KEYS`` then ``BEYOND_KEYS`` (METRICS.md), as Python
+        dict of the defined ``METRIC_KEYS`` then ``BEYOND_KEYS`` (docs/metrics.md), as Python
         floats; NaN with a warning for a metric these data leave undefined.
 
     Raises:
@@ -130,8 +103,7 @@ def measure(
         weight of the wrong shape, NaN or Inf, an empty class (unless ``drop_empty``),
         C < 2, empty input, an unknown option.
     """
-    features = as_tensor("features", features)
-    labels = as_tensor("labels", labels)
+    features, labels = as_tensor("features", features), as_tensor("labels", labels)
     if features.ndim != 2:
         raise ValueError(f"features must be 2-D (N, D), got shape {tuple(features.shape)}")
     if features.shape[0] == 0 or features.shape[1] == 0:
@@ -140,6 +112,9 @@ def measure(
         raise ValueError(
             f"labels has shape {tuple(labels.shape)} but features has {features.shape[0]} rows"
         )
+    if weight is None and num_classes is None:
+        check_labels(labels, 1 << 62)  # integers first, then their range
+        num_classes = int(labels.max()) + 1
     if weight is not None:
         weight = as_tensor("weight", weight)
         if weight.ndim != 2 or weight.shape[1] != features.shape[1]:
@@ -147,12 +122,9 @@ def measure(
                 f"weight must have shape (C, D) with D = {features.shape[1]} (the features' "
                 f"width), got {tuple(weight.shape)}"
             )
-        if num_classes is None:
-            num_classes = weight.shape[0]
-    elif num_classes is None:
-        check_labels(labels, 1 << 62)  # integers first, then their range
-        num_classes = int(labels.max()) + 1
-    check_labels(labels, check_num_classes(num_classes))
+    setup = _Setup(weight, bias, num_classes, class_means, features.device, global_mean,
+                   classes, mse_weight_decay, dim=features.shape[1])
+    features, labels = setup.checked_chunk(features, labels)
     ood = None
     if ood_features is not None:
         ood = as_tensor("ood_features", ood_features)
@@ -161,15 +133,9 @@ def measure(
                 f"ood_features must have shape (N', D) with D = {features.shape[1]} and "
                 f"N' > 0, got {tuple(ood.shape)}"
             )
-
-    def chunks() -> Iterator[tuple[Tensor, Tensor]]:
-        yield features, labels
-
-    result, _ = measure_chunks(
-        chunks, weight, bias, num_classes, class_means, device=features.device,
-        global_mean=global_mean, classes=classes, drop_empty=drop_empty,
-        ood_features=ood, mse_weight_decay=mse_weight_decay,
-    )  # fmt: skip
+        ood = setup.checked_ood(ood)
+    result, _ = _measure(lambda: [(features, labels)], setup, drop_empty,
+                         None if ood is None else (lambda: [ood]), process_group)
     return result
 
 
@@ -197,7 +163,9 @@ def measure_chunks(
         weight, bias, num_classes, class_means: as in :func:`measure` (``num_classes`` is
             required without a weight; ``class_means`` has one row per class of C).
         device: where the statistics live (default: the classifier's device).
-        group: the process group to reduce over when torch.distributed is initialised.
+        group: under torch.distributed, the process group whose shards are measured as
+            one set (every process of it must call); None (the default): this process's
+            chunks alone, no communication.
         global_mean, classes, drop_empty, mse_weight_decay: as in :func:`measure`.
         ood_features: (N', D) features, or a callable returning an iterable of (n', D)
             chunks of them (this process's shard); only their mean is used.
@@ -206,187 +174,24 @@ def measure_chunks(
         The metrics dict of :func:`measure`, and the (C', D) float64 class means of the
         classes measured (to pass as ``class_means`` when measuring another split).
     """
-    if global_mean not in GLOBAL_MEANS:
-        raise ValueError(f"global_mean must be one of {GLOBAL_MEANS}, got {global_mean!r}")
-    if weight is None:
-        if bias is not None:
-            raise ValueError("bias given without weight")
-        if mse_weight_decay is not None:
-            raise ValueError("mse_weight_decay needs the classifier: weight is None")
-        if num_classes is None:
-            raise ValueError("num_classes is required when weight is None")
-        total = check_num_classes(num_classes)
-        weight64 = bias64 = None
-        device = torch.device(device if device is not None else "cpu")
-    else:
-        weight64, bias64, total = _classifier(weight, bias, num_classes, device)
-        device = weight64.device
-    if mse_weight_decay is not None:
-        lam = mse_weight_decay
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:
-            raise ValueError(f"mse_weight_decay must be a number >= 0, got {lam!r}")
-        if not np.isfinite(lam):
-            raise ValueError(f"mse_weight_decay must be finite, got {lam!r}")
-    subset = _class_subset(classes, total)
-    pass_chunks = chunks if subset is None else _restricted(chunks, subset, total)
-    measured = subset.numel() if subset is not None else total
-    if measured < 2:
-        raise ValueError(f"classes must name at least 2 classes, got {classes!r}")
+    if weight is None and num_classes is None:
+        raise ValueError("num_classes is required when weight is None")
+    setup = _Setup(weight, bias, num_classes, class_means, device, global_mean, classes,
+                   mse_weight_decay)
 
-    first = _accumulate(pass_chunks, lambda dim: ClassStats(
-        measured, dim, basis=torch.zeros(dim, 0, dtype=F64), device=device))
-    first.all_reduce(group)
-    if first.num_samples == 0:
-        raise ValueError("features is empty (no samples in any chunk)")
-    if not bool(torch.isfinite(first.sums).all()):
-        raise ValueError("features contain NaN or Inf values")
-    dim = first.dim
-    if weight64 is not None and weight64.shape[1] != dim:
-        raise ValueError(f"weight must have shape (C, D) with D = {dim} (the features' width), "
-                         f"got {tuple(weight64.shape)}")
-    ids = subset if subset is not None else torch.arange(total)
-    empty = torch.nonzero(first.counts == 0).flatten().cpu()
-    if empty.numel() and not drop_empty:
-        names = [int(ids[i]) for i in empty]
-        shown = ", ".join(map(str, names[:20])) + (", ..." if len(names) > 20 else "")
-        raise ValueError(
-            f"labels: class {names[0]} has no samples ({len(names)} of {measured} classes "
-            f"are empty: {shown}); drop_empty=True measures the others"
-        )
-    if empty.numel():
-        kept = torch.nonzero(first.counts.cpu() > 0).flatten()
-        if kept.numel() < 2:
-            raise ValueError(f"labels: only {kept.numel()} class has samples; need 2")
-        subset = ids[kept]
-        pass_chunks = _restricted(chunks, subset, total)
-        measured = subset.numel()
-    keep = None if subset is None else subset.to(device)
-    rows = (lambda t: t) if empty.numel() == 0 else (lambda t: t[kept.to(t.device)])
-    means = rows(first.class_means())
-    reference = first.global_mean() if global_mean == "samples" else means.mean(0)
-    if weight64 is not None and bias64 is not None and keep is not None:
-        weight64, bias64 = weight64[keep], bias64[keep]
-    ncc_means = _given_means(class_means, total, dim, device, keep)
+    def checked() -> Iterator[tuple[Tensor, Tensor]]:
+        for feats, labs in chunks():
+            yield setup.checked_chunk(as_tensor("features", feats), as_tensor("labels", labs))
 
-    eigvals, eigvecs = metrics.between_class_eig(means - reference)
-    # Sigma_B^+ lives in the span of its r <= C - 1 eigenvectors V, so with 0 < r < D/2
-    # Sigma_W is kept only there (an r x r moment); the same product x @ V serves the NCC
-    # rule, as x.(mu_c - mu_G) = (x @ V) @ (M~ @ V)^T for means in that span, and settles
-    # most classifier decisions (DecisionTally). The MSE decomposition needs all of Sigma_W.
-    in_span = 0 < eigvecs.shape[1] < dim // 2 and mse_weight_decay is None
-    basis = eigvecs if in_span else None
-    if weight64 is None:  # the NCC rule itself stands in for the classifier
-        centres = means - reference
-        rule_w, rule_b = centres, -(centres @ reference) - centres.square().sum(1) / 2
-    else:
-        rule_w, rule_b = weight64, bias64
-    tally = DecisionTally(rule_w, rule_b, means, reference, ncc_means, basis)
-    second = _accumulate(
-        pass_chunks,
-        lambda dim: ClassStats(measured, dim, shift=means, basis=basis, device=device),
-        tally,
-        first_rows=first.num_samples,
-    )
-    second.all_reduce(group)
-    check_pass_rows(first.num_samples, second.num_samples)  # an exhausted iterator?
-    counts = tally.counts
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+    def checked_ood() -> Iterator[Tensor]:
+        assert ood_features is not None
+        whole = ood_features
+        source = whole if callable(whole) else (lambda: [whole])
+        for feats in source():
+            yield setup.checked_ood(as_tensor("ood_features", feats))
 
-    result = collapse_metrics(second, weight64, eigvals, eigvecs, reference=reference)
-    result.update(beyond_metrics(second, weight64, reference))
-    n_total = float(second.counts.sum())
-    if weight64 is not None:
-        result["ncc_mismatch"] = float(counts[0]) / n_total
-        result["accuracy"] = float(counts[1]) / n_total
-    result["ncc_accuracy"] = float(counts[2]) / n_total
-    if ood_features is not None:
-        direction = _ood_mean(ood_features, dim, device, group) - reference
-        result["nc5"] = metrics.nc5(means - reference, direction)
-    if mse_weight_decay is not None and weight64 is not None and bias64 is not None:
-        result.update(metrics.mse_decomposition(
-            weight64, bias64, second.class_means(), second.counts,
-            second.within_class_cov(), float(mse_weight_decay)))
-    ordered = {k: result[k] for k in (*METRIC_KEYS, *BEYOND_KEYS) if k in result}
-    _undefined_to_nan(ordered, means_coincide=eigvals.numel() == 0)
-    if drop_empty:
-        ordered["classes_measured"] = float(measured)
-    return ordered, second.class_means()
-
-
-def collapse_metrics(
-    stats: ClassStats,
-    weight: Tensor | None,
-    eigvals: Tensor | None = None,
-    eigvecs: Tensor | None = None,
-    *,
-    reference: Tensor | None = None,
-) -> dict[str, float]:
-    """NC1, NC2 and NC3 metrics (METRICS.md) from class statistics and the classifier.
-
-    Args:
-        stats: accumulated statistics of all samples (every class non-empty).
-        weight: (C, D) classifier rows, or None for the classifier-free metrics only.
-        eigvals, eigvecs: Sigma_B's eigenpairs if already known (else computed here).
-        reference: (D,) the global mean mu_G to centre on (default: the samples' mean).
-    """
-    stats.check_nonempty()
-    num_classes = stats.num_classes
-    if reference is None:
-        reference = stats.global_mean()
-    centred = stats.class_means() - reference
-    if eigvals is None or eigvecs is None:
-        eigvals, eigvecs = metrics.between_class_eig(centred)
-    means_geometry = metrics.simplex_geometry(centred)
-    result = {
-        "nc1": metrics.nc1(stats.within_class_var_along(eigvecs), eigvals, num_classes),
-        "nc1_ratio": metrics.nc1_ratio(stats.within_class_trace(), centred),
-        "cdnv": metrics.cdnv(centred, stats.class_variances()),
-        "equinorm_means": metrics.equinorm(centred),
-        "equiangular_means": means_geometry["equiangular"],
-        "maxangle_means": means_geometry["maxangle"],
-        "etf_means": means_geometry["etf"],
-    }
-    if weight is not None:
-        weight = weight.to(device=stats.device, dtype=F64)
-        weights_geometry = metrics.simplex_geometry(weight)
-        result.update({
-            "equinorm_weights": metrics.equinorm(weight),
-            "equiangular_weights": weights_geometry["equiangular"],
-            "maxangle_weights": weights_geometry["maxangle"],
-            "etf_weights": weights_geometry["etf"],
-            "self_duality": metrics.self_duality(weight, centred),
-        })  # fmt: skip
-    return result
-
-
-def beyond_metrics(
-    stats: ClassStats, weight: Tensor | None, reference: Tensor
-) -> dict[str, float]:
-    """The class-statistics metrics of METRICS.md "Beyond the paper": separation
-    fuzziness (He & Su 2023), generalised NC2 (Liu et al. 2023) and NC3 (Wu & Papyan
-    2024), and Zhu et al.'s (2021) self-duality; nc5 and the MSE terms need more inputs.
-
-    Args:
-        stats: second-pass statistics (class means as the shift; Sigma_W whole or in the
-            span of the class-mean differences).
-        weight: (C, D) float64 classifier rows, or None (classifier-free keys only).
-        reference: (D,) the global mean mu_G.
-    """
-    means = stats.class_means()
-    centred = means - reference
-    result = {
-        "separation_fuzziness": metrics.separation_fuzziness(
-            stats.within_class_cov(), stats.basis, means, stats.counts),
-    }  # fmt: skip
-    gm = metrics.gnc2(centred)
-    result["gnc2_means"], result["gnc2_energy_means"] = gm["variance"], gm["energy"]
-    if weight is not None:
-        gw = metrics.gnc2(weight)
-        result["gnc2_weights"], result["gnc2_energy_weights"] = gw["variance"], gw["energy"]
-        result.update(metrics.duality(weight, centred))
-        result["self_duality_etf"] = metrics.self_duality_etf(weight, centred)
-    return result
+    return _measure(checked, setup, drop_empty, None if ood_features is None else checked_ood,
+                    group)
 
 
 def class_means(
@@ -404,30 +209,137 @@ def class_means(
     return stats.class_means()
 
 
+
 # --------------------------------------------------------------------------- helpers
-def _accumulate(
-    chunks: Chunks,
-    make_stats: Callable[[int], ClassStats],
-    tally: DecisionTally | None = None,
-    first_rows: int | None = None,
-) -> ClassStats:
-    """One pass over the chunks into fresh statistics of the first chunk's width D (and
-    NC4 tallies); ``first_rows``: the rows of the first pass, when this is the second."""
-    stats = None
-    on_block = None if tally is None else tally.add
-    for feats, labs in chunks():
-        feats = as_tensor("features", feats)
-        if stats is None:
-            if feats.ndim != 2 or feats.shape[1] == 0:
-                raise ValueError(f"features must have shape (n, D), got {tuple(feats.shape)}")
-            stats = make_stats(feats.shape[1])
-        # NaN/Inf are caught once, in the first pass's class sums (measure_chunks)
-        stats.update(feats, labs, on_block=on_block, check_finite=False)
-    if stats is None:
-        if first_rows is not None:
-            check_pass_rows(first_rows, 0)
-        raise ValueError("features is empty (no chunks)")
-    return stats
+def _measure(
+    chunks: Chunks, setup: _Setup, drop_empty: bool, ood: OodChunks | None,
+    group: dist.ProcessGroup | None,
+) -> tuple[dict[str, float], Tensor]:
+    """The engine's two passes over checked chunks, then the OOD features' mean; summed
+    over the processes of ``group`` when one is given."""
+    layer = Layer(setup.weight, setup.bias, setup.class_means, setup.mse, ood=ood is not None)
+    engine = Engine(setup.measured, {"features": layer}, device=setup.device,
+                    global_mean=setup.global_mean, drop_empty=drop_empty,
+                    class_ids=setup.subset, sync=group is not None, group=group)
+    for _ in range(2):
+        for feats, labs in chunks():
+            engine.update(feats, labs)
+        engine.end_pass()
+    if ood is not None:
+        for feats in ood():
+            engine.update_ood("features", feats)
+    return engine.result(), engine.class_means()
+
+
+class _Setup:
+    """The checked options of one measurement (the classifier in float64, the classes
+    measured, the NCC centres) and the checks each chunk of features goes through: every
+    input is checked here, once, before the engine reads it."""
+
+    def __init__(
+        self, weight: Tensor | np.ndarray | None, bias: Tensor | np.ndarray | None,
+        num_classes: int | None, class_means: Tensor | np.ndarray | None,
+        device: torch.device | str | None, global_mean: str, classes: Sequence[int] | None,
+        mse: float | None, dim: int | None = None,
+    ) -> None:
+        if global_mean not in GLOBAL_MEANS:
+            raise ValueError(f"global_mean must be one of {GLOBAL_MEANS}, got {global_mean!r}")
+        self.global_mean, self.mse = global_mean, _checked_mse(mse, weight)
+        self.weight: Tensor | None = None
+        self.bias: Tensor | None = None
+        if weight is None:
+            if bias is not None:
+                raise ValueError("bias given without weight")
+            self.total = check_num_classes(num_classes)
+            self.device = torch.device(device if device is not None else "cpu")
+        else:
+            self.weight, self.bias, self.total = _classifier(weight, bias, num_classes, device)
+            self.device, dim = self.weight.device, self.weight.shape[1]
+        self.subset = _class_subset(classes, self.total)
+        self.measured = self.total if self.subset is None else self.subset.numel()
+        if self.measured < 2:
+            raise ValueError(f"classes must name at least 2 classes, got {classes!r}")
+        self.dim, self.dim_from = dim, "weight" if weight is not None else "features"
+        self.class_means = self._given_means(class_means)
+        self.remap: Tensor | None = None
+        if self.subset is not None:
+            pick = self.subset.to(self.device)
+            if self.weight is not None and self.bias is not None:
+                self.weight, self.bias = self.weight[pick], self.bias[pick]
+            if self.class_means is not None:
+                self.class_means = self.class_means[pick]
+            self.remap = torch.full((self.total,), -1, dtype=torch.long)
+            self.remap[self.subset] = torch.arange(self.measured)
+
+    def _given_means(self, class_means: Tensor | np.ndarray | None) -> Tensor | None:
+        """The (C, D) ``class_means`` argument in float64 on the device, checked."""
+        if class_means is None:
+            return None
+        given = as_tensor("class_means", class_means).to(device=self.device, dtype=F64)
+        dim = self.dim if self.dim is not None else given.shape[-1]
+        if tuple(given.shape) != (self.total, dim):
+            raise ValueError(f"class_means must have shape (C, D) = {(self.total, dim)}, "
+                             f"got {tuple(given.shape)}")
+        check_finite("class_means", given)
+        if self.dim is None:
+            self.dim, self.dim_from = dim, "class_means"
+        return given
+
+    def checked_chunk(self, feats: Tensor, labs: Tensor) -> tuple[Tensor, Tensor]:
+        """A chunk of features (n, D) and labels (n,), checked, and relabelled 0..C'-1 to
+        the classes measured (the other classes' samples left out) with ``classes``."""
+        if feats.ndim != 2 or feats.shape[1] == 0:
+            raise ValueError(f"features must have shape (n, D), got {tuple(feats.shape)}")
+        if self.dim is None:
+            self.dim = feats.shape[1]
+        elif feats.shape[1] != self.dim:
+            raise ValueError(self._width_error(feats.shape[1]))
+        if not feats.dtype.is_floating_point:
+            raise ValueError(f"features must be floating point, got dtype {dtype_name(feats)}")
+        if labs.ndim != 1 or labs.shape[0] != feats.shape[0]:
+            raise ValueError(f"labels has shape {tuple(labs.shape)} but features has "
+                             f"shape {tuple(feats.shape)}")
+        check_labels(labs, self.total)
+        if self.remap is None:
+            return feats, labs
+        new = self.remap.to(labs.device)[labs.long()]
+        keep = new >= 0
+        return feats[keep.to(feats.device)], new[keep]
+
+    def _width_error(self, width: int) -> str:
+        if self.dim_from == "weight":
+            assert self.weight is not None
+            return (f"weight must have shape (C, D) with D = {width} (the features' width), "
+                    f"got {(self.total, self.weight.shape[1])}")
+        if self.dim_from == "class_means":
+            return (f"class_means must have shape (C, D) = {(self.total, width)}, "
+                    f"got {(self.total, self.dim)}")
+        return f"features must have shape (n, {self.dim}), got (n, {width})"
+
+    def checked_ood(self, ood: Tensor) -> Tensor:
+        """Out-of-distribution features (n', D), checked."""
+        if ood.ndim != 2 or ood.shape[1] != self.dim:
+            raise ValueError(f"ood_features must have shape (N', {self.dim}), "
+                             f"got {tuple(ood.shape)}")
+        if not ood.dtype.is_floating_point:
+            raise ValueError(f"ood_features: features must be floating point, got dtype "
+                             f"{dtype_name(ood)}")
+        if not bool(torch.isfinite(ood).all()):
+            raise ValueError("ood_features: features contain NaN or Inf values")
+        return ood
+
+
+def _checked_mse(lam: object, weight: object) -> float | None:
+    """``mse_weight_decay``: None, or a finite number >= 0 given with a classifier."""
+    if lam is None:
+        return None
+    if weight is None:
+        raise ValueError("mse_weight_decay needs the classifier: weight is None")
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:
+        raise ValueError(f"mse_weight_decay must be a number >= 0, got {lam!r}")
+    if not np.isfinite(lam):
+        raise ValueError(f"mse_weight_decay must be finite, got {lam!r}")
+    return float(lam)
 
 
 def _class_subset(classes: Sequence[int] | None, total: int) -> Tensor | None:
@@ -445,84 +357,6 @@ def _class_subset(classes: Sequence[int] | None, total: int) -> Tensor | None:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _restricted(chunks: Chunks, subset: Tensor, total: int) -> Chunks:
-    """The chunks' samples of the classes ``subset`` only, relabelled 0..C'-1 in its order."""
-    remap = torch.full((total,), -1, dtype=torch.long)
-    remap[subset] = torch.arange(subset.numel())
-
-    def restricted() -> Iterator[tuple[Tensor, Tensor]]:
-        for feats, labs in chunks():
-            feats, labs = as_tensor("features", feats), as_tensor("labels", labs)
-            if labs.ndim != 1 or feats.ndim < 1 or labs.shape[0] != feats.shape[0]:
-                raise ValueError(f"labels has shape {tuple(labs.shape)} but features has "
-                                 f"shape {tuple(feats.shape)}")
-            check_labels(labs, total)
-            new = remap.to(labs.device)[labs.long()]
-            keep = new >= 0
-            yield feats[keep.to(feats.device)], new[keep]
-
-    return restricted
-
-
-def _given_means(
-    class_means: Tensor | np.ndarray | None, total: int, dim: int, device: torch.device,
-    keep: Tensor | None,
-) -> Tensor | None:
-    """The (C, D) ``class_means`` argument in float64, rows ``keep`` of it when given."""
-    if class_means is None:
-        return None
-    given = as_tensor("class_means", class_means).to(device=device, dtype=F64)
-    if tuple(given.shape) != (total, dim):
-        raise ValueError(
-            f"class_means must have shape (C, D) = {(total, dim)}, got {tuple(given.shape)}"
-        )
-    check_finite("class_means", given)
-    return given if keep is None else given[keep]
-
-
-def _ood_mean(
-    ood: Tensor | np.ndarray | OodChunks, dim: int, device: torch.device,
-    group: dist.ProcessGroup | None,
-) -> Tensor:
-    """(D,) mean of the out-of-distribution features, one ClassStats pass (summed across
-    processes)."""
-    source = ood if callable(ood) else (lambda: [ood])
-    stats = ClassStats(1, dim, basis=torch.zeros(dim, 0, dtype=F64), device=device)
-    for feats in source():
-        feats = as_tensor("ood_features", feats)
-        if feats.ndim != 2 or feats.shape[1] != dim:
-            raise ValueError(f"ood_features must have shape (N', {dim}), "
-                             f"got {tuple(feats.shape)}")
-        try:
-            stats.update(feats, torch.zeros(feats.shape[0], dtype=torch.long))
-        except ValueError as exc:
-            raise ValueError(f"ood_features: {exc}") from None
-    stats.all_reduce(group)
-    if stats.num_samples == 0:
-        raise ValueError("ood_features is empty")
-    return stats.global_mean()
-
-
-def _undefined_to_nan(result: dict[str, float], means_coincide: bool) -> None:
-    """Non-finite values become NaN, each with a warning saying why (never a crash)."""
-    if means_coincide:
-        hit = [k for k in _MEANS_KEYS if k in result]
-        for key in hit:
-            result[key] = math.nan
-        warnings.warn(
-            "all class means coincide: NC1, NC2 and NC3 of the means undefined "
-            f"(NaN: {', '.join(hit)})", RuntimeWarning, stacklevel=3)
-    bad = [k for k, v in result.items()
-           if not math.isfinite(v) and not (means_coincide and k in _MEANS_KEYS)]
-    for key in bad:
-        result[key] = math.nan
-    if bad:
-        warnings.warn(
-            f"{', '.join(bad)} undefined for these data (NaN): a zero class-mean or "
-            "classifier vector, two coinciding class means or directions, or no spread",
-            RuntimeWarning, stacklevel=3)
-
-
 def _chunk_rows(dim: int, num_classes: int) -> int:
     return max(1, CHUNK_ELEMENTS // (dim + 2 * num_classes))
 
@@ -533,6 +367,7 @@ def _classifier(
     num_classes: int | None,
     device: torch.device | str | None,
 ) -> tuple[Tensor, Tensor, int]:
+    """(weight (C, D), bias (C,)) float64 on ``device`` (default: the weight's), and C."""
     weight = as_tensor("weight", weight)
     if weight.ndim != 2:
         raise ValueError(f"weight must have shape (C, D), got {tuple(weight.shape)}")

@@ -5,7 +5,7 @@ Usage::
     metric = NCMetric(num_classes=10, classifier=model.fc)   # D read from the classifier
     for x, y in loader:
         metric.update(penultimate(x), y)                      # any chunking, dtype, device
-    values = metric.compute()                                 # METRICS.md keys -> 0-d tensors
+    values = metric.compute()                                 # docs/metrics.md keys -> 0-d tensors
 
 The state is :class:`~nctools.metrics.stats.ClassStats`' own (counts, shifted sums,
 squared norms and the full D x D second moment, float64), registered with
@@ -39,8 +39,8 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from nctools.metrics.decisions import DecisionTally
-from nctools.metrics.inputs import as_tensor, check_num_classes
-from nctools.metrics.measure import BEYOND_KEYS, METRIC_KEYS, beyond_metrics, collapse_metrics
+from nctools.metrics.engine import BEYOND_KEYS, METRIC_KEYS, class_metrics, nc4_metrics
+from nctools.metrics.inputs import as_tensor, check_num_classes, dtype_name
 from nctools.metrics.stats import BLOCK_ELEMENTS, ClassStats
 
 F64 = torch.float64
@@ -54,7 +54,7 @@ Classifier = nn.Linear | tuple[Tensor, Tensor | None] | Tensor
 
 
 class NCMetric(Metric):
-    """Every NC1-NC4 metric of METRICS.md (Papyan, Han & Donoho, PNAS 2020), streaming.
+    """Every NC1-NC4 metric of docs/metrics.md (Papyan, Han & Donoho, PNAS 2020), streaming.
 
     Args:
         num_classes: C (>= 2).
@@ -74,7 +74,7 @@ class NCMetric(Metric):
             identical on every process; see the module docstring for when to pass one.
         kwargs: torchmetrics' own (``dist_sync_on_step``, ``process_group``, ...).
 
-    ``compute()`` returns a dict of the METRICS.md keys (``METRIC_KEYS``) to 0-d float64
+    ``compute()`` returns a dict of the docs/metrics.md keys (``METRIC_KEYS``) to 0-d float64
     tensors. Like ``nctools.measure`` it raises ValueError naming an empty class, so a
     ``forward`` call (which measures its batch alone) needs every class in the batch.
     """
@@ -123,8 +123,9 @@ class NCMetric(Metric):
             if not bool(torch.isfinite(reference).all()):
                 raise ValueError("reference contains NaN or Inf values")
             shift = shift + reference
-        # not a state: fixed, identical on every process, moved with the module
-        self.register_buffer("shift", shift, persistent=False)
+        # fixed, identical on every process, moved with the module; saved in state_dict
+        # (the sums are about it) and checked on load and on merge
+        self.register_buffer("shift", shift, persistent=True)
         self.add_state("counts", torch.zeros(num_classes, dtype=F64), dist_reduce_fx="sum")
         self.add_state("sums", torch.zeros(num_classes, dim, dtype=F64), dist_reduce_fx="sum")
         self.add_state("sq_norms", torch.zeros(num_classes, dtype=F64), dist_reduce_fx="sum")
@@ -132,6 +133,33 @@ class NCMetric(Metric):
         if self.keep_features:
             self.add_state("features", [], dist_reduce_fx="cat")
             self.add_state("labels", [], dist_reduce_fx="cat")
+
+    def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
+        """Add another NCMetric's state (torchmetrics' merge): both must have been built with
+        the same ``reference``, the point their sums are taken about."""
+        if isinstance(incoming_state, NCMetric) and not torch.equal(
+            self.shift, incoming_state.shift.to(self.shift.device)
+        ):
+            raise ValueError("merge_state: the metrics were built with different reference= "
+                             "(their moments are about different points); give both the same")
+        super().merge_state(incoming_state)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        """Load the states and the ``reference`` they are about (ValueError naming reference
+        if it has another shape or is not finite); a state dict saved without it keeps
+        this metric's."""
+        key = prefix + "shift"
+        if key not in state_dict:
+            state_dict[key] = self.shift
+        loaded = as_tensor("reference", state_dict[key])
+        if tuple(loaded.shape) != tuple(self.shift.shape) or not loaded.dtype.is_floating_point:
+            raise ValueError(f"reference in the state dict has shape {tuple(loaded.shape)} "
+                             f"({dtype_name(loaded)}); this metric's is "
+                             f"{tuple(self.shift.shape)} float64")
+        if not bool(torch.isfinite(loaded).all()):
+            raise ValueError("reference in the state dict contains NaN or Inf values")
+        state_dict[key] = loaded.to(F64)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _stats(self) -> ClassStats:
         return ClassStats.from_state(
@@ -150,15 +178,14 @@ class NCMetric(Metric):
             self.labels.append(labels.detach().to(device=device, dtype=torch.long))
 
     def compute(self) -> dict[str, Tensor]:
-        """The METRICS.md keys as 0-d float64 tensors (NaN where undefined, see the class)."""
+        """The docs/metrics.md keys as 0-d float64 tensors (NaN where undefined, see the class)."""
         stats = self._stats()
         stats.check_nonempty()
         weight, bias = self._classifier()
         if weight is None:
             _warn_once(self, "no classifier: the metrics of W (NC2 weights, NC3, NC4 "
                              "accuracy and mismatch) are NaN")  # fmt: skip
-        result: dict[str, float] = collapse_metrics(stats, weight)
-        result.update(beyond_metrics(stats, weight, stats.global_mean()))
+        result = class_metrics(stats, weight, stats.global_mean())
         result.update(dict.fromkeys(NC4_KEYS, float("nan")))
         if self.keep_features:
             result.update(self._decisions(stats, weight, bias))
@@ -198,28 +225,17 @@ class NCMetric(Metric):
     ) -> dict[str, float]:
         """NC4 (Papyan et al. 2020, Fig. 7) over the kept samples, with the final means.
 
-        The same tally as ``nctools.measure``'s second pass: a means-only ClassStats pass
-        about the class means hands each block to :class:`DecisionTally`.
+        The engine's second-pass tally (:mod:`nctools.metrics.engine`): a means-only
+        ClassStats pass about the class means hands each block to :class:`DecisionTally`.
         """
-        device = self.counts.device
-        means, reference = stats.class_means(), stats.global_mean()
-        stand_in = weight is None  # NCC accuracy needs no classifier
-        if weight is None or bias is None:
-            weight = torch.zeros(self.num_classes, self.dim, dtype=F64, device=device)
-            bias = torch.zeros(self.num_classes, dtype=F64, device=device)
-        tally = DecisionTally(weight, bias, means, reference)
-        no_basis = torch.zeros(self.dim, 0, dtype=F64, device=device)
-        second = ClassStats(self.num_classes, self.dim, shift=means, basis=no_basis, device=device)
+        means = stats.class_means()
+        tally = DecisionTally(weight, bias, means, stats.global_mean())
+        no_basis = torch.zeros(self.dim, 0, dtype=F64, device=means.device)
+        second = ClassStats(self.num_classes, self.dim, shift=means, basis=no_basis,
+                            device=means.device)
         for feats, labs in _kept_blocks(self.features, self.labels, self.dim):
-            second.update(feats, labs, on_block=tally.add)
-        total = float(second.counts.sum())
-        disagree, right, ncc_right = (float(c) / total for c in tally.counts)
-        nan = float("nan")
-        return {
-            "ncc_mismatch": nan if stand_in else disagree,
-            "accuracy": nan if stand_in else right,
-            "ncc_accuracy": ncc_right,
-        }
+            second.update(feats, labs, on_block=tally.add, check=False)
+        return nc4_metrics(tally, float(second.counts.sum()), weight is not None)
 
 
 def _kept_blocks(

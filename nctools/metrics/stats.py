@@ -174,6 +174,7 @@ class ClassStats:
         on_block: OnBlock | None = None,
         *,
         check_finite: bool = True,
+        check: bool = True,
     ) -> ClassStats:
         """Add a chunk of samples.
 
@@ -194,14 +195,18 @@ class ClassStats:
                 can reuse them (``measure`` tallies NC4). x lives in a reused buffer:
                 valid only during the call.
             check_finite: refuse NaN/Inf features (one min/max reduction per block).
-                ``measure`` turns it off: NaN or Inf in its first pass's class sums already
-                stop it, before anything is reported, and its second pass reads the same rows.
+            check: check the inputs at all (below). The measurement engine
+                (:mod:`nctools.metrics.engine`) turns it off: its entry points have checked
+                them, and NaN or Inf show in its first pass's class sums.
 
         Raises:
             ValueError naming the argument: wrong shapes, non-float features, non-integer
             labels or labels outside [0, C), NaN or Inf features. Nothing is added then.
         """
-        h, y = self.checked(features, labels, check_finite)
+        if check:
+            h, y = self.checked(features, labels, check_finite)
+        else:
+            h, y = features.detach().to(self.device), labels.to(self.device, torch.long)
         if h.shape[0] == 0:
             return self
         self._set_new_shifts(h, y)

@@ -86,7 +86,7 @@ def extract_split(
                 feats.append(out.float().cpu())
                 labels.append(y.cpu())
                 for name, value in (taps.pop() if layers else {}).items():
-                    inner[name].append(value.cpu())
+                    inner[name].append(value.float().cpu())  # as the penultimate rows
     finally:
         model.train(was_training)
     if not feats:
@@ -149,9 +149,11 @@ def resolve_layers(model: nn.Module, layers: str | list[str] | tuple[str, ...]) 
 
 
 def pool_activation(x: Tensor, pool: str) -> Tensor:
-    """(B, ...) activation -> (B, D) float32 rows.
+    """(B, ...) activation -> (B, D) rows of its own float dtype (a float64 network keeps
+    float64 features: float32 would lose the within-class spread under a large common
+    offset); a non-float activation becomes float32.
 
-    ``pool="avg"``: a 4-D (B, K, H, W) map is averaged over H and W (METRICS.md,
+    ``pool="avg"``: a 4-D (B, K, H, W) map is averaged over H and W (docs/metrics.md,
     "Classifier-free measurement"); a 3-D token sequence (B, T, K) over T. Other shapes
     and ``pool="flatten"`` flatten everything after the batch axis.
     """
@@ -159,7 +161,8 @@ def pool_activation(x: Tensor, pool: str) -> Tensor:
         x = x.mean(dim=(2, 3))
     elif pool == "avg" and x.ndim == 3:
         x = x.mean(dim=1)
-    return x.flatten(1).float()
+    x = x.flatten(1)
+    return x if x.dtype.is_floating_point else x.float()
 
 
 class LayerTaps:

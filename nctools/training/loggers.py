@@ -8,7 +8,7 @@ Usage (``train.loggers: [tensorboard, mlflow]`` in the config does this inside t
 
 Each history row goes out as scalars at step = epoch (``train_loss``, ``test_acc``, ...);
 with ``snapshot.measure: true`` each snapshot's metrics follow as ``nc/<split>/<metric>``
-(METRICS.md keys). Everything is written under ``RUN/logs/``: TensorBoard event files
+(docs/metrics.md keys). Everything is written under ``RUN/logs/``: TensorBoard event files
 in ``RUN/logs/``, an MLflow local SQLite store ``RUN/logs/mlflow.db``, a W&B offline run
 in ``RUN/logs/wandb`` (``wandb sync`` uploads it later). Each library is an optional extra,
 imported only when named. The module sits in ``training`` (not ``integrations``) because
@@ -133,25 +133,28 @@ def snapshot_metrics(
     splits: Mapping[str, tuple[Any, Any]], weight: Any, bias: Any
 ) -> dict[str, float]:
     """{``nc/<split>/<metric>``: value} of a snapshot's features, as ``nctools analyze``
-    would report them (test NC4 against the train means, METRICS.md "On other data").
+    would report them (test NC4 against the train means, docs/metrics.md "On other data").
 
     Args:
         splits: name -> (features (n, D), labels (n,)); under torchrun each rank's shard
             (every rank must call this: the statistics are summed across processes).
         weight: (C, D), bias: (C,) or None, the classifier.
     """
+    import torch.distributed as dist
+
+    from nctools.metrics.engine import TRAIN_SPLIT, ReferenceMeans
     from nctools.metrics.measure import measure_chunks
 
     values: dict[str, float] = {}
-    train_means = None
-    for name in sorted(splits, key=lambda s: s != "train"):  # train first: its means
+    train_means = ReferenceMeans()
+    for name in sorted(splits, key=lambda s: s != TRAIN_SPLIT):  # train first: its means
         features, labels = splits[name]
         result, means = measure_chunks(
             functools.partial(list, [(features, labels)]), weight, bias,
-            class_means=None if name == "train" else train_means,
+            class_means=train_means.for_split(name),
+            group=dist.group.WORLD,  # None outside torchrun: this process alone
         )
-        if name == "train":
-            train_means = means
+        train_means.keep(name, means)
         values.update({f"nc/{name}/{key}": value for key, value in result.items()})
     return values
 

@@ -129,3 +129,41 @@ def test_peak_memory_does_not_grow_with_n():
     small, large = (float(v) for v in out.stdout.split())
     # holding the 40,000 flattened activations alone would add 78 MiB
     assert large - small < 16, (small, large)
+
+
+class Shrinking:
+    """A loader whose second pass yields only its first batch (a sampler that changed, a
+    stream that ran dry): the two passes would read different samples."""
+
+    def __init__(self, data):
+        self.data, self.passes = data, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.data if self.passes == 1 else self.data[:1])
+
+
+def test_a_loader_with_fewer_rows_on_its_second_pass_is_refused():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 4))
+    data = batches()
+    with pytest.raises(ValueError, match=r"^data yielded 24 rows on the first pass and 5 on "
+                                         r"the second: it must return the same rows"):
+        nctools.measure_model(net, Shrinking(data), layers=["0", "4"])
+
+
+def test_a_float64_network_is_measured_in_its_own_precision():
+    """Features 1e6 from the origin with a within-class spread of 1e-3: float32 keeps
+    steps of 0.06 there, so a cast would leave no spread to measure."""
+    torch.manual_seed(1)
+    num_classes, dim = 3, 5
+    labels = torch.arange(num_classes).repeat(20)
+    centres = torch.randn(num_classes, dim, dtype=torch.float64)
+    inputs = 1e6 + centres[labels] + 1e-3 * torch.randn(60, dim, dtype=torch.float64)
+    net = nn.Sequential(nn.Identity(), nn.Linear(dim, num_classes)).double()
+    data = [(inputs[i : i + 16], labels[i : i + 16]) for i in range(0, 60, 16)]
+    got = nctools.measure_model(net, data, layers=["1"])["1"]
+    want = nctools.measure(inputs, labels, net[1].weight.detach(), net[1].bias.detach())
+    for key in ("nc1", "nc1_ratio", "cdnv", "etf_means", "accuracy", "ncc_accuracy"):
+        assert got[key] == pytest.approx(want[key], rel=1e-9), key

@@ -57,6 +57,10 @@ def reference_beyond(H, y, W=None, b=None, C=None, global_mean="samples", ood=No
         g = np.asarray(ood, dtype=np.float64).mean(0) - mu_G
         out["nc5"] = np.mean([abs(Mc[c] @ g) / (np.linalg.norm(Mc[c]) * np.linalg.norm(g))
                               for c in range(C)])
+        raw = np.asarray(ood, dtype=np.float64).mean(0)  # NECO's uncentred form
+        out["nc5_uncentred"] = np.mean([abs(mu[c] @ raw) / (np.linalg.norm(mu[c])
+                                                           * np.linalg.norm(raw))
+                                        for c in range(C)])
     if lam is not None:
         b = np.zeros(C) if b is None else np.asarray(b, dtype=np.float64)
         X = np.hstack([H, np.ones((N, 1))])
@@ -225,6 +229,24 @@ def test_invariances():
     shift = rng.normal(size=5) * 10
     assert measure(H + shift, y, W, b, ood_features=ood + shift)["nc5"] == pytest.approx(
         base["nc5"], rel=1e-9)
+
+
+def test_nc5_uncentred_is_the_raw_means_cosine_and_differs_on_offset_data():
+    """NECO's uncentred form (Ammar et al. 2024) against the NumPy reference: on features
+    far from the origin every raw mean points along the offset, so it nears 1, while the
+    centred nc5 does not move with the offset."""
+    H, y, W, b = imbalanced(5, 6, seed=23)
+    ood = np.random.default_rng(4).normal(size=(11, 6))
+    offset = np.full(6, 40.0)
+    got = measure(H + offset, y, W, b, ood_features=ood + offset)
+    want = reference_beyond(H + offset, y, W, b, ood=ood + offset)
+    assert list(got)[list(got).index("nc5") + 1] == "nc5_uncentred"
+    for key in ("nc5", "nc5_uncentred"):
+        assert got[key] == pytest.approx(want[key], rel=1e-10), key
+    plain = measure(H, y, W, b, ood_features=ood)
+    assert got["nc5"] == pytest.approx(plain["nc5"], rel=1e-9)
+    assert got["nc5_uncentred"] > 0.99 and got["nc5_uncentred"] - got["nc5"] > 0.2
+    assert abs(plain["nc5_uncentred"] - got["nc5_uncentred"]) > 0.1
 
 
 def test_classes_subset_is_the_filtered_problem():

@@ -176,3 +176,33 @@ def test_ddp_sync_gives_the_metrics_of_the_union(tmp_path):
     expected = np.array([measure(h, y, w, b)[k] for k in METRIC_KEYS])
     for rank in range(2):
         np.testing.assert_allclose(np.load(tmp_path / f"rank{rank}.npy"), expected, rtol=1e-10)
+
+
+def test_reference_is_state_saved_loaded_and_checked_on_merge():
+    ht, yt, w, b = data(seed=8)
+    offset = torch.full((6,), 3.0, dtype=torch.float64)
+    first = NCMetric(4, (w, b), reference=offset)
+    first.update(ht[:40], yt[:40])
+    plain = NCMetric(4, (w, b))
+    plain.update(ht[40:], yt[40:])
+    with pytest.raises(ValueError, match=r"^merge_state: the metrics were built with "
+                                         r"different reference="):
+        first.merge_state(plain)
+    first.persistent(True)
+    saved = first.state_dict()
+    assert torch.equal(saved["shift"], offset.expand(4, 6))
+    loaded = NCMetric(4, (w, b), dim=6)
+    loaded.load_state_dict(saved)  # the sums come with the point they are about
+    second = NCMetric(4, (w, b), reference=offset)
+    second.update(ht[40:], yt[40:])
+    loaded.merge_state(second)
+    whole = NCMetric(4, (w, b), reference=offset)
+    whole.update(ht, yt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got, want = loaded.compute(), whole.compute()
+    for key in ("nc1", "cdnv", "etf_means", "self_duality"):
+        assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-12), key
+    saved["shift"] = torch.full((4, 5), 1.0, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"^reference in the state dict has shape \(4, 5\)"):
+        NCMetric(4, dim=6).load_state_dict(saved)

@@ -47,7 +47,7 @@ from nctools.training.distributed import (
     shard_rows,
 )
 from tests import helpers
-from tests.helpers import free_port
+from tests.helpers import as_rank, free_port, run_ranks
 
 T = sys.modules["nctools.training.loop"]  # the module; `nctools.training.loop` is also the function
 
@@ -60,18 +60,6 @@ def tiny_config():
     """51 training images (batches of 8: the last has 3 rows, split 2 + 1), 24 test."""
     return helpers.tiny_config(train_per_class=17, epochs=EPOCHS, batch_size=8,
                                snapshots=list(SNAPSHOTS))
-
-
-def _as_rank(rank: int, world: int, port: int, fn, args) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    fn(rank, *args)
-
-
-def run_ranks(fn, *args, world: int = 2) -> None:
-    """``fn(rank, *args)`` in ``world`` forked processes with torchrun's environment."""
-    mp.start_processes(_as_rank, args=(world, free_port(), fn, args), nprocs=world,
-                       join=True, start_method="fork")
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +218,7 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_epoch(one_run, tmp
     waiting in a collective, and the run resumes to the uninterrupted result."""
     run = tmp_path / "run"
     context = mp.start_processes(
-        _as_rank, args=(2, free_port(), _signalled_on_one_rank, (str(run), str(tmp_path))),
+        as_rank, args=(2, free_port(), _signalled_on_one_rank, (str(run), str(tmp_path))),
         nprocs=2, join=False, start_method="fork")
     deadline = time.monotonic() + 120
     while not context.join(timeout=1):
