@@ -92,8 +92,9 @@ def test_factory_prefix_calls_the_user_s_function_with_what_it_takes():
 
 @pytest.mark.parametrize("name, message", [
     ("alexnet", "'alexnet': unknown network; choose one of convnet, resnet18, resnet34, "
-                "resnet50, vgg11, vgg13, vgg16, vgg19, densenet, timm:NAME, "
-                "torchvision:NAME, hf:PATH, package.module:factory"),
+                "resnet50, resnet152, vgg11, vgg13, vgg16, vgg19, densenet, densenet40, "
+                "densenet201, densenet250, timm:NAME, torchvision:NAME, hf:PATH, "
+                "package.module:factory"),
     ("timm:nonet", "'timm:nonet': timm has no model 'nonet'"),
     ("torchvision:nonet", "'torchvision:nonet': torchvision has no model 'nonet'"),
     ("hf:/no/such/folder", "'hf:/no/such/folder': /no/such/folder is not a local model folder"),
