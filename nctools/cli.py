@@ -53,7 +53,7 @@ def _epilog(*lines: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser: one subcommand per job, each with an example in its help."""
-    from nctools import __version__
+    from nctools._version import __version__
 
     fmt = argparse.RawDescriptionHelpFormatter
     parser = _Parser(

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from nctools import __version__
+from nctools._version import __version__
 from nctools.config.schema import (
     Config,
     DataConfig,

@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from nctools import __version__
+from nctools._version import __version__
 from nctools.config.schema import SNAPSHOT_DTYPES as SNAPSHOT_DTYPE_NAMES
 from nctools.errors import SnapshotError
 from nctools.runs import files, store

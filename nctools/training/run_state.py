@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nctools import __version__
+from nctools._version import __version__
 from nctools.config.schema import Config, TrainConfig, diff_configs, load_config
 from nctools.data.splits import Dataset
 from nctools.errors import CheckpointError, RunError
