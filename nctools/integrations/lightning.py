@@ -268,7 +268,7 @@ class NeuralCollapseCallback(pl.Callback):
         for chunk, chunk_labels in self._features(pl_module, hook, loaders):
             feats.append(chunk.float().cpu())
             labels.append(chunk_labels.cpu())
-        dtype = snapshots.SNAPSHOT_DTYPES[self.snapshot_dtype]
+        dtype = snapshots.TORCH_DTYPES[self.snapshot_dtype]
         return torch.cat(feats).to(dtype).float(), torch.cat(labels).long()
 
     def _config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layer: nn.Linear,

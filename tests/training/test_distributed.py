@@ -9,6 +9,7 @@ batches, summed in another order), metrics to 1e-9, features bit for bit.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -48,7 +49,7 @@ from nctools.training.distributed import (
 from tests import helpers
 from tests.helpers import free_port
 
-T = sys.modules["nctools.training.loop"]  # the module; `nctools.training.loop` is also the function
+T = importlib.import_module("nctools.training.loop")  # the module, not the function `train`
 
 EPOCHS, SNAPSHOTS = 4, [2, 4]
 HISTORY = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc"]
