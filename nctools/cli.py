@@ -193,9 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from nctools.config.schema import load_config
+    from nctools.runs.resume import check_resume_changes
     from nctools.training.distributed import dist_from_env
     from nctools.training.loop import train
-    from nctools.training.run_state import check_resume_changes
 
     say = print if dist_from_env().is_main else _silent  # under torchrun rank 0 alone speaks
 

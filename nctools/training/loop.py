@@ -15,7 +15,8 @@ checkpoint always lies at or behind everything else on disk, and resuming from i
 rewrites whatever came later. The history row, checkpoint and manifest are serialised at
 the end of the epoch and written, in that order, while the next epoch trains
 (:mod:`nctools.training.writer`); the pieces of a step live in :mod:`nctools.training.steps`,
-what a run holds and how it is built and restored in :mod:`nctools.training.run_state`, the
+whether a folder takes a new run or continues one in :mod:`nctools.runs.resume`, what a run
+holds and how it is built and restored in :mod:`nctools.training.run_state`, the
 progress bar in :mod:`nctools.training.progress`. A resumed
 CPU run is bit-identical to an uninterrupted one: the batch order and augmentation of
 epoch ``e`` come from a generator seeded by ``(seed, e)`` alone, and the global RNG state
@@ -53,6 +54,7 @@ from nctools.models.features import extract_split
 from nctools.models.networks import classifier_of
 from nctools.runs import files, snapshots, store
 from nctools.runs.layout import CHECKPOINT_FILE, CONFIG_FILE
+from nctools.runs.resume import open_run
 from nctools.training.distributed import (
     DistInfo,
     barrier,
@@ -70,7 +72,6 @@ from nctools.training.run_state import (
     build_run,
     checkpoint_state,
     mark_failed,
-    open_run,
     record_extension,
     record_progress,
     restore_checkpoint,
