@@ -276,7 +276,7 @@ def summary(table) -> str:
 def cmd_plot(args: argparse.Namespace) -> int:
     from nctools.analysis.plots import figure_format, plot_runs, select_panels
     from nctools.analysis.tables import current_table, run_is_writable
-    from nctools.training.sweep import is_sweep
+    from nctools.runs.sweeps import is_sweep
 
     _check_out(args.out, "FILE")
     runs = [Path(r) for r in args.runs]
@@ -294,7 +294,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
                            "--out FILE")
     figure_format(out)  # a bad extension fails before any analysis runs
     if args.hue or any(is_sweep(r) for r in runs):
-        from nctools.analysis.sweep import collect
+        from nctools.analysis.collect import collect
 
         print(f"wrote {plot_runs(collect(runs), out, hue=args.hue)}")
         return 0
@@ -391,7 +391,7 @@ def _add_sweep_parsers(sub, fmt) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from nctools.training.sweep import parse_grid, plan_sweep, submit
+    from nctools.training.launch import parse_grid, plan_sweep, submit
 
     sweep = plan_sweep(args.config, parse_grid(args.grid), args.out, args.seeds,
                        args.overrides)
@@ -416,7 +416,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from nctools.analysis.sweep import best, collect, write_table
+    from nctools.analysis.collect import best, collect, write_table
 
     table = collect(args.sweeps)
     if args.out:

@@ -68,3 +68,9 @@ def run_identity(run_dir: Path) -> str:
     ``run_id``), so a run stays the same run whatever its folder is called later."""
     known = read_if_any(run_dir).get("run_id")
     return known if isinstance(known, str) and known else uuid.uuid4().hex
+
+
+def is_complete(run_dir: Path, epochs: int) -> bool:
+    """Whether the run in ``run_dir`` finished all its ``epochs`` (``run.json`` says so)."""
+    stands = read_if_any(run_dir)
+    return stands.get("status") == "completed" and stands.get("epochs_done") == epochs

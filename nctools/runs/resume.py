@@ -111,8 +111,7 @@ def open_run(run_dir: Path, config: Config, resume: bool) -> tuple[Config | None
     if refused:
         warnings.warn(f"{run_dir}: resuming with its saved {CONFIG_FILE}; ignored: "
                       f"{'; '.join(refused)}", stacklevel=3)
-    stands = manifest.read_if_any(run_dir)
-    if stands.get("status") == "completed" and stands.get("epochs_done") == epochs:
+    if manifest.is_complete(run_dir, epochs):
         log.info("%s is complete (%d epochs); nothing to do", run_dir, epochs)
         return None, None
     checkpoint = run_dir / CHECKPOINT_FILE

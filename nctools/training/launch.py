@@ -1,5 +1,5 @@
-"""Sweeps: a config times a grid of settings (and seeds), one ordinary run per point,
-trained through submitit on a Slurm cluster (job arrays) or on this machine.
+"""Launching sweeps: a config times a grid of settings (and seeds), one ordinary run per
+point, trained through submitit on a Slurm cluster (job arrays) or on this machine.
 
 Usage::
 
@@ -10,13 +10,10 @@ Usage::
 (also ``nctools sweep CONFIG --grid KEY=SPEC ... --out SWEEP --executor slurm``). The
 paper (Papyan, Han & Donoho, PNAS 2020) swept 25 learning rates log-spaced in
 [1e-4, 0.25] per cell and kept the one with the best final test error
-(:func:`nctools.analysis.sweep.best`).
+(:func:`nctools.analysis.collect.best`).
 
-The sweep folder::
-
-    SWEEP/sweep.json       the config, grid, seeds and points (written once)
-    SWEEP/runs/NAME/       one ordinary run directory per point (nctools analyze/plot work)
-    SWEEP/submitit/        submitit's job files and logs
+The sweep folder (``sweep.json``, ``runs/NAME/``, ``submitit/``) is
+:mod:`nctools.runs.sweeps`'.
 
 Every point is resumable: a job that is preempted or reaches its time limit receives
 submitit's signal (USR2), asks to be requeued (:meth:`SweepJob.checkpoint`) and continues
@@ -40,15 +37,13 @@ from typing import Any
 import yaml
 
 from nctools.config.schema import Config, config_to_dict, load_config
-from nctools.errors import ConfigError, RunError
-from nctools.runs import files, store
-from nctools.runs.layout import CONFIG_FILE, MANIFEST_FILE
+from nctools.errors import ConfigError
+from nctools.runs.layout import SUBMITIT_DIR
+from nctools.runs.manifest import is_complete
+from nctools.runs.sweeps import point_dir, record_sweep
 
 log = logging.getLogger(__name__)
 
-SWEEP_FILE = "sweep.json"
-RUNS_DIR = "runs"
-SUBMITIT_DIR = "submitit"
 EXECUTORS = ("local", "slurm", "debug")
 _RANGE = re.compile(r"^(logspace|linspace):([^:]+):([^:]+):(\d+)$")
 
@@ -120,7 +115,7 @@ class Sweep:
     points: list[SweepPoint]
 
     def run_dir(self, point: SweepPoint) -> Path:
-        return self.root / RUNS_DIR / point.name
+        return point_dir(self.root, point.name)
 
 
 def _format(value: Any) -> str:
@@ -173,49 +168,8 @@ def plan_sweep(
         "seeds": axes["seed"], "base": config_to_dict(base),
         "points": [{"name": p.name, "values": p.values} for p in points],
     }
-    path = root / SWEEP_FILE
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RunError(f"{path}: not a sweep record ({exc}); use another --out") from None
-        if old != json.loads(json.dumps(record)):
-            raise RunError(f"{root} holds another sweep (its {SWEEP_FILE} differs: config, "
-                           "grid, seeds or --set); use another --out")
-    elif root.is_dir() and any(root.iterdir()):
-        raise RunError(f"{root} holds files but no sweep; use another --out")
-    else:
-        root.mkdir(parents=True, exist_ok=True)
-        files.write_json(path, record)
+    record_sweep(root, record)
     return Sweep(root, points)
-
-
-def is_sweep(path: str | Path) -> bool:
-    """Whether ``path`` is a sweep folder (holds ``sweep.json``)."""
-    return (Path(path) / SWEEP_FILE).is_file()
-
-
-def sweep_runs(path: str | Path) -> list[Path]:
-    """The run directories of the sweep in ``path`` that exist, in point order."""
-    root = Path(path)
-    try:
-        record = json.loads((root / SWEEP_FILE).read_text())
-    except FileNotFoundError:
-        raise RunError(f"{root}: not a sweep (no {SWEEP_FILE}; make one with "
-                       f"`nctools sweep CONFIG --grid KEY=SPEC --out {root}`)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunError(f"{root / SWEEP_FILE}: not a sweep record ({exc})") from None
-    runs = [root / RUNS_DIR / p["name"] for p in record["points"]]
-    return [r for r in runs if (r / CONFIG_FILE).is_file()]
-
-
-def is_complete(run_dir: Path, config: Config) -> bool:
-    """Whether the run in ``run_dir`` finished all ``config.train.epochs``."""
-    if not (run_dir / MANIFEST_FILE).is_file():
-        return False
-    manifest = store.read_manifest(run_dir)
-    return manifest.get("status") == "completed" and \
-        manifest.get("epochs_done") == config.train.epochs
 
 
 class SweepJob:
@@ -277,7 +231,8 @@ def submit(sweep: Sweep, executor: str = "local", slurm: dict[str, Any] | None =
     """
     if parallel < 1:
         raise ConfigError(f"--parallel: must be >= 1, got {parallel}")
-    todo = [p for p in sweep.points if not is_complete(sweep.run_dir(p), p.config)]
+    todo = [p for p in sweep.points
+            if not is_complete(sweep.run_dir(p), p.config.train.epochs)]
     if not todo:
         return []
     ex = make_executor(sweep.root / SUBMITIT_DIR, executor, slurm)

@@ -15,13 +15,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from nctools.analysis.collect import best, collect, write_table
 from nctools.analysis.plots import collapse_figure
-from nctools.analysis.sweep import best, collect, write_table
 from nctools.config.schema import load_config
 from nctools.errors import ConfigError, RunError
 from nctools.runs import store
+from nctools.runs.layout import SUBMITIT_DIR, SWEEP_RUNS_DIR
 from nctools.runs.store import save_config
-from nctools.training import sweep as S
+from nctools.training import launch as S
 from nctools.training.loop import train
 from tests import helpers
 
@@ -128,7 +129,7 @@ def test_the_requeued_call_resumes_an_interrupted_point(tmp_path, monkeypatch):
 
     config = _config_file(tmp_path, epochs=4)
     point = S.plan_sweep(config, {"train.lr": [0.02]}, tmp_path / "sw").points[0]
-    run = tmp_path / "sw" / S.RUNS_DIR / point.name
+    run = tmp_path / "sw" / SWEEP_RUNS_DIR / point.name
     real, calls = loop.train_step, [0]
 
     def dies_at_step_8(*args, **kwargs):  # 3 steps an epoch: inside epoch 3
@@ -156,7 +157,7 @@ def test_a_killed_job_is_requeued_and_resumes(tmp_path):
     the job requeues itself and finishes from its checkpoint, as if never stopped."""
     config = _config_file(tmp_path, epochs=12, batch_size=8)
     sweep = S.plan_sweep(config, {"train.lr": [0.02]}, tmp_path / "sw")
-    ex = S.make_executor(sweep.root / S.SUBMITIT_DIR, "local")
+    ex = S.make_executor(sweep.root / SUBMITIT_DIR, "local")
     point = sweep.points[0]
     run = sweep.run_dir(point)
     job = ex.submit(S.SweepJob(), point.config, str(run))
@@ -173,7 +174,7 @@ def test_a_killed_job_is_requeued_and_resumes(tmp_path):
     job.result()
     manifest = store.read_manifest(run)
     assert manifest["status"] == "completed" and manifest["epochs_done"] == 12
-    folder = sweep.root / S.SUBMITIT_DIR
+    folder = sweep.root / SUBMITIT_DIR
     out = "".join(p.read_text() for p in folder.glob("*_log.out"))
     err = "".join(p.read_text() for p in folder.glob("*_log.err"))
     assert "Requeued job" in out and out.count("Starting with JobEnvironment") == 2
