@@ -80,8 +80,6 @@ from nctools.training.run_state import (
 )
 from nctools.training.steps import (
     batch_loss,
-    build_optimizer,  # noqa: F401 (the loop's pieces, importable from here)
-    build_scheduler,  # noqa: F401
     epoch_generator,
     rank_batches,
     resolve_device,
