@@ -11,7 +11,8 @@ Both start from :func:`saved_config`: a new path or an empty folder is a new run
 a link that leads nowhere, or a folder of other files is refused; a folder with a
 ``config.yaml`` holds a run, whose saved config decides. A run of ``nctools train``
 continues with its saved config, of which only ``RESUME_MAY_CHANGE`` may differ silently
-and ``train.epochs`` may grow (the run is extended).
+and ``train.epochs`` may grow (the run is extended); a run that stopped before finishing
+its first epoch is started anew with a changed config.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 from nctools.config.schema import Config, diff_configs, load_config
 from nctools.errors import RunError
 from nctools.runs import files, manifest, store
-from nctools.runs.layout import CHECKPOINT_FILE, CONFIG_FILE
+from nctools.runs.layout import CHECKPOINT_FILE, CONFIG_FILE, SNAPSHOTS_DIR
 
 log = logging.getLogger("nctools.training.loop")
 
@@ -53,6 +54,15 @@ def saved_config(run_dir: Path, flag: str = "--out") -> Config | None:
         raise RunError(f"{run_dir} holds files but no nctools run (no {CONFIG_FILE}); use "
                        f"another {flag}, or an empty or new folder")
     return None
+
+
+def any_epoch_done(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` finished an epoch (``run.json``'s ``epochs_done``) or
+    began writing a snapshot: a run that did neither (stopped by a logger library that
+    would not open, say) holds nothing a changed config would contradict."""
+    started = manifest.read_if_any(run_dir).get("epochs_done", 0) != 0
+    snapshots = run_dir / SNAPSHOTS_DIR
+    return started or (snapshots.is_dir() and any(snapshots.iterdir()))
 
 
 def resume_changes(saved: Config, requested: Config) -> tuple[list[str], int]:
@@ -93,7 +103,8 @@ def open_run(run_dir: Path, config: Config, resume: bool) -> tuple[Config | None
     checkpoint to resume from (None for a fresh start). Resumed, the run keeps its saved
     config except the ``RESUME_MAY_CHANGE`` keys, and ``train.epochs`` when ``resume`` asks
     for more (the run is extended); other differences are warned about and ignored with
-    ``resume``, refused without it.
+    ``resume``, refused without it, unless the run never finished an epoch
+    (:func:`any_epoch_done`): it then starts anew with ``config``.
     """
     saved = saved_config(run_dir)
     if saved is None:
@@ -102,6 +113,10 @@ def open_run(run_dir: Path, config: Config, resume: bool) -> tuple[Config | None
         return config, None
     refused, epochs = resume_changes(saved, config)
     if not resume and (refused or epochs != saved.train.epochs):
+        if not any_epoch_done(run_dir):
+            log.info("%s: its run stopped before finishing an epoch; starting it anew with "
+                     "the given config", run_dir)
+            return config, None
         diffs = diff_configs(saved, config, ignore=RESUME_MAY_CHANGE)
         raise RunError(
             f"{run_dir} holds a run of another config ({'; '.join(diffs)}); use another "

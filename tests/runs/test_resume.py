@@ -25,6 +25,7 @@ from tests.helpers import tiny_config
 
 def saved_run(run: Path, config: Config, status: str = "running", done: int = 2) -> Path:
     """A run folder as `nctools train` leaves it after ``done`` epochs."""
+    run.mkdir(exist_ok=True)
     store.save_config(config, run / CONFIG_FILE)
     store.save_checkpoint(run / CHECKPOINT_FILE, {"epoch": done})
     store.write_manifest(run, {"status": status, "epochs_done": done})
@@ -120,3 +121,19 @@ def test_an_external_run_continues_only_from_its_own_checkpoint(tmp_path):
     open_external_run(run, "lightning", done=2)  # resumed at epoch 2: later rows dropped
     assert store.read_history(run)["epoch"].tolist() == [1, 2]
     assert (run / HISTORY_FILE).is_file()
+
+
+def test_a_run_without_a_finished_epoch_takes_a_changed_config(tmp_path):
+    config = tiny_config()
+    other = replace(config, train=replace(config.train, lr=0.1))
+    run = saved_run(tmp_path / "started", config, done=0)
+    assert open_run(run, other, resume=False) == (other, None)  # started anew
+    assert open_run(run, config, resume=False) == (config, run / CHECKPOINT_FILE)
+    run = saved_run(tmp_path / "failed", config, status="failed", done=0)
+    assert open_run(run, other, resume=False) == (other, None)
+    (run / "snapshots" / "epoch-0001").mkdir(parents=True)  # epoch 1 was being written
+    with pytest.raises(RunError, match="holds a run of another config"):
+        open_run(run, other, resume=False)
+    done = saved_run(tmp_path / "done", config, done=1)
+    with pytest.raises(RunError, match="holds a run of another config"):
+        open_run(done, other, resume=False)

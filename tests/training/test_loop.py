@@ -436,3 +436,29 @@ def test_a_distributed_launch_is_refused(monkeypatch, tmp_path):
 def test_snapshot_schedule_is_the_config_one(full_run):
     cfg, run = full_run
     assert snapshots.list_snapshots(run) == snapshot_epochs(cfg.snapshot.epochs, EPOCHS)
+
+
+def test_a_run_that_failed_before_its_first_epoch_restarts_with_a_changed_config(
+        tmp_path, monkeypatch):
+    """A logger library that cannot be opened stops the run before epoch 1 (run.json left
+    at "running", no epoch done): the folder then takes the corrected config, as a new
+    run would, instead of refusing it as another run's."""
+    def missing(*args, **kwargs):
+        raise ImportError("No module named 'tensorboard'")
+
+    monkeypatch.setattr(T, "open_loggers", missing)
+    run = tmp_path / "run"
+    with pytest.raises(ImportError, match="tensorboard"):
+        T.train(tiny_config(loggers=["tensorboard"]), run)
+    assert store.read_manifest(run)["status"] == "running"
+    assert store.read_manifest(run)["epochs_done"] == 0
+    monkeypatch.undo()
+    fixed = helpers.tiny_config(epochs=2)  # also fewer epochs: a new run, not a shorter one
+    assert T.train(fixed, run) == run
+    assert store.read_manifest(run)["status"] == "completed"
+    assert load_config(run / "config.yaml") == fixed
+    assert store.read_history(run)["epoch"].tolist() == [1, 2]
+    fresh = tmp_path / "fresh"  # the same numbers as a run started in a new folder
+    T.train(fixed, fresh)
+    assert _history(run).equals(_history(fresh))
+    _assert_same_snapshots(run, fresh)
