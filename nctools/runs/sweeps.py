@@ -34,10 +34,25 @@ def is_sweep(path: str | Path) -> bool:
     return (Path(path) / SWEEP_FILE).is_file()
 
 
+def check_sweep_folder(out: str | Path) -> Path:
+    """The sweep folder ``out`` names (``~`` expanded); RunError naming ``--out`` for an
+    empty name, a file, or a link that leads nowhere."""
+    if not str(out).strip():
+        raise RunError("--out: empty; give the sweep folder")
+    root = Path(out).expanduser()
+    if root.is_symlink() and not root.exists():
+        raise RunError(f"--out {root}: is a symbolic link to {root.readlink()}, which does "
+                       "not exist")
+    if root.exists() and not root.is_dir():
+        raise RunError(f"--out {root}: is a file, not a sweep folder")
+    return root
+
+
 def record_sweep(root: Path, record: dict) -> None:
     """Write ``record`` as ``root/sweep.json``, or, where the folder holds a sweep already,
     check that it is this very sweep (it is then continued). RunError naming the folder
     for another sweep or a folder of other files."""
+    check_sweep_folder(root)
     path = root / SWEEP_FILE
     if path.is_file():
         try:

@@ -40,11 +40,14 @@ from nctools.config.schema import Config, config_to_dict, load_config
 from nctools.errors import ConfigError
 from nctools.runs.layout import SUBMITIT_DIR
 from nctools.runs.manifest import is_complete
-from nctools.runs.sweeps import point_dir, record_sweep
+from nctools.runs.sweeps import check_sweep_folder, point_dir, record_sweep
 
 log = logging.getLogger(__name__)
 
 EXECUTORS = ("local", "slurm", "debug")
+# A bound against a slip of the keyboard (--seeds 1000000): planning validates every
+# point's config, about 40 s for a million; the paper's largest grid is 25 learning rates.
+MAX_RUNS = 10_000
 _RANGE = re.compile(r"^(logspace|linspace):([^:]+):([^:]+):(\d+)$")
 
 
@@ -109,10 +112,12 @@ class SweepPoint:
 
 @dataclass
 class Sweep:
-    """A planned sweep: its folder and points (:func:`plan_sweep`)."""
+    """A planned sweep: its folder, points and ``sweep.json`` record (:func:`plan_sweep`;
+    written by :func:`submit`)."""
 
     root: Path
     points: list[SweepPoint]
+    record: dict[str, Any]
 
     def run_dir(self, point: SweepPoint) -> Path:
         return point_dir(self.root, point.name)
@@ -142,16 +147,15 @@ def plan_sweep(
     overrides: Sequence[str] = (),
 ) -> Sweep:
     """Expand ``config`` (with ``overrides``) times ``grid`` times ``seeds`` seeds
-    (``seed``, ``seed + 1``, ...) into points and record them in ``out/sweep.json``.
+    (``seed``, ``seed + 1``, ...) into points; :func:`submit` records them in
+    ``out/sweep.json``.
 
     A folder holding a sweep already must hold this very sweep (it is then continued);
     anything else is a RunError naming the folder. Every point's config is validated here,
-    before any job starts.
+    before any job starts; more than ``MAX_RUNS`` points is a ConfigError, before any.
     """
-    if seeds < 1:
-        raise ConfigError(f"--seeds: must be >= 1, got {seeds}")
-    if "seed" in grid and seeds > 1:
-        raise ConfigError("--grid seed=... and --seeds both set the seeds; give one of them")
+    check_sweep_size(grid, seeds)
+    root = check_sweep_folder(out)
     base = load_config(config, overrides)
     axes = dict(grid)
     if "seed" not in axes:
@@ -162,14 +166,32 @@ def plan_sweep(
         items = [*overrides, *(_override(k, v) for k, v in values.items())]
         cfg = load_config(config, items)  # each point validated, errors naming the item
         points.append(SweepPoint(_point_name(index, values), values, cfg))
-    root = Path(out).expanduser()
     record = {
         "config": str(config), "overrides": list(overrides), "grid": grid,
         "seeds": axes["seed"], "base": config_to_dict(base),
         "points": [{"name": p.name, "values": p.values} for p in points],
     }
-    record_sweep(root, record)
-    return Sweep(root, points)
+    if root.is_dir() and any(root.iterdir()):  # only checked here: another sweep is refused
+        record_sweep(root, record)
+    return Sweep(root, points, record)
+
+
+def check_sweep_size(grid: dict[str, list[Any]], seeds: int) -> None:
+    """ConfigError naming ``--seeds`` or ``--grid`` when the sweep has no run or more than
+    ``MAX_RUNS``, before a single point is planned."""
+    if seeds < 1:
+        raise ConfigError(f"--seeds: must be >= 1, got {seeds}")
+    if "seed" in grid and seeds > 1:
+        raise ConfigError("--grid seed=... and --seeds both set the seeds; give one of them")
+    points = math.prod(len(values) for values in grid.values())
+    if points * seeds <= MAX_RUNS:
+        return
+    if points <= MAX_RUNS // seeds or seeds > MAX_RUNS:
+        raise ConfigError(f"--seeds: {seeds} seeds make {points * seeds} runs, more than the "
+                          f"{MAX_RUNS} one sweep may hold")
+    sizes = " x ".join(str(len(values)) for values in grid.values())
+    raise ConfigError(f"--grid: {sizes} points make {points * seeds} runs, more than the "
+                      f"{MAX_RUNS} one sweep may hold")
 
 
 class SweepJob:
@@ -231,6 +253,9 @@ def submit(sweep: Sweep, executor: str = "local", slurm: dict[str, Any] | None =
     """
     if parallel < 1:
         raise ConfigError(f"--parallel: must be >= 1, got {parallel}")
+    if executor not in EXECUTORS:
+        raise ConfigError(f"--executor: {executor!r} is not one of {', '.join(EXECUTORS)}")
+    record_sweep(sweep.root, sweep.record)  # the arguments are sound: the sweep exists now
     todo = [p for p in sweep.points
             if not is_complete(sweep.run_dir(p), p.config.train.epochs)]
     if not todo:
