@@ -14,13 +14,12 @@ features of the full train/test splits and the classifier, then ``RUN/checkpoint
 checkpoint always lies at or behind everything else on disk, and resuming from it
 rewrites whatever came later. The history row, checkpoint and manifest are serialised at
 the end of the epoch and written, in that order, while the next epoch trains
-(:mod:`nctools.training.writer`); the pieces of a step live in :mod:`nctools.training.steps`,
-whether a folder takes a new run or continues one in :mod:`nctools.runs.resume`, what a run
-holds and how it is built and restored in :mod:`nctools.training.run_state`, the
-progress bar in :mod:`nctools.training.progress`. A resumed
-CPU run is bit-identical to an uninterrupted one: the batch order and augmentation of
-epoch ``e`` come from a generator seeded by ``(seed, e)`` alone, and the global RNG state
-travels in the checkpoint.
+(:mod:`nctools.training.writer`). The pieces of a step live in :mod:`nctools.training.steps`;
+whether a folder takes a new run or continues one in :mod:`nctools.runs.resume`; what a run
+holds and how it is built and restored in :mod:`nctools.training.run_state`; the progress
+bar in :mod:`nctools.training.progress`. A resumed CPU run is bit-identical to an
+uninterrupted one: the batch order and augmentation of epoch ``e`` come from a generator
+seeded by ``(seed, e)`` alone, and the global RNG state travels in the checkpoint.
 
 Under ``torchrun --nproc_per_node=K -m nctools train CONFIG`` the same loop runs on K
 processes with DistributedDataParallel (:mod:`nctools.training.distributed`): every rank draws the
