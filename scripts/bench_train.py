@@ -117,7 +117,7 @@ def paired_epochs(cfg: Config, out: Path, bare: BareLoop) -> list[tuple[float, f
     """(bare, nctools) seconds of each epoch: nctools.training.loop runs its epochs (a snapshot
     only at the last), and before each of them the bare loop runs the same epoch, so both
     sides of a pair see the same machine speed."""
-    run_epoch, pairs = T._run_epoch, []
+    run_epoch, pairs = T.run_epoch, []
 
     def timed(run, epoch, *args, **kwargs):
         bare_seconds = bare.epoch(epoch)
@@ -126,11 +126,11 @@ def paired_epochs(cfg: Config, out: Path, bare: BareLoop) -> list[tuple[float, f
         pairs.append((bare_seconds, clock() - t0))
         return row
 
-    T._run_epoch = timed
+    T.run_epoch = timed
     try:
         T.train(cfg, out)
     finally:
-        T._run_epoch = run_epoch
+        T.run_epoch = run_epoch
     return pairs
 
 

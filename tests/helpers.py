@@ -87,6 +87,11 @@ def tree_hashes(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def no_temp_files(folder: Path) -> bool:
+    """Whether no writer left a temporary file (``.NAME.tmp-...``) under ``folder``."""
+    return not [p for p in folder.rglob(".*") if ".tmp-" in p.name]
+
+
 class SmallNet(nn.Module):
     """A user's own network: two conv blocks, pooling, and a linear head."""
 

@@ -106,7 +106,7 @@ def _read(table: pd.DataFrame | str | Path) -> pd.DataFrame:
 def _runs(tables: Sequence[pd.DataFrame | str | Path] | pd.DataFrame | str | Path,
           hue: str | None = None):
     """Split the input into one (label, frame) per run; labels say dataset / arch. With
-    ``hue`` (a column, e.g. a config key of :func:`nctools.analysis.sweep.collect`), one
+    ``hue`` (a column, e.g. a config key of :func:`nctools.analysis.collect.collect`), one
     (``hue=value``, frame) per value instead, holding all its runs (seeds)."""
     if isinstance(tables, (pd.DataFrame, str, Path)):
         tables = [tables]

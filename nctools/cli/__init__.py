@@ -40,7 +40,7 @@ def command(name: str):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser: one subcommand per job, each with an example in its help."""
-    from nctools import __version__
+    from nctools._version import __version__
 
     parser = Parser(
         prog="nctools",

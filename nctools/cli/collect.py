@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nctools.analysis.sweep import best, collect, write_table
+    from nctools.analysis.collect import best, collect, write_table
 
     table = collect(args.sweeps)
     if args.out:

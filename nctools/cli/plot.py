@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from nctools.analysis.plots import figure_format, plot_runs
     from nctools.analysis.tables import current_table
-    from nctools.training.sweep import is_sweep
+    from nctools.runs.sweeps import is_sweep
 
     check_out(args.out, "FILE")
     runs = [Path(r) for r in args.runs]
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     out = _figure_path(args.out, runs)
     figure_format(out)  # a bad extension fails before any analysis runs
     if args.hue or any(is_sweep(r) for r in runs):
-        from nctools.analysis.sweep import collect
+        from nctools.analysis.collect import collect
 
         print(f"wrote {plot_runs(collect(runs), out, hue=args.hue)}")
         return 0
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 def _figure_path(out: str | None, runs: list[Path]) -> Path:
     """``--out``, else RUN/figures/collapse.png for one writable run, else ./collapse.png."""
     from nctools.analysis.tables import run_is_writable
-    from nctools.training.sweep import is_sweep
+    from nctools.runs.sweeps import is_sweep
 
     if out:
         return Path(out)

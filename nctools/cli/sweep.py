@@ -40,7 +40,8 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nctools.training.sweep import parse_grid, plan_sweep, submit
+    from nctools.runs.layout import SUBMITIT_DIR, SWEEP_RUNS_DIR
+    from nctools.training.launch import parse_grid, plan_sweep, submit
 
     sweep = plan_sweep(args.config, parse_grid(args.grid), args.out, args.seeds,
                        args.overrides)
@@ -48,9 +49,9 @@ def run(args: argparse.Namespace) -> int:
     done = len(sweep.points) - len(jobs)
     if args.executor == "slurm" and jobs:
         print(f"submitted {len(jobs)} runs as Slurm job array {jobs[0].job_id.split('_')[0]} "
-              f"({done} already complete); logs in {sweep.root / 'submitit'}")
+              f"({done} already complete); logs in {sweep.root / SUBMITIT_DIR}")
     else:
-        print(f"{len(sweep.points)} runs complete in {sweep.root / 'runs'}")
+        print(f"{len(sweep.points)} runs complete in {sweep.root / SWEEP_RUNS_DIR}")
     print(f"gather them with: nctools collect {sweep.root} --out table.parquet --best test_acc")
     return 0
 

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 def _resumed(args: argparse.Namespace):
     """(RUN, its config) of ``train --resume --out RUN`` or ``train RUN --resume``."""
     from nctools.config.schema import load_config
-    from nctools.training.run_state import check_resume_changes
+    from nctools.runs.resume import check_resume_changes
 
     config = Path(args.config) if args.config else None
     run_dir: Path | None = (Path(args.out) if args.out

@@ -62,6 +62,7 @@ from nctools.integrations.splits import SplitChunks, measure_splits
 from nctools.models.features import InputOf, last_linear
 from nctools.runs import snapshots
 from nctools.runs.layout import CONFIG_FILE
+from nctools.runs.resume import open_external_run
 
 SPLITS = ("train", "val")
 SOURCE = "lightning"  # data.dataset and model.arch of a run directory the callback writes
@@ -165,8 +166,8 @@ class NeuralCollapseCallback(pl.Callback):
             self.run_dir = Path(self.out).expanduser()
         else:  # trainer.log_dir is a collective under DDP: every process asks
             self.run_dir = Path(trainer.log_dir or trainer.default_root_dir) / RUN_SUBDIR
-        run_files.open_external_run(self.run_dir, SOURCE, trainer.current_epoch,
-                                    write=trainer.is_global_zero)
+        open_external_run(self.run_dir, SOURCE, trainer.current_epoch,
+                          write=trainer.is_global_zero)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_started = time.perf_counter()
@@ -268,7 +269,7 @@ class NeuralCollapseCallback(pl.Callback):
         for chunk, chunk_labels in self._features(pl_module, hook, loaders):
             feats.append(chunk.float().cpu())
             labels.append(chunk_labels.cpu())
-        dtype = snapshots.SNAPSHOT_DTYPES[self.snapshot_dtype]
+        dtype = snapshots.TORCH_DTYPES[self.snapshot_dtype]
         return torch.cat(feats).to(dtype).float(), torch.cat(labels).long()
 
     def _config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layer: nn.Linear,

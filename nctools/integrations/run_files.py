@@ -4,7 +4,7 @@ that ``nctools analyze RUN`` and ``nctools plot RUN`` read it as a run of ``ncto
 Usage (by :class:`nctools.integrations.lightning.NeuralCollapseCallback` with
 ``save_snapshots=True``)::
 
-    open_external_run(run, done=0)                       # rank 0, when training starts
+    open_external_run(run, "lightning", done=0)          # nctools.runs.resume's decision
     config = external_config(name="MyModule", source="lightning", ...)
     write_epoch(run, epoch, row, config, {"train": (features, labels)}, weight, bias)
 
@@ -25,58 +25,25 @@ train`` refuses to retrain it with an error naming ``data.dataset``.
 from __future__ import annotations
 
 import math
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from nctools import __version__
 from nctools.config.schema import (
     Config,
     DataConfig,
     ModelConfig,
     SnapshotConfig,
     TrainConfig,
-    load_config,
     validate,
 )
-from nctools.errors import RunError
-from nctools.runs import files, snapshots, store
-from nctools.runs.layout import CONFIG_FILE, HISTORY_COLUMNS, MANIFEST_FILE
+from nctools.runs import snapshots, store
+from nctools.runs.layout import CONFIG_FILE, HISTORY_COLUMNS
+from nctools.runs.manifest import new_manifest, read_if_any, run_identity
 
 RUN_SPLITS = {"train": "train", "val": "test"}  # a loop's split -> the run directory's
-
-
-def open_external_run(run_dir: Path, source: str, done: int, write: bool = True) -> None:
-    """Make ``run_dir`` ready to receive a run of ``source`` after ``done`` epochs.
-
-    A new or empty folder is a new run; a training resumed from a checkpoint at epoch
-    ``done`` >= 1 continues the run of the same source there (later history rows are
-    dropped and written again, as ``nctools train`` does). Raises RunError for a file, a
-    folder holding other files, a run of ``nctools train`` or of another source, or a run
-    when ``done`` is 0 (a new training would mix its snapshots with the old ones). Under DDP
-    every process checks (all raise together, none waits for the others in a collective)
-    and only rank 0 passes ``write=True``.
-    """
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunError(f"{run_dir}: is a file, not a run folder; give a folder as out")
-    if not (run_dir / CONFIG_FILE).is_file():
-        if run_dir.is_dir() and any(not files.is_temp_name(p.name) for p in run_dir.iterdir()):
-            raise RunError(f"{run_dir} holds files but no nctools run (no {CONFIG_FILE}); "
-                           "give an empty or new folder as out")
-        return
-    found = load_config(run_dir / CONFIG_FILE).data.dataset
-    if found != source:
-        raise RunError(f"{run_dir} holds a run of data.dataset={found!r}, not one written by "
-                       f"{source}; give another folder as out")
-    if done == 0:
-        raise RunError(f"{run_dir} holds the run of an earlier training; give another folder "
-                       "as out (a training resumed from its checkpoint continues it)")
-    if write:
-        store.remove_stale_temps(run_dir)
-        store.truncate_history(run_dir, done)
 
 
 def external_config(
@@ -164,9 +131,9 @@ def update_manifest(run_dir: Path, config: Config, *, source: str, device: torch
                     status: str = "running") -> dict:
     """Write ``run.json`` (rank 0) from the last snapshot's meta and the history; returns it.
 
-    Keys as :func:`nctools.training.run_state.new_manifest`'s, plus ``source``.
+    The schema is :func:`nctools.runs.manifest.new_manifest`'s, with ``source``.
     """
-    old = store.read_manifest(run_dir) if (run_dir / MANIFEST_FILE).is_file() else {}
+    old = read_if_any(run_dir)
     written = snapshots.list_snapshots(run_dir)
     meta = snapshots.read_meta(run_dir, written[-1]) if written else {}
     rows = {name: entry["shape"][0] for name, entry in meta.get("splits", {}).items()}
@@ -174,24 +141,14 @@ def update_manifest(run_dir: Path, config: Config, *, source: str, device: torch
     onset = store.tpt_onset(history["epoch"].astype(int).tolist(),
                             history["train_acc"].astype(float).tolist(),
                             config.train.tpt_accuracy)
-    manifest = {
-        "name": config.name,
-        "run_id": old.get("run_id") or uuid.uuid4().hex,
-        "status": status,
-        "source": source,
-        "nctools_version": __version__,
-        "torch_version": torch.__version__,
-        "device": str(device),
-        "world_size": world_size,
-        "dataset": source,
-        "num_train": rows.get("train"),
-        "num_test": rows.get("test"),
-        "num_classes": meta.get("num_classes", config.data.num_classes),
-        "feature_dim": meta.get("dim"),
-        "epochs": config.train.epochs,
-        "epochs_done": old.get("epochs_done", 0) if epochs_done is None else epochs_done,
-        "tpt_onset_epoch": onset,
-        "snapshot_epochs": written,
-    }
+    manifest = new_manifest(
+        name=config.name, run_id=run_identity(run_dir), status=status,
+        source=source, device=str(device), world_size=world_size, dataset=source,
+        num_train=rows.get("train"), num_test=rows.get("test"),
+        num_classes=meta.get("num_classes", config.data.num_classes),
+        feature_dim=meta.get("dim"), epochs=config.train.epochs,
+        epochs_done=old.get("epochs_done", 0) if epochs_done is None else epochs_done,
+        tpt_onset_epoch=onset, snapshot_epochs=written,
+    )
     store.write_manifest(run_dir, manifest)
     return manifest

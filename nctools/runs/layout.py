@@ -4,6 +4,7 @@ Imports nothing, so the command line can name a run's files without loading torc
 
     RUN/config.yaml  run.json  history.csv  checkpoint.pt  metrics.csv  figures/  logs/
     RUN/snapshots/epoch-NNNN/{train,test}.safetensors  classifier.safetensors  meta.json
+    SWEEP/sweep.json  SWEEP/runs/NAME/ (a run directory each)  SWEEP/submitit/
 """
 
 CONFIG_FILE = "config.yaml"
@@ -23,3 +24,8 @@ META_FILE = "meta.json"
 CLASSIFIER_FILE = "classifier.safetensors"
 LOGS_DIR = "logs"  # experiment loggers' files (TensorBoard events, MLflow/W&B stores)
 PENULTIMATE = "features"  # metrics.csv's `layer` of the penultimate features
+# a sweep folder: SWEEP/sweep.json, SWEEP/runs/NAME/ (one run directory per point),
+# SWEEP/submitit/ (the job files and logs of submitit)
+SWEEP_FILE = "sweep.json"
+SWEEP_RUNS_DIR = "runs"
+SUBMITIT_DIR = "submitit"

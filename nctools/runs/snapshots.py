@@ -29,14 +29,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from nctools import __version__
-from nctools.config.schema import SNAPSHOT_DTYPES as SNAPSHOT_DTYPE_NAMES
+from nctools._version import __version__
+from nctools.config.schema import SNAPSHOT_DTYPES
 from nctools.errors import SnapshotError
 from nctools.runs import files, store
 from nctools.runs.files import PathLike
 from nctools.runs.layout import CLASSIFIER_FILE, META_FILE
 
-SNAPSHOT_DTYPES = {name: getattr(torch, name) for name in SNAPSHOT_DTYPE_NAMES}
+TORCH_DTYPES = {name: getattr(torch, name) for name in SNAPSHOT_DTYPES}  # name -> torch dtype
 LAYER_KEY = "layers."  # + layer name: an inner layer's features inside a split file
 META_FORMAT = 1
 _EPOCH_DIR = re.compile(r"epoch-(\d+)")
@@ -82,8 +82,8 @@ def _clear_snapshot(folder: Path, whole: bool) -> None:
 def _check_snapshot_inputs(splits: dict, weight: torch.Tensor, bias: torch.Tensor | None,
                            dtype: str, shard: tuple[int, int] | None) -> tuple[int, int]:
     """Raise SnapshotError on inconsistent shapes; returns (C, D)."""
-    if dtype not in SNAPSHOT_DTYPES:
-        raise SnapshotError(f"snapshot dtype must be one of {', '.join(SNAPSHOT_DTYPES)}, "
+    if dtype not in TORCH_DTYPES:
+        raise SnapshotError(f"snapshot dtype must be one of {', '.join(TORCH_DTYPES)}, "
                             f"got {dtype!r}")
     if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
         raise SnapshotError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
@@ -152,7 +152,7 @@ def write_snapshot(
         file = f"{name}{suffix}.safetensors"
         stored = {LAYER_KEY + layer: feats for layer, feats in layers.get(name, {}).items()}
         stored["features"] = features
-        tensors = {key: value.detach().to("cpu", SNAPSHOT_DTYPES[dtype]).contiguous()
+        tensors = {key: value.detach().to("cpu", TORCH_DTYPES[dtype]).contiguous()
                    for key, value in stored.items()}
         tensors["labels"] = labels.detach().to("cpu", torch.int64).contiguous()
         written[file] = _save_tensors(folder / file, tensors, sync_dir=False)

@@ -6,16 +6,20 @@ Usage::
     from nctools.training.loop import train
     run_dir = train(load_config("configs/demo.yaml"), "runs/demo")   # resumes if interrupted
 
+An epoch, read in :func:`run_epoch`: ``train_one_epoch -> evaluate -> snapshot ->
+checkpoint``, then :func:`report` (loggers, progress).
+
 Each epoch appends one row to ``RUN/history.csv``, then (on a snapshot epoch) writes the
 features of the full train/test splits and the classifier, then ``RUN/checkpoint.pt``; so a
 checkpoint always lies at or behind everything else on disk, and resuming from it
 rewrites whatever came later. The history row, checkpoint and manifest are serialised at
 the end of the epoch and written, in that order, while the next epoch trains
-(:mod:`nctools.training.writer`); the pieces of a step live in :mod:`nctools.training.steps`, the
-checkpoint, manifest and resume rules in :mod:`nctools.training.run_state`. A resumed
-CPU run is bit-identical to an uninterrupted one: the batch order and augmentation of
-epoch ``e`` come from a generator seeded by ``(seed, e)`` alone, and the global RNG state
-travels in the checkpoint.
+(:mod:`nctools.training.writer`). The pieces of a step live in :mod:`nctools.training.steps`;
+whether a folder takes a new run or continues one in :mod:`nctools.runs.resume`; what a run
+holds and how it is built and restored in :mod:`nctools.training.run_state`; the progress
+bar in :mod:`nctools.training.progress`. A resumed CPU run is bit-identical to an
+uninterrupted one: the batch order and augmentation of epoch ``e`` come from a generator
+seeded by ``(seed, e)`` alone, and the global RNG state travels in the checkpoint.
 
 Under ``torchrun --nproc_per_node=K -m nctools train CONFIG`` the same loop runs on K
 processes with DistributedDataParallel (:mod:`nctools.training.distributed`): every rank draws the
@@ -34,58 +38,47 @@ import io
 import logging
 import math
 import shlex
-import sys
 import time
-from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from nctools.config.schema import (
-    Config,
-    config_to_dict,
-    snapshot_epochs,
-)
-from nctools.data.sets import load_dataset
-from nctools.errors import ConfigError, RunError
-from nctools.models.features import extract_split, resolve_layers
-from nctools.models.networks import build_model, classifier_of
+from nctools.config.schema import Config, config_to_dict
+from nctools.errors import RunError
+from nctools.models.features import extract_split
+from nctools.models.networks import classifier_of
 from nctools.runs import files, snapshots, store
-from nctools.runs.store import save_config
+from nctools.runs.layout import CHECKPOINT_FILE, CONFIG_FILE
+from nctools.runs.resume import open_run
 from nctools.training.distributed import (
     DistInfo,
     barrier,
     dist_from_env,
-    global_batch_norm,
     process_group,
     rank_device,
     shard_rows,
     sum_over_ranks,
-    wrap_model,
 )
 from nctools.training.loggers import Loggers, open_loggers, snapshot_metrics
+from nctools.training.progress import PROGRESS, EpochProgress
 from nctools.training.run_state import (
     Run,
     StopOnSignal,
+    build_run,
     checkpoint_state,
-    load_checkpoint,
     mark_failed,
-    new_manifest,
-    open_run,
     record_extension,
     record_progress,
-    run_identity,
-    save_checkpoint,
+    restore_checkpoint,
     set_status,
+    snapshot_layers_of,
 )
 from nctools.training.steps import (
     batch_loss,
-    build_optimizer,
-    build_scheduler,
     epoch_generator,
     rank_batches,
     resolve_device,
@@ -95,8 +88,6 @@ from nctools.training.steps import (
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE, CHECKPOINT_FILE = store.CONFIG_FILE, store.CHECKPOINT_FILE
-PROGRESS = ("bar", "auto", "none")  # train(progress=...)
 EVAL_BATCH_FACTOR = 4  # no activations kept for backward; beyond ~128 rows a CPU gains nothing
 
 
@@ -120,7 +111,8 @@ def train(config: Config, out_dir: str | Path, resume: bool = False,
 
     ``progress``: ``"bar"`` a progress bar when stderr is a terminal; ``"auto"`` (the
     command line's) the bar on a terminal and otherwise (batch jobs, ``nohup``, Slurm
-    logs) one plain line per epoch on stdout (:func:`epoch_line`); ``"none"`` nothing.
+    logs) one plain line per epoch on stdout
+    (:func:`nctools.training.progress.epoch_line`); ``"none"`` nothing.
     """
     if progress not in PROGRESS:
         raise ValueError(f"progress must be one of {PROGRESS}, got {progress!r}")
@@ -131,220 +123,230 @@ def train(config: Config, out_dir: str | Path, resume: bool = False,
         return _train(config, run_dir, resume, dist, device, progress)
 
 
-def epoch_line(row: dict, epochs: int) -> str:
-    """One plain progress line: ``epoch 3/150 loss 0.4121 acc 0.8750 test_acc 0.8125 2.1s``
-    (``acc`` the running train-mode accuracy; ``train_acc``, the eval-mode one, and
-    ``test_acc`` only on epochs that measured them)."""
-    line = (f"epoch {row['epoch']}/{epochs} loss {row['train_loss']:.4g} "
-            f"acc {row['train_acc_running']:.4f}")
-    if row.get("train_acc") is not None and not math.isnan(row["train_acc"]):
-        line += f" train_acc {row['train_acc']:.4f}"
-    if not math.isnan(row["test_acc"]):
-        line += f" test_loss {row['test_loss']:.4g} test_acc {row['test_acc']:.4f}"
-    return f"{line} {row['seconds']:.1f}s"
-
-
 def _train(config: Config, run_dir: Path, resume: bool, dist: DistInfo,
            device: torch.device, progress: str = "bar") -> Path:
-    """:func:`train` once the process group (if any) exists."""
+    """:func:`train` once the process group (if any) exists: the epochs, and how they end."""
     opened, checkpoint = open_run(run_dir, config, resume)
     barrier()  # every rank has read the run directory before rank 0 writes to it
     if opened is None:
         return run_dir
-    config = opened
-    run = _setup(config, run_dir, dist, device)
-    start = 0
-    if checkpoint is not None:
-        start = load_checkpoint(run, checkpoint)  # every rank: they start alike
-        if dist.is_main:
-            log.info("resuming %s after epoch %d of %d", run_dir, start, config.train.epochs)
-        record_extension(run, start)  # more epochs than saved: config, manifest, LR schedule
-    run.manifest.update(epochs_done=start, tpt_onset_epoch=run.tpt_onset)
-    if dist.is_main:
-        if checkpoint is None:
-            # the first write creates run_dir; an unwritable one is a RunError naming it
-            save_config(config, run_dir / CONFIG_FILE)
-            save_checkpoint(run, 0)  # the initialisation is a resumable state too
-        store.remove_stale_temps(run_dir)  # what a killed run was writing
-        store.truncate_history(run_dir, start)  # later rows are replayed
-        store.write_manifest(run_dir, run.manifest)
-
-    bar = tqdm(range(start + 1, config.train.epochs + 1), initial=start,
-               total=config.train.epochs, unit="epoch", desc=config.name,
-               disable=True if progress == "none" or not dist.is_main else None)
-    # without a terminal tqdm stays silent: a plain line per epoch then, for logs
-    lines = dist.is_main and progress == "auto" and not sys.stdout.isatty()
-    last_test = ""
+    run = build_run(opened, run_dir, dist, device)
+    start = _start(run, checkpoint)
     loggers = Loggers()
-    if dist.is_main and config.train.loggers:
-        loggers = open_loggers(config.train.loggers, run_dir, config_to_dict(config), config.name)
-    with StopOnSignal(at_epoch_end=dist.distributed) as stop:
+    if dist.is_main and opened.train.loggers:
+        loggers = open_loggers(opened.train.loggers, run_dir, config_to_dict(opened), opened.name)
+    with StopOnSignal(at_epoch_end=dist.distributed) as stop, \
+            EpochProgress(opened, start, progress, dist.is_main) as shown:
         try:
-            for epoch in bar:
-                row = _run_epoch(run, epoch, stop, loggers)
-                loggers.log(epoch, row)
-                if lines:
-                    print(epoch_line(row, config.train.epochs), flush=True)
-                shown = {"loss": f"{row['train_loss']:.4g}",
-                         "acc": f"{row['train_acc_running']:.4f}"}
-                if not math.isnan(row["test_acc"]):  # train.eval_every skips some epochs
-                    last_test = shown["test_acc"] = f"{row['test_acc']:.4f}"
-                elif last_test:
-                    shown["test_acc"] = last_test
-                bar.set_postfix(shown)
+            for epoch in shown.epochs:
+                report(epoch, run_epoch(run, epoch, stop, loggers), loggers, shown)
                 if stop.should_stop:  # a signal during the evaluation or the writes
                     raise KeyboardInterrupt
             run.writer.wait()
         except KeyboardInterrupt:
-            set_status(run, "interrupted")
-            command = f"nctools train {shlex.quote(str(run_dir / CONFIG_FILE))} " \
-                      f"--out {shlex.quote(str(run_dir))}"
-            if dist.is_main:
-                log.warning("interrupted after epoch %d of %d; resume with: %s%s",
-                            run.manifest["epochs_done"], config.train.epochs,
-                            "torchrun ... -m " if dist.distributed else "", command)
+            _interrupted(run)
             raise
         except Exception as exc:
             mark_failed(run, exc)  # run.json must not say "running" after a failed write
             raise
         finally:
-            bar.close()
             run.writer.close()  # no file is left half-way whatever stops the loop
             loggers.close()
     set_status(run, "completed")
     return run_dir
 
 
-def _setup(config: Config, run_dir: Path, dist: DistInfo, device: torch.device) -> Run:
-    """Data, a fresh model (seeded by ``config.seed``), optimizer, LR schedule, snapshot epochs."""
-    tc = config.train
-    world = dist.world_size
-    if tc.batch_size % world:
-        raise ConfigError(f"train.batch_size: {tc.batch_size} is not divisible by WORLD_SIZE="
-                          f"{world} (each process takes batch_size / WORLD_SIZE rows of a batch)")
-    cuda = device.type == "cuda"
-    if not cuda and tc.bf16 and dist.is_main:
-        log.info("train.bf16 applies to CUDA only; ignored on %s", device)
-    torch.manual_seed(config.seed)
-    dataset = load_dataset(config.data, config.seed)
-    if len(dataset.train) < world:
-        raise ConfigError(f"data: {len(dataset.train)} training samples cannot be shared by "
-                          f"WORLD_SIZE={world} processes")
-    model = build_model(config.model, dataset.num_classes, dataset.in_channels, dataset.image_size)
-    if dist.distributed:
-        model = global_batch_norm(model, device)  # before the optimizer takes its parameters
-    model.to(device)
-    snapshot_layers(model, config)  # a bad snapshot.layers fails before training starts
-    if tc.channels_last:  # CPUs gain too (oneDNN): 1.3-1.8x for the demo
-        model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, tc)
-    snapshot_at = snapshot_epochs(config.snapshot.epochs, tc.epochs)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and tc.bf16 else nullcontext()
-    return Run(
-        config, run_dir, dist, device, dataset, model, wrap_model(model, dist, device),
-        optimizer, build_scheduler(optimizer, tc), snapshot_at, autocast,
-        new_manifest(config, dataset, model, device, snapshot_at, world, run_identity(run_dir)),
-    )
+def _start(run: Run, checkpoint: Path | None) -> int:
+    """Restore ``checkpoint`` (None: a new run, whose config and initial state are written
+    first) and put the run folder in step with it; returns the last completed epoch."""
+    start = 0
+    if checkpoint is not None:
+        start = restore_checkpoint(run, checkpoint)  # every rank: they start alike
+        if run.dist.is_main:
+            log.info("resuming %s after epoch %d of %d", run.run_dir, start,
+                     run.config.train.epochs)
+        record_extension(run, start)  # more epochs than saved: config, manifest, LR schedule
+    run.manifest.update(epochs_done=start, tpt_onset_epoch=run.tpt_onset)
+    if run.dist.is_main:
+        if checkpoint is None:
+            # the first write creates run_dir; an unwritable one is a RunError naming it
+            store.save_config(run.config, run.run_dir / CONFIG_FILE)
+            # the initialisation is a resumable state too
+            store.save_checkpoint(run.run_dir / CHECKPOINT_FILE, checkpoint_state(run, 0))
+        store.remove_stale_temps(run.run_dir)  # what a killed run was writing
+        store.truncate_history(run.run_dir, start)  # later rows are replayed
+        store.write_manifest(run.run_dir, run.manifest)
+    return start
 
 
-def _run_epoch(run: Run, epoch: int, stop: StopOnSignal, loggers: Loggers | None = None) -> dict:
-    """Train one epoch, evaluate, then write its history row, snapshot and checkpoint."""
-    config, tc, device, dist = run.config, run.config.train, run.device, run.dist
+def _interrupted(run: Run) -> None:
+    """After Ctrl-C or SIGTERM: run.json says so, and the log says how to resume."""
+    set_status(run, "interrupted")
+    command = f"nctools train {shlex.quote(str(run.run_dir / CONFIG_FILE))} " \
+              f"--out {shlex.quote(str(run.run_dir))}"
+    if run.dist.is_main:
+        log.warning("interrupted after epoch %d of %d; resume with: %s%s",
+                    run.manifest["epochs_done"], run.config.train.epochs,
+                    "torchrun ... -m " if run.dist.distributed else "", command)
+
+
+def run_epoch(run: Run, epoch: int, stop: StopOnSignal, loggers: Loggers | None = None) -> dict:
+    """Train one epoch, evaluate, then write its history row, snapshot and checkpoint;
+    returns the history row."""
     t0 = time.perf_counter()
     lr = run.optimizer.param_groups[0]["lr"]
-    gen = epoch_generator(config.seed, epoch)
+    loss_sum, correct = train_one_epoch(run, epoch, stop)
+    seen = evaluate(run, epoch, correct)
+    row = epoch_row(run, epoch, lr, loss_sum, correct, seen, stop)
+    row["seconds"] = time.perf_counter() - t0
+    run.writer.wait()  # the previous epoch's files are complete (or their error is raised)
+    if seen.snapshot:
+        snapshot(run, epoch, row, seen, loggers)
+    checkpoint(run, epoch, None if seen.snapshot else row)
+    return row
+
+
+def train_one_epoch(run: Run, epoch: int, stop: StopOnSignal) -> tuple[Tensor, Tensor]:
+    """SGD over the training split in the order and augmentation of ``(seed, epoch)``, then
+    one step of the LR schedule: the summed loss and number correct of this rank's rows
+    (device tensors: no GPU sync per step)."""
+    tc, device, dist = run.config.train, run.device, run.dist
+    gen = epoch_generator(run.config.seed, epoch)
     split = run.dataset.train
     order = torch.randperm(len(split), generator=gen)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     run.net.train()
-    batches = rank_batches(split, order, tc.batch_size, config.data.augment, gen, dist,
-                           tc.drop_last)
-    for x, y, rows in batches:
+    for x, y, rows in rank_batches(split, order, tc.batch_size, run.config.data.augment, gen,
+                                   dist, tc.drop_last):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if tc.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         scale = dist.world_size / rows if dist.distributed else None
         loss, hits = train_step(run.net, x, y, run.optimizer, tc.loss, run.autocast, scale)
-        loss_sum += loss  # device tensors: no GPU sync per step
+        loss_sum += loss
         correct += hits
         if stop.requested and not stop.at_epoch_end:
             raise KeyboardInterrupt
     run.scheduler.step()
-    # One eval pass gives the test metrics, and on snapshot epochs the snapshot too; each
-    # rank extracts its own rows (all of them for one process). Between snapshots the test
-    # split is looked at every train.eval_every epochs (0: never); its columns are NaN
-    # in the other rows. The training split's eval-mode accuracy (the paper's, which
-    # starts the terminal phase) comes from the snapshot's own features; until the onset
-    # is found it is also measured wherever the running accuracy reaches the threshold.
-    snapshot = epoch in run.snapshot_epochs
+    return loss_sum, correct
+
+
+@dataclass
+class Evaluated:
+    """What one eval-mode pass of an epoch looked at: its splits' features (this rank's
+    rows: features (n, D), labels (n,)) and inner layers (``snapshot.layers``)."""
+
+    snapshot: bool  # a snapshot epoch
+    test: bool  # the test split's loss and accuracy are measured
+    train: bool  # the training split's eval-mode accuracy is measured
+    splits: dict[str, tuple[Tensor, Tensor]]
+    inner: dict[str, dict[str, Tensor]]
+
+
+def evaluate(run: Run, epoch: int, correct: Tensor) -> Evaluated:
+    """One eval-mode pass over the splits this epoch needs, each rank its own rows.
+
+    The test split on snapshot epochs, at the last epoch and every ``train.eval_every``
+    epochs (0: never; its columns are NaN in the other rows); the snapshot's splits on
+    snapshot epochs; the training split, for its eval-mode accuracy (the paper's, which
+    starts the terminal phase), on snapshot epochs and, until the onset is found, wherever
+    the running accuracy reaches ``train.tpt_accuracy``.
+    """
+    config, tc = run.config, run.config.train
+    at_snapshot = epoch in run.snapshot_epochs
     every = tc.eval_every
-    evaluate = snapshot or epoch == tc.epochs or (every > 0 and epoch % every == 0)
+    test = at_snapshot or epoch == tc.epochs or (every > 0 and epoch % every == 0)
     candidate = run.tpt_onset is None and _running_reaches(run, correct, tc.tpt_accuracy)
-    measure_train = snapshot or candidate
-    names = ({"test"} if evaluate else set()) | (set(config.snapshot.splits) if snapshot else set())
-    names |= {"train"} if measure_train else set()
+    train = at_snapshot or candidate
+    names = ({"test"} if test else set()) | (set(config.snapshot.splits) if at_snapshot else set())
+    names |= {"train"} if train else set()
     batch = EVAL_BATCH_FACTOR * tc.batch_size
-    splits, inner = {}, {}
-    layers = snapshot_layers(run.model, config) if snapshot else []
+    layers = snapshot_layers_of(run.model, config) if at_snapshot else []
+    seen = Evaluated(at_snapshot, test, train, {}, {})
     for name in sorted(names):
         part = getattr(run.dataset, name)
-        share = shard_rows(len(part), batch, dist)
-        indices = torch.arange(share.start, share.stop)
+        share = shard_rows(len(part), batch, run.dist)
         taps = layers if name in config.snapshot.splits else []
-        feats, labels, inner[name] = extract_split(run.model, part, batch, device, indices, taps)
-        splits[name] = (feats, labels)
-    test_loss, test_hits = _classify(run.model, *splits["test"], tc.loss) if evaluate else (0, 0)
-    # as stored: features x classifier of the snapshot give this accuracy exactly
-    dtype = config.snapshot.dtype
-    _, eval_hits = _classify(run.model, *splits["train"], tc.loss, dtype) if measure_train \
+        feats, labels, seen.inner[name] = extract_split(
+            run.model, part, batch, run.device, torch.arange(share.start, share.stop), taps)
+        seen.splits[name] = (feats, labels)
+    return seen
+
+
+def epoch_row(run: Run, epoch: int, lr: float, loss_sum: Tensor, correct: Tensor,
+              seen: Evaluated, stop: StopOnSignal) -> dict:
+    """The epoch's history row, summed over the ranks (one all_reduce, which also tells
+    every rank whether one of them was asked to stop); raises RunError on divergence and
+    records the onset of the terminal phase."""
+    tc = run.config.train
+    test_loss, test_hits = _classify(run.model, *seen.splits["test"], tc.loss) if seen.test \
         else (0, 0)
+    # as stored: features x classifier of the snapshot give this accuracy exactly
+    _, eval_hits = _classify(run.model, *seen.splits["train"], tc.loss,
+                             run.config.snapshot.dtype) if seen.train else (0, 0)
     local = [test_loss, test_hits, eval_hits, float(stop.requested)]
     totals = torch.cat([torch.stack([loss_sum.double(), correct.double()]),
-                        torch.tensor(local, dtype=torch.float64, device=device)])
+                        torch.tensor(local, dtype=torch.float64, device=run.device)])
     train_loss, train_hits, test_loss, test_hits, eval_hits, stops = \
         sum_over_ranks(totals).tolist()
     stop.agreed = stops > 0  # every rank stops after this epoch if one was asked to
-    n = trained_rows(len(split), tc.batch_size, tc.drop_last)  # the rows trained on
-    n_test = len(run.dataset.test) if evaluate else math.nan
+    n = trained_rows(len(run.dataset.train), tc.batch_size, tc.drop_last)  # rows trained on
+    n_eval, n_test = len(run.dataset.train), len(run.dataset.test) if seen.test else math.nan
     row = {"epoch": epoch, "lr": lr, "train_loss": train_loss / n,
            "train_acc_running": train_hits / n,
-           "train_acc": eval_hits / n if measure_train else None,
+           "train_acc": eval_hits / n_eval if seen.train else None,  # the whole split
            "test_loss": test_loss / n_test, "test_acc": test_hits / n_test}
-    if not math.isfinite(row["train_loss"]) or (evaluate and not math.isfinite(row["test_loss"])):
+    if not math.isfinite(row["train_loss"]) or (seen.test and not math.isfinite(row["test_loss"])):
         _diverged(run, epoch, row)  # raises on every rank; nothing of this epoch is written
-    if run.tpt_onset is None and measure_train:
+    if run.tpt_onset is None and seen.train:
         run.tpt_onset = store.tpt_onset([epoch], [row["train_acc"]], tc.tpt_accuracy)
-        if run.tpt_onset is not None and dist.is_main:
+        if run.tpt_onset is not None and run.dist.is_main:
             log.info("epoch %d: eval-mode training accuracy %.4f reached train.tpt_accuracy "
                      "(onset of the terminal phase)", epoch, row["train_acc"])
-    row["seconds"] = time.perf_counter() - t0
-    run.writer.wait()  # the previous epoch's files are complete (or their error is raised)
-    history = [partial(store.append_history, run.run_dir, row)] if dist.is_main else []
-    if snapshot:
-        for job in history:  # a reader never finds a snapshot without its history row
-            job()
-        history = []
-        _write_snapshot(run, epoch, splits, inner)  # every rank: its own shard
-        if config.snapshot.measure:  # every rank: the statistics are summed across ranks
-            clf = classifier_of(run.model)
-            values = snapshot_metrics({s: splits[s] for s in config.snapshot.splits},
-                                      clf.weight.detach(),
-                                      None if clf.bias is None else clf.bias.detach())
-            if loggers is not None:
-                loggers.log(epoch, values)
-    if dist.is_main:
-        # Serialised now, written while the next epoch trains: history row, checkpoint
-        # (after everything of this epoch is complete), manifest (after the checkpoint).
-        buffer = io.BytesIO()
-        torch.save(checkpoint_state(run, epoch), buffer)
-        progress = {"epochs_done": epoch, "tpt_onset_epoch": run.tpt_onset}
-        run.writer.submit(
-            *history,
-            partial(files.atomic_write_bytes, run.run_dir / CHECKPOINT_FILE, buffer.getvalue()),
-            partial(record_progress, run, progress),
-        )
     return row
+
+
+def snapshot(run: Run, epoch: int, row: dict, seen: Evaluated,
+             loggers: Loggers | None = None) -> None:
+    """The history row first (a reader never finds a snapshot without it), then the
+    snapshot (every rank its own shard) and, with ``snapshot.measure``, its metrics for
+    the loggers (every rank: the statistics are summed across ranks)."""
+    config = run.config
+    if run.dist.is_main:
+        store.append_history(run.run_dir, row)
+    _write_snapshot(run, epoch, seen.splits, seen.inner)
+    if config.snapshot.measure:
+        clf = classifier_of(run.model)
+        values = snapshot_metrics({s: seen.splits[s] for s in config.snapshot.splits},
+                                  clf.weight.detach(),
+                                  None if clf.bias is None else clf.bias.detach())
+        if loggers is not None:
+            loggers.log(epoch, values)
+
+
+def checkpoint(run: Run, epoch: int, row: dict | None) -> None:
+    """Rank 0 serialises the epoch's state now and the writer puts it on disk while the
+    next epoch trains: the history ``row`` (None: already written with the snapshot),
+    the checkpoint (after everything of this epoch is complete), the manifest (after the
+    checkpoint)."""
+    if not run.dist.is_main:
+        return
+    buffer = io.BytesIO()
+    torch.save(checkpoint_state(run, epoch), buffer)
+    history = [] if row is None else [partial(store.append_history, run.run_dir, row)]
+    progress = {"epochs_done": epoch, "tpt_onset_epoch": run.tpt_onset}
+    run.writer.submit(
+        *history,
+        partial(files.atomic_write_bytes, run.run_dir / CHECKPOINT_FILE, buffer.getvalue()),
+        partial(record_progress, run, progress),
+    )
+
+
+def report(epoch: int, row: dict, loggers: Loggers, shown: EpochProgress) -> None:
+    """The epoch's row to the experiment loggers and the progress bar or line."""
+    loggers.log(epoch, row)
+    shown.update(row)
 
 
 def _running_reaches(run: Run, correct: Tensor, threshold: float) -> bool:
@@ -365,18 +367,10 @@ def _classify(model: nn.Module, features: Tensor, labels: Tensor, loss: str,
     """
     clf = classifier_of(model)
     bias = None if clf.bias is None else clf.bias.detach().float().cpu()
-    features = features.to(snapshots.SNAPSHOT_DTYPES[dtype]).float()
+    features = features.to(snapshots.TORCH_DTYPES[dtype]).float()
     logits = F.linear(features, clf.weight.detach().float().cpu(), bias)
     hits = int((logits.argmax(dim=1) == labels).sum())
     return batch_loss(logits, labels, loss, reduction="sum").item(), hits
-
-
-def snapshot_layers(model: nn.Module, config: Config) -> list[str]:
-    """The inner layers a snapshot saves (``snapshot.layers``), checked against the model."""
-    try:
-        return resolve_layers(model, config.snapshot.layers) if config.snapshot.layers else []
-    except ValueError as exc:
-        raise ConfigError(f"snapshot.layers: {exc}".replace("layers: layers:", "layers:")) from None
 
 
 def _write_snapshot(run: Run, epoch: int, splits: dict[str, tuple[Tensor, Tensor]],

@@ -153,7 +153,7 @@ def rank_batches(
     last: tuple[Tensor, Tensor] | None = None
     for start in range(0, len(order), batch_size):
         batch = next(local, None)
-        # Only the short last batch can leave a rank without rows (_setup ensures N >= K).
+        # Only the short last batch can leave a rank without rows (build_run ensures N >= K).
         if batch is None:
             assert last is not None
             batch = (last[0][:0], last[1][:0])

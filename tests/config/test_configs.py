@@ -18,7 +18,7 @@ import yaml
 from nctools.config.schema import load_config, snapshot_epochs
 from nctools.data.splits import DATASETS
 from nctools.models.networks import ARCHS
-from nctools.training.loop import build_optimizer, build_scheduler
+from nctools.training.steps import build_optimizer, build_scheduler
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))

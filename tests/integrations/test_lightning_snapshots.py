@@ -20,6 +20,7 @@ from nctools.errors import RunError, SnapshotError
 from nctools.integrations.lightning import NeuralCollapseCallback
 from nctools.runs import snapshots, store
 from nctools.runs.layout import CONFIG_FILE, FIGURES_DIR
+from nctools.runs.manifest import new_manifest
 from tests.integrations.test_lightning import DIM, NUM_CLASSES, Captured, Tiny, loaders, trainer
 
 
@@ -199,3 +200,9 @@ def test_bad_snapshot_arguments_name_the_problem():
 def test_manifest_is_json_with_the_run_id_kept(fitted):
     manifest = json.loads((fitted[0] / "run.json").read_text())
     assert len(manifest["run_id"]) == 32 and manifest["source"] == "lightning"
+    # the one schema of nctools train's run.json, with the source after the status
+    schema = list(new_manifest(
+        name="", run_id="", device="cpu", world_size=1, dataset="", num_train=0, num_test=0,
+        num_classes=0, feature_dim=0, epochs=1, epochs_done=0, tpt_onset_epoch=None,
+        snapshot_epochs=[], source="lightning"))
+    assert list(manifest) == schema

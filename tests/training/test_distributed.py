@@ -10,6 +10,7 @@ batches, summed in another order), metrics to 1e-9, features bit for bit.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -49,7 +50,7 @@ from nctools.training.distributed import (
 from tests import helpers
 from tests.helpers import as_rank, free_port, run_ranks
 
-T = sys.modules["nctools.training.loop"]  # the module; `nctools.training.loop` is also the function
+T = importlib.import_module("nctools.training.loop")  # the module, not the function `train`
 
 EPOCHS, SNAPSHOTS = 4, [2, 4]
 HISTORY = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc"]

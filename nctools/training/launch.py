@@ -1,5 +1,5 @@
-"""Sweeps: a config times a grid of settings (and seeds), one ordinary run per point,
-trained through submitit on a Slurm cluster (job arrays) or on this machine.
+"""Launching sweeps: a config times a grid of settings (and seeds), one ordinary run per
+point, trained through submitit on a Slurm cluster (job arrays) or on this machine.
 
 Usage::
 
@@ -10,13 +10,10 @@ Usage::
 (also ``nctools sweep CONFIG --grid KEY=SPEC ... --out SWEEP --executor slurm``). The
 paper (Papyan, Han & Donoho, PNAS 2020) swept 25 learning rates log-spaced in
 [1e-4, 0.25] per cell and kept the one with the best final test error
-(:func:`nctools.analysis.sweep.best`).
+(:func:`nctools.analysis.collect.best`).
 
-The sweep folder::
-
-    SWEEP/sweep.json       the config, grid, seeds and points (written once)
-    SWEEP/runs/NAME/       one ordinary run directory per point (nctools analyze/plot work)
-    SWEEP/submitit/        submitit's job files and logs
+The sweep folder (``sweep.json``, ``runs/NAME/``, ``submitit/``) is
+:mod:`nctools.runs.sweeps`'.
 
 Every point is resumable: a job that is preempted or reaches its time limit receives
 submitit's signal (USR2), asks to be requeued (:meth:`SweepJob.checkpoint`) and continues
@@ -40,16 +37,17 @@ from typing import Any
 import yaml
 
 from nctools.config.schema import Config, config_to_dict, load_config
-from nctools.errors import ConfigError, RunError
-from nctools.runs import files, store
-from nctools.runs.layout import CONFIG_FILE, MANIFEST_FILE
+from nctools.errors import ConfigError
+from nctools.runs.layout import SUBMITIT_DIR
+from nctools.runs.manifest import is_complete
+from nctools.runs.sweeps import check_sweep_folder, point_dir, record_sweep
 
 log = logging.getLogger(__name__)
 
-SWEEP_FILE = "sweep.json"
-RUNS_DIR = "runs"
-SUBMITIT_DIR = "submitit"
 EXECUTORS = ("local", "slurm", "debug")
+# A bound against a slip of the keyboard (--seeds 1000000): planning validates every
+# point's config, about 40 s for a million; the paper's largest grid is 25 learning rates.
+MAX_RUNS = 10_000
 _RANGE = re.compile(r"^(logspace|linspace):([^:]+):([^:]+):(\d+)$")
 
 
@@ -114,13 +112,15 @@ class SweepPoint:
 
 @dataclass
 class Sweep:
-    """A planned sweep: its folder and points (:func:`plan_sweep`)."""
+    """A planned sweep: its folder, points and ``sweep.json`` record (:func:`plan_sweep`;
+    written by :func:`submit`)."""
 
     root: Path
     points: list[SweepPoint]
+    record: dict[str, Any]
 
     def run_dir(self, point: SweepPoint) -> Path:
-        return self.root / RUNS_DIR / point.name
+        return point_dir(self.root, point.name)
 
 
 def _format(value: Any) -> str:
@@ -147,16 +147,15 @@ def plan_sweep(
     overrides: Sequence[str] = (),
 ) -> Sweep:
     """Expand ``config`` (with ``overrides``) times ``grid`` times ``seeds`` seeds
-    (``seed``, ``seed + 1``, ...) into points and record them in ``out/sweep.json``.
+    (``seed``, ``seed + 1``, ...) into points; :func:`submit` records them in
+    ``out/sweep.json``.
 
     A folder holding a sweep already must hold this very sweep (it is then continued);
     anything else is a RunError naming the folder. Every point's config is validated here,
-    before any job starts.
+    before any job starts; more than ``MAX_RUNS`` points is a ConfigError, before any.
     """
-    if seeds < 1:
-        raise ConfigError(f"--seeds: must be >= 1, got {seeds}")
-    if "seed" in grid and seeds > 1:
-        raise ConfigError("--grid seed=... and --seeds both set the seeds; give one of them")
+    check_sweep_size(grid, seeds)
+    root = check_sweep_folder(out)
     base = load_config(config, overrides)
     axes = dict(grid)
     if "seed" not in axes:
@@ -167,55 +166,32 @@ def plan_sweep(
         items = [*overrides, *(_override(k, v) for k, v in values.items())]
         cfg = load_config(config, items)  # each point validated, errors naming the item
         points.append(SweepPoint(_point_name(index, values), values, cfg))
-    root = Path(out).expanduser()
     record = {
         "config": str(config), "overrides": list(overrides), "grid": grid,
         "seeds": axes["seed"], "base": config_to_dict(base),
         "points": [{"name": p.name, "values": p.values} for p in points],
     }
-    path = root / SWEEP_FILE
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RunError(f"{path}: not a sweep record ({exc}); use another --out") from None
-        if old != json.loads(json.dumps(record)):
-            raise RunError(f"{root} holds another sweep (its {SWEEP_FILE} differs: config, "
-                           "grid, seeds or --set); use another --out")
-    elif root.is_dir() and any(root.iterdir()):
-        raise RunError(f"{root} holds files but no sweep; use another --out")
-    else:
-        root.mkdir(parents=True, exist_ok=True)
-        files.write_json(path, record)
-    return Sweep(root, points)
+    if root.is_dir() and any(root.iterdir()):  # only checked here: another sweep is refused
+        record_sweep(root, record)
+    return Sweep(root, points, record)
 
 
-def is_sweep(path: str | Path) -> bool:
-    """Whether ``path`` is a sweep folder (holds ``sweep.json``)."""
-    return (Path(path) / SWEEP_FILE).is_file()
-
-
-def sweep_runs(path: str | Path) -> list[Path]:
-    """The run directories of the sweep in ``path`` that exist, in point order."""
-    root = Path(path)
-    try:
-        record = json.loads((root / SWEEP_FILE).read_text())
-    except FileNotFoundError:
-        raise RunError(f"{root}: not a sweep (no {SWEEP_FILE}; make one with "
-                       f"`nctools sweep CONFIG --grid KEY=SPEC --out {root}`)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunError(f"{root / SWEEP_FILE}: not a sweep record ({exc})") from None
-    runs = [root / RUNS_DIR / p["name"] for p in record["points"]]
-    return [r for r in runs if (r / CONFIG_FILE).is_file()]
-
-
-def is_complete(run_dir: Path, config: Config) -> bool:
-    """Whether the run in ``run_dir`` finished all ``config.train.epochs``."""
-    if not (run_dir / MANIFEST_FILE).is_file():
-        return False
-    manifest = store.read_manifest(run_dir)
-    return manifest.get("status") == "completed" and \
-        manifest.get("epochs_done") == config.train.epochs
+def check_sweep_size(grid: dict[str, list[Any]], seeds: int) -> None:
+    """ConfigError naming ``--seeds`` or ``--grid`` when the sweep has no run or more than
+    ``MAX_RUNS``, before a single point is planned."""
+    if seeds < 1:
+        raise ConfigError(f"--seeds: must be >= 1, got {seeds}")
+    if "seed" in grid and seeds > 1:
+        raise ConfigError("--grid seed=... and --seeds both set the seeds; give one of them")
+    points = math.prod(len(values) for values in grid.values())
+    if points * seeds <= MAX_RUNS:
+        return
+    if points <= MAX_RUNS // seeds or seeds > MAX_RUNS:
+        raise ConfigError(f"--seeds: {seeds} seeds make {points * seeds} runs, more than the "
+                          f"{MAX_RUNS} one sweep may hold")
+    sizes = " x ".join(str(len(values)) for values in grid.values())
+    raise ConfigError(f"--grid: {sizes} points make {points * seeds} runs, more than the "
+                      f"{MAX_RUNS} one sweep may hold")
 
 
 class SweepJob:
@@ -277,7 +253,11 @@ def submit(sweep: Sweep, executor: str = "local", slurm: dict[str, Any] | None =
     """
     if parallel < 1:
         raise ConfigError(f"--parallel: must be >= 1, got {parallel}")
-    todo = [p for p in sweep.points if not is_complete(sweep.run_dir(p), p.config)]
+    if executor not in EXECUTORS:
+        raise ConfigError(f"--executor: {executor!r} is not one of {', '.join(EXECUTORS)}")
+    record_sweep(sweep.root, sweep.record)  # the arguments are sound: the sweep exists now
+    todo = [p for p in sweep.points
+            if not is_complete(sweep.run_dir(p), p.config.train.epochs)]
     if not todo:
         return []
     ex = make_executor(sweep.root / SUBMITIT_DIR, executor, slurm)

@@ -5,7 +5,7 @@ Usage::
     table = collect(["sweeps/mnist-resnet18"])   # nctools collect SWEEP --out t.parquet
     best(table, "test_acc")                             # the best train.lr per cell
 
-(:mod:`nctools.training.sweep` plans and submits sweeps.) :func:`collect` brings every
+(:mod:`nctools.training.launch` plans and submits sweeps.) :func:`collect` brings every
 run's ``metrics.csv`` up to date (:func:`nctools.analysis.tables.analyze` is incremental)
 and adds the run's config as columns named by dotted key (``train.lr``, ``seed``,
 ``data.dataset``, ...), plus ``sweep`` (the sweep folder) and ``run_dir``. Papyan, Han &
@@ -27,7 +27,7 @@ from nctools.config.typed_yaml import flatten, format_value
 from nctools.errors import NctoolsError, RunError
 from nctools.runs import snapshots
 from nctools.runs.layout import CONFIG_FILE
-from nctools.training.sweep import is_sweep, sweep_runs
+from nctools.runs.sweeps import is_sweep, sweep_runs
 
 IDENTITY = ("name", "sweep", "run_dir")  # columns that name a run, never a setting
 

@@ -21,12 +21,11 @@ import torch.nn.functional as F
 
 from nctools.config.schema import (
     Config,
-    TrainConfig,
     load_config,
     snapshot_epochs,
 )
 from nctools.data.sets import load_dataset
-from nctools.errors import ConfigError, RunError
+from nctools.errors import RunError
 from nctools.models.networks import build_model
 from nctools.runs import snapshots, store
 from tests import helpers
@@ -117,39 +116,6 @@ def test_lr_follows_the_multistep_schedule(full_run):
     _, run = full_run
     lrs = store.read_history(run)["lr"].tolist()
     assert lrs == pytest.approx([0.05, 0.05, 0.005, 0.005, 0.0005, 0.0005], rel=1e-12)
-
-
-def test_multistep_milestones_never_fall_before_the_first_epoch():
-    tc = TrainConfig(epochs=1, lr=0.1)  # round(1/3) = 0 would start at lr * gamma
-    opt = T.build_optimizer(torch.nn.Linear(2, 2), tc)
-    T.build_scheduler(opt, tc)
-    assert opt.param_groups[0]["lr"] == 0.1
-
-
-def test_cosine_and_constant_schedules():
-    model = torch.nn.Linear(2, 2)
-    for schedule, expect in [
-        ("cosine", [0.1 * (1 + math.cos(math.pi * e / 5)) / 2 for e in range(5)]),
-        ("constant", [0.1] * 5),
-    ]:
-        tc = TrainConfig(epochs=5, lr=0.1, schedule=schedule)
-        opt = T.build_optimizer(model, tc)
-        sched = T.build_scheduler(opt, tc)
-        seen = []
-        for _ in range(5):
-            seen.append(opt.param_groups[0]["lr"])
-            opt.step()
-            sched.step()
-        assert seen == pytest.approx(expect, rel=1e-12, abs=1e-15), schedule
-
-
-def test_losses_match_their_formulas():
-    gen = torch.Generator().manual_seed(0)
-    logits, labels = torch.randn(5, 4, generator=gen), torch.tensor([0, 3, 1, 1, 2])
-    mse = sum(sum((logits[i, c] - float(c == labels[i])) ** 2 for c in range(4)) for i in range(5))
-    assert T.batch_loss(logits, labels, "mse").item() == pytest.approx(mse.item() / 5, rel=1e-6)
-    ce = -sum(torch.log_softmax(logits[i], 0)[labels[i]] for i in range(5)) / 5
-    assert T.batch_loss(logits, labels, "ce").item() == pytest.approx(ce.item(), rel=1e-6)
 
 
 def test_saved_features_equal_a_fresh_pass_of_the_checkpoint(full_run):
@@ -460,13 +426,6 @@ def test_a_huge_learning_rate_diverges_in_the_first_epoch(tmp_path):
     assert state["epoch"] == 0  # the initialisation, still loadable
 
 
-def test_unknown_device_names_train_device():
-    if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match=r"train\.device"):
-            T.resolve_device("cuda:0")
-    assert T.resolve_device("cpu") == torch.device("cpu")
-
-
 def test_a_distributed_launch_is_refused(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RunError, match="WORLD_SIZE=2"):
@@ -474,13 +433,32 @@ def test_a_distributed_launch_is_refused(monkeypatch, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_epoch_order_depends_on_seed_and_epoch_only():
-    a = torch.randperm(50, generator=T.epoch_generator(3, 7))
-    b = torch.randperm(50, generator=T.epoch_generator(3, 7))
-    c = torch.randperm(50, generator=T.epoch_generator(3, 8))
-    assert torch.equal(a, b) and not torch.equal(a, c)
-
-
 def test_snapshot_schedule_is_the_config_one(full_run):
     cfg, run = full_run
     assert snapshots.list_snapshots(run) == snapshot_epochs(cfg.snapshot.epochs, EPOCHS)
+
+
+def test_a_run_that_failed_before_its_first_epoch_restarts_with_a_changed_config(
+        tmp_path, monkeypatch):
+    """A logger library that cannot be opened stops the run before epoch 1 (run.json left
+    at "running", no epoch done): the folder then takes the corrected config, as a new
+    run would, instead of refusing it as another run's."""
+    def missing(*args, **kwargs):
+        raise ImportError("No module named 'tensorboard'")
+
+    monkeypatch.setattr(T, "open_loggers", missing)
+    run = tmp_path / "run"
+    with pytest.raises(ImportError, match="tensorboard"):
+        T.train(tiny_config(loggers=["tensorboard"]), run)
+    assert store.read_manifest(run)["status"] == "running"
+    assert store.read_manifest(run)["epochs_done"] == 0
+    monkeypatch.undo()
+    fixed = helpers.tiny_config(epochs=2)  # also fewer epochs: a new run, not a shorter one
+    assert T.train(fixed, run) == run
+    assert store.read_manifest(run)["status"] == "completed"
+    assert load_config(run / "config.yaml") == fixed
+    assert store.read_history(run)["epoch"].tolist() == [1, 2]
+    fresh = tmp_path / "fresh"  # the same numbers as a run started in a new folder
+    T.train(fixed, fresh)
+    assert _history(run).equals(_history(fresh))
+    _assert_same_snapshots(run, fresh)

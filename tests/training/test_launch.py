@@ -15,13 +15,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from nctools.analysis.collect import best, collect, write_table
 from nctools.analysis.plots import collapse_figure
-from nctools.analysis.sweep import best, collect, write_table
 from nctools.config.schema import load_config
 from nctools.errors import ConfigError, RunError
 from nctools.runs import store
+from nctools.runs.layout import SUBMITIT_DIR, SWEEP_FILE, SWEEP_RUNS_DIR
 from nctools.runs.store import save_config
-from nctools.training import sweep as S
+from nctools.runs.sweeps import record_sweep
+from nctools.training import launch as S
 from nctools.training.loop import train
 from tests import helpers
 
@@ -68,6 +70,8 @@ def test_plan_names_points_and_refuses_another_sweep(tmp_path):
         "003-lr=0.02-seed=4", "004-lr=0.05-seed=3", "005-lr=0.05-seed=4"]
     assert [(p.config.train.lr, p.config.seed) for p in sweep.points] == [
         (lr, seed) for lr in LRS for seed in (3, 4)]
+    assert not (tmp_path / "sw" / SWEEP_FILE).exists()  # recorded once submitted
+    record_sweep(sweep.root, sweep.record)
     again = S.plan_sweep(config, {"train.lr": LRS}, tmp_path / "sw", seeds=2)  # continued
     assert [p.config for p in again.points] == [p.config for p in sweep.points]
     with pytest.raises(RunError, match="holds another sweep"):
@@ -128,7 +132,7 @@ def test_the_requeued_call_resumes_an_interrupted_point(tmp_path, monkeypatch):
 
     config = _config_file(tmp_path, epochs=4)
     point = S.plan_sweep(config, {"train.lr": [0.02]}, tmp_path / "sw").points[0]
-    run = tmp_path / "sw" / S.RUNS_DIR / point.name
+    run = tmp_path / "sw" / SWEEP_RUNS_DIR / point.name
     real, calls = loop.train_step, [0]
 
     def dies_at_step_8(*args, **kwargs):  # 3 steps an epoch: inside epoch 3
@@ -156,7 +160,7 @@ def test_a_killed_job_is_requeued_and_resumes(tmp_path):
     the job requeues itself and finishes from its checkpoint, as if never stopped."""
     config = _config_file(tmp_path, epochs=12, batch_size=8)
     sweep = S.plan_sweep(config, {"train.lr": [0.02]}, tmp_path / "sw")
-    ex = S.make_executor(sweep.root / S.SUBMITIT_DIR, "local")
+    ex = S.make_executor(sweep.root / SUBMITIT_DIR, "local")
     point = sweep.points[0]
     run = sweep.run_dir(point)
     job = ex.submit(S.SweepJob(), point.config, str(run))
@@ -173,7 +177,7 @@ def test_a_killed_job_is_requeued_and_resumes(tmp_path):
     job.result()
     manifest = store.read_manifest(run)
     assert manifest["status"] == "completed" and manifest["epochs_done"] == 12
-    folder = sweep.root / S.SUBMITIT_DIR
+    folder = sweep.root / SUBMITIT_DIR
     out = "".join(p.read_text() for p in folder.glob("*_log.out"))
     err = "".join(p.read_text() for p in folder.glob("*_log.err"))
     assert "Requeued job" in out and out.count("Starting with JobEnvironment") == 2
@@ -204,3 +208,45 @@ def test_the_commands_sweep_collect_and_plot(tmp_path, capsys):
     capsys.readouterr()
     assert main(["sweep", str(config), "--grid", "train.lr", "--out", str(sweep)]) == 2
     assert capsys.readouterr().err.startswith("nctools: error: --grid 'train.lr': expected")
+
+
+def _sweep_error(capsys, config, *argv: str) -> str:
+    """`nctools sweep` refused: exit 2 and the one line it printed."""
+    from nctools.cli import main
+
+    assert main(["sweep", str(config), "--grid", "train.lr=0.01,0.05", "--executor", "debug",
+                 *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err
+
+
+def test_too_many_seeds_are_refused_at_once_naming_the_limit(tmp_path, capsys):
+    config = _config_file(tmp_path)
+    t0 = time.perf_counter()
+    err = _sweep_error(capsys, config, "--seeds", "1000000", "--out", str(tmp_path / "sw"))
+    assert time.perf_counter() - t0 < 2  # not 40 s of planning first
+    assert err == (f"nctools: error: --seeds: 1000000 seeds make 2000000 runs, more than the "
+                   f"{S.MAX_RUNS} one sweep may hold\n")
+    err = _sweep_error(capsys, config, "--grid", f"seed=linspace:0:1:{S.MAX_RUNS}",
+                       "--out", str(tmp_path / "sw"))
+    assert err.startswith("nctools: error: --grid: 2 x 10000 points make 20000 runs")
+    assert not (tmp_path / "sw").exists()
+
+
+def test_bad_parallel_or_out_leave_no_sweep_behind(tmp_path, capsys, monkeypatch):
+    config = _config_file(tmp_path)
+    err = _sweep_error(capsys, config, "--parallel", "0", "--out", str(tmp_path / "sw"))
+    assert err == "nctools: error: --parallel: must be >= 1, got 0\n"
+    assert not (tmp_path / "sw" / SWEEP_FILE).exists()
+    a_file = tmp_path / "afile"
+    a_file.write_text("mine")
+    err = _sweep_error(capsys, config, "--out", str(a_file))
+    assert err == f"nctools: error: --out {a_file}: is a file, not a sweep folder\n"
+    assert a_file.read_text() == "mine"
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    err = _sweep_error(capsys, config, "--out", "")
+    assert err == "nctools: error: --out: empty; give the sweep folder\n"
+    assert list(here.iterdir()) == []

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from matplotlib.collections import PolyCollection
 
+from nctools.analysis.collect import best
 from nctools.analysis.plots import collapse_figure, seed_band
-from nctools.analysis.sweep import best
 from nctools.errors import NctoolsError
 
 RNG = np.random.default_rng(0)
