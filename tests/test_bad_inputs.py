@@ -189,7 +189,7 @@ CASES: dict[str, Case] = {
                             bad_config("epochs: 3", "epochs: -3")),
     "unknown data set": Case(TRAIN_BAD, "data.dataset: unknown data set 'cifar11'",
                              bad_config("dataset: synthetic", "dataset: cifar11")),
-    "unknown network": Case(TRAIN_BAD, "model.arch: unknown architecture 'alexnet'",
+    "unknown network": Case(TRAIN_BAD, "model.arch: 'alexnet': unknown network; choose one of",
                             bad_config("arch: convnet", "arch: alexnet")),
     "bad snapshot schedule": Case(TRAIN_BAD, "{tmp}/bad.yaml: snapshot.epochs: expected 'all', "
                                   "'log:K', 'papyan' or a list of ints, got 'weekly'",

@@ -119,8 +119,11 @@ def build_run(config: Config, run_dir: Path, dist: DistInfo, device: torch.devic
     if len(dataset.train) < world:
         raise ConfigError(f"data: {len(dataset.train)} training samples cannot be shared by "
                           f"WORLD_SIZE={world} processes")
-    model = create_model(config.model.arch, dataset.num_classes, dataset.in_channels,
-                         dataset.image_size, config.model)
+    try:
+        model = create_model(config.model.arch, dataset.num_classes, dataset.in_channels,
+                             dataset.image_size, config.model)
+    except ConfigError as exc:
+        raise ConfigError(f"model.arch: {exc}") from None
     if dist.distributed:
         model = global_batch_norm(model, device)  # before the optimizer takes its parameters
     model.to(device)
