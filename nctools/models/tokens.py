@@ -50,8 +50,9 @@ def lm_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     and has no bias; BERT's decoder has a bias of its own.
     """
     head = _output_embeddings(model)
-    bias = getattr(head, "bias", None)
-    return head.weight.detach(), None if bias is None else bias.detach()
+    weight: Tensor = getattr(head, "weight")  # noqa: B009 (an nn.Module attribute to mypy)
+    bias: Tensor | None = getattr(head, "bias", None)
+    return weight.detach(), None if bias is None else bias.detach()
 
 
 def _output_embeddings(model: nn.Module) -> nn.Module:
