@@ -8,11 +8,13 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+import nctools
 from nctools.data.text import (
     IGNORE_INDEX,
     documents_of_lines,
@@ -196,3 +198,33 @@ def test_bad_inputs_are_one_line_errors(tokenizer, tmp_path) -> None:
     for call, error, message in cases:
         with pytest.raises(error, match=message):
             call()
+
+
+def test_text_to_token_level_measurement(tokenizer, tmp_path) -> None:
+    """text:FILE -> batches -> a causal LM's token samples -> the frequent tokens measured:
+    two streamed passes (measure_chunks) equal one measurement of all samples at once."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from nctools.metrics.vocab import frequent_classes
+    from nctools.models.tokens import lm_head, lm_token_samples
+
+    (tmp_path / "c.txt").write_text(corpus(80))
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=16,
+                                       n_layer=1, n_head=2)).double().eval()
+    weight, _ = lm_head(model)
+
+    def samples():
+        docs = text_documents(f"text:{tmp_path / 'c.txt'}")
+        return lm_token_samples(model, text_batches(docs, tokenizer, seq_len=32, stride=24,
+                                                    batch_size=4))
+
+    features, labels = (torch.cat(parts) for parts in zip(*samples(), strict=True))
+    assert labels.tolist() == whole_text_ids(tokenizer, corpus(80))[1:]
+    kept = frequent_classes(torch.bincount(labels, minlength=len(tokenizer)), min_count=5)
+    assert 10 < len(kept) < len(tokenizer)
+    options = {"classes": kept.tolist(), "global_mean": "classes"}
+    want = nctools.measure(features, labels, weight, **options)
+    got, _ = nctools.measure_chunks(samples, weight, **options)
+    assert got.keys() == want.keys()
+    assert all(np.isclose(got[k], want[k], rtol=1e-9, equal_nan=True) for k in want)
