@@ -24,6 +24,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from nctools.models.features import InputOf
+
 IGNORE_INDEX = -100  # the label PyTorch's cross_entropy and Hugging Face's losses skip
 
 Task = Literal["causal", "masked"]
@@ -106,7 +108,7 @@ def token_samples(
     return hidden[keep], target[keep]
 
 
-class LMHeadInput:
+class LMHeadInput(InputOf):
     """A forward pre-hook that keeps the LM head's input, (B, T, D), of the last forward.
 
     Usage::
@@ -117,27 +119,16 @@ class LMHeadInput:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.value: Tensor | None = None
-        self.handle = _output_embeddings(model).register_forward_pre_hook(self._keep)
+        super().__init__(_output_embeddings(model))
 
     def _keep(self, _module: nn.Module, args: tuple) -> None:
-        self.value = args[0].detach()
+        self.value = args[0].detach()  # not flattened: positions stay apart
 
     def take(self) -> Tensor:
         """The captured input, cleared so that a stale one is never read twice."""
         if self.value is None:
             raise ValueError("the LM head did not run in the last forward pass")
-        value, self.value = self.value, None
-        return value
-
-    def remove(self) -> None:
-        self.handle.remove()
-
-    def __enter__(self) -> LMHeadInput:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
+        return super().take()
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # labels stay ours
