@@ -37,14 +37,14 @@ warnings.filterwarnings("ignore", message="NCMetric: (no classifier|keep_feature
 
 for epoch in range(1, EPOCHS + 1):
     body.train()
-    for xb, yb in zip(inputs.split(50), labels.split(50)):
+    for xb, yb in zip(inputs.split(50), labels.split(50), strict=True):
         loss = nn.functional.cross_entropy(head(body(xb)), yb)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     body.eval()
     with torch.no_grad():  # measure the training set as the network now classifies it
-        for xb, yb in zip(inputs.split(200), labels.split(200)):
+        for xb, yb in zip(inputs.split(200), labels.split(200), strict=True):
             metric.update(body(xb), yb)
             inner.update(body[1](body[0](xb)), yb)
     values = metric.compute()

@@ -60,15 +60,25 @@ def run_block(block: Block, folder: Path) -> None:
 
 
 def run_page(page: Path, folder: Path, include_slow: bool) -> int:
-    """Run the page's runnable blocks (slow ones too when asked) in order; return how many."""
+    """Run the page's runnable blocks (slow ones too when asked) in order; return how many.
+
+    A failing block does not stop the page: the blocks after it run too, and every failure
+    is reported at the end, so one broken example never hides another.
+    """
     for name in LINKED:
         (folder / name).symlink_to(REPO / name, target_is_directory=True)
-    ran = 0
+    ran, failures = 0, []
     for block in blocks(page):
-        if not block.runnable or block.mark == "skip" or (block.mark == "slow" and not include_slow):
+        wanted = block.mark == "" or (block.mark == "slow" and include_slow)
+        if not (block.runnable and wanted):
             continue
-        run_block(block, folder)
+        try:
+            run_block(block, folder)
+        except AssertionError as failure:
+            failures.append(str(failure))
         ran += 1
+    if failures:
+        raise AssertionError(f"{len(failures)} of {ran} blocks failed\n\n" + "\n\n".join(failures))
     return ran
 
 
