@@ -10,7 +10,7 @@ The callback logs `nc/train/nc1`, `nc/val/nc1`, ... to every Lightning logger an
 import os
 import shutil
 
-import lightning.pytorch as pl
+import lightning as L
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -23,7 +23,7 @@ EPOCHS = 2 if TINY else 40
 OUT = "runs/lightning-example"
 
 
-class Net(pl.LightningModule):
+class Net(L.LightningModule):
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU())
@@ -53,7 +53,7 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     centres = torch.randn(4, 20) * 3
     shutil.rmtree(OUT, ignore_errors=True)  # a new fit refuses a folder that holds a run
-    trainer = pl.Trainer(
+    trainer = L.Trainer(
         max_epochs=EPOCHS,
         accelerator="cpu",
         callbacks=[NeuralCollapseCallback(every_n_epochs=1 if TINY else 5,
