@@ -123,8 +123,7 @@ SCHEDULES = ("multistep", "cosine", "constant")
 SNAPSHOT_DTYPES = ("float32", "float16")
 STEMS = ("auto", "imagenet", "small")  # model.stem
 NORMALIZE = ("train", "mnist")  # data.normalize (nctools.data.sets.normalization)
-# snapshot.splits: nctools train writes train and test; a Lightning run keeps its val
-SNAPSHOT_SPLITS = ("train", "test", "val")
+SPLITS = ("train", "test")
 MAX_SEED = 2**32 - 1
 MAX_EPOCHS = 1_000_000  # the schedule, history and manifest hold one entry per epoch
 _SAFE_NAME = re.compile(r"[A-Za-z0-9._+-][A-Za-z0-9._+ -]*")
@@ -402,9 +401,8 @@ def validate(cfg: Config) -> None:
     _check(snap.dtype in SNAPSHOT_DTYPES, "snapshot.dtype", f"one of {', '.join(SNAPSHOT_DTYPES)}",
            snap.dtype)
     splits = snap.splits
-    _check(bool(splits) and set(splits) <= set(SNAPSHOT_SPLITS)
-           and len(set(splits)) == len(splits), "snapshot.splits",
-           f"a non-empty list of distinct names from {', '.join(SNAPSHOT_SPLITS)}", splits)
+    _check(bool(splits) and set(splits) <= set(SPLITS) and len(set(splits)) == len(splits),
+           "snapshot.splits", "a non-empty list of distinct names from train, test", splits)
     layers = snap.layers
     _check(layers == "blocks" or (isinstance(layers, list) and len(set(layers)) == len(layers)
                                   and all(name.strip() for name in layers)),

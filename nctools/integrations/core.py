@@ -148,11 +148,13 @@ def evaluating(model: nn.Module, layer: nn.Module, name: str) -> Iterator[LayerI
     was_training = model.training
     device = layer.weight.device if isinstance(layer, nn.Linear) else torch.device("cpu")
     model.eval()
+    hook = LayerInput(layer, name)
     try:
-        with (torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
-              torch.no_grad(), LayerInput(layer, name) as hook):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                torch.no_grad():
             yield hook
     finally:
+        hook.remove()
         model.train(was_training)
 
 

@@ -37,8 +37,9 @@ features as stored, so ``nctools analyze`` reproduces them. The splits keep thei
 names (``train``, ``val``) in the run directory, its tables and plots. ``history.csv``
 gets a row per measured epoch: ``lr`` (the optimizer's), ``train_loss``
 (``trainer.callback_metrics[loss_key]`` when logged), the eval-mode ``train_acc`` and
-``test_acc`` (of the val split) of the measured pass, the epoch's ``seconds``; NaN for the rest. Under DDP each process writes its own shard and
-rank 0 merges them, and writes the history, config and manifest.
+``test_acc`` (of the val split) of the measured pass, the epoch's ``seconds``; NaN for
+the rest. Under DDP each process writes its own shard and rank 0 merges them, and writes
+the history, config and manifest.
 """
 
 from __future__ import annotations
@@ -163,12 +164,12 @@ class NeuralCollapseCallback(pl.Callback):
         resolve_layer(pl_module, self.layer)  # a wrong layer fails now, not after an epoch
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        never = self.schedule.unreachable(trainer.max_epochs if trainer.max_epochs is not None
-                                          and trainer.max_epochs >= 0 else None)
-        if never:
+        total = trainer.max_epochs
+        never = self.schedule.unreachable(total if total is not None and total >= 0 else None)
+        if never and total is not None:
             warnings.warn(f"NeuralCollapseCallback: epochs {[e - 1 for e in never]} are beyond "
-                          f"this fit (max_epochs={trainer.max_epochs}, epochs 0 to "
-                          f"{trainer.max_epochs - 1}) and will never be measured", stacklevel=2)
+                          f"this fit (max_epochs={total}, epochs 0 to {total - 1}) and will "
+                          "never be measured", stacklevel=2)
         if not self.save_snapshots:
             return
         if self.out is not None:
@@ -233,7 +234,7 @@ class NeuralCollapseCallback(pl.Callback):
                                 reuse_features=False)
         epoch, world = trainer.current_epoch + 1, trainer.world_size
         if trainer.is_global_zero:
-            config = self._config(trainer, pl_module, layer, epoch, held)
+            config = self._config(trainer, pl_module, layer, epoch)
             optimizer = trainer.optimizers[0] if trainer.optimizers else None
             lr = float(optimizer.param_groups[0]["lr"]) if optimizer is not None else math.nan
             loss = trainer.callback_metrics.get(self.loss_key)
@@ -267,7 +268,7 @@ class NeuralCollapseCallback(pl.Callback):
         return torch.cat(feats).to(dtype).float(), torch.cat(labels).long()
 
     def _config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layer: nn.Linear,
-                epoch: int, held: dict[str, tuple[Tensor, Tensor]]) -> Config:
+                epoch: int) -> Config:
         """The run's config: the epochs planned (all of them when ``max_epochs`` is set)
         and the snapshots written so far."""
         assert self.run_dir is not None
@@ -283,7 +284,7 @@ class NeuralCollapseCallback(pl.Callback):
             name=type(pl_module).__name__, arch=type(pl_module).__name__,
             dataset=_dataset_name(trainer), num_classes=layer.out_features,
             epochs=total, snapshot_epochs=[e for e in written if 1 <= e <= total],
-            splits=list(held), loss=self.loss,
+            loss=self.loss,
             optimizer=trainer.optimizers[0] if trainer.optimizers else None,
             batch_size=getattr(loader, "batch_size", None), device=pl_module.device,
             dtype=self.snapshot_dtype, tpt_accuracy=self.tpt_accuracy,

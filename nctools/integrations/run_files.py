@@ -20,7 +20,7 @@ split's features (N/world x D, float32, on the CPU) while its snapshot is writte
 The config describes what is known of the run: ``data.dataset`` (the class name of the
 datamodule or the training loader's dataset), ``data.num_classes``, ``model.arch`` (the
 module's class name, which the plot legend shows), the optimiser's settings, ``train.loss``,
-``train.tpt_accuracy``, the snapshot epochs and splits. The keys nctools cannot know
+``train.tpt_accuracy``, the snapshot epochs. The keys nctools cannot know
 (image size, width, depth, the schedule, ...) are left out of ``config.yaml`` (a comment
 at its top says so); reading it back fills them with the schema's defaults. The manifest's
 ``source`` names the loop (``"lightning"``); no nctools loader knows the data set, so
@@ -58,7 +58,7 @@ KNOWN_KEYS = {
     "model": ("arch",),
     "train": ("epochs", "batch_size", "loss", "lr", "momentum", "weight_decay", "device",
               "tpt_accuracy"),
-    "snapshot": ("epochs", "splits", "dtype"),
+    "snapshot": ("epochs", "dtype"),  # the splits: each snapshot's meta.json names them
 }
 CONFIG_NOTE = ("# An nctools run written from a training loop outside nctools: the keys not\n"
                "# listed here are unknown (nctools reads them as the schema's defaults).\n")
@@ -72,7 +72,6 @@ def external_config(
     num_classes: int,
     epochs: int,
     snapshot_epochs: Sequence[int],
-    splits: Sequence[str],
     loss: str,
     optimizer: torch.optim.Optimizer | None,
     batch_size: int | None,
@@ -86,8 +85,9 @@ def external_config(
     ``lr``, ``momentum`` and ``weight_decay`` are the optimizer's first parameter group's
     (its initial learning rate; momentum and weight decay 0 where it has no such setting;
     ``train.schedule`` is ``constant``: the loop's own schedule is not described);
-    ``batch_size`` is the training loader's (1 when it has none). ``splits`` are the run
-    directory's names.
+    ``batch_size`` is the training loader's (1 when it has none). The splits are not
+    config keys here: a loop's names (Lightning's ``val``) are not those of ``nctools
+    train``, and each snapshot's ``meta.json`` names its own.
     """
     group = optimizer.param_groups[0] if optimizer is not None else {}
     config = Config(
@@ -103,8 +103,7 @@ def external_config(
             # the config's device names where it trained (cpu, cuda:N), else auto
             device=str(device) if device.type in ("cpu", "cuda") else "auto",
         ),
-        snapshot=SnapshotConfig(epochs=sorted(set(snapshot_epochs)), splits=list(splits),
-                                dtype=dtype),
+        snapshot=SnapshotConfig(epochs=sorted(set(snapshot_epochs)), dtype=dtype),
     )
     validate(config)
     return config

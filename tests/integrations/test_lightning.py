@@ -233,7 +233,7 @@ def test_dict_batches_are_measured_by_their_label_key():
     for key, value in expected(model, train).items():
         assert row[f"nc/train/{key}"] == pytest.approx(value, rel=1e-6, abs=1e-9), key
     batch = next(iter(DataLoader(Dicts(train.dataset, "target"), batch_size=4)))
-    with pytest.raises(ValueError, match="no labels key .*it has image, target.*unpack="):
+    with pytest.raises(ValueError, match=r"no labels key .*it has image, target.*unpack="):
         split_batch(batch)
     inputs, labels = split_batch((*batch.values(), "extra"))  # (x, y, ...): the first two
     assert inputs is batch["image"] and labels is batch["target"]

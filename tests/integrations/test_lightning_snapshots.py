@@ -104,7 +104,7 @@ def test_history_config_and_manifest_describe_the_fit(fitted):
     assert (config.data.dataset, config.model.arch, config.name) == ("TensorDataset", "Logged",
                                                                      "Logged")
     assert (config.train.epochs, config.snapshot.epochs) == (3, [1, 2, 3])
-    assert config.snapshot.splits == ["train", "val"]
+    assert list(snapshots.read_meta(run, 3)["splits"]) == ["train", "val"]
     saved = yaml.safe_load((run / CONFIG_FILE).read_text())
     assert saved["data"] == {"dataset": "TensorDataset", "num_classes": NUM_CLASSES}
     assert saved["model"] == {"arch": "Logged"}  # no image size, width or depth made up
