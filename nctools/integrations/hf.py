@@ -46,21 +46,11 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import CallbackHandler
 
-from nctools.integrations.core import (
-    Schedule,
-    SplitKeys,
-    UnmeasurableError,
-    check_layer_arg,
-    evaluating,
-    feature_chunks,
-    measure_splits,
-    resolve_layer,
-    split_batch,
-)
+from nctools.integrations import core
 from nctools.integrations.spill import check_reuse
 from nctools.metrics.engine import ReferenceMeans
 
-HF_KEYS = SplitKeys({"train": "nc/", "eval": "eval_nc/"})
+HF_KEYS = core.SplitKeys({"train": "nc/", "eval": "eval_nc/"})
 Event = tuple[TrainingArguments, TrainerState, TrainerControl, dict[str, Any]]
 
 
@@ -96,13 +86,13 @@ class NeuralCollapseCallback(TrainerCallback):
         reuse_features: bool = True,
         spill_dir: str | os.PathLike | None = None,
     ) -> None:
-        self.schedule = Schedule(None if epochs is None else frozenset(int(e) for e in epochs),
+        self.schedule = core.Schedule(None if epochs is None else frozenset(int(e) for e in epochs),
                                  every_n_epochs, every_n_steps)
         self.splits = HF_KEYS.check(splits)
         if isinstance(layer, Trainer):
             raise ValueError("NeuralCollapseCallback takes no trainer: pass it as "
                              "Trainer(callbacks=[NeuralCollapseCallback(...)])")
-        check_layer_arg(layer)
+        core.check_layer_arg(layer)
         check_reuse(reuse_features, spill_dir)
         self.reuse_features, self.spill_dir = reuse_features, spill_dir
         self.layer, self.at_evaluate, self.label_key = layer, at_evaluate, label_key
@@ -115,10 +105,12 @@ class NeuralCollapseCallback(TrainerCallback):
     # ---------------------------------------------------------------------- the events
     def on_train_begin(self, args: TrainingArguments, state: TrainerState,
                        control: TrainerControl, **kwargs: Any) -> None:
-        self._handler = _calling_handler()
-        if self._handler is not None:
-            self._active = _first_of_kind(self, self._handler)
-        resolve_layer(kwargs["model"], self.layer)  # a wrong layer fails before training
+        handler = _calling_handler()
+        if handler is not None and handler is not self._handler:  # once per Trainer: added
+            self._handler = handler  # twice, the same callback sees each event twice
+            self._active = _first_of_kind(self, handler)
+            self._done, self._skipped, self._train_means = (-1, set()), False, ReferenceMeans()
+        core.resolve_layer(kwargs["model"], self.layer)  # a wrong layer fails before training
         never = self.schedule.unreachable(state.num_train_epochs if args.max_steps <= 0
                                           else None)
         if never:
@@ -148,14 +140,14 @@ class NeuralCollapseCallback(TrainerCallback):
         """{``nc/<metric>`` and ``eval_nc/<metric>``: value} of the model as it is now,
         over ``loaders`` (``{"train": loader, "eval": loader}``, the chosen splits that
         have one). The eval split's NC4 takes the train split's latest class means."""
-        name, layer = resolve_layer(model, self.layer)
+        name, layer = core.resolve_layer(model, self.layer)
         device = layer.weight.device
-        unpack = functools.partial(split_batch, label_key=self.label_key)
-        with evaluating(model, layer, name) as hook:
-            chunks = {split: functools.partial(feature_chunks, model, hook, loaders[split],
+        unpack = functools.partial(core.split_batch, label_key=self.label_key)
+        with core.evaluating(model, layer, name) as hook:
+            chunks = {split: functools.partial(core.feature_chunks, model, hook, loaders[split],
                                                unpack, device)
                       for split in self.splits if loaders.get(split) is not None}
-            return measure_splits(chunks, layer, device, HF_KEYS, self.reuse_features,
+            return core.measure_splits(chunks, layer, device, HF_KEYS, self.reuse_features,
                                   self.spill_dir, self._train_means)
 
     def _report(self, event: Event) -> None:
@@ -172,7 +164,7 @@ class NeuralCollapseCallback(TrainerCallback):
             return
         try:
             values = self.measure(kwargs["model"], todo)
-        except UnmeasurableError as error:
+        except core.UnmeasurableError as error:
             self._skipped = True
             warnings.warn(f"NeuralCollapseCallback: not measuring this run ({error}); "
                           "training goes on", stacklevel=2)
