@@ -158,3 +158,9 @@ def test_bad_arguments_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match=r"layer: BertForSequenceClassification has no module "
                                          r"'fc' \(its nn.Linear modules: .*classifier\)"):
         fit(tmp_path, [NeuralCollapseCallback(layer="fc")])
+
+
+def test_epochs_beyond_the_run_are_warned_about_when_it_starts(tmp_path):
+    with pytest.warns(UserWarning, match=r"epochs \[5\] are beyond this run \(2 epochs\)"):
+        trainer, _ = fit(tmp_path, [NeuralCollapseCallback(epochs=[1, 5])])
+    assert [row["epoch"] for row in nc_rows(trainer)] == [1.0]
