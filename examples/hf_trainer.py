@@ -3,8 +3,10 @@
     python examples/hf_trainer.py                     # 10 epochs, under a minute on a CPU
     NCTOOLS_EXAMPLES_TINY=1 python examples/hf_trainer.py   # 2 epochs (CI)
 
-The values go through `Trainer.log`: they are in `trainer.state.log_history` and reach every
-`report_to` integration (TensorBoard shows them as `train/nc/train/nc1`).
+The callback goes in `Trainer(callbacks=[...])` like any Hugging Face callback. Its rows
+are in `trainer.state.log_history` and reach every `report_to` integration: `nc/nc1` for
+the training set (TensorBoard: `train/nc/nc1`), `eval_nc/nc1` for the eval set
+(`eval/nc/nc1`); the Trainer's own rows are left as they are.
 """
 
 import os
@@ -40,13 +42,16 @@ if __name__ == "__main__":
                         max_position_embeddings=8)
     args = TrainingArguments(output_dir="runs/hf-example", num_train_epochs=2 if TINY else 10,
                              use_cpu=True, report_to=[], save_strategy="no",
-                             disable_tqdm=True, seed=0)
+                             eval_strategy="epoch", disable_tqdm=True, seed=0)
+    # measured at each epoch end (the training set) and each evaluation (the eval set)
     trainer = Trainer(model=BertForSequenceClassification(config), args=args,
-                      train_dataset=Tokens(48), eval_dataset=Tokens(21))
-    # the callback measures the trainer's own train and eval sets at each epoch end
-    trainer.add_callback(NeuralCollapseCallback(trainer))
+                      train_dataset=Tokens(48), eval_dataset=Tokens(21),
+                      callbacks=[NeuralCollapseCallback(layer="classifier")])
     trainer.train()
+    rows = {}  # epoch -> its nc values, from the rows of the epoch end and the evaluation
     for row in trainer.state.log_history:
-        if "nc/train/nc1" in row:
-            print(f"epoch {row['epoch']:.0f} train nc1 {row['nc/train/nc1']:.3g} "
-                  f"eval ncc_accuracy {row['nc/eval/ncc_accuracy']:.3f}")
+        if any(key.startswith(("nc/", "eval_nc/")) for key in row):
+            rows.setdefault(round(row["epoch"]), {}).update(row)
+    for epoch, row in rows.items():
+        print(f"epoch {epoch} train nc1 {row['nc/nc1']:.3g} "
+              f"eval ncc_accuracy {row['eval_nc/ncc_accuracy']:.3f}")

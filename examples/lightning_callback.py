@@ -27,7 +27,7 @@ class Net(L.LightningModule):
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU())
-        self.head = nn.Linear(32, 4)  # the last nn.Linear: the classifier W, b
+        self.head = nn.Linear(32, 4)  # the classifier W, b: layer="head"
 
     def forward(self, x):
         return self.head(self.body(x))
@@ -56,7 +56,7 @@ if __name__ == "__main__":
     trainer = L.Trainer(
         max_epochs=EPOCHS,
         accelerator="cpu",
-        callbacks=[NeuralCollapseCallback(every_n_epochs=1 if TINY else 5,
+        callbacks=[NeuralCollapseCallback(layer="head", every_n_epochs=1 if TINY else 5,
                                           save_snapshots=True, out=OUT)],
         enable_progress_bar=False,
         logger=False,

@@ -30,7 +30,8 @@ from matplotlib.lines import Line2D
 from nctools.errors import NctoolsError
 
 FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
-SPLIT_STYLES: dict[str, Any] = {"train": "-", "test": "--"}  # matplotlib line styles
+# matplotlib line styles; val is the held-out split of a Lightning run (drawn as test)
+SPLIT_STYLES: dict[str, Any] = {"train": "-", "test": "--", "val": "--"}
 # A panel switches to a log y-axis when its positive data span at least this ratio.
 LOG_SPAN = 10.0
 
@@ -42,7 +43,7 @@ class Panel:
     title: str
     ylabel: str
     metric: str
-    splits: tuple[str, ...] = ("train", "test")
+    splits: tuple[str, ...] = ("train", "test", "val")
     transform: Callable[[np.ndarray], np.ndarray] | None = None
 
 
@@ -255,8 +256,9 @@ def collapse_figure(
         ax.remove()
     handles = [Line2D([], [], color=c, linewidth=2, label=label)
                for (label, _), c in zip(runs, colors, strict=True)]
-    handles += [Line2D([], [], color="black", linestyle=SPLIT_STYLES[split], label=split)
-                for split in ("train", "test")]
+    drawn = {split for _, rows in runs for split in rows["split"].unique()}
+    handles += [Line2D([], [], color="black", linestyle=style, label=split)
+                for split, style in SPLIT_STYLES.items() if split != "val" or split in drawn]
     handles.append(Line2D([], [], color="black", linestyle=":", label="TPT onset"))
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6),
                fontsize=9)

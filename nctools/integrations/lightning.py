@@ -7,9 +7,10 @@ Usage::
     trainer.fit(model, train_loader, val_loader)     # logs nc/train/nc1, nc/val/nc1, ...
 
 At each chosen epoch end the callback makes eval-mode, no-grad passes over the trainer's
-own train (and val) dataloaders, takes the features at the input of ``layer`` (default:
-the model's last ``nn.Linear``, the classifier, whose weight and bias are W and b) with
-a forward pre-hook, and measures the full METRICS.md suite with
+own train (and val) dataloaders, takes the features at the input of ``layer`` (a module
+name such as ``"fc"``, as YAML and LightningCLI give it; default: the model's last
+``nn.Linear``, the classifier, whose weight and bias are W and b) with a forward
+pre-hook (:mod:`nctools.integrations.core`), and measures the full docs/metrics.md suite with
 ``nctools.metrics.measure.measure_chunks``: two streaming passes, never every feature in
 memory. The model runs once per split: the first pass's features are spilled to a
 temporary folder (``spill_dir``; N x D x the features' itemsize bytes per split, removed
@@ -17,7 +18,7 @@ after it) and read back for the second; ``reuse_features=False`` runs the model 
 instead and writes nothing. Under DDP each process measures (and spills) its own shard of
 the data and the statistics are summed across processes (a ``DistributedSampler`` that
 pads a split to a multiple of the world size counts its repeated samples twice). Metrics
-of the val split use the train split's class means for NC4 (METRICS.md, "On other data")
+of the val split use the train split's class means for NC4 (docs/metrics.md, "On other data")
 when both are measured.
 
 With ``save_snapshots=True`` the callback also writes an nctools run directory, so that
@@ -32,22 +33,23 @@ At each measured epoch the features of each split are taken in one pass and kept
 process its share, on the CPU: the snapshot writer takes a split whole), written as the
 snapshot of nctools epoch ``current_epoch + 1`` (epochs completed, as ``nctools train``
 counts) with the classifier and a sha256 per file; the metrics logged are those of the
-features as stored, so ``nctools analyze`` reproduces them. Lightning's ``val`` split is
-the run's ``test`` split (the held-out one). ``history.csv`` gets a row per measured
-epoch: ``lr`` (the optimizer's), ``train_loss`` (``trainer.callback_metrics[loss_key]``
-when logged), the eval-mode ``train_acc`` and ``test_acc`` of the measured pass, the
-epoch's ``seconds``; NaN for the rest. Under DDP each process writes its own shard and
-rank 0 merges them, and writes the history, config and manifest.
+features as stored, so ``nctools analyze`` reproduces them. The splits keep their
+names (``train``, ``val``) in the run directory, its tables and plots. ``history.csv``
+gets a row per measured epoch: ``lr`` (the optimizer's), ``train_loss``
+(``trainer.callback_metrics[loss_key]`` when logged), the eval-mode ``train_acc`` and
+``test_acc`` (of the val split) of the measured pass, the epoch's ``seconds``; NaN for
+the rest. Under DDP each process writes its own shard and rank 0 merges them, and writes
+the history, config and manifest.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,35 +59,43 @@ from torch import Tensor, nn
 
 from nctools.config.schema import LOSSES, SNAPSHOT_DTYPES, Config, load_config
 from nctools.integrations import run_files
+from nctools.integrations.core import (
+    LayerInput,
+    Schedule,
+    SplitChunks,
+    SplitKeys,
+    Unpack,
+    check_layer_arg,
+    evaluating,
+    feature_chunks,
+    measure_splits,
+    resolve_layer,
+    split_batch,
+)
 from nctools.integrations.spill import check_reuse
-from nctools.integrations.splits import SplitChunks, measure_splits
-from nctools.models.features import InputOf, last_linear
 from nctools.runs import snapshots
 from nctools.runs.layout import CONFIG_FILE
 from nctools.runs.resume import open_external_run
 
-SPLITS = ("train", "val")
-SOURCE = "lightning"  # data.dataset and model.arch of a run directory the callback writes
+LIGHTNING_KEYS = SplitKeys({"train": "nc/train/", "val": "nc/val/"})
+SOURCE = "lightning"  # the run manifest's source of a run directory the callback writes
 RUN_SUBDIR = "nctools"  # the default run directory: trainer.log_dir / RUN_SUBDIR
-Unpack = Callable[[Any], tuple[Tensor, Tensor]]
-
-
-def first_two(batch: Any) -> tuple[Tensor, Tensor]:
-    """(inputs, labels) of a ``(x, y, ...)`` batch."""
-    return batch[0], batch[1]
 
 
 class NeuralCollapseCallback(pl.Callback):
     """Measure neural collapse (Papyan, Han & Donoho, PNAS 2020) at chosen epoch ends.
 
     Args:
-        layer: the classifier ``nn.Linear`` whose input is the feature (default: the last
-            ``nn.Linear`` of the LightningModule).
+        layer: the classifier ``nn.Linear`` whose input is the feature, by module name
+            (``"fc"``, ``"head.proj"``) or as the module (default: the last ``nn.Linear``
+            of the LightningModule); checked when the fit starts.
         epochs: the epochs to measure (0-based, Lightning's ``current_epoch``); when given,
-            ``every_n_epochs`` is ignored.
+            ``every_n_epochs`` is ignored. An epoch the fit never reaches is warned about
+            when it starts.
         every_n_epochs: measure when ``(epoch + 1) % every_n_epochs == 0``.
         splits: any of ``"train"`` and ``"val"``.
-        unpack: ``batch -> (inputs, labels)`` (default: the batch's first two items).
+        unpack: ``batch -> (inputs, labels)`` (default: a ``(x, y, ...)`` batch's first two
+            items, or a dict batch's ``labels``/``label``/``y`` key and its other entries).
         save_snapshots: also write an nctools run directory (snapshots, history, config,
             manifest) that ``nctools analyze`` and ``nctools plot`` read.
         out: the run directory (default: ``trainer.log_dir``, or ``default_root_dir``
@@ -102,16 +112,16 @@ class NeuralCollapseCallback(pl.Callback):
         spill_dir: where the temporary spill folder goes (default: the system's
             temporary folder); only with ``reuse_features``.
 
-    Logged with ``pl_module.log_dict`` as ``nc/<split>/<metric>`` (METRICS.md keys).
+    Logged with ``pl_module.log_dict`` as ``nc/<split>/<metric>`` (docs/metrics.md keys).
     """
 
     def __init__(
         self,
-        layer: nn.Linear | None = None,
+        layer: str | nn.Linear | None = None,
         epochs: Iterable[int] | None = None,
         every_n_epochs: int = 1,
-        splits: Sequence[str] = SPLITS,
-        unpack: Unpack = first_two,
+        splits: Sequence[str] = LIGHTNING_KEYS.splits,
+        unpack: Unpack = split_batch,
         save_snapshots: bool = False,
         out: str | os.PathLike | None = None,
         loss: str = "ce",
@@ -122,15 +132,11 @@ class NeuralCollapseCallback(pl.Callback):
         spill_dir: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int):
-            raise ValueError(f"every_n_epochs must be a positive int, got {every_n_epochs!r}")
-        if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be a positive int, got {every_n_epochs}")
-        unknown = [s for s in splits if s not in SPLITS]
-        if unknown or not splits:
-            raise ValueError(f"splits must be a non-empty subset of {SPLITS}, got {splits!r}")
-        if layer is not None and not isinstance(layer, nn.Linear):
-            raise ValueError(f"layer must be an nn.Linear, got {type(layer).__name__}")
+        # Lightning's epochs are 0-based; the schedule counts epochs completed
+        self.schedule = Schedule(None if epochs is None else frozenset(int(e) + 1 for e in epochs),
+                                 every_n_epochs)
+        self.splits = LIGHTNING_KEYS.check(splits)
+        check_layer_arg(layer)
         if out is not None and not save_snapshots:
             raise ValueError("out is the run directory of save_snapshots=True; "
                              "set save_snapshots=True or leave out unset")
@@ -148,18 +154,22 @@ class NeuralCollapseCallback(pl.Callback):
         self.snapshot_dtype, self.tpt_accuracy = snapshot_dtype, tpt_accuracy
         self.run_dir: Path | None = None
         self._epoch_started = time.perf_counter()
-        self.layer = layer
-        self.epochs = None if epochs is None else {int(e) for e in epochs}
-        self.every_n_epochs = every_n_epochs
-        self.splits = tuple(splits)
-        self.unpack = unpack
+        self.layer, self.unpack = layer, unpack
 
     def due(self, epoch: int) -> bool:
-        if self.epochs is not None:
-            return epoch in self.epochs
-        return (epoch + 1) % self.every_n_epochs == 0
+        """Whether Lightning's (0-based) ``epoch`` is measured."""
+        return self.schedule.epoch_due(epoch + 1)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        resolve_layer(pl_module, self.layer)  # a wrong layer fails now, not after an epoch
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        total = trainer.max_epochs
+        never = self.schedule.unreachable(total if total is not None and total >= 0 else None)
+        if never and total is not None:
+            warnings.warn(f"NeuralCollapseCallback: epochs {[e - 1 for e in never]} are beyond "
+                          f"this fit (max_epochs={total}, epochs 0 to {total - 1}) and will "
+                          "never be measured", stacklevel=2)
         if not self.save_snapshots:
             return
         if self.out is not None:
@@ -189,36 +199,20 @@ class NeuralCollapseCallback(pl.Callback):
         interrupted = isinstance(exception, KeyboardInterrupt)
         self._set_status(trainer, pl_module, "interrupted" if interrupted else "failed")
 
+    def _loaders(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """This fit's loader(s) of each chosen split that has one."""
+        loaders = {"train": trainer.train_dataloader, "val": trainer.val_dataloaders}
+        return {split: loaders[split] for split in self.splits if loaders[split] is not None}
+
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """{``nc/<split>/<metric>``: value} for this epoch's model."""
-        loaders = {"train": trainer.train_dataloader, "val": trainer.val_dataloaders}
-        with self._evaluating(pl_module) as (layer, hook):
-            chunks = {split: functools.partial(self._features, pl_module, hook, loaders[split])
-                      for split in self.splits if loaders[split] is not None}
-            return measure_splits(chunks, layer, pl_module.device,
+        name, layer = resolve_layer(pl_module, self.layer)
+        with evaluating(pl_module, layer, name) as hook:
+            chunks = {split: functools.partial(feature_chunks, pl_module, hook, loader,
+                                               self.unpack, pl_module.device)
+                      for split, loader in self._loaders(trainer).items()}
+            return measure_splits(chunks, layer, pl_module.device, LIGHTNING_KEYS,
                                   self.reuse_features, self.spill_dir)
-
-    @contextlib.contextmanager
-    def _evaluating(self, pl_module: pl.LightningModule) -> Iterator[tuple[nn.Linear, InputOf]]:
-        """Eval mode, no grad and a hook at the classifier's input; the mode restored after.
-        Yields (the classifier, the hook)."""
-        layer = self.layer if self.layer is not None else last_linear(pl_module)[1]
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with torch.no_grad(), InputOf(layer) as hook:
-                yield layer, hook
-        finally:
-            pl_module.train(was_training)
-
-    def _features(
-        self, pl_module: pl.LightningModule, hook: InputOf, loaders: Any
-    ) -> Iterator[tuple[Tensor, Tensor]]:
-        for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
-            for batch in loader:
-                inputs, labels = self.unpack(batch)
-                pl_module(inputs.to(pl_module.device))
-                yield hook.take(), labels.to(pl_module.device)
 
     # -----------------------------------------------------------------------------------
     # save_snapshots: the run directory
@@ -229,17 +223,18 @@ class NeuralCollapseCallback(pl.Callback):
         """:meth:`measure` from one pass whose features are kept and written as the snapshot
         of epoch ``current_epoch + 1`` (with the history row, config and manifest)."""
         assert self.run_dir is not None, "on_fit_start sets the run directory"
-        loaders = {"train": trainer.train_dataloader, "val": trainer.val_dataloaders}
-        with self._evaluating(pl_module) as (layer, hook):
-            held = {split: self._held(pl_module, hook, loaders[split]) for split in SPLITS
-                    if split in self.splits and loaders[split] is not None}
+        name, layer = resolve_layer(pl_module, self.layer)
+        with evaluating(pl_module, layer, name) as hook:
+            held = {split: self._held(pl_module, hook, loader)
+                    for split, loader in self._loaders(trainer).items()}
         chunks: dict[str, SplitChunks] = {split: functools.partial(list, [pair])
                                           for split, pair in held.items()}
         # of the features as stored, already in memory: nothing to spill
-        values = measure_splits(chunks, layer, pl_module.device, reuse_features=False)
+        values = measure_splits(chunks, layer, pl_module.device, LIGHTNING_KEYS,
+                                reuse_features=False)
         epoch, world = trainer.current_epoch + 1, trainer.world_size
         if trainer.is_global_zero:
-            config = self._config(trainer, pl_module, layer, epoch, held)
+            config = self._config(trainer, pl_module, layer, epoch)
             optimizer = trainer.optimizers[0] if trainer.optimizers else None
             lr = float(optimizer.param_groups[0]["lr"]) if optimizer is not None else math.nan
             loss = trainer.callback_metrics.get(self.loss_key)
@@ -247,8 +242,7 @@ class NeuralCollapseCallback(pl.Callback):
                                         values, time.perf_counter() - self._epoch_started)
             run_files.write_records(self.run_dir, row, config)
         run_files.write_epoch(
-            self.run_dir, epoch, {run_files.RUN_SPLITS[s]: pair for s, pair in held.items()},
-            layer.weight, layer.bias, self.snapshot_dtype,
+            self.run_dir, epoch, held, layer.weight, layer.bias, self.snapshot_dtype,
             shard=(trainer.global_rank, world) if world > 1 else None,
         )
         if world > 1:
@@ -261,19 +255,20 @@ class NeuralCollapseCallback(pl.Callback):
                                       epochs_done=epoch)
         return values
 
-    def _held(self, pl_module: pl.LightningModule, hook: InputOf,
+    def _held(self, pl_module: pl.LightningModule, hook: LayerInput,
               loaders: Any) -> tuple[Tensor, Tensor]:
         """This process's features (n, D) float32 rounded to the snapshot dtype, and labels
         (n,) int64, on the CPU."""
         feats, labels = [], []
-        for chunk, chunk_labels in self._features(pl_module, hook, loaders):
+        for chunk, chunk_labels in feature_chunks(pl_module, hook, loaders, self.unpack,
+                                                  pl_module.device):
             feats.append(chunk.float().cpu())
             labels.append(chunk_labels.cpu())
         dtype = snapshots.TORCH_DTYPES[self.snapshot_dtype]
         return torch.cat(feats).to(dtype).float(), torch.cat(labels).long()
 
     def _config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layer: nn.Linear,
-                epoch: int, held: dict[str, tuple[Tensor, Tensor]]) -> Config:
+                epoch: int) -> Config:
         """The run's config: the epochs planned (all of them when ``max_epochs`` is set)
         and the snapshots written so far."""
         assert self.run_dir is not None
@@ -286,9 +281,10 @@ class NeuralCollapseCallback(pl.Callback):
             total = max(written)
         loader = trainer.train_dataloader
         return run_files.external_config(
-            name=type(pl_module).__name__, source=SOURCE, num_classes=layer.out_features,
+            name=type(pl_module).__name__, arch=type(pl_module).__name__,
+            dataset=_dataset_name(trainer), num_classes=layer.out_features,
             epochs=total, snapshot_epochs=[e for e in written if 1 <= e <= total],
-            splits=[run_files.RUN_SPLITS[s] for s in held], loss=self.loss,
+            loss=self.loss,
             optimizer=trainer.optimizers[0] if trainer.optimizers else None,
             batch_size=getattr(loader, "batch_size", None), device=pl_module.device,
             dtype=self.snapshot_dtype, tpt_accuracy=self.tpt_accuracy,
@@ -306,3 +302,14 @@ class NeuralCollapseCallback(pl.Callback):
         run_files.update_manifest(run, config, source=SOURCE, device=pl_module.device,
                                   world_size=trainer.world_size,
                                   epochs_done=trainer.current_epoch, status=status)
+
+
+def _dataset_name(trainer: pl.Trainer) -> str:
+    """The class name of the fit's training data: the datamodule's, else the training
+    loader's dataset's (``unknown`` when neither is known)."""
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None:
+        return type(datamodule).__name__
+    loader = trainer.train_dataloader
+    dataset = getattr(loader, "dataset", None)
+    return type(dataset).__name__ if dataset is not None else run_files.UNKNOWN

@@ -2,7 +2,7 @@
 chunks are written to a temporary folder as they stream by and the second pass reads
 them back, instead of running the model over the data again.
 
-Usage (by :func:`nctools.integrations.splits.measure_splits`)::
+Usage (by :func:`nctools.integrations.core.measure_splits`)::
 
     with spilled(split_chunks, spill_dir) as chunks:   # a temporary folder in spill_dir
         result, means = measure_chunks(chunks, weight, bias)   # the model runs once

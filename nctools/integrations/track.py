@@ -21,26 +21,28 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from nctools.integrations.core import LayerInput, resolve_layer
 from nctools.metrics.ncmetric import NCMetric
-from nctools.models.features import InputOf, last_linear
 
 
 class Tracker:
     """A forward hook on ``layer``'s input feeding an NCMetric; see :func:`track`."""
 
     def __init__(
-        self, model: nn.Module, layer: nn.Module | None, num_classes: int, **metric_kwargs: Any
+        self, model: nn.Module, layer: str | nn.Module | None, num_classes: int,
+        **metric_kwargs: Any
     ) -> None:
-        self.layer = layer if layer is not None else last_linear(model)[1]
+        name, self.layer = _chosen(model, layer)
         classifier = self.layer if isinstance(self.layer, nn.Linear) else None
         self.num_classes, self.metric_kwargs = num_classes, metric_kwargs
         self.metric: NCMetric | None = None
         if classifier is not None:
             self.metric = NCMetric(num_classes, classifier, **metric_kwargs)
             self.metric.to(classifier.weight.device)
-        self.hook = InputOf(self.layer)
+        self.hook = LayerInput(self.layer, name)
 
     def update(self, labels: Tensor) -> None:
         """Add the features of the latest forward pass, (B, D), labelled ``labels`` (B,)."""
@@ -51,10 +53,18 @@ class Tracker:
         self.metric.update(features, labels)
 
     def compute(self) -> dict[str, Tensor]:
-        """``NCMetric.compute()``: the METRICS.md keys as 0-d tensors."""
+        """``NCMetric.compute()``: the docs/metrics.md keys as 0-d tensors."""
         if self.metric is None:
             raise ValueError("track: no batch yet (call update(labels) after a forward pass)")
-        return self.metric.compute()
+        empty = [int(c) for c in torch.nonzero(self.metric.counts == 0).flatten()]
+        try:
+            return self.metric.compute()
+        except ValueError as error:
+            if not empty:
+                raise
+            raise ValueError(f"track: class {empty[0]} of num_classes={self.num_classes} has no "
+                             f"samples ({len(empty)} of {self.num_classes} classes are empty): "
+                             "num_classes may be too large for these labels") from error
 
     def reset(self) -> None:
         if self.metric is not None:
@@ -73,7 +83,7 @@ class Tracker:
 
 def track(
     model: nn.Module,
-    layer: nn.Module | None = None,
+    layer: str | nn.Module | None = None,
     num_classes: int | None = None,
     **metric_kwargs: Any,
 ) -> Tracker:
@@ -81,8 +91,8 @@ def track(
 
     Args:
         model: any ``nn.Module``.
-        layer: whose input is the feature (default: the last ``nn.Linear``, which is then
-            also the classifier W, b).
+        layer: whose input is the feature, a module or its name (default: the last
+            ``nn.Linear``, which is then also the classifier W, b).
         num_classes: C (default: the layer's ``out_features`` when it is an ``nn.Linear``).
         metric_kwargs: passed to :class:`NCMetric` (``keep_features=True`` for NC4,
             ``reference=`` for collapsed features far from the origin).
@@ -90,9 +100,22 @@ def track(
     Returns:
         a :class:`Tracker`; call ``update(labels)`` after each forward pass.
     """
-    chosen = layer if layer is not None else last_linear(model)[1]
+    _, chosen = _chosen(model, layer)
     if num_classes is None:
         if not isinstance(chosen, nn.Linear):
             raise ValueError("track: pass num_classes when layer is not an nn.Linear")
         num_classes = chosen.out_features
     return Tracker(model, chosen, num_classes, **metric_kwargs)
+
+
+def _chosen(model: nn.Module, layer: str | nn.Module | None) -> tuple[str, nn.Module]:
+    """``(name, module)`` of the hooked layer: any module of ``model`` (by name or itself),
+    or its classifier (the last ``nn.Linear``)."""
+    if layer is None:
+        return resolve_layer(model, None)
+    named = dict(model.named_modules())
+    if isinstance(layer, str):
+        if layer not in named:
+            raise ValueError(f"track: layer {layer!r} is not a module of {type(model).__name__}")
+        return layer, named[layer]
+    return next((n for n, m in named.items() if m is layer), type(layer).__name__), layer

@@ -149,8 +149,9 @@ def open_external_run(run_dir: Path, source: str, done: int, write: bool = True)
     saved = saved_config(run_dir, flag="out")
     if saved is None:
         return
-    if saved.data.dataset != source:
-        raise RunError(f"{run_dir} holds a run of data.dataset={saved.data.dataset!r}, not one "
+    written_by = manifest.read_if_any(run_dir).get("source")
+    if written_by != source:  # the manifest says which loop wrote the run
+        raise RunError(f"{run_dir} holds a run of {written_by or 'nctools train'}, not one "
                        f"written by {source}; give another folder as out")
     if done == 0:
         raise RunError(f"{run_dir} holds the run of an earlier training; give another folder "

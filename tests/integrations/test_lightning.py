@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from nctools import measure
 from nctools.analysis.tables import analyze
+from nctools.integrations.core import split_batch
 from nctools.integrations.lightning import NeuralCollapseCallback
 from nctools.runs import snapshots
 
@@ -177,3 +178,101 @@ def test_ddp_each_process_spills_its_shard_and_logs_the_union(tmp_path, monkeypa
     assert list((tmp_path / "spill").iterdir()) == []
     spills = [line.split() for line in made.read_text().splitlines() if "nctools-spill" in line]
     assert len(spills) == 2 and len({pid for pid, _ in spills}) == 2  # one per process
+
+
+def test_layer_by_name_equals_the_module_and_the_default():
+    train, val = loaders()
+    logged = []
+    for layer in ("head", "module", None):
+        model, logger = Tiny(), Captured()
+        chosen = model.head if layer == "module" else layer
+        trainer(logger, max_epochs=1,
+                callbacks=[NeuralCollapseCallback(layer=chosen)]).fit(model, train, val)
+        logged.append(next(row for row in logger.rows if "nc/train/nc1" in row))
+    assert logged[0] == logged[1] == logged[2]
+    want = expected(model, train)["nc1"]
+    assert logged[0]["nc/train/nc1"] == pytest.approx(want, rel=1e-6)
+
+
+def test_epochs_beyond_the_fit_are_warned_about_when_it_starts():
+    train, val = loaders()
+    with pytest.warns(UserWarning, match=r"epochs \[99\] are beyond this fit \(max_epochs=2"):
+        trainer(Captured(), max_epochs=2,
+                callbacks=[NeuralCollapseCallback(epochs=[1, 99])]).fit(Tiny(), train, val)
+
+
+class Dicts(torch.utils.data.Dataset):
+    """The rows of a TensorDataset as dicts, as image and text datasets yield them."""
+
+    def __init__(self, dataset, key):
+        self.dataset, self.key = dataset, key
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y = self.dataset[i]
+        return {"image": x, self.key: y}
+
+
+class TinyDicts(Tiny):
+    def training_step(self, batch, _):
+        return nn.functional.cross_entropy(self(batch["image"]), batch["label"])
+
+    def validation_step(self, batch, _):
+        pass
+
+
+def test_dict_batches_are_measured_by_their_label_key():
+    train, val = loaders()
+    model, logger = TinyDicts(), Captured()
+    as_dicts = [DataLoader(Dicts(loader.dataset, "label"), batch_size=loader.batch_size)
+                for loader in (train, val)]
+    trainer(logger, max_epochs=1, callbacks=[NeuralCollapseCallback()]).fit(model, *as_dicts)
+    row = next(row for row in logger.rows if "nc/train/nc1" in row)
+    for key, value in expected(model, train).items():
+        assert row[f"nc/train/{key}"] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    batch = next(iter(DataLoader(Dicts(train.dataset, "target"), batch_size=4)))
+    with pytest.raises(ValueError, match=r"no labels key .*it has image, target.*unpack="):
+        split_batch(batch)
+    inputs, labels = split_batch((*batch.values(), "extra"))  # (x, y, ...): the first two
+    assert inputs is batch["image"] and labels is batch["target"]
+
+
+class Unused(Tiny):
+    """A last Linear the forward pass never calls (an auxiliary head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.aux = nn.Linear(DIM, 2)
+
+
+class NoLinear(Tiny):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv1d(1, 1, 1))
+        self.head = nn.Identity()
+        self.steps = 0
+
+    def forward(self, x):
+        return self.body(x[:, None]).mean(1)[:, :NUM_CLASSES]
+
+    def training_step(self, batch, _):
+        self.steps += 1
+        return super().training_step(batch, _)
+
+
+def test_a_layer_that_does_not_run_or_does_not_exist_is_named():
+    train, val = loaders()
+    with pytest.raises(ValueError, match="layer 'aux' did not run in the model's forward pass"):
+        trainer(Captured(), max_epochs=1, callbacks=[NeuralCollapseCallback()]).fit(
+            Unused(), train, val)
+    model = NoLinear()
+    with pytest.raises(ValueError, match=r"^layer: NoLinear has no nn.Linear \(no classifier\)"):
+        trainer(Captured(), max_epochs=1, callbacks=[NeuralCollapseCallback()]).fit(
+            model, train, val)
+    assert model.steps == 0  # refused at setup, before the first epoch
+    with pytest.raises(ValueError, match=r"layer: Tiny has no module 'fc' \(its nn.Linear "
+                                         r"modules: body.0, head\)"):
+        trainer(Captured(), max_epochs=1, callbacks=[NeuralCollapseCallback(layer="fc")]).fit(
+            Tiny(), train, val)

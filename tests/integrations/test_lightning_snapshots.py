@@ -10,9 +10,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
+from nctools.analysis.plots import collapse_figure
 from nctools.analysis.tables import analyze, read_table
 from nctools.cli import main
 from nctools.config.schema import load_config
@@ -80,10 +82,9 @@ def test_analyze_reproduces_every_logged_metric(fitted):
         for key, value in logged[row["epoch"]].items():
             assert same(row[key], float(torch.tensor(value, dtype=torch.float32))), key
     assert sorted(set(table.epoch)) == [1, 2, 3]  # nctools counts epochs completed
-    names = {"train": "train", "test": "val"}  # the run's held-out split is Lightning's val
-    assert set(table.split) == set(names)
+    assert set(table.split) == {"train", "val"}  # the splits keep Lightning's names
     for r in table.itertuples():
-        assert same(logged[r.epoch - 1][f"nc/{names[r.split]}/{r.metric}"], r.value), r
+        assert same(logged[r.epoch - 1][f"nc/{r.split}/{r.metric}"], r.value), r
     assert len(table) == sum(1 for row in logged.values() for key in row if key[:3] == "nc/")
 
 
@@ -99,10 +100,15 @@ def test_history_config_and_manifest_describe_the_fit(fitted):
         assert h.test_acc == logged[h.epoch - 1]["nc/val/accuracy"]
         assert math.isnan(h.train_acc_running) and math.isnan(h.test_loss) and h.seconds > 0
     config = load_config(run / CONFIG_FILE)
-    assert (config.data.dataset, config.model.arch, config.name) == ("lightning", "lightning",
+    # what the fit says: the module's and the dataset's class names, not nctools' defaults
+    assert (config.data.dataset, config.model.arch, config.name) == ("TensorDataset", "Logged",
                                                                      "Logged")
     assert (config.train.epochs, config.snapshot.epochs) == (3, [1, 2, 3])
-    assert config.snapshot.splits == ["train", "test"]
+    assert list(snapshots.read_meta(run, 3)["splits"]) == ["train", "val"]
+    saved = yaml.safe_load((run / CONFIG_FILE).read_text())
+    assert saved["data"] == {"dataset": "TensorDataset", "num_classes": NUM_CLASSES}
+    assert saved["model"] == {"arch": "Logged"}  # no image size, width or depth made up
+    assert "unknown" in (run / CONFIG_FILE).read_text().splitlines()[1]
     assert (config.train.loss, config.train.weight_decay, config.train.batch_size) == ("ce", 0, 16)
     manifest = store.read_manifest(run)
     assert {k: manifest[k] for k in ("status", "epochs_done", "num_train", "num_test",
@@ -114,7 +120,7 @@ def test_history_config_and_manifest_describe_the_fit(fitted):
 def test_last_snapshot_holds_the_final_model_features_and_classifier(fitted):
     run, _, _, model, train, val = fitted
     model.eval()
-    for split, loader in (("train", train), ("test", val)):
+    for split, loader in (("train", train), ("val", val)):
         x = torch.cat([b[0] for b in loader])
         y = torch.cat([b[1] for b in loader])
         with torch.no_grad():
@@ -131,12 +137,14 @@ def test_nctools_analyze_and_plot_commands_read_it(fitted, tmp_path, capsys):
     run = copy_run(fitted, tmp_path)
     assert main(["analyze", str(run), "--quiet"]) == 0
     written = read_table(run / "metrics.csv")
-    names = {"train": "train", "test": "val"}
+    assert set(written.split) == {"train", "val"}
     for r in written.itertuples():
-        assert same(fitted[1][r.epoch - 1][f"nc/{names[r.split]}/{r.metric}"], r.value), r
+        assert same(fitted[1][r.epoch - 1][f"nc/{r.split}/{r.metric}"], r.value), r
     assert main(["plot", str(run)]) == 0
     figure = run / FIGURES_DIR / "collapse.png"
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 10_000
+    legend = [text.get_text() for text in collapse_figure(written).legends[0].get_texts()]
+    assert legend[:3] == ["TensorDataset / Logged", "train", "test"] and "val" in legend
 
 
 def test_a_tampered_snapshot_is_refused(fitted, tmp_path):
@@ -183,7 +191,8 @@ def test_a_new_fit_into_an_earlier_run_is_refused_a_resumed_one_continues(fitted
     with pytest.raises(RunError, match="earlier training"):
         trainer(Captured(), callbacks=[callback], max_epochs=1).fit(Tiny(), train, val)
     before = store.read_history(run)
-    callback.on_fit_start(SimpleNamespace(current_epoch=2, is_global_zero=True), None)
+    callback.on_fit_start(SimpleNamespace(current_epoch=2, is_global_zero=True, max_epochs=3),
+                          None)
     after = store.read_history(run)  # resumed after epoch 2: epoch 3 is written again
     assert list(after.epoch) == [1, 2] and after.equals(before.iloc[:2])
 

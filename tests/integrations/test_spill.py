@@ -13,12 +13,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import Trainer, TrainingArguments
 
 from nctools.integrations import hf, lightning
+from nctools.integrations.core import SplitKeys, measure_splits
 from nctools.integrations.spill import SpilledChunks, spilled
-from nctools.integrations.splits import measure_splits
 from tests.helpers import Tokens, tiny_bert
 
 NUM_CLASSES, DIM = 3, 8
 
+
+KEYS = SplitKeys({"train": "nc/train/", "val": "nc/val/"})
 
 def chunk_list(dtype, sizes=(5, 0, 7, 4), dim=6, seed=0):
     """(features (n, dim) of ``dtype``, some not contiguous, labels (n,) int64) chunks."""
@@ -123,7 +125,7 @@ def test_folder_removed_after_an_error_or_interrupt_mid_way(tmp_path):
         raise RuntimeError("loader broke")
 
     with pytest.raises(RuntimeError, match="loader broke"):
-        measure_splits({"train": failing}, layer, "cpu", spill_dir=tmp_path)
+        measure_splits({"train": failing}, layer, "cpu", KEYS, spill_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(KeyboardInterrupt), spilled(Counted(chunks), tmp_path) as spill:
         list(spill())
@@ -137,9 +139,9 @@ def test_measure_splits_reuse_equals_two_passes_and_calls_the_source_once(tmp_pa
     train, val = chunk_list(torch.float32, (9, 7, 8)), chunk_list(torch.float32, (5, 6), seed=1)
     layer = nn.Linear(6, NUM_CLASSES)
     sources = {"train": Counted(train), "val": Counted(val)}
-    reused = measure_splits(sources, layer, "cpu", spill_dir=tmp_path)
+    reused = measure_splits(sources, layer, "cpu", KEYS, spill_dir=tmp_path)
     assert [s.calls for s in sources.values()] == [1, 1]
-    twice = measure_splits(sources, layer, "cpu", reuse_features=False)
+    twice = measure_splits(sources, layer, "cpu", KEYS, reuse_features=False)
     assert [s.calls for s in sources.values()] == [3, 3]
     same(reused, twice)
     assert {k.split("/")[1] for k in reused} == {"train", "val"}
@@ -188,9 +190,12 @@ def test_hf_callback_reuse_is_bit_identical_with_one_forward_pass(tmp_path):
     spill_dir = tmp_path / "spill"
     spill_dir.mkdir()
     # the eval loader is sequential, so two passes see the same batches in the same order
-    reused = hf.NeuralCollapseCallback(trainer, splits=("eval",), spill_dir=spill_dir).measure()
+    loaders = {"eval": trainer.get_eval_dataloader()}
+    reused = hf.NeuralCollapseCallback(splits=("eval",), spill_dir=spill_dir).measure(model,
+                                                                                      loaders)
     assert len(calls) == 4 and list(spill_dir.iterdir()) == []  # 30 rows / 8: 4 batches
-    twice = hf.NeuralCollapseCallback(trainer, splits=("eval",), reuse_features=False).measure()
+    twice = hf.NeuralCollapseCallback(splits=("eval",), reuse_features=False).measure(model,
+                                                                                      loaders)
     assert len(calls) == 4 + 8
     same(reused, twice)
 

@@ -51,3 +51,31 @@ def test_track_any_layer_and_bad_use():
         nctools.track(model, layer=model[1])
     with pytest.raises(ValueError, match="did not run"):
         nctools.track(model).update(y)
+
+
+def test_track_names_the_empty_class_when_num_classes_is_too_large():
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 4))
+    x, y = torch.randn(30, 4), torch.arange(30) % 3  # classes 0, 1, 2 of 4
+    with torch.no_grad(), nctools.track(model, num_classes=4) as tracker:
+        model(x)
+        tracker.update(y)
+    with pytest.raises(ValueError, match=r"^track: class 3 of num_classes=4 has no samples "
+                                         r"\(1 of 4 classes are empty\): num_classes may be "
+                                         r"too large"):
+        tracker.compute()
+
+
+def test_track_takes_a_layer_by_name_and_names_one_that_did_not_run():
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(30, 4), torch.arange(30) % 3
+    by_name = nctools.track(model, layer="1", num_classes=3)
+    by_module = nctools.track(model, layer=model[1], num_classes=3)
+    with torch.no_grad():
+        model(x)
+    by_name.update(y)
+    by_module.update(y)
+    assert float(by_name.compute()["nc1"]) == float(by_module.compute()["nc1"])
+    with pytest.raises(ValueError, match="layer '1' did not run"):
+        by_name.update(y)
+    with pytest.raises(ValueError, match="track: layer 'fc' is not a module of Sequential"):
+        nctools.track(model, layer="fc", num_classes=3)

@@ -108,15 +108,18 @@ def test_an_external_run_continues_only_from_its_own_checkpoint(tmp_path):
     run = tmp_path / "run"
     open_external_run(run, "lightning", done=0)  # a new folder: nothing to check or write
     config = tiny_config()
-    config = replace(config, data=replace(config.data, dataset="lightning"))
+    config = replace(config, data=replace(config.data, dataset="TensorDataset"))
     run.mkdir()
     store.save_config(config, run / CONFIG_FILE)
     for epoch in (1, 2, 3):
         store.append_history(run, {"epoch": epoch})
+    with pytest.raises(RunError, match="holds a run of nctools train, not one written by "
+                                       "lightning"):
+        open_external_run(run, "lightning", done=2)  # no manifest naming its source
+    store.write_manifest(run, {"status": "running", "epochs_done": 3, "source": "lightning"})
     with pytest.raises(RunError, match="holds the run of an earlier training"):
         open_external_run(run, "lightning", done=0)
-    with pytest.raises(RunError, match=r"holds a run of data\.dataset='lightning', not one "
-                                       r"written by hf"):
+    with pytest.raises(RunError, match="holds a run of lightning, not one written by hf"):
         open_external_run(run, "hf", done=2)
     open_external_run(run, "lightning", done=2)  # resumed at epoch 2: later rows dropped
     assert store.read_history(run)["epoch"].tolist() == [1, 2]
