@@ -15,7 +15,7 @@ def as_tensor(name: str, value: Tensor | np.ndarray) -> Tensor:
     """``value`` as a torch tensor (numpy arrays shared, not copied; a big-endian or
     otherwise non-native array is converted); ValueError naming ``name`` otherwise."""
     if isinstance(value, Tensor):
-        return value
+        return value.detach()  # measured, never differentiated: a live layer's grad is not ours
     if isinstance(value, np.ndarray):
         if not value.dtype.isnative:
             value = value.astype(value.dtype.newbyteorder("="))
