@@ -29,7 +29,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -40,6 +40,7 @@ from nctools.metrics.inputs import check_labels
 from nctools.models.features import LayerTaps, last_linear, top_level_blocks
 
 F64 = torch.float64
+FRAME_COLUMNS = ("layer", "kind", "at", "metric", "value")  # measure_model(as_frame=True)
 # the keys a dict batch's labels go under (Hugging Face: labels; datasets: label)
 LABEL_KEYS = ("labels", "label", "y")
 
@@ -56,7 +57,8 @@ def measure_model(
     progress: bool = False,
     reference: Iterable[tuple[Tensor, Tensor]] | None = None,
     ood: Iterable[tuple[Tensor, Tensor]] | None = None,
-) -> dict[str, dict[str, float]]:
+    as_frame: bool = False,
+) -> Any:
     """Neural-collapse metrics (Papyan, Han & Donoho, PNAS 2020) of ``model`` at named layers.
 
     Args:
@@ -92,9 +94,11 @@ def measure_model(
             classifier's input, the one layer it is reported at; one more forward sweep,
             only the mean of those features is kept. Under torch.distributed: this
             process's shard.
+        as_frame: return a tidy ``pandas.DataFrame`` instead (:func:`layers_frame`).
 
     Returns:
-        ``{layer: {metric: value}}`` in the order of ``layers``.
+        ``{layer: {metric: value}}`` in the order of ``layers``; with ``as_frame`` one row
+        per layer and metric, columns ``FRAME_COLUMNS``.
 
     Raises:
         ValueError naming the argument: an unknown layer, pool or classifier, labels
@@ -142,8 +146,24 @@ def measure_model(
     finally:
         model.train(was_training)
     results = engine.results()
-    return {name: values if name == input_of else {k: values[k] for k in CLASSIFIER_FREE_KEYS}
-            for name, values in results.items()}
+    result = {name: values if name == input_of else {k: values[k] for k in CLASSIFIER_FREE_KEYS}
+              for name, values in results.items()}
+    return layers_frame(model, result, input_of) if as_frame else result
+
+
+def layers_frame(model: nn.Module, result: dict[str, dict[str, float]],
+                 input_of: str | None = None) -> Any:
+    """``{layer: {metric: value}}`` as a tidy DataFrame, one row per layer and metric:
+    ``layer``, ``kind`` (the module's class, e.g. ``Conv2d``, ``ViTModel``), ``at``
+    (``output``, or ``input`` for ``input_of``, the classifier whose input is measured),
+    ``metric``, ``value``; layers in measuring order, metrics in docs/metrics.md order."""
+    import pandas as pd
+
+    modules = dict(model.named_modules())
+    rows = [(name, type(modules[name]).__name__, "input" if name == input_of else "output",
+             key, value)
+            for name, values in result.items() for key, value in values.items()]
+    return pd.DataFrame(rows, columns=list(FRAME_COLUMNS))
 
 
 def _classifier(

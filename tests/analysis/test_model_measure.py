@@ -269,3 +269,15 @@ def test_timm_blocks_are_its_feature_info_stages():
     model = timm.create_model("resnet18", pretrained=False, num_classes=4)
     result = nctools.measure_model(model, batches(), layers="blocks")
     assert list(result) == ["act1", "layer1", "layer2", "layer3", "layer4", "fc"]
+
+
+def test_as_frame_is_the_same_numbers_in_a_tidy_table():
+    model, data = tiny_vit(), vit_batches()
+    nested = nctools.measure_model(model, data, layers="blocks")
+    frame = nctools.measure_model(model, data, layers="blocks", as_frame=True)
+    assert list(frame.columns) == ["layer", "kind", "at", "metric", "value"]
+    rows = {(r.layer, r.metric): r.value for r in frame.itertuples()}
+    assert rows == {(layer, k): v for layer, values in nested.items() for k, v in values.items()}
+    kinds = frame.drop_duplicates("layer").set_index("layer")[["kind", "at"]]
+    assert kinds.to_dict("index") == {"vit": {"kind": "ViTModel", "at": "output"},
+                                      "classifier": {"kind": "Linear", "at": "input"}}
