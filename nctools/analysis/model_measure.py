@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from nctools.metrics.engine import CLASSIFIER_FREE_KEYS, Engine, Layer
-from nctools.metrics.inputs import check_labels
+from nctools.metrics.inputs import check_labels, check_not_meta
 from nctools.models.features import LayerTaps, last_linear, top_level_blocks
 
 F64 = torch.float64
@@ -105,6 +105,8 @@ def measure_model(
         outside [0, C), an empty data set or class, NaN or Inf activations.
     """
     _check_reiterable(data)
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        check_not_meta(f"model parameter {name}", tensor)
     modules = dict(model.named_modules())
     cls_name, linear = _classifier(model, modules, classifier, num_classes)
     names = _layer_names(model, layers, cls_name)

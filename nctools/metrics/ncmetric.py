@@ -41,7 +41,7 @@ from torchmetrics import Metric
 from nctools.limits import check_fits
 from nctools.metrics.decisions import DecisionTally
 from nctools.metrics.engine import BEYOND_KEYS, METRIC_KEYS, class_metrics, nc4_metrics
-from nctools.metrics.inputs import as_tensor, check_num_classes, dtype_name
+from nctools.metrics.inputs import as_tensor, check_not_meta, check_num_classes, dtype_name
 from nctools.metrics.stats import BLOCK_ELEMENTS, ClassStats
 
 F64 = torch.float64
@@ -184,7 +184,9 @@ class NCMetric(Metric):
     def update(self, features: Tensor, labels: Tensor) -> None:
         """Add a batch: ``features`` (n, D) any float dtype and device (detached; moved to
         the metric's device), ``labels`` (n,) integers in [0, C)."""
-        _check_not_meta(features, labels)
+        for name, value in (("features", features), ("labels", labels)):
+            if isinstance(value, Tensor):
+                check_not_meta(name, value)
         self._stats().update(features, labels)  # checks the inputs before adding anything
         if self.keep_features:
             device = self.counts.device
@@ -349,16 +351,6 @@ def _check_classifier(classifier: Classifier, num_classes: int, dim: int) -> Non
     if bias is not None and tuple(bias.shape) != (num_classes,):
         raise ValueError(f"classifier bias has shape {tuple(bias.shape)} but num_classes is "
                          f"{num_classes}")
-
-
-def _check_not_meta(features: Any, labels: Any) -> None:
-    """One line for meta tensors (shapes without values, e.g. a model built on the meta
-    device): nothing can be measured from them."""
-    for name, value in (("features", features), ("labels", labels)):
-        if isinstance(value, Tensor) and value.device.type == "meta":
-            raise ValueError(f"{name} are on the meta device (shapes without values): "
-                             f"materialise the model (e.g. model.to_empty(device=...) and load "
-                             f"its weights) before measuring")
 
 
 def _warn_once(metric: NCMetric, message: str) -> None:

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torchmetrics import MetricCollection
 
+import nctools
 from nctools import NCMetric, measure
 from nctools.metrics.measure import METRIC_KEYS
 from tests.helpers import clusters, free_port
@@ -228,9 +229,16 @@ def test_construction_refuses_a_classifier_of_other_classes_and_a_state_too_big(
 
 def test_meta_inputs_are_one_line():
     metric = NCMetric(4, dim=3)
-    with pytest.raises(ValueError, match=r"^features are on the meta device"):
+    with pytest.raises(ValueError, match=r"^features is on the meta device"):
         metric.update(torch.empty(5, 3, device="meta"), torch.zeros(5, dtype=torch.long))
     assert float(metric.counts.sum()) == 0
+    with pytest.raises(ValueError, match=r"^features is on the meta device \(shapes without "
+                                         r"values\): materialise the model"):
+        measure(torch.empty(5, 3, device="meta"), torch.arange(5) % 2)
+    with torch.device("meta"):
+        net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"^model parameter 0.weight is on the meta device"):
+        nctools.measure_model(net, [(torch.randn(4, 3), torch.arange(4) % 2)])
 
 
 def test_forward_is_silent_and_compute_warns_once():
