@@ -4,9 +4,10 @@ Public API (stable names)::
 
     nctools.measure(features, labels, weight, bias=None, num_classes=None) -> dict
     nctools.ClassStats(num_classes, dim)
-    nctools.measure_model(model, data, layers=None) -> {layer: dict}
+    nctools.measure_model(model, data, layers=None) -> {layer: dict}   # as_frame=True: a table
     nctools.NCMetric(num_classes, classifier=None, keep_features=False)   # torchmetrics
     nctools.analyze(run_dir) -> pandas.DataFrame
+    nctools.plot(run_dir_or_table, metrics=None) -> matplotlib.figure.Figure
     nctools.load_config(path, overrides=()) -> Config
     nctools.train(config, out_dir) -> Path
     nctools.track(model, layer=None, num_classes=None) -> Tracker   # plain-loop NCMetric
@@ -33,6 +34,7 @@ _PUBLIC = {
     "ClassStats": "nctools.metrics.stats",
     "NCMetric": "nctools.metrics.ncmetric",
     "analyze": "nctools.analysis.tables",
+    "plot": "nctools.analysis.figures",
     "load_config": "nctools.config.schema",
     "train": "nctools.training.loop",
     "track": "nctools.integrations.track",
@@ -40,10 +42,11 @@ _PUBLIC = {
 
 __all__ = [
     "ClassStats", "NCMetric", "__version__", "analyze", "load_config", "measure",
-    "measure_chunks", "measure_model", "track", "train",
+    "measure_chunks", "measure_model", "plot", "track", "train",
 ]  # fmt: skip
 
 if TYPE_CHECKING:
+    from nctools.analysis.figures import plot
     from nctools.analysis.model_measure import measure_model
     from nctools.analysis.tables import analyze
     from nctools.config.schema import load_config

@@ -7,7 +7,10 @@ Usage::
     result = nctools.measure_model(net, loader, layers=["layer2", "layer3", "fc"])
     result["layer3"]["nc1"], result["fc"]["accuracy"]
 
-``data`` is any re-iterable of ``(inputs, labels)`` batches (a DataLoader). It is read
+``data`` is any re-iterable of batches (a DataLoader, a list; not a one-shot generator):
+``(inputs, labels, ...)`` tuples, of which the first two items are used, or dicts with a
+labels key (``labels``, ``label`` or ``y``), whose other items are the model's keyword
+inputs (``model(**rest)``, as Hugging Face loaders yield them). It is read
 twice, and every requested layer is measured in the same two forward sweeps: the first
 gathers each layer's class counts and means, the second its centred second moments and
 the nearest-class-centre decisions: the two passes of the measurement engine
@@ -25,18 +28,21 @@ import functools
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Sequence
-from typing import cast
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from nctools.metrics.engine import CLASSIFIER_FREE_KEYS, Engine, Layer
-from nctools.metrics.inputs import check_labels
+from nctools.metrics.inputs import check_labels, check_not_meta
 from nctools.models.features import LayerTaps, last_linear, top_level_blocks
 
 F64 = torch.float64
+FRAME_COLUMNS = ("layer", "kind", "at", "metric", "value")  # measure_model(as_frame=True)
+# the keys a dict batch's labels go under (Hugging Face: labels; datasets: label)
+LABEL_KEYS = ("labels", "label", "y")
 
 
 def measure_model(
@@ -44,20 +50,22 @@ def measure_model(
     data: Iterable[tuple[Tensor, Tensor]],
     layers: Sequence[str] | str | None = None,
     classifier: str | None = None,
-    pool: str = "avg",
+    pool: str = "auto",
     device: torch.device | str | None = None,
     num_classes: int | None = None,
     group: dist.ProcessGroup | None = None,
     progress: bool = False,
     reference: Iterable[tuple[Tensor, Tensor]] | None = None,
     ood: Iterable[tuple[Tensor, Tensor]] | None = None,
-) -> dict[str, dict[str, float]]:
+    as_frame: bool = False,
+) -> Any:
     """Neural-collapse metrics (Papyan, Han & Donoho, PNAS 2020) of ``model`` at named layers.
 
     Args:
         model: any ``nn.Module`` classifier (nctools, timm, torchvision, Hugging Face, own).
-        data: a re-iterable of ``(inputs (B, ...), labels (B,))`` batches, iterated twice in
-            the same order. Under torch.distributed: this process's shard.
+        data: a re-iterable of ``(inputs (B, ...), labels (B,), ...)`` batches or of dicts
+            holding ``labels`` (or ``label``, ``y``) (B,) and the model's keyword inputs,
+            iterated twice in the same order. Under torch.distributed: this process's shard.
         layers: module names (``model.named_modules()``); ``"blocks"`` for every top-level
             child with parameters, then the classifier. Default: the classifier only.
             A layer's OUTPUT is measured, except the classifier's name, which stands for
@@ -66,8 +74,14 @@ def measure_model(
             :func:`nctools.models.features.last_linear`); its input gets the full suite
             of docs/metrics.md, every other layer the classifier-free subset
             (``CLASSIFIER_FREE_KEYS``).
-        pool: ``"avg"``: a (B, K, H, W) activation becomes (B, K) by global average
-            pooling (docs/metrics.md); ``"flatten"``: (B, K * H * W).
+        pool: how a layer's activation becomes (B, D) rows. ``"avg"``: a (B, K, H, W) map
+            by global average pooling (docs/metrics.md), a (B, T, K) token sequence by
+            its mean token; ``"cls"``: a sequence's first token; ``"flatten"``: every value.
+            ``"auto"`` (default): maps averaged, sequences as the network's own head reads
+            them: the first token where it reads a CLS token (ViT, DeiT, BERT), else their
+            mean (:func:`nctools.models.features.reads_cls_token` states the rule). A layer
+            returning a model-output object, dict or tuple is measured on its hidden
+            states (``last_hidden_state``, else its first tensor).
         device: where the forward passes and statistics run (default: the model's).
         num_classes: C, needed only when the model has no ``nn.Linear`` classifier.
         group: process group for the all_reduce under torch.distributed.
@@ -80,14 +94,19 @@ def measure_model(
             classifier's input, the one layer it is reported at; one more forward sweep,
             only the mean of those features is kept. Under torch.distributed: this
             process's shard.
+        as_frame: return a tidy ``pandas.DataFrame`` instead (:func:`layers_frame`).
 
     Returns:
-        ``{layer: {metric: value}}`` in the order of ``layers``.
+        ``{layer: {metric: value}}`` in the order of ``layers``; with ``as_frame`` one row
+        per layer and metric, columns ``FRAME_COLUMNS``.
 
     Raises:
         ValueError naming the argument: an unknown layer, pool or classifier, labels
         outside [0, C), an empty data set or class, NaN or Inf activations.
     """
+    _check_reiterable(data)
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        check_not_meta(f"model parameter {name}", tensor)
     modules = dict(model.named_modules())
     cls_name, linear = _classifier(model, modules, classifier, num_classes)
     names = _layer_names(model, layers, cls_name)
@@ -129,8 +148,24 @@ def measure_model(
     finally:
         model.train(was_training)
     results = engine.results()
-    return {name: values if name == input_of else {k: values[k] for k in CLASSIFIER_FREE_KEYS}
-            for name, values in results.items()}
+    result = {name: values if name == input_of else {k: values[k] for k in CLASSIFIER_FREE_KEYS}
+              for name, values in results.items()}
+    return layers_frame(model, result, input_of) if as_frame else result
+
+
+def layers_frame(model: nn.Module, result: dict[str, dict[str, float]],
+                 input_of: str | None = None) -> Any:
+    """``{layer: {metric: value}}`` as a tidy DataFrame, one row per layer and metric:
+    ``layer``, ``kind`` (the module's class, e.g. ``Conv2d``, ``ViTModel``), ``at``
+    (``output``, or ``input`` for ``input_of``, the classifier whose input is measured),
+    ``metric``, ``value``; layers in measuring order, metrics in docs/metrics.md order."""
+    import pandas as pd
+
+    modules = dict(model.named_modules())
+    rows = [(name, type(modules[name]).__name__, "input" if name == input_of else "output",
+             key, value)
+            for name, values in result.items() for key, value in values.items()]
+    return pd.DataFrame(rows, columns=list(FRAME_COLUMNS))
 
 
 def _classifier(
@@ -176,8 +211,8 @@ def _sweep(model: nn.Module, taps: LayerTaps, device: torch.device, progress: bo
     with torch.no_grad():
         for batch in data:
             if ood_layer is None:
-                inputs, labels = batch
-                model(_to(inputs, device))
+                inputs, labels = _split_batch(batch)
+                _forward(model, inputs, device)
                 features = taps.pop()
                 engine.update(features, _checked_labels(labels, features, engine, device))
             else:
@@ -210,8 +245,10 @@ def _checked_labels(labels: object, features: dict[str, Tensor], engine: Engine,
 
 def _ood_forward(model: nn.Module, batch: object, device: torch.device) -> None:
     inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if isinstance(inputs, dict):
+        inputs = {k: v for k, v in inputs.items() if k not in LABEL_KEYS}
     try:
-        model(_to(inputs, device))
+        _forward(model, inputs, device)
     except RuntimeError as exc:  # e.g. other channels or sizes than the data's
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "error"
         raise ValueError(f"ood: the network fails on these inputs: {first}") from None
@@ -228,8 +265,36 @@ def _checked_ood(features: Tensor, engine: Engine, name: str) -> Tensor:
     return features
 
 
-def _to(inputs: object, device: torch.device) -> object:
-    """Inputs on ``device`` (a Hugging Face model takes pixel_values positionally too)."""
-    if isinstance(inputs, Tensor):
-        return inputs.to(device, non_blocking=True)
-    raise ValueError(f"data: batches must be (Tensor, labels) pairs, got {type(inputs).__name__}")
+def _check_reiterable(data: object) -> None:
+    """ValueError for an iterator (a generator): its second pass would be empty."""
+    if isinstance(data, Iterator):
+        raise ValueError("data must be re-iterable (it is read twice): pass a DataLoader "
+                         "or a list")
+
+
+def _split_batch(batch: object) -> tuple[object, object]:
+    """(inputs, labels) of one batch: a tuple's first two items, or a dict's labels key
+    and its other items (the model's keyword inputs)."""
+    if isinstance(batch, dict):
+        key = next((k for k in LABEL_KEYS if k in batch), None)
+        if key is None:
+            raise ValueError(f"data: a dict batch needs a labels key ({', '.join(LABEL_KEYS)}); "
+                             f"got keys {sorted(map(str, batch))}")
+        return {k: v for k, v in batch.items() if k not in LABEL_KEYS}, batch[key]
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise ValueError("data: batches must be (inputs, labels, ...) tuples or dicts with a "
+                     f"labels key, got {type(batch).__name__}")
+
+
+def _forward(model: nn.Module, inputs: object, device: torch.device) -> None:
+    """Run ``model`` on a batch's inputs moved to ``device``: a tensor positionally (a
+    Hugging Face model takes pixel_values so too), a dict as keyword inputs."""
+    if isinstance(inputs, dict):
+        model(**{k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v
+                 for k, v in inputs.items()})
+    elif isinstance(inputs, Tensor):
+        model(inputs.to(device, non_blocking=True))
+    else:
+        raise ValueError("data: a batch's inputs must be a Tensor or a dict of them, got "
+                         f"{type(inputs).__name__}")

@@ -81,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
     if args.model is not None:
         layers = measure_spec.measure(args)
         if dist_from_env().is_main:  # every rank holds the result; rank 0 prints it
-            print(format_layers(layers, "json" if args.json else "csv" if args.csv else "table"))
+            where = {"model": args.model, "dataset": args.dataset, "split": args.split}
+            print(format_layers(layers, "json" if args.json else "csv" if args.csv else "table",
+                                where))
         return 0
     result = measure_arch.measure(args)
     if dist_from_env().is_main:
@@ -118,15 +120,21 @@ def format_metrics(result: dict[str, float], as_json: bool) -> str:
     return "\n".join(f"{k:<{width}}  {v:.6g}" for k, v in result.items())
 
 
-def format_layers(result: dict[str, dict[str, float]], style: str) -> str:
-    """One row per layer: ``json``, ``csv`` (exact values) or an aligned ``table``."""
+def format_layers(result: dict[str, dict[str, float]], style: str,
+                  where: dict[str, str] | None = None) -> str:
+    """One row per layer: ``json``, ``csv`` (exact values) or an aligned ``table``; a csv
+    row starts with ``where``'s columns (model, dataset, split), so that the rows of
+    several commands can be concatenated into one table."""
     if style == "json":
         return json.dumps(result, indent=2)
     rows = sorted(result.values(), key=len, reverse=True)  # the full suite's order first
     columns = list(dict.fromkeys(key for row in rows for key in row))
     if style == "csv":
-        lines = [",".join(["layer", *columns])]
-        lines += [",".join([layer, *(repr(row[k]) if k in row else "" for k in columns)])
+        where = where or {}
+        first = [_csv_cell(v) for v in where.values()]
+        lines = [",".join([*where, "layer", *columns])]
+        lines += [",".join([*first, _csv_cell(layer),
+                            *(repr(row[k]) if k in row else "" for k in columns)])
                   for layer, row in result.items()]
         return "\n".join(lines)
     width = max(len("layer"), *(len(layer) for layer in result))
@@ -137,3 +145,10 @@ def format_layers(result: dict[str, dict[str, float]], style: str) -> str:
         padded = (f"{c:>{n}}" for c, n in zip(line, sizes, strict=True))
         lines.append("  ".join([f"{name:<{width}}", *padded]))
     return "\n".join(lines)
+
+
+def _csv_cell(text: str) -> str:
+    """A CSV field: quoted when it holds a comma, quote or newline (RFC 4180)."""
+    if any(c in text for c in ',"\n'):
+        return '"' + text.replace('"', '""') + '"'
+    return text

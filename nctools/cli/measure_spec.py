@@ -54,10 +54,7 @@ def _network_and_data(args: argparse.Namespace):
             raise ConfigError(f"--set {PREPROCESS_KEY}=nctools: a folder:PATH data set is "
                               "read through the network's own transform")
         path = args.dataset[len(FOLDER_PREFIX):]
-        classes = len(model_inputs.folder_classes(path))
-        if args.num_classes is not None and args.num_classes != classes:
-            raise ConfigError(f"--num-classes {args.num_classes}: --dataset {args.dataset} "
-                              f"has {classes} class folders")
+        classes = _classes(args, len(model_inputs.folder_classes(path)), "class folders")
         model = build(args.model, classes, model_inputs.MODEL_CHANNELS)
         transform = transforms.eval_transform(model, args.model)
         data = model_inputs.image_folder(path, transform, split=args.split)
@@ -67,12 +64,31 @@ def _network_and_data(args: argparse.Namespace):
         if args.data_root is not None:
             data_cfg.root = args.data_root
     data = measure_data.dataset(data_cfg, seed, standardise=preprocess == "nctools")
-    classes = args.num_classes or data.num_classes
+    classes = _classes(args, data.num_classes, "classes")
     if preprocess == "nctools":
         return build(args.model, classes, data.in_channels), data, data_cfg, seed, None
     model = build(args.model, classes, model_inputs.MODEL_CHANNELS)  # raw pixels through
     transform = transforms.eval_transform(model, args.model)         # its own transform
     return model, model_inputs.through_transform(data, transform), data_cfg, seed, transform
+
+
+def _classes(args: argparse.Namespace, data_classes: int, what: str) -> int:
+    """C: the data set's, which ``--num-classes`` and an ``hf:`` config's ``num_labels``
+    must agree with when given (a network of another C is never measured silently)."""
+    try:
+        declared = registry.declared_classes(args.model)
+    except ConfigError as exc:
+        raise ConfigError(f"--model {exc}") from None
+    if args.num_classes is not None and declared is not None and args.num_classes != declared:
+        raise ConfigError(f"--num-classes {args.num_classes}: --model {args.model}'s config "
+                          f"has num_labels = {declared}")
+    if args.num_classes is not None and args.num_classes != data_classes:
+        raise ConfigError(f"--num-classes {args.num_classes}: --dataset {args.dataset} "
+                          f"has {data_classes} {what}")
+    if declared is not None and declared != data_classes:
+        raise ConfigError(f"--model {args.model}: its config has num_labels = {declared}, "
+                          f"--dataset {args.dataset} has {data_classes} {what}")
+    return data_classes
 
 
 def build(spec: str, num_classes: int, in_channels: int):
@@ -91,7 +107,8 @@ def _load(model, path: str, own_transform: bool) -> None:
     try:
         weights.load_weights(model, path)
     except CheckpointError as exc:
-        if not own_transform:
+        unreadable = any(why in str(exc) for why in ("no such file", "cannot be read", "holds a"))
+        if not own_transform or unreadable:  # the hint is for weights that do not fit
             raise CheckpointError(f"--weights {exc}") from None
         raise CheckpointError(
             f"--weights {exc} (the network was built for its own preprocessing, with 3 input "

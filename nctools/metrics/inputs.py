@@ -15,7 +15,8 @@ def as_tensor(name: str, value: Tensor | np.ndarray) -> Tensor:
     """``value`` as a torch tensor (numpy arrays shared, not copied; a big-endian or
     otherwise non-native array is converted); ValueError naming ``name`` otherwise."""
     if isinstance(value, Tensor):
-        return value
+        check_not_meta(name, value)
+        return value.detach()  # measured, never differentiated: a live layer's grad is not ours
     if isinstance(value, np.ndarray):
         if not value.dtype.isnative:
             value = value.astype(value.dtype.newbyteorder("="))
@@ -26,6 +27,15 @@ def as_tensor(name: str, value: Tensor | np.ndarray) -> Tensor:
                 f"{name}: numpy dtype {value.dtype} is not supported ({err})"
             ) from None
     raise ValueError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
+
+
+def check_not_meta(name: str, value: Tensor) -> None:
+    """One line for a meta tensor (a shape without values, e.g. from a model built on the
+    meta device): nothing can be measured from it."""
+    if value.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (shapes without values): materialise "
+                         "the model (e.g. model.to_empty(device=...) and load its weights) "
+                         "before measuring")
 
 
 def dtype_name(value: Tensor | np.ndarray) -> str:

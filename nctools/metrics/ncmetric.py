@@ -31,16 +31,17 @@ avoids that with a second pass, which a metric fed once per batch cannot make.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from nctools.limits import check_fits
 from nctools.metrics.decisions import DecisionTally
 from nctools.metrics.engine import BEYOND_KEYS, METRIC_KEYS, class_metrics, nc4_metrics
-from nctools.metrics.inputs import as_tensor, check_num_classes, dtype_name
+from nctools.metrics.inputs import as_tensor, check_not_meta, check_num_classes, dtype_name
 from nctools.metrics.stats import BLOCK_ELEMENTS, ClassStats
 
 F64 = torch.float64
@@ -69,7 +70,9 @@ class NCMetric(Metric):
             three NC4 keys are NaN. Memory: N x D values.
         global_mean: ``"samples"`` (the paper's mu_G, the mean of all samples; the only
             choice for now).
-        dim: D, the feature width; taken from ``classifier`` or ``reference`` when omitted.
+        dim: D, the width of the features given to :meth:`update`; taken from
+            ``classifier`` or ``reference`` when omitted, so required without either
+            (an inner layer: ``NCMetric(num_classes=C, dim=D)``).
         reference: (C, D) or (D,) the fixed point the moments are taken about (default 0),
             identical on every process; see the module docstring for when to pass one.
         kwargs: torchmetrics' own (``dist_sync_on_step``, ``process_group``, ...).
@@ -77,6 +80,12 @@ class NCMetric(Metric):
     ``compute()`` returns a dict of the docs/metrics.md keys (``METRIC_KEYS``) to 0-d float64
     tensors. Like ``nctools.measure`` it raises ValueError naming an empty class, so a
     ``forward`` call (which measures its batch alone) needs every class in the batch.
+    The keys left NaN by the construction (no classifier, no kept features) are said once,
+    by the first ``compute()``; ``forward``'s per-batch values are NaN there without a
+    word, as torchmetrics' ``forward`` is called every step.
+
+    The state (float64, plus the kept features) is sized before it is allocated: a
+    ``num_classes`` x ``dim`` larger than this machine's memory is refused with the size.
     """
 
     is_differentiable = False
@@ -110,8 +119,14 @@ class NCMetric(Metric):
         # kept out of the module tree: the metric must not move, copy or save the user's layer
         object.__setattr__(self, "classifier", classifier)
         self.keep_features = bool(keep_features)
-        dim = _feature_dim(dim, classifier, reference)
+        dim = _feature_dim(num_classes, dim, classifier, reference)
         self.dim = dim
+        if classifier is not None:
+            _check_classifier(classifier, num_classes, dim)
+        # counts, sums, squared norms, the D x D scatter and the shift, float64
+        check_fits("NCMetric(num_classes, dim)",
+                   8 * (2 * num_classes + 2 * num_classes * dim + dim * dim),
+                   f"the float64 state of C = {num_classes} classes x D = {dim}")
         shift = torch.zeros(num_classes, dim, dtype=F64)
         if reference is not None:
             reference = as_tensor("reference", reference).detach().to(F64)
@@ -169,6 +184,9 @@ class NCMetric(Metric):
     def update(self, features: Tensor, labels: Tensor) -> None:
         """Add a batch: ``features`` (n, D) any float dtype and device (detached; moved to
         the metric's device), ``labels`` (n,) integers in [0, C)."""
+        for name, value in (("features", features), ("labels", labels)):
+            if isinstance(value, Tensor):
+                check_not_meta(name, value)
         self._stats().update(features, labels)  # checks the inputs before adding anything
         if self.keep_features:
             device = self.counts.device
@@ -176,6 +194,45 @@ class NCMetric(Metric):
             dtype = torch.promote_types(features.dtype, torch.float32)
             self.features.append(features.detach().to(device=device, dtype=dtype))
             self.labels.append(labels.detach().to(device=device, dtype=torch.long))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """torchmetrics' forward (the batch's own values, the batch added to the state),
+        silent about the keys the construction leaves NaN (see the class)."""
+        self.__dict__["_nc_in_forward"] = True
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self.__dict__["_nc_in_forward"] = False
+
+    def plot(
+        self,
+        val: dict[str, Tensor] | Sequence[dict[str, Tensor]] | None = None,
+        ax: Any = None,
+        *,
+        keys: Sequence[str] | None = None,
+    ) -> tuple[Any, Any]:
+        """torchmetrics' plot: one ``compute()``/``forward`` result (a point per key) or a
+        sequence of them (a line per key over the steps); ``val`` None plots ``compute()``.
+
+        Args:
+            val: the values to plot, as :meth:`compute` returns them.
+            ax: a matplotlib Axes to draw on; a new figure otherwise.
+            keys: the keys to draw (default: every docs/metrics.md key that is not NaN).
+
+        Returns:
+            ``(fig, ax)``, as every torchmetrics metric's ``plot``.
+        """
+        val = self.compute() if val is None else val
+        steps = [val] if isinstance(val, dict) else list(val)
+        if keys is None:
+            keys = [k for k in METRIC_KEYS
+                    if any(k in step and bool(torch.isfinite(step[k])) for step in steps)]
+        missing = sorted({k for k in keys for step in steps if k not in step})
+        if missing:
+            raise ValueError(f"NCMetric.plot: keys {missing} are not in the values "
+                             f"(known: {', '.join(steps[0])})")
+        picked = [{k: step[k] for k in keys} for step in steps]
+        return self._plot(picked[0] if isinstance(val, dict) else picked, ax)
 
     def compute(self) -> dict[str, Tensor]:
         """The docs/metrics.md keys as 0-d float64 tensors (NaN where undefined, see the class)."""
@@ -266,20 +323,39 @@ def _weight_bias(classifier: Classifier) -> tuple[Tensor, Tensor | None]:
     )
 
 
-def _feature_dim(dim: int | None, classifier: Classifier | None, reference: Any) -> int:
+def _feature_dim(
+    num_classes: int, dim: int | None, classifier: Classifier | None, reference: Any
+) -> int:
     """D from ``dim``, else the classifier's weight, else ``reference``'s last axis."""
     if dim is None and classifier is not None:
         dim = int(_weight_bias(classifier)[0].shape[-1])
     if dim is None and reference is not None:
         dim = int(as_tensor("reference", reference).shape[-1])
     if dim is None:
-        raise ValueError("NCMetric needs the feature width: pass dim=D or a classifier")
+        raise ValueError(f"NCMetric(num_classes={num_classes}) without a classifier needs "
+                         f"dim=, the width D of the features given to update(): e.g. "
+                         f"NCMetric(num_classes={num_classes}, dim=512)")
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise ValueError(f"dim must be a positive int, got {dim!r}")
     return dim
 
 
+def _check_classifier(classifier: Classifier, num_classes: int, dim: int) -> None:
+    """ValueError at construction for a classifier of another C (or D): compute() reads it."""
+    weight, bias = _weight_bias(classifier)
+    shape = tuple(weight.shape)
+    if shape != (num_classes, dim):
+        raise ValueError(f"classifier weight has shape {shape} (C, D) but num_classes is "
+                         f"{num_classes} and dim {dim}: give the classifier of the "
+                         f"{num_classes} classes")
+    if bias is not None and tuple(bias.shape) != (num_classes,):
+        raise ValueError(f"classifier bias has shape {tuple(bias.shape)} but num_classes is "
+                         f"{num_classes}")
+
+
 def _warn_once(metric: NCMetric, message: str) -> None:
+    if metric.__dict__.get("_nc_in_forward"):
+        return
     seen: set[str] = metric.__dict__.setdefault("_nc_warned", set())
     if message not in seen:
         seen.add(message)

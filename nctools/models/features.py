@@ -95,7 +95,7 @@ def extract_split(
 
 
 # --------------------------------------------------------------------- hooks by layer name
-POOLS = ("avg", "flatten")
+POOLS = ("avg", "flatten", "cls", "auto")
 
 
 def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
@@ -125,6 +125,9 @@ def top_level_blocks(model: nn.Module) -> list[str]:
     named = getattr(model, "block_names", None)
     if named is not None:
         return list(named)
+    stages = _timm_stages(model)
+    if stages:
+        return [*stages, last_linear(model)[0]]
     prefix, module = "", model
     while True:
         children = [(name, child) for name, child in module.named_children()
@@ -132,6 +135,54 @@ def top_level_blocks(model: nn.Module) -> list[str]:
         if len(children) != 1 or not any(True for _ in children[0][1].children()):
             return [prefix + name for name, _ in children]
         prefix, module = prefix + children[0][0] + ".", children[0][1]
+
+
+def _timm_stages(model: nn.Module) -> list[str]:
+    """The stages a timm network reports in ``feature_info`` (its ``features_only`` taps:
+    resnet18's act1, layer1..layer4; a ViT's blocks.0..), [] for other networks."""
+    info = getattr(model, "feature_info", None)
+    if not isinstance(info, list) or not all(isinstance(i, dict) for i in info):
+        return []
+    modules = dict(model.named_modules())
+    return [i["module"] for i in info if i.get("module") in modules]
+
+
+def reads_cls_token(model: nn.Module) -> bool:
+    """Whether the network's own head reads the first token of its sequences (ViT, BERT).
+
+    The rule ``pool="auto"`` follows: a timm network says so in ``global_pool``
+    (``"token"``); otherwise a network with a learned ``cls_token`` (Hugging Face and timm
+    ViT, DeiT) or a BERT-style ``pooler`` module (which reads token 0) reads it; any other
+    network averages its tokens.
+    """
+    global_pool = getattr(model, "global_pool", None)
+    if isinstance(global_pool, str):
+        return global_pool == "token"
+    for name, _ in model.named_parameters():
+        if name.split(".")[-1] == "cls_token":
+            return True
+    return any(name.split(".")[-1] == "pooler" and type(m).__name__.endswith("Pooler")
+               for name, m in model.named_modules())
+
+
+def hidden_state(name: str, output: Any) -> Tensor:
+    """The tensor a layer's output stands for: itself, a model-output object's or dict's
+    ``last_hidden_state`` (else its first tensor), a tuple's first tensor.
+
+    Raises ValueError naming the layer when the output holds no tensor.
+    """
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, dict):  # Hugging Face ModelOutput is an OrderedDict
+        if isinstance(output.get("last_hidden_state"), Tensor):
+            return output["last_hidden_state"]
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        for item in output:
+            if isinstance(item, (Tensor, tuple, list, dict)):
+                return hidden_state(name, item)
+    raise ValueError(f"layers: {name!r} returns {type(output).__name__}, which holds no "
+                     "tensor to measure")
 
 
 def resolve_layers(model: nn.Module, layers: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -154,11 +205,15 @@ def pool_activation(x: Tensor, pool: str) -> Tensor:
     offset); a non-float activation becomes float32.
 
     ``pool="avg"``: a 4-D (B, K, H, W) map is averaged over H and W (docs/metrics.md,
-    "Classifier-free measurement"); a 3-D token sequence (B, T, K) over T. Other shapes
-    and ``pool="flatten"`` flatten everything after the batch axis.
+    "Classifier-free measurement"); a 3-D token sequence (B, T, K) over T.
+    ``pool="cls"``: a token sequence gives its first token (B, K), what a ViT or BERT head
+    reads; a map is averaged as with "avg". Other shapes and ``pool="flatten"`` flatten
+    everything after the batch axis.
     """
-    if pool == "avg" and x.ndim == 4:
+    if pool in ("avg", "cls") and x.ndim == 4:
         x = x.mean(dim=(2, 3))
+    elif pool == "cls" and x.ndim == 3:
+        x = x[:, 0]
     elif pool == "avg" and x.ndim == 3:
         x = x.mean(dim=1)
     x = x.flatten(1)
@@ -171,7 +226,9 @@ class LayerTaps:
     The one place a network's inner features are read: ``nctools.measure_model`` and the
     layer-wise training snapshots both use it. A name equal to ``input_of`` is captured
     at the INPUT of that module (the classifier's features); every other name at the
-    module's OUTPUT (a tuple output gives its first element).
+    module's OUTPUT (a model-output object, dict or tuple gives its hidden states:
+    :func:`hidden_state`). ``pool="auto"`` pools token sequences as the network's own head
+    reads them (:func:`reads_cls_token`: "cls" or "avg") and maps by averaging.
 
     Usage::
 
@@ -194,6 +251,8 @@ class LayerTaps:
                 f"layers: no module named {unknown[0]!r} in {type(model).__name__}; "
                 f"top-level modules: {top}"
             )
+        if pool == "auto":
+            pool = "cls" if reads_cls_token(model) else "avg"
         self.model, self.layers, self.input_of, self.pool = model, list(layers), input_of, pool
         self.modules = modules
         self.captured: dict[str, Tensor] = {}
@@ -221,9 +280,7 @@ class LayerTaps:
 
     def _store_output(self, name: str):
         def hook(_module: nn.Module, _inputs: tuple, output: Any) -> None:
-            if isinstance(output, (tuple, list)):
-                output = output[0]
-            self.captured[name] = pool_activation(output.detach(), self.pool)
+            self.captured[name] = pool_activation(hidden_state(name, output).detach(), self.pool)
         return hook
 
     def pop(self) -> dict[str, Tensor]:

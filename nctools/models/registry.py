@@ -120,9 +120,45 @@ def _hf(name: str, num_classes: int, in_channels: int, image_size: int,
         config: ModelConfig) -> nn.Module:
     from transformers import AutoModelForImageClassification
 
+    labels = hf_num_labels(name)
+    if labels != num_classes:
+        raise ConfigError(f"'hf:{name}': the model's config has num_labels = {labels}, "
+                          f"not {num_classes} classes")
+    try:
+        return AutoModelForImageClassification.from_pretrained(name).eval()
+    except ValueError as exc:  # a text or other non-image architecture
+        if "Unrecognized configuration class" not in str(exc):
+            raise ConfigError(f"'hf:{name}': {' '.join(str(exc).split())[:300]}") from None
+        raise ConfigError(f"'hf:{name}': a {_hf_config(name).model_type} model is not an "
+                          "image classifier (measure reads images); measure its features "
+                          "in Python with nctools.measure_model") from None
+    except OSError as exc:  # a config without its weights file
+        raise ConfigError(f"'hf:{name}': cannot load the model "
+                          f"({' '.join(str(exc).split())[:300]})") from None
+
+
+def _hf_config(name: str):
+    """The folder's Hugging Face config; ConfigError for a missing folder or config."""
+    from transformers import AutoConfig
+
     if not Path(name).is_dir():
         raise ConfigError(f"'hf:{name}': {name} is not a local model folder")
-    return AutoModelForImageClassification.from_pretrained(name).eval()
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError):
+        raise ConfigError(f"'hf:{name}': {name} holds no Hugging Face model (a config.json "
+                          "with a model_type, as save_pretrained writes)") from None
+
+
+def hf_num_labels(name: str) -> int:
+    """C of the Hugging Face model in folder ``name``: its config's ``num_labels``."""
+    return int(_hf_config(name).num_labels)
+
+
+def declared_classes(spec: str) -> int | None:
+    """The classes a network ``spec`` brings with it (an ``hf:`` folder's ``num_labels``),
+    or None for a network built for whatever C it is given."""
+    return hf_num_labels(spec.partition(":")[2]) if zoo_of(spec) == "hf" else None
 
 
 def _user_factory(spec: str, num_classes: int, in_channels: int, image_size: int,
@@ -131,15 +167,29 @@ def _user_factory(spec: str, num_classes: int, in_channels: int, image_size: int
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"{spec!r}: cannot import {module_name}: {exc}") from None
+    except Exception as exc:  # ImportError, or any error the module's own code raises
+        raise ConfigError(f"{spec!r}: cannot import {module_name}: "
+                          f"{type(exc).__name__}: {_one_line(exc)}") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ConfigError(f"{spec!r}: {module_name} has no callable {attr!r}")
     params = inspect.signature(factory).parameters
     takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
     given = {"num_classes": num_classes, "in_channels": in_channels}
-    model = factory(**{k: v for k, v in given.items() if takes_all or k in params})
+    needed = [n for n, p in params.items() if n not in given and p.default is p.empty
+              and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.POSITIONAL_ONLY)]
+    if needed:
+        raise ConfigError(f"{spec!r}: the factory needs {', '.join(needed)}; it is called with "
+                          "num_classes and in_channels (the ones its signature names) only")
+    try:
+        model = factory(**{k: v for k, v in given.items() if takes_all or k in params})
+    except Exception as exc:  # the user's code: its reason, on one line
+        raise ConfigError(f"{spec!r}: the factory raised {type(exc).__name__}: "
+                          f"{_one_line(exc)}") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"{spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:300] or "(no message)"

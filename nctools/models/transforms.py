@@ -27,7 +27,8 @@ def eval_transform(model: nn.Module, spec: str) -> Callable:
       name, nothing downloaded; they take tensors);
     - Hugging Face: the folder's image processor (tensors already in [0, 1]: no rescale);
     - otherwise (a user's network, a torchvision name without weights, an HF folder
-      without a processor): :func:`imagenet_eval_transform`.
+      without a processor): :func:`imagenet_eval_transform`, cropped to the HF config's
+      ``image_size`` where it names one (a ViT's position embeddings fix its input size).
     """
     zoo, name = zoo_of(spec), spec.partition(":")[2]
     if zoo == "timm":
@@ -47,7 +48,8 @@ def eval_transform(model: nn.Module, spec: str) -> Callable:
         try:
             processor = AutoImageProcessor.from_pretrained(name)
         except (OSError, ValueError):
-            return imagenet_eval_transform()
+            size = getattr(getattr(model, "config", None), "image_size", 224)
+            return imagenet_eval_transform(size if isinstance(size, int) else 224)
 
         def hf_transform(image):
             # in-memory pixels are floats in [0, 1] already: the processor must not rescale
@@ -58,8 +60,9 @@ def eval_transform(model: nn.Module, spec: str) -> Callable:
     return imagenet_eval_transform()
 
 
-def imagenet_eval_transform() -> Callable:
-    """ImageNet's evaluation transform: resize 256, centre crop 224, ImageNet mean/std.
+def imagenet_eval_transform(size: int = 224) -> Callable:
+    """ImageNet's evaluation transform: resize 256, centre crop 224, ImageNet mean/std
+    (for another crop ``size``, the same 256/224 ratio).
 
     PIL images are resized by PIL, tensors by torchvision's tensor kernels (antialiased).
     """
@@ -68,7 +71,7 @@ def imagenet_eval_transform() -> Callable:
     from nctools.data.torchvision_sets import IMAGENET_MEAN, IMAGENET_STD
 
     return v2.Compose([
-        v2.Resize(256, antialias=True), v2.CenterCrop(224), v2.ToImage(),
+        v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size), v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         v2.ToPureTensor(),
     ])  # fmt: skip

@@ -36,17 +36,35 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # a truncated or foreign file: safetensors' own reason
+            raise CheckpointError(f"{path}: cannot be read as safetensors "
+                                  f"({_first_sentence(exc)})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a pickle that needs code, a truncated file, not torch at all
-        raise CheckpointError(f"{path}: cannot be read as weights ({exc})") from None
+        raise CheckpointError(f"{path}: cannot be read as weights ({_load_reason(exc)})") from None
     if isinstance(state, Mapping):
         for key in ("state_dict", "model"):
             if isinstance(state.get(key), Mapping):
                 return dict(state[key])
         return dict(state)
     raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state_dict")
+
+
+def _first_sentence(exc: Exception) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text.split(". ")[0].rstrip(".")
+
+
+def _load_reason(exc: Exception) -> str:
+    """torch.load's reason, without its advice to load with ``weights_only=False`` (that
+    runs the file's code, which nctools never does)."""
+    if "Weights only load failed" in str(exc):
+        return ("it holds pickled objects beyond tensors; nctools reads weights without "
+                "running code: save model.state_dict() with torch.save, or a .safetensors file")
+    return _first_sentence(exc)
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:

@@ -167,3 +167,117 @@ def test_a_float64_network_is_measured_in_its_own_precision():
     want = nctools.measure(inputs, labels, net[1].weight.detach(), net[1].bias.detach())
     for key in ("nc1", "nc1_ratio", "cdnv", "etf_means", "accuracy", "ncc_accuracy"):
         assert got[key] == pytest.approx(want[key], rel=1e-9), key
+
+
+# ------------------------------------------------------------- batches and model zoo shapes
+def tiny_vit(num_labels=3):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=8,
+                       num_hidden_layers=2, num_attention_heads=2, intermediate_size=16,
+                       num_labels=num_labels)
+    return ViTForImageClassification(config).eval()
+
+
+def vit_batches():
+    gen = torch.Generator().manual_seed(1)
+    labels = torch.arange(24) % 3
+    images = labels[:, None, None, None] + torch.randn(24, 3, 8, 8, generator=gen)
+    return [(images[i : i + 8], labels[i : i + 8]) for i in range(0, 24, 8)]
+
+
+def test_dict_batches_and_longer_tuples_are_measured_as_pairs():
+    model = tiny_vit()
+    pairs = vit_batches()
+    expected = nctools.measure_model(model, pairs, layers=["vit", "classifier"])
+    for key in ("labels", "label", "y"):
+        as_dicts = [{"pixel_values": x, key: y} for x, y in pairs]
+        assert nctools.measure_model(model, as_dicts, layers=["vit", "classifier"]) == expected
+    triples = [(x, y, torch.arange(len(y))) for x, y in pairs]
+    assert nctools.measure_model(model, triples, layers=["vit", "classifier"]) == expected
+    with pytest.raises(ValueError, match=r"a dict batch needs a labels key \(labels, label, y\); "
+                                         r"got keys \['pixel_values'\]"):
+        nctools.measure_model(model, [{"pixel_values": x} for x, _ in pairs])
+
+
+def test_a_one_shot_generator_is_refused_with_the_reason():
+    model = tiny_vit()
+    with pytest.raises(ValueError) as err:
+        nctools.measure_model(model, (batch for batch in vit_batches()))
+    assert str(err.value) == ("data must be re-iterable (it is read twice): pass a DataLoader "
+                              "or a list")
+
+
+def test_layers_returning_model_outputs_are_measured_on_their_hidden_states():
+    model, data = tiny_vit(), vit_batches()
+    labels = torch.cat([y for _, y in data])
+    with torch.no_grad():
+        hidden = torch.cat([model.vit(x).last_hidden_state for x, _ in data])  # float32
+    result = nctools.measure_model(model, data, layers="blocks")
+    assert list(result) == ["vit", "classifier"]
+    # the head reads the CLS token: the default pools the sequence so (the same rows the
+    # classifier receives, hence the same NC1)
+    cls = nctools.measure(hidden[:, 0].double(), labels, num_classes=3)
+    assert result["vit"]["nc1"] == pytest.approx(cls["nc1"], rel=1e-9)
+    assert result["classifier"]["nc1"] == pytest.approx(cls["nc1"], rel=1e-9)
+    avg = nctools.measure(hidden.mean(1).double(), labels, num_classes=3)
+    got = nctools.measure_model(model, data, layers=["vit"], pool="avg")
+    assert got["vit"]["nc1"] == pytest.approx(avg["nc1"], rel=1e-9)
+    flat = nctools.measure(hidden.flatten(1).double(), labels, num_classes=3)
+    got = nctools.measure_model(model, data, layers=["vit"], pool="flatten")
+    assert got["vit"]["nc1"] == pytest.approx(flat["nc1"], rel=1e-9)
+
+    class DictOut(nn.Module):  # a layer returning a dict, then a tuple
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Conv2d(3, 4, 3)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            out = {"maps": self.body(x), "extra": 1}
+            return self.head(out["maps"].mean((2, 3))), out
+
+    net = DictOut()
+    got = nctools.measure_model(net, data, layers=["body", "head"])
+    maps = own_features(net.body, data, "")[0]
+    assert got["body"]["nc1"] == pytest.approx(
+        nctools.measure(maps, labels, num_classes=3)["nc1"], rel=1e-9)
+
+
+def test_the_default_pool_follows_the_head():
+    import timm
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from nctools.models.features import reads_cls_token
+
+    bert = BertForSequenceClassification(BertConfig(
+        vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=16, num_labels=3))
+    vit_cls = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+                                num_classes=3)
+    vit_avg = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+                                num_classes=3, global_pool="avg")
+    resnet = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    assert [reads_cls_token(m) for m in (tiny_vit(), bert, vit_cls, vit_avg, resnet)] == [
+        True, True, True, False, False]
+
+
+def test_timm_blocks_are_its_feature_info_stages():
+    import timm
+
+    model = timm.create_model("resnet18", pretrained=False, num_classes=4)
+    result = nctools.measure_model(model, batches(), layers="blocks")
+    assert list(result) == ["act1", "layer1", "layer2", "layer3", "layer4", "fc"]
+
+
+def test_as_frame_is_the_same_numbers_in_a_tidy_table():
+    model, data = tiny_vit(), vit_batches()
+    nested = nctools.measure_model(model, data, layers="blocks")
+    frame = nctools.measure_model(model, data, layers="blocks", as_frame=True)
+    assert list(frame.columns) == ["layer", "kind", "at", "metric", "value"]
+    rows = {(r.layer, r.metric): r.value for r in frame.itertuples()}
+    assert rows == {(layer, k): v for layer, values in nested.items() for k, v in values.items()}
+    kinds = frame.drop_duplicates("layer").set_index("layer")[["kind", "at"]]
+    assert kinds.to_dict("index") == {"vit": {"kind": "ViTModel", "at": "output"},
+                                      "classifier": {"kind": "Linear", "at": "input"}}

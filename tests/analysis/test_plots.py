@@ -155,3 +155,43 @@ def test_chosen_panels_leave_out_keys_the_table_lacks():
     assert [ax.get_title() for ax in fig.axes] == ["UNC3: uniform duality"]
     with pytest.raises(NctoolsError, match="none of the chosen metrics"):
         collapse_figure(table, generalised)
+
+
+# ------------------------------------------------------------------ nctools.plot (a notebook)
+def drawn(fig, title):
+    """[(linestyle, y values)] of the curves of the panel titled ``title``."""
+    ax = next(a for a in fig.axes if a.get_title() == title)
+    return [(line.get_linestyle(), list(line.get_ydata())) for line in ax.lines
+            if len(line.get_xdata()) > 2]  # not the onset line
+
+
+def test_nctools_plot_takes_a_table_a_run_folder_or_a_list(tmp_path):
+    import subprocess
+    import sys
+
+    from matplotlib.figure import Figure
+
+    import nctools
+
+    table = fake_table("a", "mnist5k", "convnet")
+    fig = nctools.plot(table, metrics=["nc1"])
+    assert isinstance(fig, Figure)
+    title = fig.axes[0].get_title()
+    lines = drawn(fig, title)
+    rows = table[table["metric"] == "nc1"]
+    assert sorted(v for _, v in lines) == sorted(
+        list(rows[rows["split"] == s]["value"]) for s in ("train", "test"))
+    run = tmp_path / "run"
+    run.mkdir()
+    table.to_csv(run / "metrics.csv", index=False)
+    assert drawn(nctools.plot(run, metrics=["nc1"]), title) == lines
+    assert drawn(nctools.plot(str(run / "metrics.csv"), metrics=["nc1"]), title) == lines
+    both = nctools.plot([run, fake_table("b", "cifar10", "resnet18")], metrics=["nc1"])
+    assert len(drawn(both, title)) == 2 * len(lines)
+    with pytest.raises(NctoolsError, match=r"^plot: .*nowhere: no such run folder or metrics"):
+        nctools.plot(tmp_path / "nowhere")
+    # `import nctools` stays light: nctools.plot is loaded on first use
+    code = "import sys, nctools; print('pandas' in sys.modules, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["False", "False"] and "plot" in nctools.__all__

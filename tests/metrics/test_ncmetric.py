@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torchmetrics import MetricCollection
 
+import nctools
 from nctools import NCMetric, measure
 from nctools.metrics.measure import METRIC_KEYS
 from tests.helpers import clusters, free_port
@@ -133,15 +134,20 @@ def test_metric_collection_reset_and_forward():
 def test_bad_arguments_name_the_problem():
     with pytest.raises(ValueError, match="global_mean"):
         NCMetric(4, dim=6, global_mean="classes")
-    with pytest.raises(ValueError, match="dim=D or a classifier"):
+    with pytest.raises(ValueError) as err:
         NCMetric(4)
+    assert str(err.value) == (
+        "NCMetric(num_classes=4) without a classifier needs dim=, the width D of the "
+        "features given to update(): e.g. NCMetric(num_classes=4, dim=512)")
     with pytest.raises(ValueError, match="reference must have shape"):
         NCMetric(4, dim=6, reference=torch.zeros(3, 6))
-    metric = NCMetric(4, (torch.zeros(4, 6), torch.zeros(3)))
+    head = nn.Linear(6, 4)
+    metric = NCMetric(4, head)
     h, y, _, _ = data()
     with pytest.raises(ValueError, match="features must have shape"):
         metric.update(h[:, :5], y)
     metric.update(h, y)
+    head.bias = nn.Parameter(torch.zeros(3))  # the classifier is read again at compute()
     with pytest.raises(ValueError, match="bias must have shape"):
         metric.compute()
     metric = NCMetric(4, dim=6)
@@ -206,3 +212,74 @@ def test_reference_is_state_saved_loaded_and_checked_on_merge():
     saved["shift"] = torch.full((4, 5), 1.0, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"^reference in the state dict has shape \(4, 5\)"):
         NCMetric(4, dim=6).load_state_dict(saved)
+
+
+def test_construction_refuses_a_classifier_of_other_classes_and_a_state_too_big():
+    with pytest.raises(ValueError) as err:
+        NCMetric(4, classifier=nn.Linear(8, 3))
+    assert str(err.value) == ("classifier weight has shape (3, 8) (C, D) but num_classes is "
+                              "4 and dim 8: give the classifier of the 4 classes")
+    with pytest.raises(ValueError, match="bias has shape \\(3,\\) but num_classes is 4"):
+        NCMetric(4, classifier=(torch.zeros(4, 8), torch.zeros(3)))
+    # 8 bytes x (2C + 2CD + D^2) = 272,000,002,048 bytes, refused before any allocation
+    with pytest.raises(ValueError, match=r"^NCMetric\(num_classes, dim\): the float64 state "
+                       r"of C = 1000000000 classes x D = 16 would need 253.3 GiB, more than"):
+        NCMetric(10**9, dim=16)
+
+
+def test_meta_inputs_are_one_line():
+    metric = NCMetric(4, dim=3)
+    with pytest.raises(ValueError, match=r"^features is on the meta device"):
+        metric.update(torch.empty(5, 3, device="meta"), torch.zeros(5, dtype=torch.long))
+    assert float(metric.counts.sum()) == 0
+    with pytest.raises(ValueError, match=r"^features is on the meta device \(shapes without "
+                                         r"values\): materialise the model"):
+        measure(torch.empty(5, 3, device="meta"), torch.arange(5) % 2)
+    with torch.device("meta"):
+        net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"^model parameter 0.weight is on the meta device"):
+        nctools.measure_model(net, [(torch.randn(4, 3), torch.arange(4) % 2)])
+
+
+def test_forward_is_silent_and_compute_warns_once():
+    h, y, w, b = data(seed=3)
+    metric = NCMetric(4, (w, b))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            assert math.isnan(float(metric(h, y)["accuracy"]))
+    assert seen == []
+    with pytest.warns(UserWarning, match="keep_features=False"):
+        metric.compute()
+
+
+def test_a_classifier_that_requires_grad_gives_no_torch_warning():
+    h, y, _, _ = data(seed=4)
+    head = nn.Linear(6, 4)  # weight and bias require grad, as in training
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        metric = NCMetric(4, classifier=head, keep_features=True)
+        metric.update(h, y)
+        got = metric.compute()
+        expected = measure(h, y, head.weight, head.bias)
+    assert [str(w.message) for w in seen] == []
+    assert_close(got, expected)
+
+
+def test_plot_draws_the_computed_values_as_torchmetrics_does():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    h, y, w, b = data(seed=5)
+    metric = feed(NCMetric(4, (w, b), keep_features=True), h, y, 30)
+    values = metric.compute()
+    fig, ax = metric.plot()
+    assert isinstance(fig, matplotlib.figure.Figure) and ax in fig.axes
+    drawn = {line.get_label(): float(line.get_ydata()[0]) for line in ax.lines}
+    assert drawn == {k: float(values[k]) for k in METRIC_KEYS}
+    steps = [metric(h, y) for _ in range(3)]
+    fig, ax = metric.plot(steps, keys=["nc1", "cdnv"])
+    drawn = {line.get_label(): list(line.get_ydata()) for line in ax.lines}
+    assert drawn == {k: [float(s[k]) for s in steps] for k in ("nc1", "cdnv")}
+    with pytest.raises(ValueError, match=r"keys \['nc9'\] are not in the values"):
+        metric.plot(keys=["nc9"])

@@ -111,7 +111,8 @@ def test_an_unknown_name_is_one_line_naming_it(name, message):
 
 def test_a_factory_module_that_does_not_import_is_named():
     with pytest.raises(ConfigError, match=r"^'no_such_pkg\.nets:f': cannot import "
-                                          r"no_such_pkg\.nets: No module named 'no_such_pkg'$"):
+                                          r"no_such_pkg\.nets: ModuleNotFoundError: "
+                                          r"No module named 'no_such_pkg'$"):
         create_model("no_such_pkg.nets:f", 3)
 
 
