@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from dataclasses import replace
@@ -99,20 +100,23 @@ def test_three_point_sweep_collected_best_and_plotted(tmp_path, executor):
     assert S.submit(sweep, executor) == []  # nothing left to do
 
     table = collect([sweep.root])
-    assert sorted(table["train.lr"].unique()) == LRS
+    assert sorted(table["config.train.lr"].unique()) == LRS
+    # config keys as config.KEY: never beside a history column of a like name (lr, train_loss)
+    assert [c for c in table.columns if "." in c and not c.startswith("config.")] == []
+    assert {"lr", "train_loss", "config.seed", "config.train.loss"} <= set(table.columns)
     assert table.groupby("run")["epoch"].max().tolist() == [2, 2, 2]
     for run in runs:
         own = pd.read_csv(run / "metrics.csv")
         mine = table[table["run_dir"] == str(run)]
         assert mine["value"].tolist() == own["value"].tolist()
-        assert set(mine["train.lr"]) == {load_config(run / "config.yaml").train.lr}
+        assert set(mine["config.train.lr"]) == {load_config(run / "config.yaml").train.lr}
     # the paper's choice: the lr whose run ends with the best test accuracy
     final = {load_config(r / "config.yaml").train.lr: _history(r)["test_acc"].iloc[-1]
              for r in runs}
     picked = best(table, "test_acc")
     assert len(picked) == 1
     assert picked["test_acc"].iloc[0] == max(final.values())
-    assert final[picked["train.lr"].iloc[0]] == max(final.values())
+    assert final[picked["config.train.lr"].iloc[0]] == max(final.values())
     assert picked["candidates"].iloc[0] == 3
     # parquet round trip
     out = write_table(table, tmp_path / "table.parquet")
@@ -122,7 +126,7 @@ def test_three_point_sweep_collected_best_and_plotted(tmp_path, executor):
     fig = collapse_figure(table, hue="train.lr")
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert labels[:3] == [f"train.lr={lr:.4g}" for lr in LRS]
-    assert fig.axes[1].get_xscale() == "log"
+    assert fig.axes[1].get_xscale() == "linear"  # 2 epochs: a linear axis
 
 
 def test_the_requeued_call_resumes_an_interrupted_point(tmp_path, monkeypatch):
@@ -200,8 +204,8 @@ def test_the_commands_sweep_collect_and_plot(tmp_path, capsys):
     assert main(["collect", str(sweep), "--out", str(table), "--best", "test_acc"]) == 0
     shown = capsys.readouterr().out
     back = pd.read_parquet(table)
-    assert back["run"].nunique() == 2 and set(back["train.lr"]) == {0.01, 0.05}
-    final = back[back["epoch"] == 2].drop_duplicates("run").set_index("train.lr")["test_acc"]
+    assert back["run"].nunique() == 2 and set(back["config.train.lr"]) == {0.01, 0.05}
+    final = back[back["epoch"] == 2].drop_duplicates("run").set_index("config.train.lr")["test_acc"]
     assert f"{final.idxmax()}" in shown.splitlines()[-1]
     assert main(["plot", str(sweep), "--hue", "train.lr", "--out", str(tmp_path / "f.png")]) == 0
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
@@ -334,3 +338,29 @@ def test_ctrl_c_during_a_local_sweep_is_one_line_and_resumes(tmp_path):
         run = manifest.parent
         direct = train(load_config(run / "config.yaml"), tmp_path / f"direct-{run.name}")
         assert _history(run).equals(_history(direct))
+
+
+def test_collect_names_missing_and_unfinished_runs_and_each_run_once(tmp_path, capsys):
+    from nctools.cli import main
+
+    config = _config_file(tmp_path)
+    sweep = S.plan_sweep(config, {"train.lr": LRS}, tmp_path / "sw")
+    S.submit(sweep, "debug")
+    runs = [sweep.run_dir(p) for p in sweep.points]
+    shutil.rmtree(runs[2])
+    manifest = store.read_manifest(runs[1])
+    store.write_manifest(runs[1], {**manifest, "status": "interrupted", "epochs_done": 1})
+    capsys.readouterr()
+    table = tmp_path / "t.csv"
+    assert main(["collect", str(sweep.root), str(sweep.root), "--best", "test_acc",
+                 "--out", str(table)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"nctools: warning: {sweep.root}: 1 of 3 runs have no run folder (not started, or "
+        f"removed): {runs[2].name}; left out",
+        f"nctools: warning: {sweep.root}: given twice (collected once)",
+        f"nctools: warning: 1 runs did not complete and are compared at their last analysed "
+        f"epoch: sw/{runs[1].name} (interrupted, epoch 2)"]
+    back = pd.read_csv(table)
+    assert back["run"].nunique() == 2
+    assert len(back) == sum(len(pd.read_csv(r / "metrics.csv")) for r in runs[:2])
