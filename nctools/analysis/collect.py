@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from nctools.analysis.tables import analyze
+from nctools.analysis.tables import analyze, table_options
 from nctools.config.schema import config_to_dict, load_config
 from nctools.config.typed_yaml import flatten, format_value
 from nctools.errors import NctoolsError, RunError
@@ -53,12 +53,13 @@ def _runs_of(paths: Sequence[str | Path]) -> list[tuple[Path, str]]:
     given twice is collected once, with a warning; recorded points without a run folder
     are named in a warning."""
     found: list[tuple[Path, str]] = []
+    given: set[Path] = set()
     seen: set[Path] = set()
     for path in map(Path, paths):
-        if path.resolve() in seen:
+        if path.resolve() in given:
             warnings.warn(f"{path}: given twice (collected once)", stacklevel=3)
             continue
-        seen.add(path.resolve())
+        given.add(path.resolve())
         if is_sweep(path):
             points, sweep = sweep_points(path), path.resolve().name
             missing = [r.name for r in points if not (r / CONFIG_FILE).is_file()]
@@ -97,7 +98,7 @@ def collect(paths: Sequence[str | Path]) -> pd.DataFrame:
         if not snapshots.list_snapshots(run):
             warnings.warn(f"{run}: no snapshots yet; left out", stacklevel=2)
             continue
-        table = analyze(run)
+        table = analyze(run, **table_options(run))  # the choices its table records
         columns = config_columns(run)
         table = table.assign(
             run=f"{sweep}/{run.name}" if sweep else run.name, sweep=sweep,
