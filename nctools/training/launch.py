@@ -287,6 +287,8 @@ def submit(sweep: Sweep, executor: str = "local", slurm: dict[str, Any] | None =
         raise ConfigError(f"--parallel: must be >= 1, got {parallel}")
     if executor not in EXECUTORS:
         raise ConfigError(f"--executor: {executor!r} is not one of {', '.join(EXECUTORS)}")
+    import submitit  # noqa: F401  (a missing extra is named before anything is written)
+
     if executor == "slurm":
         check_slurm()  # before the sweep is recorded: no sweep.json for a sweep never sent
     recorded = (sweep.root / SWEEP_FILE).is_file()

@@ -141,5 +141,5 @@ def test_a_missing_optional_library_is_one_line_naming_its_extra(
     argv = [a.format(tmp=tmp_path, run=tiny_run) for a in argv]
     assert main(argv) == 2
     assert capsys.readouterr().err.splitlines()[-1:] == [
-        f'nctools: {module} is not installed: pip install "neural-collapse[{extra}]"']
+        f'nctools: {module} is not installed: pip install "nctools-collapse[{extra}]"']
 
