@@ -29,8 +29,9 @@ class RunError(NctoolsError):
     """A run directory is missing, holds another config, or cannot be written."""
 
 
-# The optional libraries nctools reaches for, each with the extra of the `neural-collapse`
-# distribution that installs it (pyproject.toml's [project.optional-dependencies]).
+# The optional libraries nctools reaches for, each with the extra of the distribution
+# (nctools._version.DISTRIBUTION) that installs it (pyproject.toml's
+# [project.optional-dependencies]).
 EXTRAS = {
     "timm": "timm",
     "transformers": "hf",
@@ -45,7 +46,7 @@ EXTRAS = {
 
 
 def missing_extra(exc: BaseException) -> str | None:
-    """``NAME is not installed: pip install "neural-collapse[EXTRA]"`` when ``exc``, or an
+    """``NAME is not installed: pip install "nctools-collapse[EXTRA]"`` when ``exc``, or an
     exception it was raised from, is the failed import of an optional library; else None."""
     seen: set[int] = set()
     cause: BaseException | None = exc
@@ -53,6 +54,13 @@ def missing_extra(exc: BaseException) -> str | None:
         seen.add(id(cause))
         name = (getattr(cause, "name", None) or "").partition(".")[0]
         if isinstance(cause, ImportError) and name in EXTRAS:
-            return f'{name} is not installed: pip install "neural-collapse[{EXTRAS[name]}]"'
+            return f'{name} is not installed: pip install "{install_hint(EXTRAS[name])}"'
         cause = cause.__cause__ or cause.__context__
     return None
+
+
+def install_hint(extra: str) -> str:
+    """What ``pip install`` takes for ``extra``: ``nctools-collapse[EXTRA]``."""
+    from nctools._version import DISTRIBUTION
+
+    return f"{DISTRIBUTION}[{extra}]"

@@ -741,7 +741,7 @@ def capture_plots(monkeypatch) -> list:
     """Stand-in for plot_runs: records the tables `nctools plot` would draw."""
     drawn: list = []
 
-    def plot_runs(tables, out, panels=None, *, hue=None):
+    def plot_runs(tables, out, panels=None, *, hue=None, epoch_axis="auto"):
         drawn.append((tables, out))
         return out
 

@@ -56,6 +56,6 @@ def test_timm_layers_one_row_per_layer(tmp_path: Path) -> None:
 def test_sweep_collects_one_run_per_learning_rate(tmp_path: Path) -> None:
     run_example("sweep_demo.sh", tmp_path)
     table = pd.read_csv(tmp_path / "sweeps/demo-example.csv")
-    assert sorted(table["train.lr"].unique()) == [0.01, 0.02]
-    assert table.groupby("train.lr")["run_dir"].nunique().tolist() == [1, 1]
+    assert sorted(table["config.train.lr"].unique()) == [0.01, 0.02]
+    assert table.groupby("config.train.lr")["run_dir"].nunique().tolist() == [1, 1]
     assert (tmp_path / "sweeps/demo-example.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,7 +8,9 @@ Plots read only the long-format tables that :func:`nctools.analysis.analyze` wri
 (columns ``run, dataset, arch, epoch, split, metric, value, tpt_onset_epoch``), never
 tensors. One panel per quantity of the paper's Figs. 1-7 plus the ETF distance of
 Zhu et al. (NeurIPS 2021); train solid, test dashed, one colour per run, a dotted
-vertical line at each run's onset of the terminal phase of training (TPT).
+vertical line at each run's onset of the terminal phase of training (TPT). Epochs on a
+log axis as in the paper for runs longer than :data:`LOG_EPOCHS` epochs, else linear
+(``epoch_axis=``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
 SPLIT_STYLES: dict[str, Any] = {"train": "-", "test": "--", "val": "--"}
 # A panel switches to a log y-axis when its positive data span at least this ratio.
 LOG_SPAN = 10.0
+# epoch_axis="auto": a log epoch axis (the paper's: the terminal phase is long) for runs
+# longer than this many epochs; shorter runs read better on a linear one.
+LOG_EPOCHS = 20
+EPOCH_AXES = ("auto", "log", "linear")
 
 
 @dataclass(frozen=True)
@@ -125,12 +131,8 @@ def _runs(tables: Sequence[pd.DataFrame | str | Path] | pd.DataFrame | str | Pat
             label = f"{first.get('dataset', '?')} / {first.get('arch', '?')}"
             groups.append((label, run, rows))
     if hue is not None:
-        whole = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-        if hue not in whole.columns:
-            raise NctoolsError(f"--hue {hue}: no such column in the metrics tables (config "
-                               "keys are columns of a collected sweep, e.g. train.lr)")
-        return [(f"{hue}={_show(value)}", rows)
-                for value, rows in whole.groupby(hue, sort=True, dropna=False)]
+        return _hue_groups(pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(),
+                           hue)
     labels = [g[0] for g in groups]
     # Two runs of the same dataset and network (seeds, settings) need their names too.
     named = [f"{label} ({run})" if labels.count(label) > 1 else label
@@ -139,6 +141,38 @@ def _runs(tables: Sequence[pd.DataFrame | str | Path] | pd.DataFrame | str | Pat
     distinct = [f"{label} [{named[:i].count(label) + 1}]" if named.count(label) > 1 else label
                 for i, label in enumerate(named)]
     return [(label, rows) for label, (_, _, rows) in zip(distinct, groups, strict=True)]
+
+
+def _hue_groups(whole: pd.DataFrame, hue: str) -> list[tuple[str, pd.DataFrame]]:
+    """One (label, rows) per value of ``hue`` and of every other config key that varies
+    across the runs (``seed`` aside): runs are averaged over seeds only, never over a
+    setting the user did not name (``train.lr=0.1 · train.loss=ce``)."""
+    from nctools.analysis.collect import CONFIG_PREFIX, IDENTITY, config_column
+
+    column = hue if hue in whole.columns else config_column(hue)
+    if column not in whole.columns:
+        raise NctoolsError(f"--hue {hue}: no such column in the metrics tables (config "
+                           "keys are columns of a collected sweep, e.g. train.lr)")
+    per_run = whole.drop_duplicates("run")
+    others = [c for c in per_run.columns
+              if c.startswith(CONFIG_PREFIX) and c not in (column, config_column("seed"),
+                                                           *IDENTITY)
+              and per_run[c].astype(str).nunique() > 1]
+    keys = [column, *others]
+    return [(" · ".join(f"{k.removeprefix(CONFIG_PREFIX)}={_show(v)}"
+                        for k, v in zip(keys, values, strict=True)), rows)
+            for values, rows in whole.groupby(keys, sort=True, dropna=False)]
+
+
+def epoch_scale(runs: Sequence[tuple[str, pd.DataFrame]], epoch_axis: str = "auto") -> str:
+    """``log`` or ``linear``: ``auto`` is log when a run goes past :data:`LOG_EPOCHS`
+    epochs, linear otherwise."""
+    if epoch_axis not in EPOCH_AXES:
+        raise NctoolsError(f"--epoch-axis {epoch_axis!r}: use one of {', '.join(EPOCH_AXES)}")
+    if epoch_axis != "auto":
+        return epoch_axis
+    last = max((float(rows["epoch"].max()) for _, rows in runs if len(rows)), default=0.0)
+    return "log" if last > LOG_EPOCHS else "linear"
 
 
 def _show(value) -> str:
@@ -168,7 +202,7 @@ def _onset(rows: pd.DataFrame) -> float | None:
     return float(onset.median()) if len(onset) else None
 
 
-def _draw_panel(ax, panel: Panel, runs, colors) -> None:
+def _draw_panel(ax, panel: Panel, runs, colors, xscale: str) -> None:
     plotted: list[np.ndarray] = []
     for (_label, rows), color in zip(runs, colors, strict=True):
         several = "run" in rows.columns and rows["run"].nunique() > 1
@@ -196,7 +230,7 @@ def _draw_panel(ax, panel: Panel, runs, colors) -> None:
         if onset is not None:
             ax.axvline(onset, color=color, linestyle=":", linewidth=1.0)
     ax.set_title(panel.title, fontsize=9)
-    ax.set_xscale("log")  # as the paper's figures: the terminal phase is long
+    ax.set_xscale(xscale)
     ax.set_xlabel("epoch")
     ax.set_ylabel(panel.ylabel, fontsize=8)
     ax.grid(True, alpha=0.3)
@@ -215,14 +249,17 @@ def collapse_figure(
     panels: Sequence[Panel] | None = None,
     *,
     hue: str | None = None,
+    epoch_axis: str = "auto",
 ) -> Figure:
-    """The collapse curves of one or several runs as a Figure of ``len(PANELS)`` panels,
-    epochs on a log axis as in the paper.
+    """The collapse curves of one or several runs as a Figure of ``len(PANELS)`` panels.
 
     ``tables``: metrics tables (DataFrames or ``metrics.csv`` paths) in the long format of
     :func:`nctools.analysis.analyze`; several runs may share one table (``run`` column).
     ``hue``: one colour per value of this column (e.g. ``train.lr`` of a collected sweep);
-    several runs of a value (seeds) are drawn as their mean with a +- 1 std band.
+    several runs of a value (seeds) are drawn as their mean with a +- 1 std band; every
+    other config key that varies gets its own curves (never averaged over).
+    ``epoch_axis``: ``log`` (the paper's), ``linear``, or ``auto``: log for runs longer
+    than :data:`LOG_EPOCHS` epochs.
     ``panels``: chosen panels (:func:`select_panels`) instead of the paper's; those whose
     metric no table has are left out with a warning saying so.
     """
@@ -243,6 +280,7 @@ def collapse_figure(
         if not panels:
             raise NctoolsError("nothing to plot: the tables have none of the chosen metrics")
     chosen = tuple(panels) if panels is not None else PANELS
+    xscale = epoch_scale(runs, epoch_axis)
     colors = [matplotlib.colormaps["tab10"](i % 10) for i in range(len(runs))]
     nrows = -(-len(chosen) // NCOLS)
     # A bare Figure on the Agg canvas, not pyplot: no display is needed, no window opens
@@ -251,7 +289,7 @@ def collapse_figure(
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, NCOLS, squeeze=False).ravel()
     for ax, panel in zip(axes, chosen, strict=False):
-        _draw_panel(ax, panel, runs, colors)
+        _draw_panel(ax, panel, runs, colors, xscale)
     for ax in axes[len(chosen):]:
         ax.remove()
     handles = [Line2D([], [], color=c, linewidth=2, label=label)
@@ -282,13 +320,14 @@ def plot_runs(
     panels: Sequence[Panel] | None = None,
     *,
     hue: str | None = None,
+    epoch_axis: str = "auto",
 ) -> Path:
     """Draw :func:`collapse_figure` and save it atomically to ``out`` (.png, .pdf or .svg)."""
     from nctools.runs.files import atomic_write_bytes
 
     out = Path(out)
     fmt = figure_format(out)  # fail before the (slow) drawing
-    fig = collapse_figure(tables, panels, hue=hue)
+    fig = collapse_figure(tables, panels, hue=hue, epoch_axis=epoch_axis)
     buf = io.BytesIO()
     fig.savefig(buf, format=fmt, dpi=150)
     out.parent.mkdir(parents=True, exist_ok=True)

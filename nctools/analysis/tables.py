@@ -28,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from nctools.config.schema import load_config
-from nctools.errors import RunError, SnapshotError
+from nctools.errors import ConfigError, RunError, SnapshotError
 from nctools.metrics.engine import CLASSIFIER_FREE_KEYS, Engine, Layer, ReferenceMeans
 from nctools.metrics.measure import (
     BEYOND_KEYS,
@@ -107,6 +107,8 @@ def analyze(
     ident = {"run": run_dir.resolve().name, "dataset": config.data.dataset,
              "arch": config.model.arch}
 
+    if classes is not None:  # refused before the table is touched
+        check_classes(classes, snapshots.read_meta(run_dir, epochs[-1])["num_classes"])
     writable = run_is_writable(run_dir)
     options = {"global_mean": global_mean,
                "classes": ",".join(map(str, classes)) if classes is not None else "all"}
@@ -161,14 +163,44 @@ def run_is_writable(run_dir: Path) -> bool:
 
 
 def current_table(run_dir: str | Path) -> pd.DataFrame:
-    """The run's metrics table brought up to date (:func:`analyze`: only snapshots not yet
-    in it are measured), or its ``metrics.csv`` as it is when the run kept no snapshots
-    (a published result folder)."""
+    """The run's metrics table brought up to date (:func:`analyze` with the choices the
+    table records, :func:`table_options`: only snapshots not yet in it are measured), or
+    its ``metrics.csv`` as it is when the run kept no snapshots (a published result
+    folder)."""
     run_dir = Path(run_dir).expanduser()
     table_file = run_dir / METRICS_FILE
     if table_file.is_file() and not snapshots.list_snapshots(run_dir):
         return read_table(table_file)
-    return analyze(run_dir)
+    return analyze(run_dir, **table_options(run_dir))
+
+
+def table_options(run_dir: str | Path) -> dict:
+    """The ``global_mean`` and ``classes`` the run's ``metrics.csv`` was measured with
+    (:func:`analyze`'s keywords; its defaults where there is no table yet), so that
+    bringing a table up to date never replaces the user's choice."""
+    table = _read_table(Path(run_dir).expanduser() / METRICS_FILE)
+    if table is None or table.empty:
+        return {}
+    table = _with_options(table)
+    first = table.iloc[0]
+    classes = None if first["classes"] == "all" else [int(c) for c in
+                                                      str(first["classes"]).split(",")]
+    return {"global_mean": str(first["global_mean"]), "classes": classes}
+
+
+def check_classes(classes: list[int], num_classes: int) -> None:
+    """ConfigError unless ``classes`` names at least 2 distinct classes of the run's
+    ``num_classes`` (what :func:`nctools.measure` measures)."""
+    given = ",".join(map(str, classes))
+    if len(set(classes)) != len(classes):
+        raise ConfigError(f"--classes {given}: a class is named twice")
+    outside = [c for c in classes if not 0 <= c < num_classes]
+    if outside:
+        raise ConfigError(f"--classes {given}: the run has classes 0 to {num_classes - 1}; "
+                          f"no class {', '.join(map(str, outside))}")
+    if len(classes) < 2:
+        raise ConfigError(f"--classes {given}: name at least 2 classes (collapse compares "
+                          "classes)")
 
 
 def _skip(message: str, strict: bool, skipping: str) -> None:
@@ -307,11 +339,11 @@ def read_table(path: str | Path) -> pd.DataFrame:
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise RunError(f"{path}: not a metrics table ({type(exc).__name__}: {exc}); "
                        "delete it and run `nctools analyze` again") from None
-    if "layer" not in table.columns:  # written before layer-wise collapse: all penultimate
-        table.insert(table.columns.get_loc("metric"), "layer", PENULTIMATE)
-    missing = set(KEY_COLUMNS) - set(table.columns)
+    missing = set(KEY_COLUMNS) - {"layer"} - set(table.columns)
     if missing:
         raise RunError(f"{path}: not a metrics table (lacks {sorted(missing)}); delete it")
+    if "layer" not in table.columns:  # written before layer-wise collapse: all penultimate
+        table.insert(table.columns.get_loc("metric"), "layer", PENULTIMATE)
     return table
 
 

@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
         "print, per cell, the --over value with the best final COLUMN (seed mean), e.g. "
         "test_acc as the paper"))
     p.add_argument("--over", default="train.lr", metavar="KEY",
-                   help="the key --best chooses (default train.lr)")
+                   help="the config key --best chooses (default train.lr); the table's "
+                        "config columns are config.KEY (config.train.lr)")
 
 
 def run(args: argparse.Namespace) -> int:

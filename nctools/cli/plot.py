@@ -30,7 +30,11 @@ def add_parser(sub) -> None:
                    help="with --by layer: the epochs to draw (default: up to four)")
     p.add_argument("--hue", metavar="KEY", help=(
         "one colour per value of this config key (e.g. train.lr); several runs of a value "
-        "(seeds) are drawn as their mean with a band"))
+        "(seeds) are drawn as their mean with a band; other swept keys get curves of "
+        "their own (never averaged)"))
+    p.add_argument("--epoch-axis", choices=("auto", "log", "linear"), default="auto",
+                   help="the epoch axis: log (the paper's), linear, or auto (default): log "
+                        "when a run is longer than 20 epochs, else linear")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if args.hue or any(is_sweep(r) for r in runs):
         from nctools.analysis.collect import collect
 
-        print(f"wrote {plot_runs(collect(runs), out, hue=args.hue)}")
+        print(f"wrote {plot_runs(collect(runs), out, hue=args.hue, epoch_axis=args.epoch_axis)}")
         return 0
     # Every table is brought up to date first (incremental: only new snapshots are
     # measured), so a run that went on training is drawn whole.
@@ -60,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
             tables[i] = tables[i].assign(run=str(run_dir))
     with warnings.catch_warnings(record=True) as notes:
         warnings.simplefilter("always")
-        written = plot_runs(tables, out, panels=_panels(args))
+        written = plot_runs(tables, out, panels=_panels(args), epoch_axis=args.epoch_axis)
     for note in notes:
         print(f"nctools: note: {note.message}", file=sys.stderr)
     print(f"wrote {written}")

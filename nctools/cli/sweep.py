@@ -26,7 +26,8 @@ def add_parser(sub) -> None:
     add_overrides(p, "override a config key for every point (repeatable)")
     p.add_argument("--out", required=True, metavar="SWEEP", help="sweep folder")
     p.add_argument("--executor", choices=("local", "slurm", "debug"), default="local",
-                   help="slurm: one job array; local: jobs on this machine (default)")
+                   help="slurm: one job array; local: one process per job on this machine "
+                        "(default); debug: the jobs one after the other in this process")
     p.add_argument("--parallel", type=int, default=1, metavar="K",
                    help="local: runs at once (default 1); slurm: array tasks at once")
     p.add_argument("--partition", help="slurm partition")
@@ -40,12 +41,23 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Exit status 0, or 1 when runs failed (each named on one line, the others done)."""
+    import sys
+
     from nctools.runs.layout import SUBMITIT_DIR, SWEEP_RUNS_DIR
-    from nctools.training.launch import parse_grid, plan_sweep, submit
+    from nctools.training.launch import SweepError, parse_grid, plan_sweep, submit
 
     sweep = plan_sweep(args.config, parse_grid(args.grid), args.out, args.seeds,
                        args.overrides)
-    jobs = submit(sweep, args.executor, _slurm_parameters(args), parallel=args.parallel)
+    try:
+        jobs = submit(sweep, args.executor, _slurm_parameters(args), parallel=args.parallel)
+    except SweepError as exc:
+        for name, why in exc.failures.items():
+            print(f"nctools: error: run {name} failed: {why}", file=sys.stderr)
+        print(f"nctools: {len(sweep.points) - len(exc.failures)} of {len(sweep.points)} runs "
+              f"complete in {sweep.root / SWEEP_RUNS_DIR}; logs in {sweep.root / SUBMITIT_DIR}",
+              file=sys.stderr)
+        return 1
     done = len(sweep.points) - len(jobs)
     if args.executor == "slurm" and jobs:
         print(f"submitted {len(jobs)} runs as Slurm job array {jobs[0].job_id.split('_')[0]} "

@@ -86,6 +86,10 @@ class TrainConfig:
     # this (Papyan et al. 2020: 99.9%, 99.6% on ImageNet)
     tpt_accuracy: float = 0.999
     loggers: list[str] = field(default_factory=list)  # any of tensorboard, mlflow, wandb
+    # W&B's project and entity (team); None: $WANDB_PROJECT / $WANDB_ENTITY, else "nctools"
+    # and the account's default
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
     drop_last: bool = False  # skip each epoch's last, incomplete batch (the authors' notebook)
 
 

@@ -30,7 +30,9 @@ from nctools.runs.layout import CHECKPOINT_FILE, CONFIG_FILE, SNAPSHOTS_DIR
 log = logging.getLogger("nctools.training.loop")
 
 # where a run continues, and how often it looks at the test split, do not change what it is
-RESUME_MAY_CHANGE = ("train.device", "train.eval_every")
+# where a run computes and where it reports, never what it computes
+RESUME_MAY_CHANGE = ("train.device", "train.eval_every", "train.wandb_project",
+                     "train.wandb_entity")
 
 
 def check_run_folder(run_dir: Path, flag: str = "--out") -> None:

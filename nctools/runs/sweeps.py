@@ -12,6 +12,7 @@ Usage::
 
     record_sweep(root, {"config": ..., "points": [{"name": "000-lr=0.1", ...}]})
     sweep_runs(root)        # the run directories that exist, in point order
+    sweep_points(root)      # every point's run directory, existing or not
 """
 
 from __future__ import annotations
@@ -71,6 +72,12 @@ def record_sweep(root: Path, record: dict) -> None:
 
 def sweep_runs(path: str | Path) -> list[Path]:
     """The run directories of the sweep in ``path`` that exist, in point order."""
+    return [r for r in sweep_points(path) if (r / CONFIG_FILE).is_file()]
+
+
+def sweep_points(path: str | Path) -> list[Path]:
+    """The run directories of every point of the sweep in ``path``, existing or not, in
+    point order."""
     root = Path(path)
     try:
         record = json.loads((root / SWEEP_FILE).read_text())
@@ -79,6 +86,5 @@ def sweep_runs(path: str | Path) -> list[Path]:
                        f"`nctools sweep CONFIG --grid KEY=SPEC --out {root}`)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RunError(f"{root / SWEEP_FILE}: not a sweep record ({exc})") from None
-    runs = [point_dir(root, p["name"]) for p in record["points"]]
-    return [r for r in runs if (r / CONFIG_FILE).is_file()]
+    return [point_dir(root, p["name"]) for p in record["points"]]
 

@@ -23,11 +23,16 @@ sweep again submits only the points not completed yet, each resuming where it st
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 import math
 import re
+import shutil
+import signal
+import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,14 +42,16 @@ from typing import Any
 import yaml
 
 from nctools.config.schema import Config, config_to_dict, load_config
-from nctools.errors import ConfigError
-from nctools.runs.layout import SUBMITIT_DIR
+from nctools.config.typed_yaml import AliasBudgetError, StrictLoader
+from nctools.errors import ConfigError, NctoolsError, RunError
+from nctools.runs.layout import SUBMITIT_DIR, SWEEP_FILE
 from nctools.runs.manifest import is_complete
 from nctools.runs.sweeps import check_sweep_folder, point_dir, record_sweep
 
 log = logging.getLogger(__name__)
 
 EXECUTORS = ("local", "slurm", "debug")
+SLURM_COMMANDS = ("sbatch", "srun")  # what submitit calls to submit and run a job array
 # A bound against a slip of the keyboard (--seeds 1000000): planning validates every
 # point's config, about 40 s for a million; the paper's largest grid is 25 learning rates.
 MAX_RUNS = 10_000
@@ -72,8 +79,11 @@ def parse_grid(specs: Sequence[str]) -> dict[str, list[Any]]:
         if match:
             grid[key] = _spaced(spec, *match.groups())
         else:
-            try:
-                grid[key] = [yaml.safe_load(item) for item in raw.split(",")]
+            try:  # StrictLoader: the alias budget and duplicate keys of config files
+                grid[key] = [yaml.load(item, Loader=StrictLoader) for item in raw.split(",")]
+            except AliasBudgetError as exc:
+                raise ConfigError(f"--grid {spec!r}: {exc}; refused (nested aliases can take "
+                                  "gigabytes of memory)") from None
             except yaml.YAMLError as exc:
                 raise ConfigError(f"--grid {spec!r}: cannot parse a value ({exc})") from None
             if len(set(map(repr, grid[key]))) != len(grid[key]):
@@ -221,11 +231,13 @@ def make_executor(folder: Path, executor: str, slurm: dict[str, Any] | None = No
     """A submitit executor: ``slurm`` (job arrays; ``slurm`` holds its parameters, e.g.
     ``partition``, ``timeout_min``, ``gpus_per_node``, ``cpus_per_task``, ``mem_gb``,
     ``array_parallelism``), ``local`` (one process per job on this machine, the same code
-    path, requeue included) or ``debug`` (in this process, for tests and debuggers)."""
+    path, requeue included) or ``debug`` (in this process, one job after the other: for
+    tests and debuggers)."""
     import submitit
 
     params = dict(slurm or {})
     if executor == "slurm":
+        check_slurm()
         ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
         parallel = params.pop("array_parallelism", None)
         mapped = {f"slurm_{k}" if k in ("partition", "array_parallelism", "additional_parameters")
@@ -243,18 +255,43 @@ def make_executor(folder: Path, executor: str, slurm: dict[str, Any] | None = No
     raise ConfigError(f"--executor: {executor!r} is not one of {', '.join(EXECUTORS)}")
 
 
+def check_slurm() -> None:
+    """RunError naming the missing Slurm commands where this machine cannot submit jobs."""
+    missing = [cmd for cmd in SLURM_COMMANDS if shutil.which(cmd) is None]
+    if missing:
+        raise RunError(f"--executor slurm: no Slurm on this machine ({' and '.join(missing)} "
+                       "not found); run the sweep here with --executor local")
+
+
+class SweepError(RunError):
+    """Runs of a sweep that failed while the others finished: ``failures`` maps each
+    failed run's folder name to its cause (one line)."""
+
+    def __init__(self, failures: dict[str, str]) -> None:
+        self.failures = failures
+        super().__init__("; ".join(f"run {name} failed: {why}"
+                                   for name, why in failures.items()))
+
+
 def submit(sweep: Sweep, executor: str = "local", slurm: dict[str, Any] | None = None,
            parallel: int = 1) -> list:
     """Submit the points of ``sweep`` not completed yet; returns their submitit jobs.
 
     ``slurm`` submits one job array; ``local`` and ``debug`` run the jobs on this machine,
-    ``parallel`` at a time, and return once all have finished (Ctrl-C cancels the running
-    ones, which stop after their current step with a resumable checkpoint).
+    ``parallel`` at a time (``debug``: one after the other, in this process), and return
+    once all have finished. A run that fails does not stop the others: once they are done,
+    :class:`SweepError` names each failed run and its cause. Ctrl-C stops the running
+    jobs after their current step, each with a resumable checkpoint.
     """
     if parallel < 1:
         raise ConfigError(f"--parallel: must be >= 1, got {parallel}")
     if executor not in EXECUTORS:
         raise ConfigError(f"--executor: {executor!r} is not one of {', '.join(EXECUTORS)}")
+    import submitit  # noqa: F401  (a missing extra is named before anything is written)
+
+    if executor == "slurm":
+        check_slurm()  # before the sweep is recorded: no sweep.json for a sweep never sent
+    recorded = (sweep.root / SWEEP_FILE).is_file()
     record_sweep(sweep.root, sweep.record)  # the arguments are sound: the sweep exists now
     todo = [p for p in sweep.points
             if not is_complete(sweep.run_dir(p), p.config.train.epochs)]
@@ -264,30 +301,100 @@ def submit(sweep: Sweep, executor: str = "local", slurm: dict[str, Any] | None =
     configs = [p.config for p in todo]
     dirs = [str(sweep.run_dir(p)) for p in todo]
     if executor == "slurm":
-        return ex.map_array(SweepJob(), configs, dirs)
+        try:
+            return ex.map_array(SweepJob(), configs, dirs)
+        except (subprocess.CalledProcessError, OSError, RuntimeError) as exc:
+            if not recorded:  # nothing was submitted: the sweep does not exist yet
+                (sweep.root / SWEEP_FILE).unlink(missing_ok=True)
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            raise RunError(f"--executor slurm: submitting the job array failed: "
+                           f"{lines[-1].strip() if lines else type(exc).__name__}") from None
+    if executor == "debug":
+        jobs = [ex.submit(SweepJob(), config, run) for config, run in zip(configs, dirs,
+                                                                             strict=True)]
+        # exception() runs a debug job without the debugger its result() opens on failure
+        _raise_failures({Path(run).name: job.exception() for job, run in zip(jobs, dirs,
+                                                                             strict=True)})
+        return jobs
     return _run_here(ex, configs, dirs, parallel)
 
 
 def _run_here(ex, configs: list[Config], dirs: list[str], parallel: int) -> list:
-    """Local and debug executors: at most ``parallel`` jobs at once, progress logged."""
+    """The local executor: at most ``parallel`` jobs at once, progress logged; the failed
+    runs named once all are done (:class:`SweepError`)."""
     pending = list(zip(configs, dirs, strict=True))
     running: list = []
     done: list = []
+    errors: dict[str, BaseException | None] = {}
     try:
         while pending or running:
             while pending and len(running) < parallel:
-                running.append(ex.submit(SweepJob(), *pending.pop(0)))
-            finished = [job for job in running if job.done()]
-            for job in finished:
-                running.remove(job)
+                config, run = pending.pop(0)
+                with _terminal_sigint_ignored():
+                    running.append((ex.submit(SweepJob(), config, run), run))
+            finished = [(job, run) for job, run in running if job.done()]
+            for job, run in finished:
+                running.remove((job, run))
                 done.append(job)
+                errors[Path(run).name] = job.exception()
                 log.info("sweep: %d of %d runs finished", len(done), len(configs))
             if not finished:
                 time.sleep(0.2)
     except KeyboardInterrupt:
-        for job in running:
-            job.cancel()  # SIGINT: the run stops after its step, resumable
+        _stop_jobs([job for job, _ in running])
         raise
-    for job in done:
-        job.result()  # a failed run raises here, naming its error
+    _raise_failures(errors)
     return done
+
+
+@contextlib.contextmanager
+def _terminal_sigint_ignored():
+    """Start a job controller with SIGINT ignored: a Ctrl-C at the terminal reaches every
+    process of its group, and submitit's controller would print a traceback of its own;
+    the job under it installs its own handler and stops after its step."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stop_jobs(jobs: list) -> None:
+    """SIGTERM to each running job's controller, which passes it on to its job (stop
+    after the current step, resumable), then wait for them to end."""
+    processes = [job._process for job in jobs if getattr(job, "_process", None) is not None]
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        process.wait()
+
+
+def _raise_failures(errors: dict[str, BaseException | None]) -> None:
+    failures = {name: job_error(exc) for name, exc in errors.items() if exc is not None}
+    if failures:
+        raise SweepError(failures)
+
+
+def job_error(exc: BaseException) -> str:
+    """The cause of a failed job in one line: an nctools error's message, otherwise the
+    exception's type and message (the last line of the trace submitit records)."""
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    if isinstance(exc, FailedJobError):
+        trace = str(exc).split("-" * 22)
+        lines = [line.strip() for line in (trace[1] if len(trace) > 2 else str(exc))
+                 .splitlines() if line.strip()]
+        kind, _, message = lines[-1].partition(": ") if lines else ("", "", "")
+        if kind.startswith("nctools.errors."):
+            return message
+        return f"{kind.rsplit('.', 1)[-1]}: {message}" if message else kind.rsplit(".", 1)[-1]
+    if isinstance(exc, UncompletedJobError):
+        return ("stopped without a result (interrupted or killed); submit the sweep again "
+                "to resume it")
+    if isinstance(exc, NctoolsError):
+        return " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"

@@ -1,4 +1,4 @@
-"""Experiment loggers for ``nctools train``: TensorBoard, MLflow and W&B, all offline.
+"""Experiment loggers for ``nctools train``: TensorBoard, MLflow and W&B.
 
 Usage (``train.loggers: [tensorboard, mlflow]`` in the config does this inside the loop)::
 
@@ -8,24 +8,32 @@ Usage (``train.loggers: [tensorboard, mlflow]`` in the config does this inside t
 
 Each history row goes out as scalars at step = epoch (``train_loss``, ``test_acc``, ...);
 with ``snapshot.measure: true`` each snapshot's metrics follow as ``nc/<split>/<metric>``
-(docs/metrics.md keys). Everything is written under ``RUN/logs/``: TensorBoard event files
-in ``RUN/logs/``, an MLflow local SQLite store ``RUN/logs/mlflow.db``, a W&B offline run
-in ``RUN/logs/wandb`` (``wandb sync`` uploads it later). Each library is an optional extra,
-imported only when named. The module sits in ``training`` (not ``integrations``) because
-the training loop, below ``integrations``, calls it.
+(docs/metrics.md keys). TensorBoard event files go to ``RUN/logs/``. MLflow writes to
+``$MLFLOW_TRACKING_URI`` when set, else to a local SQLite store: the sweep's
+``SWEEP/mlflow.db`` for a run of a sweep (its runs compare in one MLflow UI), otherwise
+``RUN/logs/mlflow.db`` (:func:`mlflow_uri`). W&B runs in ``$WANDB_MODE`` (offline unless
+set: ``wandb sync`` uploads the run in ``RUN/logs/wandb`` later), in the project and entity
+of ``train.wandb_project`` / ``train.wandb_entity``, else ``$WANDB_PROJECT`` /
+``$WANDB_ENTITY``, else project ``nctools``; its charts use ``epoch`` as their step.
+Each library is an optional extra, imported only when named. The module sits in
+``training`` (not ``integrations``) because the training loop, below ``integrations``,
+calls it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from nctools.config.schema import LOGGERS
-from nctools.runs.layout import LOGS_DIR, PENULTIMATE
+from nctools.runs.layout import LOGS_DIR, PENULTIMATE, SWEEP_RUNS_DIR
+from nctools.runs.sweeps import is_sweep
 
 Sink = tuple[Callable[[int, dict[str, float]], None], Callable[[], None]]  # (log, close)
 
@@ -80,38 +88,69 @@ def _tensorboard(logs: Path, config: Mapping[str, Any], run_name: str) -> Sink:
     return log, writer.close
 
 
+MLFLOW_EXPERIMENT = "nctools"
+
+
 def _mlflow(logs: Path, config: Mapping[str, Any], run_name: str) -> Sink:
+    from mlflow.entities import Metric, Param
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     logs.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(tracking_uri=mlflow_uri(logs.parent))
-    experiment = client.get_experiment_by_name("nctools")
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-        "nctools", artifact_location=(logs / "mlflow-artifacts").resolve().as_uri()
-    )
-    run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
-    for key, value in _flatten(config).items():
-        client.log_param(run_id, key, value)
+    uri = mlflow_uri(logs.parent)
+    client = MlflowClient(tracking_uri=uri)
+    # a local store keeps its artifacts beside it (MLflow's default: ./mlruns of the cwd)
+    local = uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI")
+    artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "mlflow-artifacts").as_uri() \
+        if local else None
+    experiment = client.get_experiment_by_name(MLFLOW_EXPERIMENT)
+    if experiment is None:
+        with contextlib.suppress(MlflowException):  # another run of the sweep made it
+            client.create_experiment(MLFLOW_EXPERIMENT, artifact_location=artifacts)
+        experiment = client.get_experiment_by_name(MLFLOW_EXPERIMENT)
+    assert experiment is not None  # made above, by this run or another
+    run_id = client.create_run(experiment.experiment_id, run_name=run_name).info.run_id
+    params = [Param(key, str(value)) for key, value in _flatten(config).items()]
+    for start in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
+        client.log_batch(run_id, params=params[start:start + 100])
 
     def log(step: int, scalars: dict[str, float]) -> None:
-        for key, value in scalars.items():
-            client.log_metric(run_id, key, value, step=step)
+        stamp = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(key, value, stamp, step)
+                                          for key, value in scalars.items()])
 
     return log, lambda: client.set_terminated(run_id)
 
 
 def mlflow_uri(run_dir: str | os.PathLike) -> str:
-    """The MLflow tracking URI of a run's local store (SQLite: MLflow's file store is
-    deprecated): ``MlflowClient(tracking_uri=mlflow_uri(RUN))`` reads it back."""
-    return f"sqlite:///{(Path(run_dir) / LOGS_DIR / 'mlflow.db').resolve()}"
+    """The MLflow tracking URI a run logs to: ``$MLFLOW_TRACKING_URI`` when set, else a
+    local SQLite store (MLflow's file store is deprecated), one per sweep for a run of a
+    sweep (``SWEEP/mlflow.db``), else the run's own (``RUN/logs/mlflow.db``).
+    ``MlflowClient(tracking_uri=mlflow_uri(RUN))`` reads it back."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    run_dir = Path(run_dir).resolve()
+    sweep = run_dir.parent.parent
+    if run_dir.parent.name == SWEEP_RUNS_DIR and is_sweep(sweep):
+        return f"sqlite:///{sweep / 'mlflow.db'}"
+    return f"sqlite:///{run_dir / LOGS_DIR / 'mlflow.db'}"
 
 
 def _wandb(logs: Path, config: Mapping[str, Any], run_name: str) -> Sink:
     import wandb
 
     (logs / "wandb").mkdir(parents=True, exist_ok=True)
-    run = wandb.init(mode="offline", dir=str(logs / "wandb"), project="nctools",
-                     name=run_name, config=dict(config), reinit="create_new")  # fmt: skip
+    train = config.get("train", {})
+    run = wandb.init(
+        mode=None if os.environ.get("WANDB_MODE") else "offline",  # None: $WANDB_MODE
+        dir=str(logs / "wandb"), name=run_name, config=dict(config), reinit="create_new",
+        project=train.get("wandb_project") or os.environ.get("WANDB_PROJECT") or "nctools",
+        entity=train.get("wandb_entity") or os.environ.get("WANDB_ENTITY") or None,
+    )
+    # every chart against the epoch: a history row and a snapshot's metrics are two
+    # log calls of one epoch, and W&B's own _step would count them
+    run.define_metric("epoch")
+    run.define_metric("*", step_metric="epoch")
 
     def log(step: int, scalars: dict[str, float]) -> None:
         run.log({**scalars, "epoch": step})

@@ -195,3 +195,47 @@ def test_options_are_recorded_and_change_the_numbers(run):
     assert set(got) == set(want)
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+
+
+@pytest.mark.parametrize(("classes", "why"), [
+    ("7,8", "--classes 7,8: the run has classes 0 to 3; no class 7, 8"),
+    ("0,0", "--classes 0,0: a class is named twice"),
+    ("0", "--classes 0: name at least 2 classes (collapse compares classes)"),
+])
+def test_classes_the_run_lacks_are_refused_before_the_table_is_touched(run, capsys, classes,
+                                                                        why):
+    from nctools.cli import main
+
+    analyze(run)
+    before = (run / "metrics.csv").read_bytes()
+    assert main(["analyze", str(run), "--classes", classes]) == 2
+    assert capsys.readouterr().err == f"nctools: error: analyze {run}: {why}\n"
+    assert (run / "metrics.csv").read_bytes() == before
+
+
+def test_plot_keeps_the_choices_the_table_records(run, capsys):
+    """analyze --global-mean classes --classes 0,2,3, then plot: the table keeps them
+    (bringing it up to date never re-measures with the defaults)."""
+    from nctools.analysis.collect import collect
+    from nctools.cli import main
+
+    assert main(["analyze", str(run), "--global-mean", "classes", "--classes", "0,2,3"]) == 0
+    before = (run / "metrics.csv").read_bytes()
+    assert main(["plot", str(run), "--out", str(run / "f.png")]) == 0
+    assert (run / "metrics.csv").read_bytes() == before
+    assert analysis.table_options(run) == {"global_mean": "classes", "classes": [0, 2, 3]}
+    table = collect([run])
+    assert set(table["global_mean"]) == {"classes"} and set(table["classes"]) == {"0,2,3"}
+    assert (run / "metrics.csv").read_bytes() == before
+
+
+@pytest.mark.parametrize("command", ["analyze", "plot"])
+def test_a_foreign_metrics_csv_is_one_line_naming_it(run, capsys, command):
+    from nctools.cli import main
+
+    (run / "metrics.csv").write_text("a,b\n1,2\n")
+    assert main([command, str(run)]) == 2
+    assert capsys.readouterr().err == (
+        f"nctools: error: {run}/metrics.csv: not a metrics table (lacks ['arch', 'dataset', "
+        "'epoch', 'metric', 'run', 'split', 'value']); delete it\n")
+    assert (run / "metrics.csv").read_text() == "a,b\n1,2\n"

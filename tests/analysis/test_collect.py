@@ -29,31 +29,32 @@ def crafted() -> pd.DataFrame:
             rows.append({"run": run, "dataset": dataset, "arch": "convnet", "epoch": epoch,
                          "split": split, "metric": metric, "value": RNG.uniform(0.1, 1.0),
                          "test_acc": test_acc[i], "tpt_onset_epoch": 2.0 + seed,
-                         "data.dataset": dataset, "train.lr": lr, "seed": seed,
+                         "config.data.dataset": dataset, "config.train.lr": lr, "config.seed": seed,
                          "sweep": "s", "run_dir": f"/s/{run}"})
     return pd.DataFrame(rows)
 
 
 def test_best_is_the_lr_with_the_best_final_seed_mean_per_cell():
     table = crafted()
-    picked = best(table, "test_acc").set_index("data.dataset")
+    picked = best(table, "test_acc").set_index("config.data.dataset")
     final = table[table["epoch"] == EPOCHS[-1]].drop_duplicates("run")
     for dataset in ("mnist", "cifar10"):
-        means = final[final["data.dataset"] == dataset].groupby("train.lr")["test_acc"].mean()
-        assert picked.loc[dataset, "train.lr"] == means.idxmax()
+        mine = final[final["config.data.dataset"] == dataset]
+        means = mine.groupby("config.train.lr")["test_acc"].mean()
+        assert picked.loc[dataset, "config.train.lr"] == means.idxmax()
         assert picked.loc[dataset, "test_acc"] == pytest.approx(means.max(), abs=1e-15)
         assert picked.loc[dataset, "seeds"] == 2 and picked.loc[dataset, "candidates"] == 3
     # a loss is minimised
     table["test_loss"] = 1 - table["test_acc"]
-    assert best(table, "test_loss")["train.lr"].tolist() == best(table, "test_acc")[
-        "train.lr"].tolist()
+    assert best(table, "test_loss")["config.train.lr"].tolist() == best(table, "test_acc")[
+        "config.train.lr"].tolist()
     with pytest.raises(NctoolsError, match="--best nope: no such column"):
         best(table, "nope")
 
 
 def test_seed_band_is_the_mean_and_one_standard_deviation():
     table = crafted()
-    rows = table[(table["data.dataset"] == "mnist") & (table["train.lr"] == 0.1)]
+    rows = table[(table["config.data.dataset"] == "mnist") & (table["config.train.lr"] == 0.1)]
     band = seed_band(rows, "nc1", "train")
     values = np.array([[rows[(rows["run"] == r) & (rows["epoch"] == e) & (rows["split"] == "train")
                              & (rows["metric"] == "nc1")]["value"].iloc[0]
@@ -67,7 +68,7 @@ def test_seed_band_is_the_mean_and_one_standard_deviation():
 
 def test_hue_draws_one_colour_per_value_with_bands():
     table = crafted()
-    table = table[table["data.dataset"] == "mnist"]
+    table = table[table["config.data.dataset"] == "mnist"]
     fig = collapse_figure(table, hue="train.lr")
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert labels[:3] == ["train.lr=0.01", "train.lr=0.1", "train.lr=0.2"]
@@ -75,10 +76,42 @@ def test_hue_draws_one_colour_per_value_with_bands():
     bands = [c for c in nc1_ax.collections if isinstance(c, PolyCollection)]
     assert len(bands) == 3 * 2  # a band per lr and split
     means = [ln for ln in nc1_ax.get_lines() if ln.get_linestyle() == "-"]
-    want = seed_band(table[table["train.lr"] == 0.01], "nc1", "train")["mean"]
+    want = seed_band(table[table["config.train.lr"] == 0.01], "nc1", "train")["mean"]
     np.testing.assert_allclose(means[0].get_ydata(), want, rtol=1e-14)
     onsets = [ln for ln in nc1_ax.get_lines() if ln.get_linestyle() == ":"]
     assert [ln.get_xdata()[0] for ln in onsets] == [2.5, 2.5, 2.5]  # median of 2 and 3
-    assert nc1_ax.get_xscale() == "log"
+    assert nc1_ax.get_xscale() == "linear"  # 5 epochs
     with pytest.raises(NctoolsError, match=r"--hue model\.width: no such column"):
         collapse_figure(table, hue="model.width")
+
+
+def test_hue_never_averages_over_another_swept_key():
+    """train.loss also swept: one curve per (lr, loss), each the mean of its seeds only."""
+    table = crafted()
+    table = table[table["config.data.dataset"] == "mnist"].copy()
+    table["config.train.loss"] = np.where(table["run"].str.endswith("-0"), "ce", "mse")
+    table["run"] = table["run"] + "-" + table["config.train.loss"]
+    twin = table.assign(run=table["run"] + "b",
+                        value=table["value"] * 2.0)  # a second seed of each (lr, loss)
+    table = pd.concat([table, twin], ignore_index=True)
+    fig = collapse_figure(table, hue="train.lr")
+    labels = [t.get_text() for t in fig.legends[0].get_texts()][:6]
+    assert labels == [f"train.lr={lr} · train.loss={loss}"
+                      for lr in ("0.01", "0.1", "0.2") for loss in ("ce", "mse")]
+    means = [ln for ln in fig.axes[1].get_lines() if ln.get_linestyle() == "-"]
+    cell = table[(table["config.train.lr"] == 0.01) & (table["config.train.loss"] == "mse")]
+    want = seed_band(cell, "nc1", "train")["mean"]
+    np.testing.assert_allclose(means[1].get_ydata(), want, rtol=1e-14)
+    assert seed_band(cell, "nc1", "train")["runs"].tolist() == [2, 2, 2]
+
+
+@pytest.mark.parametrize(("last", "axis", "scale"), [
+    (5, "auto", "linear"), (20, "auto", "linear"), (21, "auto", "log"), (5, "log", "log"),
+    (300, "linear", "linear")])
+def test_the_epoch_axis_is_log_only_for_long_runs_unless_chosen(last, axis, scale):
+    table = crafted()
+    table.loc[table["epoch"] == EPOCHS[-1], "epoch"] = last
+    fig = collapse_figure(table, epoch_axis=axis)
+    assert {ax.get_xscale() for ax in fig.axes} == {scale}
+    with pytest.raises(NctoolsError, match="--epoch-axis 'ln': use one of auto, log, linear"):
+        collapse_figure(table, epoch_axis="ln")

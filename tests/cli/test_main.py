@@ -141,5 +141,23 @@ def test_a_missing_optional_library_is_one_line_naming_its_extra(
     argv = [a.format(tmp=tmp_path, run=tiny_run) for a in argv]
     assert main(argv) == 2
     assert capsys.readouterr().err.splitlines()[-1:] == [
-        f'nctools: {module} is not installed: pip install "neural-collapse[{extra}]"']
+        f'nctools: {module} is not installed: pip install "nctools-collapse[{extra}]"']
 
+
+
+def test_a_run_stopped_by_a_missing_logger_restarts_without_it(capsys, monkeypatch, tmp_path):
+    """The command's end to end: a missing logger library stops `nctools train` before its
+    first epoch (one line, exit 2); the same folder then takes the config without it."""
+    from nctools.runs import store
+
+    run = tmp_path / "run"
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    assert main(["train", "demo", "--out", str(run), *TINY,
+                 "--set", "train.loggers=[mlflow]"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        'nctools: mlflow is not installed: pip install "nctools-collapse[mlflow]"')
+    assert store.read_manifest(run)["epochs_done"] == 0
+    monkeypatch.undo()
+    assert main(["train", "demo", "--out", str(run), *TINY]) == 0
+    manifest = store.read_manifest(run)
+    assert (manifest["status"], manifest["epochs_done"]) == ("completed", 1)

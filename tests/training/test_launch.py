@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from dataclasses import replace
@@ -99,20 +100,23 @@ def test_three_point_sweep_collected_best_and_plotted(tmp_path, executor):
     assert S.submit(sweep, executor) == []  # nothing left to do
 
     table = collect([sweep.root])
-    assert sorted(table["train.lr"].unique()) == LRS
+    assert sorted(table["config.train.lr"].unique()) == LRS
+    # config keys as config.KEY: never beside a history column of a like name (lr, train_loss)
+    assert [c for c in table.columns if "." in c and not c.startswith("config.")] == []
+    assert {"lr", "train_loss", "config.seed", "config.train.loss"} <= set(table.columns)
     assert table.groupby("run")["epoch"].max().tolist() == [2, 2, 2]
     for run in runs:
         own = pd.read_csv(run / "metrics.csv")
         mine = table[table["run_dir"] == str(run)]
         assert mine["value"].tolist() == own["value"].tolist()
-        assert set(mine["train.lr"]) == {load_config(run / "config.yaml").train.lr}
+        assert set(mine["config.train.lr"]) == {load_config(run / "config.yaml").train.lr}
     # the paper's choice: the lr whose run ends with the best test accuracy
     final = {load_config(r / "config.yaml").train.lr: _history(r)["test_acc"].iloc[-1]
              for r in runs}
     picked = best(table, "test_acc")
     assert len(picked) == 1
     assert picked["test_acc"].iloc[0] == max(final.values())
-    assert final[picked["train.lr"].iloc[0]] == max(final.values())
+    assert final[picked["config.train.lr"].iloc[0]] == max(final.values())
     assert picked["candidates"].iloc[0] == 3
     # parquet round trip
     out = write_table(table, tmp_path / "table.parquet")
@@ -122,7 +126,7 @@ def test_three_point_sweep_collected_best_and_plotted(tmp_path, executor):
     fig = collapse_figure(table, hue="train.lr")
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert labels[:3] == [f"train.lr={lr:.4g}" for lr in LRS]
-    assert fig.axes[1].get_xscale() == "log"
+    assert fig.axes[1].get_xscale() == "linear"  # 2 epochs: a linear axis
 
 
 def test_the_requeued_call_resumes_an_interrupted_point(tmp_path, monkeypatch):
@@ -200,8 +204,8 @@ def test_the_commands_sweep_collect_and_plot(tmp_path, capsys):
     assert main(["collect", str(sweep), "--out", str(table), "--best", "test_acc"]) == 0
     shown = capsys.readouterr().out
     back = pd.read_parquet(table)
-    assert back["run"].nunique() == 2 and set(back["train.lr"]) == {0.01, 0.05}
-    final = back[back["epoch"] == 2].drop_duplicates("run").set_index("train.lr")["test_acc"]
+    assert back["run"].nunique() == 2 and set(back["config.train.lr"]) == {0.01, 0.05}
+    final = back[back["epoch"] == 2].drop_duplicates("run").set_index("config.train.lr")["test_acc"]
     assert f"{final.idxmax()}" in shown.splitlines()[-1]
     assert main(["plot", str(sweep), "--hue", "train.lr", "--out", str(tmp_path / "f.png")]) == 0
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
@@ -250,3 +254,113 @@ def test_bad_parallel_or_out_leave_no_sweep_behind(tmp_path, capsys, monkeypatch
     err = _sweep_error(capsys, config, "--out", "")
     assert err == "nctools: error: --out: empty; give the sweep folder\n"
     assert list(here.iterdir()) == []
+
+
+def test_slurm_without_slurm_is_one_line_and_records_no_sweep(tmp_path, capsys, monkeypatch):
+    config = _config_file(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, no srun
+    err = _sweep_error(capsys, config, "--executor", "slurm", "--out", str(tmp_path / "sw"))
+    assert err == ("nctools: error: --executor slurm: no Slurm on this machine (sbatch and "
+                   "srun not found); run the sweep here with --executor local\n")
+    assert not (tmp_path / "sw").exists()
+
+
+def test_grid_values_go_through_the_alias_budget(tmp_path):
+    from nctools.config.typed_yaml import MAX_ALIASES
+
+    laughs = "- &a 1\n" + "- *a\n" * (MAX_ALIASES + 1)
+    with pytest.raises(ConfigError, match=rf"^--grid 'train.lr=- &a 1.*: more than "
+                                          rf"{MAX_ALIASES} YAML aliases"):
+        S.parse_grid([f"train.lr={laughs}"])
+    with pytest.raises(ConfigError, match="duplicate key"):
+        S.parse_grid(["train.milestones=a: 1\na: 2"])
+
+
+def _diverging_sweep(tmp_path, capsys, executor: str) -> None:
+    """A grid with one diverging cell: exit 1, one line naming the run and its cause, the
+    other run complete."""
+    from nctools.cli import main
+
+    config = _config_file(tmp_path, momentum=0.0)
+    sweep = tmp_path / "sw"
+    assert main(["sweep", str(config), "--grid", "train.lr=0.05,1e12", "--out", str(sweep),
+                 "--executor", executor]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines()
+           if not line.startswith("nctools: sweep: ")]
+    bad = sweep / SWEEP_RUNS_DIR / "001-lr=1e12-seed=3"
+    assert err == [
+        "nctools: error: run 001-lr=1e12-seed=3 failed: training diverged at epoch 1 (train "
+        f"loss nan, test loss nan); the last good checkpoint is {bad}/checkpoint.pt (epoch 0);"
+        " lower train.lr or change the config, and use another --out",
+        f"nctools: 1 of 2 runs complete in {sweep / SWEEP_RUNS_DIR}; logs in "
+        f"{sweep / SUBMITIT_DIR}"]
+    good = sweep / SWEEP_RUNS_DIR / "000-lr=0.05-seed=3"
+    assert store.read_manifest(good)["status"] == "completed"
+    assert store.read_manifest(bad)["status"] == "diverged"
+
+
+def test_a_diverging_cell_is_one_line_in_process(tmp_path, capsys):
+    _diverging_sweep(tmp_path, capsys, "debug")  # no debugger opened on the failure
+
+
+@pytest.mark.slow
+def test_a_diverging_cell_is_one_line_from_its_job(tmp_path, capsys):
+    _diverging_sweep(tmp_path, capsys, "local")  # not submitit's nested trace
+
+
+def test_ctrl_c_during_a_local_sweep_is_one_line_and_resumes(tmp_path):
+    """Ctrl-C reaches every process of the terminal's group: one line, not a traceback
+    from each job controller, and submitting the sweep again finishes it bit for bit."""
+    import subprocess
+    import sys
+
+    config = _config_file(tmp_path, epochs=30)
+    argv = [sys.executable, "-m", "nctools", "sweep", str(config), "--grid",
+            "train.lr=0.02,0.05", "--out", str(tmp_path / "sw"), "--parallel", "2"]
+    job = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                           cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    manifests = [tmp_path / "sw" / SWEEP_RUNS_DIR / f"00{i}-lr={lr}-seed=3" / "run.json"
+                 for i, lr in enumerate(("0.02", "0.05"))]
+    while time.monotonic() < deadline and not all(
+            m.is_file() and json.loads(m.read_text()).get("epochs_done", 0) >= 2
+            for m in manifests):
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGINT)  # what Ctrl-C sends: every process of the group
+    err = job.communicate(timeout=120)[1]
+    assert job.returncode == 130
+    assert [line for line in err.splitlines() if not line.startswith("nctools: sweep: ")] \
+        == ["nctools: interrupted"], err
+    assert {json.loads(m.read_text())["status"] for m in manifests} == {"interrupted"}
+    again = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    for manifest in manifests:
+        run = manifest.parent
+        direct = train(load_config(run / "config.yaml"), tmp_path / f"direct-{run.name}")
+        assert _history(run).equals(_history(direct))
+
+
+def test_collect_names_missing_and_unfinished_runs_and_each_run_once(tmp_path, capsys):
+    from nctools.cli import main
+
+    config = _config_file(tmp_path)
+    sweep = S.plan_sweep(config, {"train.lr": LRS}, tmp_path / "sw")
+    S.submit(sweep, "debug")
+    runs = [sweep.run_dir(p) for p in sweep.points]
+    shutil.rmtree(runs[2])
+    manifest = store.read_manifest(runs[1])
+    store.write_manifest(runs[1], {**manifest, "status": "interrupted", "epochs_done": 1})
+    capsys.readouterr()
+    table = tmp_path / "t.csv"
+    assert main(["collect", str(sweep.root), str(sweep.root), "--best", "test_acc",
+                 "--out", str(table)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"nctools: warning: {sweep.root}: 1 of 3 runs have no run folder (not started, or "
+        f"removed): {runs[2].name}; left out",
+        f"nctools: warning: {sweep.root}: given twice (collected once)",
+        f"nctools: warning: 1 runs did not complete and are compared at their last analysed "
+        f"epoch: sw/{runs[1].name} (interrupted, epoch 2)"]
+    back = pd.read_csv(table)
+    assert back["run"].nunique() == 2
+    assert len(back) == sum(len(pd.read_csv(r / "metrics.csv")) for r in runs[:2])

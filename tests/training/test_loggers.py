@@ -106,15 +106,16 @@ def wandb_records(run_file):
 def test_wandb_offline_run_holds_history_and_snapshot_metrics(tmp_path, monkeypatch):
     import json
 
-    for key in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ENTITY"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("WANDB_MODE", "offline")  # never the network, no login
+    for key in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ENTITY", "WANDB_MODE"):
+        monkeypatch.delenv(key, raising=False)  # offline: nctools' default
+    monkeypatch.setenv("WANDB_PROJECT", "from-env")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DISABLE_CODE", "true")
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
     config = tiny_config(loggers=["wandb"], snapshots=[1, 3])
     config.snapshot.measure = True
+    config.train.wandb_entity = "lab"
     run = train(config, tmp_path / "run")
     history = store.read_history(run)
     table = analyze(run)
@@ -127,6 +128,11 @@ def test_wandb_offline_run_holds_history_and_snapshot_metrics(tmp_path, monkeypa
     (started,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     params = {item.key: json.loads(item.value_json) for item in started.config.update}
     assert params["train"]["epochs"] == 3 and started.display_name == "tiny"
+    assert (started.project, started.entity) == ("from-env", "lab")
+    # every chart against the epoch (not W&B's _step, which counts the log calls)
+    defined = [(r.metric.name or r.metric.glob_name, r.metric.step_metric)
+               for r in records if r.WhichOneof("record_type") == "metric"]
+    assert ("*", "epoch") in defined
 
     # one history row per epoch and one per snapshot with its metrics, step = epoch
     logged = [r for r in rows if "train_loss" in r]
@@ -140,3 +146,46 @@ def test_wandb_offline_run_holds_history_and_snapshot_metrics(tmp_path, monkeypa
         value = row.get(f"nc/{split}/{metric}", float("nan"))  # NaN metrics are not logged
         assert value == pytest.approx(rows_.value.iloc[0], rel=1e-10, abs=1e-12,
                                       nan_ok=True), (epoch, split, metric)
+
+
+def test_mlflow_honours_its_tracking_uri_and_logs_a_row_in_one_call(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient as Client
+
+    calls: list[str] = []
+    for name in ("log_metric", "log_batch"):
+        real = getattr(Client, name)
+
+        def spy(self, *args, _real=real, _name=name, **kwargs):
+            if _name == "log_metric" or kwargs.get("metrics"):
+                calls.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(Client, name, spy)
+    store_uri = f"sqlite:///{tmp_path / 'shared.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri)
+    assert mlflow_uri(tmp_path / "anywhere") == store_uri
+    for name in ("a", "b"):
+        config = tiny_config(loggers=["mlflow"], epochs=2)
+        config.name = name
+        train(config, tmp_path / name)
+    assert calls == ["log_batch"] * 4  # one call a row: 2 runs x 2 epochs
+    assert not (tmp_path / "a" / LOGS_DIR / "mlflow.db").exists()
+    client = MlflowClient(tracking_uri=store_uri)
+    runs = client.search_runs([client.get_experiment_by_name("nctools").experiment_id])
+    assert len(runs) == 2
+    for found in runs:
+        history = client.get_metric_history(found.info.run_id, "train_loss")
+        want = store.read_history(tmp_path / found.info.run_name)["train_loss"]
+        assert [(m.step, m.value) for m in history] == list(zip([1, 2], want, strict=True))
+
+
+def test_the_runs_of_a_sweep_share_one_mlflow_store(tmp_path, monkeypatch):
+    from nctools.runs.layout import SWEEP_RUNS_DIR
+    from nctools.runs.sweeps import record_sweep
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    record_sweep(tmp_path / "sw", {"points": []})
+    point = tmp_path / "sw" / SWEEP_RUNS_DIR / "000-lr=0.1"
+    assert mlflow_uri(point) == f"sqlite:///{(tmp_path / 'sw' / 'mlflow.db').resolve()}"
+    alone = tmp_path / "run"
+    assert mlflow_uri(alone) == f"sqlite:///{(alone / LOGS_DIR / 'mlflow.db').resolve()}"
