@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nctools.errors import ConfigError, DataError
+from nctools.errors import ConfigError, DataError, install_hint
 
 IGNORE_INDEX = -100  # the label the losses skip (as in nctools.models.tokens)
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -115,7 +115,7 @@ def dataset_documents(path: str | Path, split: str | None = None,
         import datasets
     except ImportError:
         raise DataError("datasets:PATH needs the datasets library: "
-                        "pip install 'neural-collapse[hf]'") from None
+                        f"pip install '{install_hint('hf')}'") from None
     source = Path(path).expanduser()
     if source.is_dir():
         data = datasets.load_from_disk(str(source))

@@ -1,2 +1,2 @@
 """Optional integrations with other libraries, each an extra
-(``pip install neural-collapse[lightning]``)."""
+(``pip install nctools-collapse[lightning]``)."""
