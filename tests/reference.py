@@ -1,4 +1,4 @@
-"""An independent float64 NumPy reference of METRICS.md, written plainly from the formulas.
+"""An independent float64 NumPy reference of docs/metrics.md, written plainly from the formulas.
 
 Deliberately naive (explicit per-class loops, full D x D matrices, scipy's pinvh) so that
 it shares no code or shortcut with nctools.

@@ -72,7 +72,7 @@ PANELS: tuple[Panel, ...] = (
     Panel("NC2: distance to simplex ETF, class means", "‖G/‖G‖ − ETF‖", "etf_means"),
     Panel("NC2: distance to simplex ETF, classifiers", "‖G/‖G‖ − ETF‖", "etf_weights", _W),
 )
-# METRICS.md "Beyond the paper": many classes and imbalance (`--panels generalised`).
+# docs/metrics.md "Beyond the paper": many classes and imbalance (`--panels generalised`).
 GENERALISED_PANELS: tuple[Panel, ...] = (
     Panel("GNC2: variance of log inverse distances, class means", "var log 1/‖u_c − u_c′‖",
           "gnc2_means"),

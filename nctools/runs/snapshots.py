@@ -1,6 +1,6 @@
 """Snapshots in the run directory: features, labels and classifier at one epoch.
 
-Layout (DESIGN.md "Run directory")::
+Layout (docs/design.md, "The run folder")::
 
     RUN/snapshots/epoch-NNNN/{train,test}.safetensors  classifier.safetensors  meta.json
 

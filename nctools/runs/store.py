@@ -2,7 +2,7 @@
 checkpoint and saved config. Atomic writes and checksums are :mod:`nctools.runs.files`;
 snapshots (features, labels and classifier per epoch) are :mod:`nctools.runs.snapshots`.
 
-Layout (DESIGN.md "Run directory")::
+Layout (docs/design.md, "The run folder")::
 
     RUN/config.yaml  run.json  history.csv  checkpoint.pt  metrics.csv
     RUN/snapshots/epoch-NNNN/{train,test}.safetensors  classifier.safetensors  meta.json

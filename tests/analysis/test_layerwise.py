@@ -71,7 +71,7 @@ def test_analyze_writes_every_layer(layered_run):
     rows = table[(table["epoch"] == 3) & (table["split"] == "train") & (table["layer"] == "body.7")]
     for key, value in rows.set_index("metric")["value"].items():
         assert value == pytest.approx(expected[key], rel=1e-9, abs=1e-12), key
-    # test split: NCC centres are the training class means (METRICS.md, "On other data")
+    # test split: NCC centres are the training class means (docs/metrics.md, "On other data")
     test_feats, test_labels = snapshots.load_split(layered_run, 3, "test", layer="body.7")
     means = torch.stack([feats[labels == c].double().mean(0) for c in range(3)])
     nearest = torch.cdist(test_feats.double(), means).argmin(1)

@@ -23,7 +23,7 @@ def batches(num_classes=4, per_class=6, batch=5, size=32, seed=0):
 
 
 def own_features(model, data, layer, use_input=False, pool="avg"):
-    """The test's own hook: (N, D) of ``layer``'s output (or input), pooled as METRICS.md."""
+    """The test's own hook: (N, D) of ``layer``'s output (or input), pooled as docs/metrics.md."""
     module = dict(model.named_modules())[layer]
     got = []
 

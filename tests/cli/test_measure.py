@@ -76,7 +76,7 @@ def test_measure_torchvision_state_dict(capsys, small_synthetic, torchvision_res
     got = run_json(capsys, *args)
     assert_same(got, measure(train_h, data.train.labels, net.fc.weight.detach(),
                              net.fc.bias.detach()))
-    # Test split: NC4 and ncc_accuracy against the training class means (METRICS.md).
+    # Test split: NC4 and ncc_accuracy against the training class means (docs/metrics.md).
     test_h = hooked(net, data.test.images)
     means = class_means(train_h, data.train.labels, 10)
     got = run_json(capsys, *args, "--split", "test", "--layer", "classifier")

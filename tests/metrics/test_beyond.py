@@ -1,6 +1,6 @@
-"""METRICS.md "Beyond the paper": every new key against an independent NumPy reference.
+"""docs/metrics.md "Beyond the paper": every new key against an independent NumPy reference.
 
-The reference below is written plainly from METRICS.md (explicit loops over pairs, full
+The reference below is written plainly from docs/metrics.md (explicit loops over pairs, full
 matrices, scipy's pinvh and least squares), sharing no code with nctools.
 """
 
@@ -155,7 +155,7 @@ def test_every_new_key_matches_reference(case, global_mean):
     # the three parts add up to the regularised loss L(W, b) on the same features
     total = got["mse_nc1"] + got["mse_nc23"] + got["mse_perp"]
     assert math.isclose(total, want["loss"], rel_tol=1e-10)
-    # the paper's keys still follow METRICS.md with the chosen global mean
+    # the paper's keys still follow docs/metrics.md with the chosen global mean
     if global_mean == "samples":
         assert_keys_close(got, reference_metrics(H, y, W, b), METRIC_KEYS)
 

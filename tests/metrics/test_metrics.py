@@ -1,4 +1,4 @@
-"""measure and the functional metrics against an independent NumPy reference (METRICS.md)."""
+"""measure and the functional metrics against an independent NumPy reference (docs/metrics.md)."""
 
 import math
 
@@ -16,7 +16,7 @@ from nctools.metrics.measure import METRIC_KEYS, class_means, measure_chunks
 from tests.helpers import clusters
 from tests.reference import reference_metrics
 
-# METRICS.md, in order: the contract for the returned keys.
+# docs/metrics.md, in order: the contract for the returned keys.
 CONTRACT_KEYS = (
     "nc1", "nc1_ratio", "cdnv", "equinorm_means", "equinorm_weights", "equiangular_means",
     "equiangular_weights", "maxangle_means", "maxangle_weights", "etf_means", "etf_weights",

@@ -1,6 +1,6 @@
 """The training loop end to end on tiny synthetic data (seconds on a CPU).
 
-Checks the run directory against DESIGN.md, the snapshots against a fresh pass of the
+Checks the run directory against docs/design.md, the snapshots against a fresh pass of the
 checkpointed model, resume against an uninterrupted run (bit for bit), and the faults:
 another config in the run directory, a diverging loss, Ctrl-C.
 """
