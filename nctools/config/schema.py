@@ -345,13 +345,20 @@ def validate(cfg: Config) -> None:
     """
     # a Config built in code has not been through the loader's type checks
     cfg = typed_yaml.build(Config, config_to_dict(cfg))
-    data, model, train, snap = cfg.data, cfg.model, cfg.train, cfg.snapshot
     _check(bool(cfg.name.strip()), "name", "a non-empty string", cfg.name)
     # the name is the default run folder (runs/NAME): a path in it would write elsewhere
     _check(_SAFE_NAME.fullmatch(cfg.name) is not None and cfg.name not in (".", ".."), "name",
            "a plain folder name (letters, digits, . _ - +, no / or \\)", cfg.name)
     # torch and NumPy generators take seeds of 64 bits; the epoch generator adds to it
     _check(0 <= cfg.seed <= MAX_SEED, "seed", f"in [0, {MAX_SEED}]", cfg.seed)
+    _validate_data(cfg.data)
+    _validate_model(cfg.model)
+    _validate_train(cfg.train)
+    _validate_snapshot(cfg.snapshot)
+    snapshot_epochs(cfg.snapshot.epochs, cfg.train.epochs)
+
+
+def _validate_data(data: DataConfig) -> None:
     spc = data.samples_per_class
     _check(spc is None or (min(spc, default=0) if isinstance(spc, list) else spc) >= 1,
            "data.samples_per_class", ">= 1, a non-empty list of counts >= 1, or null", spc)
@@ -365,6 +372,9 @@ def validate(cfg: Config) -> None:
     for name in ("train_per_class", "test_per_class", "channels", "image_size"):
         value = getattr(data, name)
         _check(value >= 1, f"data.{name}", ">= 1", value)
+
+
+def _validate_model(model: ModelConfig) -> None:
     for name in ("width", "depth", "growth_rate"):
         value = getattr(model, name)
         _check(value >= 1, f"model.{name}", ">= 1", value)
@@ -372,6 +382,9 @@ def validate(cfg: Config) -> None:
     scale = model.classifier_init_scale
     _check(scale is None or (math.isfinite(scale) and scale >= 0), "model.classifier_init_scale",
            ">= 0 or null", scale)
+
+
+def _validate_train(train: TrainConfig) -> None:
     _check(train.epochs >= 1, "train.epochs", ">= 1", train.epochs)
     _check(train.epochs <= MAX_EPOCHS, "train.epochs", f"<= {MAX_EPOCHS}", train.epochs)
     _check(train.batch_size >= 1, "train.batch_size", ">= 1", train.batch_size)
@@ -382,18 +395,7 @@ def validate(cfg: Config) -> None:
     _check(math.isfinite(wd) and wd >= 0, "train.weight_decay", ">= 0", wd)
     schedule = train.schedule
     _check(schedule in SCHEDULES, "train.schedule", f"one of {', '.join(SCHEDULES)}", schedule)
-    ms = train.milestones
-    values = [milestone_value(m) for m in ms]
-    fractions = all(v is not None and 0 < v < 1 for v in values)
-    # "p/q" is a fraction of the run: "3/3" is not an epoch
-    epochs = all(v is not None and not isinstance(m, str) and v >= 1 and v.denominator == 1
-                 and v < train.epochs for m, v in zip(ms, values, strict=True))
-    _check(fractions or epochs, "train.milestones",
-           "fractions of the run in (0, 1) (1/3 or 0.5), or whole epochs in "
-           "[1, train.epochs)", ms)
-    known = [v for v in values if v is not None]  # all of them, checked above
-    _check(all(a < b for a, b in itertools.pairwise(known)), "train.milestones", "increasing",
-           ms)
+    _validate_milestones(train.milestones, train.epochs)
     _check(math.isfinite(train.gamma) and train.gamma > 0, "train.gamma", "> 0", train.gamma)
     _check(0 < train.tpt_accuracy <= 1, "train.tpt_accuracy", "in (0, 1]", train.tpt_accuracy)
     _check(train.eval_every >= 0, "train.eval_every", ">= 0", train.eval_every)
@@ -402,6 +404,23 @@ def validate(cfg: Config) -> None:
            f"a list of distinct names from {', '.join(LOGGERS)}", lg)
     _check(bool(DEVICE_PATTERN.match(train.device)), "train.device", "auto, cpu, cuda or cuda:N",
            train.device)
+
+
+def _validate_milestones(ms: list, epochs: int) -> None:
+    values = [milestone_value(m) for m in ms]
+    fractions = all(v is not None and 0 < v < 1 for v in values)
+    # "p/q" is a fraction of the run: "3/3" is not an epoch
+    whole = all(v is not None and not isinstance(m, str) and v >= 1 and v.denominator == 1
+                and v < epochs for m, v in zip(ms, values, strict=True))
+    _check(fractions or whole, "train.milestones",
+           "fractions of the run in (0, 1) (1/3 or 0.5), or whole epochs in "
+           "[1, train.epochs)", ms)
+    known = [v for v in values if v is not None]  # all of them, checked above
+    _check(all(a < b for a, b in itertools.pairwise(known)), "train.milestones", "increasing",
+           ms)
+
+
+def _validate_snapshot(snap: SnapshotConfig) -> None:
     _check(snap.dtype in SNAPSHOT_DTYPES, "snapshot.dtype", f"one of {', '.join(SNAPSHOT_DTYPES)}",
            snap.dtype)
     splits = snap.splits
@@ -411,4 +430,3 @@ def validate(cfg: Config) -> None:
     _check(layers == "blocks" or (isinstance(layers, list) and len(set(layers)) == len(layers)
                                   and all(name.strip() for name in layers)),
            "snapshot.layers", "'blocks' or a list of distinct module names", layers)
-    snapshot_epochs(snap.epochs, train.epochs)
