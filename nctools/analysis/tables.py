@@ -91,18 +91,7 @@ def analyze(
         SnapshotError: with ``strict``, a snapshot that fails verification.
     """
     run_dir = Path(run_dir).expanduser()
-    if not run_dir.is_dir():
-        raise RunError(
-            f"no run directory at {run_dir} (make one with `nctools train CONFIG --out {run_dir}`)"
-        )
-    epochs = snapshots.list_snapshots(run_dir)
-    if not epochs:
-        raise RunError(
-            f"{run_dir} has no snapshots to analyze; make some with "
-            f"`nctools train CONFIG --out {run_dir} --set snapshot.epochs=all`"
-        )
-    for stray in snapshots.stray_snapshot_folders(run_dir):
-        _skip(f"{stray}: not the name of a snapshot folder (epoch-NNNN)", strict, "ignored ")
+    epochs = _snapshot_epochs(run_dir, strict)
     config = load_config(run_dir / CONFIG_FILE)
     ident = {"run": run_dir.resolve().name, "dataset": config.data.dataset,
              "arch": config.model.arch}
@@ -114,15 +103,7 @@ def analyze(
                "classes": ",".join(map(str, classes)) if classes is not None else "all"}
     mse = config.train.weight_decay / 2 if config.train.loss == "mse" else None
     started = time.time_ns()
-    old = _read_table(run_dir / METRICS_FILE)
-    if old is not None:  # a resumed run rewrites the snapshots past its checkpoint
-        stale = _rewritten_since(run_dir, epochs, (run_dir / METRICS_FILE).stat().st_mtime_ns)
-        old = _with_options(old)
-        same = (old["global_mean"] == options["global_mean"]) & (
-            old["classes"] == options["classes"])
-        old = old[~old["epoch"].astype(int).isin(stale) & same]
-        # one run, whatever its folder was called
-        old = old[[*KEY_COLUMNS, *OPTION_COLUMNS]].assign(**ident)
+    old = _reusable_rows(run_dir, epochs, options, ident)
     done = set(old["epoch"].astype(int)) if old is not None else set()
     frames = [] if old is None else [old]
     todo = [epoch for epoch in epochs if epoch not in done]
@@ -152,6 +133,40 @@ def analyze(
         warnings.warn(f"{run_dir} is read-only: {METRICS_FILE} was not updated (the table "
                       "was computed in memory)", stacklevel=2)
     return table
+
+
+def _snapshot_epochs(run_dir: Path, strict: bool) -> list[int]:
+    """The run's snapshot epochs; RunError when there is no run or no snapshot, a warning
+    (an error when ``strict``) for each folder that is not a snapshot's."""
+    if not run_dir.is_dir():
+        raise RunError(
+            f"no run directory at {run_dir} (make one with `nctools train CONFIG --out {run_dir}`)"
+        )
+    epochs = snapshots.list_snapshots(run_dir)
+    if not epochs:
+        raise RunError(
+            f"{run_dir} has no snapshots to analyze; make some with "
+            f"`nctools train CONFIG --out {run_dir} --set snapshot.epochs=all`"
+        )
+    for stray in snapshots.stray_snapshot_folders(run_dir):
+        _skip(f"{stray}: not the name of a snapshot folder (epoch-NNNN)", strict, "ignored ")
+    return epochs
+
+
+def _reusable_rows(run_dir: Path, epochs: list[int], options: dict,
+                   ident: dict) -> pd.DataFrame | None:
+    """The rows of the saved table that still hold: measured with the same ``options``,
+    of snapshots not rewritten since (a resumed run rewrites those past its checkpoint),
+    under the run's current name."""
+    old = _read_table(run_dir / METRICS_FILE)
+    if old is None:
+        return None
+    stale = _rewritten_since(run_dir, epochs, (run_dir / METRICS_FILE).stat().st_mtime_ns)
+    old = _with_options(old)
+    same = (old["global_mean"] == options["global_mean"]) & (
+        old["classes"] == options["classes"])
+    old = old[~old["epoch"].astype(int).isin(stale) & same]
+    return old[[*KEY_COLUMNS, *OPTION_COLUMNS]].assign(**ident)
 
 
 SAVE_EVERY_SECONDS = 10.0  # an interrupted or killed analysis loses at most this much work
