@@ -108,6 +108,21 @@ def token_samples(
     return hidden[keep], target[keep]
 
 
+def flatten_tokens(features: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX
+                   ) -> tuple[Tensor, Tensor]:
+    """Token positions as samples: features (B, T, D) and labels (B, T) -> (N, D), (N,).
+
+    Each position's label is its own (already shifted for a causal LM, e.g. by
+    :func:`token_samples`); positions labelled ``ignore_index`` are not samples. Row-major
+    (b, t) order.
+    """
+    if features.ndim != 3 or labels.shape != features.shape[:2]:
+        raise ValueError(f"labels has shape {tuple(labels.shape)} but features has shape "
+                         f"{tuple(features.shape)}: expected (B, T) labels for (B, T, D)")
+    keep = labels != ignore_index
+    return features[keep], labels[keep]
+
+
 class LMHeadInput(InputOf):
     """A forward pre-hook that keeps the LM head's input, (B, T, D), of the last forward.
 
