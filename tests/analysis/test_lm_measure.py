@@ -9,7 +9,13 @@ import math
 
 import pytest
 import torch
-from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
 
 import nctools
 from nctools.analysis.lm_measure import measure_language_model
@@ -126,12 +132,11 @@ def test_the_model_s_own_argmax_over_the_vocabulary_is_the_classifier(gpt2) -> N
 
 
 def test_an_iterator_or_a_classifier_is_refused(gpt2) -> None:
-    with pytest.raises(ValueError, match="^batches: an iterator can be read only once"):
+    with pytest.raises(ValueError, match=r"^batches: an iterator can be read only once"):
         measure_language_model(gpt2, iter(_batches(masked=False)))
     config = BertConfig(vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1,
                         num_attention_heads=1, intermediate_size=8)
-    from transformers import BertForSequenceClassification
-    with pytest.raises(ValueError, match="^model: BertForSequenceClassification is not a"):
+    with pytest.raises(ValueError, match=r"^model: BertForSequenceClassification is not a"):
         measure_language_model(BertForSequenceClassification(config), _batches(False))
 
 
