@@ -37,7 +37,11 @@ def lm_task(model: nn.Module) -> Task | None:
     ``*ForCausalLM`` and ``*LMHeadModel`` (GPT-2's name) -> ``"causal"`` (next token);
     ``*ForMaskedLM`` -> ``"masked"``; anything else -> None (a classifier of its inputs).
     """
-    name = type(model).__name__
+    return task_of_class(type(model).__name__)
+
+
+def task_of_class(name: str) -> Task | None:
+    """The task of a model class name (as a Hugging Face config's ``architectures``)."""
     if name.endswith(("ForCausalLM", "LMHeadModel")):
         return "causal"
     if name.endswith("ForMaskedLM"):
