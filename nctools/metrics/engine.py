@@ -513,21 +513,18 @@ def undefined_to_nan(result: dict[str, float], means_coincide: bool,
                      no_simplex: bool = False) -> None:
     """Non-finite values become NaN, each with a warning saying why (never a crash);
     ``no_simplex``: C > D + 1, the ``ETF_KEYS`` are NaN for that reason."""
-    if no_simplex:
-        hit = [k for k in ETF_KEYS if k in result]
-        for key in hit:
-            result[key] = math.nan
-        warnings.warn(
-            "C > D + 1: no simplex ETF of C vectors exists in D dimensions, so "
-            f"{', '.join(hit)} are NaN; read gnc2_*, unc3 and cdnv instead "
-            "(Wu & Papyan 2024)", RuntimeWarning, stacklevel=5)
-    if means_coincide:
-        hit = [k for k in _MEANS_KEYS if k in result]
-        for key in hit:
-            result[key] = math.nan
-        warnings.warn(
-            "all class means coincide: NC1, NC2 and NC3 of the means undefined "
-            f"(NaN: {', '.join(hit)})", RuntimeWarning, stacklevel=5)
+    reasons = (
+        (no_simplex, ETF_KEYS, "C > D + 1: no simplex ETF of C vectors exists in D "
+         "dimensions, so {} are NaN; read gnc2_*, unc3 and cdnv instead (Wu & Papyan 2024)"),
+        (means_coincide, _MEANS_KEYS, "all class means coincide: NC1, NC2 and NC3 of the "
+         "means undefined (NaN: {})"),
+    )
+    for applies, keys, message in reasons:
+        if applies:
+            hit = [k for k in keys if k in result]
+            for key in hit:
+                result[key] = math.nan
+            warnings.warn(message.format(", ".join(hit)), RuntimeWarning, stacklevel=5)
     bad = [k for k, v in result.items()
            if not math.isfinite(v) and not (means_coincide and k in _MEANS_KEYS)
            and not (no_simplex and k in ETF_KEYS)]

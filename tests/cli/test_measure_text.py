@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
 import pytest
@@ -18,16 +17,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from nctools.analysis.lm_measure import measure_language_model
 from nctools.cli import main
 from nctools.data.text import load_tokenizer, text_batches, text_documents
+from tests.data.test_text import corpus
 from tests.helpers import run_ranks
-
-WORDS = ["the", "cat", "dog", "sat", "on", "a", "mat", "and", "ran", "far", "away", "from",
-         "home", "while", "it", "rained"]
-
-
-def corpus(lines: int = 80, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    return "".join(" ".join(rng.choices(WORDS, k=rng.randint(3, 12))) + ".\n"
-                   for _ in range(lines))
 
 
 @pytest.fixture(scope="module")
