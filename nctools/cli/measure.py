@@ -15,6 +15,9 @@ Two ways to name the network, one measurement: both end in
 On the test split the nearest-class-centre rule uses the training class means
 (``reference=``); ``--ood-dataset`` adds nc5 (``ood=``); under torchrun every rank measures
 its contiguous rows and the statistics are summed (``group=``).
+
+``--model hf:PATH`` of a language model (``*ForCausalLM``, ``*ForMaskedLM``) with
+``--dataset text:FILE`` measures its tokens over the vocabulary: :mod:`measure_text`.
 """
 
 from __future__ import annotations
@@ -23,8 +26,11 @@ import argparse
 import json
 import math
 
+from nctools.cli import measure_text
 from nctools.cli.common import add_command, add_overrides
 from nctools.errors import NctoolsError
+
+IMAGE_BATCH = 256  # --batch-size of the classification way
 
 
 def add_parser(sub) -> None:
@@ -38,6 +44,8 @@ def add_parser(sub) -> None:
         "--dataset folder:~/imgs --layers blocks --csv",
         "nctools measure --model timm:resnet18 --weights ft.safetensors --dataset cifar10 "
         "--split test --ood-dataset svhn",
+        "nctools measure --model hf:./gpt2 --dataset text:corpus.txt --seq-len 512 "
+        "--min-count 10 --cdnv-power 2 --global-mean classes",
     )
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--arch", help="an nctools network architecture, e.g. resnet18")
@@ -63,7 +71,8 @@ def add_parser(sub) -> None:
     p.add_argument("--num-classes", type=int, metavar="C",
                    help="classes of the network (default: the data set's)")
     p.add_argument("--data-root", metavar="DIR", help="where torchvision data sets live")
-    p.add_argument("--batch-size", type=int, default=256, metavar="B")
+    p.add_argument("--batch-size", type=int, metavar="B",
+                   help="images a batch (default 256), or sequences for a language model (8)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     add_overrides(p, "a data.*, model.* or seed setting (repeatable), e.g. "
                      "data.samples_per_class=50 or model.width=16; with --model, "
@@ -71,6 +80,7 @@ def add_parser(sub) -> None:
                      "transform (default for timm/torchvision/hf) or nctools' "
                      "standardisation")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar over the batches")
+    measure_text.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,6 +88,14 @@ def run(args: argparse.Namespace) -> int:
     from nctools.training.distributed import dist_from_env
 
     _check_flags(args)
+    task = measure_text.lm_task_of(args)
+    if task is not None:  # a language model: its token samples over the vocabulary
+        result = measure_text.measure(args, task)
+        if dist_from_env().is_main:
+            as_csv = format_layers({"lm_head": result}, "csv")
+            print(as_csv if args.csv else format_metrics(result, as_json=args.json))
+        return 0
+    args.batch_size = args.batch_size or IMAGE_BATCH
     if args.model is not None:
         layers = measure_spec.measure(args)
         if dist_from_env().is_main:  # every rank holds the result; rank 0 prints it
@@ -93,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_flags(args: argparse.Namespace) -> None:
     """The flags of the other way of naming a network, and values argparse lets through."""
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise NctoolsError(f"--batch-size: must be an int >= 1, got {args.batch_size!r}")
     if args.num_classes is not None and args.num_classes < 2:
         raise NctoolsError(f"--num-classes: must be an int >= 2, got {args.num_classes!r}")

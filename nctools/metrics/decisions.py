@@ -56,6 +56,9 @@ class DecisionTally:
         basis: (D, r) orthonormal columns B of the ClassStats the blocks come from, when
             they arrive with x @ B computed (the span must hold the centres s_k - r when
             ``ncc_means`` is None).
+        classifier_ids: (K,) when the classifier has K rows other than the C classes
+            measured: the measured class of each row, -1 for a row of no measured class
+            (its decision is then wrong and disagrees with the NCC rule).
     """
 
     # the classifier in the basis is given up once, after TRIAL_ROWS rows, more than
@@ -72,6 +75,7 @@ class DecisionTally:
         reference: Tensor,
         ncc_means: Tensor | None = None,
         basis: Tensor | None = None,
+        classifier_ids: Tensor | None = None,
     ) -> None:
         centres = (shift if ncc_means is None else ncc_means) - reference
         self.in_basis = basis is not None and ncc_means is None
@@ -85,7 +89,10 @@ class DecisionTally:
         self.classifier_in_basis: SureArgmax | None = None
         self.off_span = 0.0
         self.tried, self.deferred = 0, 0
+        self.classifier_ids = (None if classifier_ids is None
+                               else classifier_ids.to(shift.device, torch.long))
         if (weight is not None and bias is not None and basis is not None
+                and classifier_ids is None
                 and shift.shape[0] * weight.shape[0] <= PairOffsets.TABLE_ELEMENTS):
             in_span = weight @ basis  # (C, r)
             # max_k ||w_k - B B^T w_k||, enlarged past its own rounding
@@ -135,6 +142,8 @@ class DecisionTally:
                 predicted = self._classify_in_basis(h[part], y, in_basis, p_sq, x_sq[part])
             else:
                 predicted = self.classifier(Scored.of(h[part]), y)
+            if self.classifier_ids is not None:
+                predicted = self.classifier_ids[predicted]
             hits = torch.stack((predicted != nearest, predicted == y, nearest == y))
             self.tallied += hits.sum(1)
 

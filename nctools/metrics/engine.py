@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from nctools.metrics import functional
+from nctools.metrics import functional, vocab
 from nctools.metrics.decisions import DecisionTally
 from nctools.metrics.inputs import check_pass_rows
 from nctools.metrics.stats import ClassStats
@@ -76,6 +76,15 @@ CLASSIFIER_FREE_KEYS = (
 )  # fmt: skip
 
 GLOBAL_MEANS = ("samples", "classes")
+
+# The keys whose target is the simplex ETF: C unit vectors with pairwise cosine -1/(C-1)
+# exist only in D >= C - 1 dimensions, so for C > D + 1 (a vocabulary) they can be left
+# NaN with a warning (``etf_without_simplex=False``), GNC2 / UNC3 being the ones to read
+# (Wu & Papyan 2024, docs/language-models.md); their C x C pairs are then not computed.
+ETF_KEYS = (
+    "equiangular_means", "equiangular_weights", "maxangle_means", "maxangle_weights",
+    "etf_means", "etf_weights", "self_duality_etf",
+)  # fmt: skip
 TRAIN_SPLIT = "train"
 
 # Keys built on the centred class means M~: undefined when every class mean coincides.
@@ -135,13 +144,28 @@ class Engine:
         ood_source: what the OOD features came from, for messages.
         sync: sum the statistics over the processes of ``group`` at each :meth:`end_pass`
             (torch.distributed); the default keeps to this process's samples.
+        min_count, top_k: measure only the classes with at least ``min_count`` samples,
+            then the ``top_k`` most frequent (:func:`nctools.metrics.vocab.frequent_classes`,
+            decided from the first pass's counts; the other classes' samples are left out
+            and the results carry ``classes_measured``).
+        cdnv_power: the power of the class distance in CDNV (1, or 2 as Wu & Papyan's code).
+        ncc_samples: tally NC4 on this many samples only, evenly spaced through the second
+            pass (deterministic); the results carry ``ncc_samples``. None: every sample.
+        argmax_all_classes: the classifier decides among all C classes even when fewer
+            are measured (a language model's own argmax over the whole vocabulary); a
+            decision for a class not measured is wrong and disagrees with the NCC rule.
+        etf_without_simplex: compute the ``ETF_KEYS`` also when C > D + 1 (where no
+            simplex ETF exists); False: NaN with a warning, and their cost is saved.
     """
 
     def __init__(self, num_classes: int, layers: Mapping[str, Layer | tuple], *,
                  device: torch.device | str = "cpu", global_mean: str = "samples",
                  drop_empty: bool = False, class_ids: Tensor | None = None,
                  source: str = "chunks", ood_source: str = "ood_features", sync: bool = False,
-                 group: dist.ProcessGroup | None = None) -> None:
+                 group: dist.ProcessGroup | None = None, min_count: int = 1,
+                 top_k: int | None = None, cdnv_power: int = 1,
+                 ncc_samples: int | None = None, argmax_all_classes: bool = False,
+                 etf_without_simplex: bool = True) -> None:
         self.num_classes, self.device = num_classes, torch.device(device)
         self.layers = {name: spec if isinstance(spec, Layer) else Layer(*spec)
                        for name, spec in layers.items()}
@@ -152,6 +176,12 @@ class Engine:
         self.group = group
         self.passes_done = 0
         self.remap: Tensor | None = None  # old -> new label once empty classes are dropped
+        check_vocabulary_options(min_count, top_k, cdnv_power, ncc_samples)
+        self.min_count, self.top_k, self.cdnv_power = min_count, top_k, cdnv_power
+        self.filters = drop_empty or min_count > 1 or top_k is not None
+        self.ncc_samples, self.argmax_all = ncc_samples, argmax_all_classes
+        self.sampler: _Sampler | None = None
+        self.etf_without_simplex = etf_without_simplex
 
     # ----------------------------------------------------------------- the passes
     def update(self, features: Tensor | Mapping[str, Tensor], labels: Tensor) -> None:
@@ -160,14 +190,22 @@ class Engine:
         if isinstance(features, Tensor):
             features = {name: features for name in self.layers}
         labels = labels.to(self.device, torch.long)
+        keep: Tensor | None = None
         if self.remap is not None:
             labels = self.remap.to(labels.device)[labels]
+            keep = labels >= 0  # the samples of classes left out are not measured
+            labels = labels[keep] if not bool(keep.all()) else labels
         for name, layer in self.layers.items():
+            feats = features[name]
+            if keep is not None and labels.shape[0] != feats.shape[0]:
+                feats = feats[keep.to(feats.device)]
             if layer.stats is None:
-                self._start(layer, features[name].shape[1])
+                self._start(layer, feats.shape[1])
             assert layer.stats is not None
             on_block = None if layer.tally is None else layer.tally.add
-            layer.stats.update(features[name], labels, on_block=on_block, check=False)
+            if on_block is not None and self.sampler is not None:
+                on_block = self.sampler.wrap(name, on_block)
+            layer.stats.update(feats, labels, on_block=on_block, check=False)
 
     def update_ood(self, name: str, features: Tensor) -> None:
         """Add out-of-distribution features (n', D) of layer ``name``: its ``nc5``
@@ -183,6 +221,8 @@ class Engine:
         the second; after the second, check that it read as many samples."""
         if self.sync:
             self._agree_on_widths()
+        first = next(iter(self.layers.values())).stats
+        local_counts = None if first is None else first.counts.clone()  # before summing
         for layer in self.layers.values():
             if layer.stats is None:
                 raise ValueError(f"{self._empty()} (no {self._part(plural=True)})")
@@ -190,6 +230,8 @@ class Engine:
                 layer.stats.all_reduce(self.group)
         if self.passes_done == 0:
             self._between_passes()
+            if self.ncc_samples is not None:
+                self.sampler = self._sampler(local_counts)
         else:
             self._close_second()
         self.passes_done += 1
@@ -222,7 +264,10 @@ class Engine:
             self._second_setup(layer, kept)
 
     def _kept_classes(self, counts: Tensor) -> Tensor | None:
-        """The classes with samples when some have none and ``drop_empty``, else None."""
+        """The classes measured when some are left out (empty with ``drop_empty``, or
+        filtered by ``min_count`` / ``top_k``), else None."""
+        if self.min_count > 1 or self.top_k is not None:
+            return self._filtered(counts)
         empty = torch.nonzero(counts == 0).flatten().cpu()
         if not empty.numel():
             return None
@@ -236,10 +281,36 @@ class Engine:
         kept = torch.nonzero(counts.cpu() > 0).flatten()
         if kept.numel() < 2:
             raise ValueError(f"labels: only {kept.numel()} class has samples; need 2")
+        return self._keep(kept)
+
+    def _filtered(self, counts: Tensor) -> Tensor | None:
+        """The classes of at least ``min_count`` samples, the ``top_k`` most frequent."""
+        kept = vocab.frequent_classes(counts.cpu(), self.min_count, self.top_k)
+        if kept.numel() < 2:
+            raise ValueError(f"labels: only {kept.numel()} class(es) have at least "
+                             f"min_count = {self.min_count} samples; need 2")
+        if kept.numel() == self.num_classes:
+            return None
+        return self._keep(kept)
+
+    def _keep(self, kept: Tensor) -> Tensor:
         self.remap = torch.full((self.num_classes,), -1, dtype=torch.long)
         self.remap[kept] = torch.arange(kept.numel())
         self.class_ids = self.class_ids[kept]
         return kept
+
+    def _sampler(self, local_counts: Tensor | None) -> _Sampler:
+        """NC4's sample: this process's share of ``ncc_samples``, in proportion to its
+        samples of the classes measured."""
+        assert self.ncc_samples is not None
+        first = next(iter(self.layers.values())).first  # the first pass's, summed
+        assert first is not None
+        measured = (torch.ones_like(first.counts, dtype=torch.bool) if self.remap is None
+                    else self.remap.to(first.counts.device) >= 0)
+        local = 0 if local_counts is None else int(local_counts[measured].sum())
+        total = int(first.counts[measured].sum())
+        share = min(local, round(self.ncc_samples * local / total)) if total else 0
+        return _Sampler(local, share)
 
     def _second_setup(self, layer: Layer, kept: Tensor | None) -> None:
         """Class means, mu_G and Sigma_B's eigenpairs; the second pass's ClassStats (in
@@ -248,27 +319,42 @@ class Engine:
         first, dim = layer.stats, layer.stats.dim
         pick = (lambda t: t) if kept is None else (lambda t: t[kept.to(t.device)])
         layer.first, layer.means = first, pick(first.class_means())
-        layer.centre = (first.global_mean() if self.global_mean == "samples"
-                        else layer.means.mean(0))
+        if self.global_mean == "classes":
+            layer.centre = layer.means.mean(0)
+        elif kept is None:
+            layer.centre = first.global_mean()
+        else:  # the mean of the samples measured: the left-out classes' are not
+            counts = pick(first.counts).to(layer.means.dtype)
+            layer.centre = counts @ layer.means / counts.sum()
+        deciding, classifier_ids = (layer.weight, layer.bias), None
         if layer.weight is not None and kept is not None:
+            if self.argmax_all:  # all C rows decide; their ids mapped to the measured
+                classifier_ids = self.remap
             layer.weight, layer.bias = pick(layer.weight), pick(layer.bias)
+            if not self.argmax_all:
+                deciding = (layer.weight, layer.bias)
         if layer.class_means is not None and kept is not None:
             layer.class_means = pick(layer.class_means)
         eigvals, eigvecs = functional.between_class_eig(layer.means - layer.centre)
         layer.eig = (eigvals, eigvecs)
         in_span = 0 < eigvecs.shape[1] < dim // 2 and layer.mse is None
         basis = eigvecs if in_span else None
-        layer.tally = DecisionTally(layer.weight, layer.bias, layer.means, layer.centre,
-                                    layer.class_means, basis)
+        layer.tally = DecisionTally(*deciding, layer.means, layer.centre,
+                                    layer.class_means, basis, classifier_ids)
         layer.stats = ClassStats(layer.means.shape[0], dim, shift=layer.means, basis=basis,
                                  device=layer.means.device)
 
     def _close_second(self) -> None:
         for layer in self.layers.values():
             assert layer.stats is not None and layer.first is not None
-            check_pass_rows(layer.first.num_samples, layer.stats.num_samples, self.source)
+            first_rows = (layer.first.num_samples if self.remap is None else
+                          int(layer.first.counts[self.remap.to(layer.first.counts.device)
+                                                 >= 0].sum()))
+            check_pass_rows(first_rows, layer.stats.num_samples, self.source)
             if self.sync and layer.tally is not None:
                 dist.all_reduce(layer.tally.tallied, op=dist.ReduceOp.SUM, group=self.group)
+        if self.sync and self.sampler is not None:
+            dist.all_reduce(self.sampler.taken, op=dist.ReduceOp.SUM, group=self.group)
 
     def _agree_on_widths(self) -> None:
         """A process whose shard was empty learns each layer's width from the others, so
@@ -297,10 +383,14 @@ class Engine:
         BEYOND_KEYS (docs/metrics.md), NaN with a warning for an undefined one."""
         layer = self._layer(name)
         assert layer.stats is not None and layer.eig is not None
-        result = class_metrics(layer.stats, layer.weight, layer.centre, layer.eig)
+        result = class_metrics(layer.stats, layer.weight, layer.centre, layer.eig,
+                               cdnv_power=self.cdnv_power,
+                               etf_without_simplex=self.etf_without_simplex)
         if layer.tally is not None:
-            total = float(layer.stats.counts.sum())
-            result.update(nc4_metrics(layer.tally, total, layer.weight is not None))
+            total = (float(layer.stats.counts.sum()) if self.sampler is None
+                     else float(self.sampler.taken))
+            if total > 0:
+                result.update(nc4_metrics(layer.tally, total, layer.weight is not None))
         if layer.wants_ood:  # centred on mu_G (translation-invariant), and as NECO has it
             ood_mean = self._ood_mean(layer)
             result["nc5"] = functional.nc5(layer.means - layer.centre, ood_mean - layer.centre)
@@ -311,9 +401,13 @@ class Engine:
                 layer.weight, layer.bias, second.class_means(), second.counts,
                 second.within_class_cov(), float(layer.mse)))
         ordered = {k: result[k] for k in (*METRIC_KEYS, *BEYOND_KEYS) if k in result}
-        undefined_to_nan(ordered, means_coincide=layer.eig[0].numel() == 0)
-        if self.drop_empty:
+        no_simplex = not (self.etf_without_simplex or simplex_exists(*layer.means.shape))
+        undefined_to_nan(ordered, means_coincide=layer.eig[0].numel() == 0,
+                         no_simplex=no_simplex)
+        if self.filters:
             ordered["classes_measured"] = float(layer.means.shape[0])
+        if self.sampler is not None:
+            ordered["ncc_samples"] = float(self.sampler.taken)
         return ordered
 
     def _ood_mean(self, layer: Layer) -> Tensor:
@@ -332,8 +426,14 @@ class Engine:
         return {name: self.result(name) for name in self.layers}
 
 
+def simplex_exists(num_classes: int, dim: int) -> bool:
+    """Whether C vectors in D dimensions can form a simplex ETF (C <= D + 1)."""
+    return num_classes <= dim + 1
+
+
 def class_metrics(stats: ClassStats, weight: Tensor | None, centre: Tensor,
-                  eig: tuple[Tensor, Tensor] | None = None) -> dict[str, float]:
+                  eig: tuple[Tensor, Tensor] | None = None, *,
+                  cdnv_power: int = 1, etf_without_simplex: bool = True) -> dict[str, float]:
     """NC1-NC3 and the class-statistics metrics of docs/metrics.md "Beyond the paper".
 
     NC1 = Tr(Sigma_W Sigma_B^+) / C (Papyan et al. 2020) is read along Sigma_B's
@@ -347,6 +447,9 @@ def class_metrics(stats: ClassStats, weight: Tensor | None, centre: Tensor,
         weight: (C, D) float64 classifier rows, or None (the classifier-free keys only).
         centre: (D,) the global mean mu_G the class means are centred on.
         eig: Sigma_B's eigenpairs ((r,), (D, r)) if already known.
+        cdnv_power: the power of the class distance in CDNV (:func:`vocab.cdnv`).
+        etf_without_simplex: False: with C > D + 1 the ``ETF_KEYS`` are NaN (no simplex
+            ETF exists) and are not computed (their C x C pairs are a vocabulary's cost).
     """
     means = stats.class_means()
     centred = means - centre
@@ -355,12 +458,13 @@ def class_metrics(stats: ClassStats, weight: Tensor | None, centre: Tensor,
     # v_k^T Sigma_W v_k for each eigenvector v_k: the diagonal when Sigma_W is kept in V
     along = (torch.diagonal(within).clone() if stats.basis is not None
              else ((within @ eigvecs) * eigvecs).sum(0))
-    geometry = functional.simplex_geometry(centred)
+    simplex = etf_without_simplex or simplex_exists(*centred.shape)
+    geometry = functional.simplex_geometry(centred) if simplex else _no_simplex()
     gnc2 = functional.gnc2(centred)
     result = {
         "nc1": functional.nc1(along, eigvals, stats.num_classes),
         "nc1_ratio": functional.nc1_ratio(stats.within_class_trace(), centred),
-        "cdnv": functional.cdnv(centred, stats.class_variances()),
+        "cdnv": vocab.cdnv(centred, stats.class_variances(), cdnv_power),
         "equinorm_means": functional.equinorm(centred),
         "equiangular_means": geometry["equiangular"], "maxangle_means": geometry["maxangle"],
         "etf_means": geometry["etf"],
@@ -369,13 +473,19 @@ def class_metrics(stats: ClassStats, weight: Tensor | None, centre: Tensor,
         "gnc2_means": gnc2["variance"], "gnc2_energy_means": gnc2["energy"],
     }
     if weight is not None:
-        result.update(_classifier_metrics(weight.to(stats.device, F64), centred))
+        result.update(_classifier_metrics(weight.to(stats.device, F64), centred, simplex))
     return result
 
 
-def _classifier_metrics(weight: Tensor, centred: Tensor) -> dict[str, float]:
-    """NC2 of the classifier rows and NC3 (self-duality) with the centred means (C, D)."""
-    geometry, gnc2 = functional.simplex_geometry(weight), functional.gnc2(weight)
+def _no_simplex() -> dict[str, float]:
+    return {"equiangular": math.nan, "maxangle": math.nan, "etf": math.nan}
+
+
+def _classifier_metrics(weight: Tensor, centred: Tensor, simplex: bool) -> dict[str, float]:
+    """NC2 of the classifier rows and NC3 (self-duality) with the centred means (C, D);
+    the ``ETF_KEYS`` NaN unless ``simplex``."""
+    geometry = functional.simplex_geometry(weight) if simplex else _no_simplex()
+    gnc2 = functional.gnc2(weight)
     return {
         "equinorm_weights": functional.equinorm(weight),
         "equiangular_weights": geometry["equiangular"],
@@ -383,7 +493,8 @@ def _classifier_metrics(weight: Tensor, centred: Tensor) -> dict[str, float]:
         "self_duality": functional.self_duality(weight, centred),
         "gnc2_weights": gnc2["variance"], "gnc2_energy_weights": gnc2["energy"],
         **functional.duality(weight, centred),
-        "self_duality_etf": functional.self_duality_etf(weight, centred),
+        "self_duality_etf": (functional.self_duality_etf(weight, centred) if simplex
+                             else math.nan),
     }
 
 
@@ -398,17 +509,25 @@ def nc4_metrics(tally: DecisionTally, total: float, with_classifier: bool) -> di
     return result
 
 
-def undefined_to_nan(result: dict[str, float], means_coincide: bool) -> None:
-    """Non-finite values become NaN, each with a warning saying why (never a crash)."""
-    if means_coincide:
-        hit = [k for k in _MEANS_KEYS if k in result]
-        for key in hit:
-            result[key] = math.nan
-        warnings.warn(
-            "all class means coincide: NC1, NC2 and NC3 of the means undefined "
-            f"(NaN: {', '.join(hit)})", RuntimeWarning, stacklevel=5)
+def undefined_to_nan(result: dict[str, float], means_coincide: bool,
+                     no_simplex: bool = False) -> None:
+    """Non-finite values become NaN, each with a warning saying why (never a crash);
+    ``no_simplex``: C > D + 1, the ``ETF_KEYS`` are NaN for that reason."""
+    reasons = (
+        (no_simplex, ETF_KEYS, "C > D + 1: no simplex ETF of C vectors exists in D "
+         "dimensions, so {} are NaN; read gnc2_*, unc3 and cdnv instead (Wu & Papyan 2024)"),
+        (means_coincide, _MEANS_KEYS, "all class means coincide: NC1, NC2 and NC3 of the "
+         "means undefined (NaN: {})"),
+    )
+    for applies, keys, message in reasons:
+        if applies:
+            hit = [k for k in keys if k in result]
+            for key in hit:
+                result[key] = math.nan
+            warnings.warn(message.format(", ".join(hit)), RuntimeWarning, stacklevel=5)
     bad = [k for k, v in result.items()
-           if not math.isfinite(v) and not (means_coincide and k in _MEANS_KEYS)]
+           if not math.isfinite(v) and not (means_coincide and k in _MEANS_KEYS)
+           and not (no_simplex and k in ETF_KEYS)]
     for key in bad:
         result[key] = math.nan
     if bad:
@@ -446,6 +565,52 @@ class ReferenceMeans:
             full[classes] = means
             means = full
         self.means = means
+
+
+def check_vocabulary_options(min_count: int, top_k: int | None, cdnv_power: int,
+                             ncc_samples: int | None) -> None:
+    """The vocabulary-scale options of :class:`Engine`, each named when wrong."""
+    for name, value, low in (("min_count", min_count, 1), ("top_k", top_k, 1),
+                             ("ncc_samples", ncc_samples, 1)):
+        if value is None and name != "min_count":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if cdnv_power not in vocab.CDNV_POWERS:
+        raise ValueError(f"cdnv_power must be 1 or 2, got {cdnv_power!r}")
+
+
+class _Sampler:
+    """NC4's sample of the second pass: ``take`` of this process's ``rows`` samples,
+    evenly spaced (row i is taken when floor((i + 1) k / n) > floor(i k / n)), so the
+    choice depends on the order of the samples only, not on how they are chunked."""
+
+    def __init__(self, rows: int, take: int) -> None:
+        self.rows, self.take = rows, take
+        self.seen: dict[str, int] = {}
+        self.taken = torch.zeros((), dtype=torch.int64)
+
+    def wrap(self, name: str, on_block: Callable[..., None]) -> Callable[..., None]:
+        """``on_block`` of layer ``name`` called with the sampled rows of each block only."""
+        first = not self.seen or name == next(iter(self.seen))
+
+        def sampled(labels: Tensor | int, h: Tensor, x: Tensor,
+                    projected: Tensor | None = None, x_sq: Tensor | None = None) -> None:
+            start = self.seen.get(name, 0)
+            index = torch.arange(start, start + h.shape[0], device=h.device)
+            self.seen[name] = start + h.shape[0]
+            pick = (index + 1) * self.take // max(self.rows, 1) > index * self.take // max(
+                self.rows, 1)
+            if first:
+                self.taken += int(pick.sum())
+            if not bool(pick.any()):
+                return
+            y = labels if isinstance(labels, int) else labels[pick.to(labels.device)]
+            on_block(y, h[pick], x[pick.to(x.device)],
+                     None if projected is None else projected[pick.to(projected.device)],
+                     None if x_sq is None else x_sq[pick.to(x_sq.device)])
+
+        return sampled
 
 
 def _sums_only(num_classes: int, dim: int, device: torch.device) -> ClassStats:

@@ -77,31 +77,6 @@ def nc1_ratio(within_trace: float, centred_means: Tensor) -> float:
     return within_trace / between_trace if between_trace > 0 else math.nan
 
 
-def cdnv(centred_means: Tensor, class_variances: Tensor) -> float:
-    """Class-distance normalised variance (Galanti, Gyorgy & Hutter, ICLR 2022).
-
-    Mean over ordered pairs c != c' of (sigma_c^2 + sigma_c'^2) / (2 ||mu_c - mu_c'||^2).
-
-    Args:
-        centred_means: (C, D) class means (any common shift; centring keeps the squared
-            distances free of cancellation against a large offset).
-        class_variances: (C,) sigma_c^2 = mean squared distance of class c to its mean.
-    """
-    num_classes = centred_means.shape[0]
-    sq_norms = centred_means.square().sum(1)
-    total = 0.0
-    step = _tile_rows(num_classes)
-    for start in range(0, num_classes, step):
-        rows = slice(start, min(start + step, num_classes))
-        gram = centred_means[rows] @ centred_means.T
-        dist2 = (sq_norms[rows, None] + sq_norms[None, :] - 2.0 * gram).clamp_min(0.0)
-        ratio = (class_variances[rows, None] + class_variances[None, :]) / (2.0 * dist2)
-        diagonal = torch.arange(rows.start, rows.stop, device=ratio.device)
-        ratio[diagonal - rows.start, diagonal] = 0.0
-        total += float(ratio.sum())
-    return total / (num_classes * (num_classes - 1))
-
-
 def equinorm(vectors: Tensor) -> float:
     """std_c ||v_c|| / mean_c ||v_c|| (Papyan et al. 2020, Fig. 2), the std over C - 1.
 

@@ -18,6 +18,7 @@ collective call unless asked.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,6 +66,12 @@ def measure(
     ood_features: Tensor | np.ndarray | None = None,
     mse_weight_decay: float | None = None,
     process_group: dist.ProcessGroup | None = None,
+    min_count: int = 1,
+    top_k: int | None = None,
+    cdnv_power: int = 1,
+    ncc_samples: int | None = None,
+    argmax_all_classes: bool = False,
+    etf_without_simplex: bool = True,
 ) -> dict[str, float]:
     """Neural-collapse metrics (Papyan, Han & Donoho, PNAS 2020, and docs/metrics.md "Beyond
     the paper") of one set of features.
@@ -93,6 +100,22 @@ def measure(
             own shard) are measured as one set, summed with ``all_reduce``; every one of
             them must call. Default: this process's features alone, no communication
             (``torch.distributed.group.WORLD`` asks for every process).
+        min_count, top_k: the vocabulary-scale class filters of Wu & Papyan (NeurIPS 2024,
+            "Linguistic Collapse"; docs/language-models.md): measure only the classes with
+            at least ``min_count`` samples, then the ``top_k`` most frequent, decided from
+            the counts; the others' samples are left out and the result has
+            ``classes_measured``.
+        cdnv_power: 1 (Galanti et al. 2022) or 2 (||mu_c - mu_c'||^4, as Wu & Papyan's
+            code) for ``cdnv``.
+        ncc_samples: NC4 (``ncc_mismatch``, ``accuracy``, ``ncc_accuracy``) on this many
+            samples only, evenly spaced in order (deterministic): its cost is N x C x D.
+            The result then has ``ncc_samples``, the number tallied.
+        argmax_all_classes: with classes left out (``drop_empty``, ``min_count``,
+            ``top_k``), the classifier still decides among all C rows (a language model's
+            argmax over the whole vocabulary); a decision for a class left out is wrong.
+        etf_without_simplex: compute the simplex-ETF keys (equiangular, maxangle, etf,
+            self_duality_etf) also when C > D + 1, where no simplex ETF exists; False:
+            NaN with a warning saying so, and their C x C cost saved (a vocabulary).
 
     Returns:
         dict of the defined ``METRIC_KEYS`` then ``BEYOND_KEYS`` (docs/metrics.md), as Python
@@ -134,8 +157,11 @@ def measure(
                 f"N' > 0, got {tuple(ood.shape)}"
             )
         ood = setup.checked_ood(ood)
+    options = dict(min_count=min_count, top_k=top_k, cdnv_power=cdnv_power,
+                   ncc_samples=ncc_samples, argmax_all_classes=argmax_all_classes,
+                   etf_without_simplex=etf_without_simplex)
     result, _ = _measure(lambda: [(features, labels)], setup, drop_empty,
-                         None if ood is None else (lambda: [ood]), process_group)
+                         None if ood is None else (lambda: [ood]), process_group, options)
     return result
 
 
@@ -153,6 +179,12 @@ def measure_chunks(
     drop_empty: bool = False,
     ood_features: Tensor | np.ndarray | OodChunks | None = None,
     mse_weight_decay: float | None = None,
+    min_count: int = 1,
+    top_k: int | None = None,
+    cdnv_power: int = 1,
+    ncc_samples: int | None = None,
+    argmax_all_classes: bool = False,
+    etf_without_simplex: bool = True,
 ) -> tuple[dict[str, float], Tensor]:
     """`measure` over features that arrive in chunks, possibly sharded across processes.
 
@@ -166,7 +198,9 @@ def measure_chunks(
         group: under torch.distributed, the process group whose shards are measured as
             one set (every process of it must call); None (the default): this process's
             chunks alone, no communication.
-        global_mean, classes, drop_empty, mse_weight_decay: as in :func:`measure`.
+        global_mean, classes, drop_empty, mse_weight_decay, min_count, top_k,
+        cdnv_power, ncc_samples, argmax_all_classes, etf_without_simplex: as in
+            :func:`measure`.
         ood_features: (N', D) features, or a callable returning an iterable of (n', D)
             chunks of them (this process's shard); only their mean is used.
 
@@ -190,8 +224,11 @@ def measure_chunks(
         for feats in source():
             yield setup.checked_ood(as_tensor("ood_features", feats))
 
+    options = dict(min_count=min_count, top_k=top_k, cdnv_power=cdnv_power,
+                   ncc_samples=ncc_samples, argmax_all_classes=argmax_all_classes,
+                   etf_without_simplex=etf_without_simplex)
     return _measure(checked, setup, drop_empty, None if ood_features is None else checked_ood,
-                    group)
+                    group, options)
 
 
 def class_means(
@@ -213,14 +250,15 @@ def class_means(
 # --------------------------------------------------------------------------- helpers
 def _measure(
     chunks: Chunks, setup: _Setup, drop_empty: bool, ood: OodChunks | None,
-    group: dist.ProcessGroup | None,
+    group: dist.ProcessGroup | None, options: dict[str, Any],
 ) -> tuple[dict[str, float], Tensor]:
     """The engine's two passes over checked chunks, then the OOD features' mean; summed
-    over the processes of ``group`` when one is given."""
+    over the processes of ``group`` when one is given; ``options``: the engine's
+    vocabulary-scale keyword arguments."""
     layer = Layer(setup.weight, setup.bias, setup.class_means, setup.mse, ood=ood is not None)
     engine = Engine(setup.measured, {"features": layer}, device=setup.device,
                     global_mean=setup.global_mean, drop_empty=drop_empty,
-                    class_ids=setup.subset, sync=group is not None, group=group)
+                    class_ids=setup.subset, sync=group is not None, group=group, **options)
     for _ in range(2):
         for feats, labs in chunks():
             engine.update(feats, labs)

@@ -43,6 +43,7 @@ from nctools.metrics.decisions import DecisionTally
 from nctools.metrics.engine import BEYOND_KEYS, METRIC_KEYS, class_metrics, nc4_metrics
 from nctools.metrics.inputs import as_tensor, check_not_meta, check_num_classes, dtype_name
 from nctools.metrics.stats import BLOCK_ELEMENTS, ClassStats
+from nctools.models.tokens import flatten_tokens
 
 F64 = torch.float64
 NC4_KEYS = ("ncc_mismatch", "accuracy", "ncc_accuracy")
@@ -183,10 +184,14 @@ class NCMetric(Metric):
 
     def update(self, features: Tensor, labels: Tensor) -> None:
         """Add a batch: ``features`` (n, D) any float dtype and device (detached; moved to
-        the metric's device), ``labels`` (n,) integers in [0, C)."""
+        the metric's device), ``labels`` (n,) integers in [0, C); or token positions,
+        features (B, T, D) with labels (B, T), -100 where a position is not a sample
+        (:func:`nctools.models.tokens.flatten_tokens`)."""
         for name, value in (("features", features), ("labels", labels)):
             if isinstance(value, Tensor):
                 check_not_meta(name, value)
+        if features.ndim == 3:
+            features, labels = flatten_tokens(features, labels)
         self._stats().update(features, labels)  # checks the inputs before adding anything
         if self.keep_features:
             device = self.counts.device

@@ -37,7 +37,11 @@ def lm_task(model: nn.Module) -> Task | None:
     ``*ForCausalLM`` and ``*LMHeadModel`` (GPT-2's name) -> ``"causal"`` (next token);
     ``*ForMaskedLM`` -> ``"masked"``; anything else -> None (a classifier of its inputs).
     """
-    name = type(model).__name__
+    return task_of_class(type(model).__name__)
+
+
+def task_of_class(name: str) -> Task | None:
+    """The task of a model class name (as a Hugging Face config's ``architectures``)."""
     if name.endswith(("ForCausalLM", "LMHeadModel")):
         return "causal"
     if name.endswith("ForMaskedLM"):
@@ -106,6 +110,21 @@ def token_samples(
         raise ValueError(f"task: {task!r} is not 'causal' or 'masked'")
     keep = keep_mask & (target != ignore_index)
     return hidden[keep], target[keep]
+
+
+def flatten_tokens(features: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX
+                   ) -> tuple[Tensor, Tensor]:
+    """Token positions as samples: features (B, T, D) and labels (B, T) -> (N, D), (N,).
+
+    Each position's label is its own (already shifted for a causal LM, e.g. by
+    :func:`token_samples`); positions labelled ``ignore_index`` are not samples. Row-major
+    (b, t) order.
+    """
+    if features.ndim != 3 or labels.shape != features.shape[:2]:
+        raise ValueError(f"labels has shape {tuple(labels.shape)} but features has shape "
+                         f"{tuple(features.shape)}: expected (B, T) labels for (B, T, D)")
+    keep = labels != ignore_index
+    return features[keep], labels[keep]
 
 
 class LMHeadInput(InputOf):
