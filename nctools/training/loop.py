@@ -140,11 +140,12 @@ def _train(config: Config, run_dir: Path, resume: bool, dist: DistInfo,
     run = build_run(opened, run_dir, dist, device)
     start = _start(run, checkpoint)
     loggers = Loggers()
-    if dist.is_main and opened.train.loggers:
-        loggers = open_loggers(opened.train.loggers, run_dir, config_to_dict(opened), opened.name)
     with StopOnSignal(at_epoch_end=dist.distributed) as stop, \
             EpochProgress(opened, start, progress, dist.is_main) as shown:
         try:
+            if dist.is_main and opened.train.loggers:  # one that fails: run.json says why
+                loggers = open_loggers(opened.train.loggers, run_dir, config_to_dict(opened),
+                                       opened.name)
             for epoch in shown.epochs:
                 report(epoch, run_epoch(run, epoch, stop, loggers), loggers, shown)
                 if stop.should_stop:  # a signal during the evaluation or the writes
