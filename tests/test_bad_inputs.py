@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -447,6 +447,41 @@ CASES.update({
     "measure a checkpoint FIFO": Case((*MEASURE, "{tmp}/ckpt"),
                                       "{tmp}/ckpt: not a regular file, not a checkpoint",
                                       a_fifo("ckpt")),
+})
+
+
+def logged_run(logs: Callable[[Path], None]) -> Callable[[Path], None]:
+    """The run logs to TensorBoard (``train.loggers`` in its config.yaml), and ``logs(RUN/logs)``
+    puts something there that cannot take the logger's files."""
+    def prepare(tmp: Path) -> None:
+        run = tmp / "run"
+        config = load_config(run / "config.yaml")
+        store.save_config(replace(config, train=replace(config.train, loggers=["tensorboard"])),
+                          run / "config.yaml")
+        logs(run / "logs")
+    return prepare
+
+
+def link_to_nowhere(path: Path) -> None:
+    path.symlink_to(path.parent.parent / "nowhere")
+
+
+def a_file_at(path: Path) -> None:
+    path.write_text("a file where the loggers' folder should be")
+
+
+# The third catalogue: a logs folder that cannot take the loggers' files is refused before
+# the run folder changes (once: config.yaml rewritten, run.json left saying "running").
+EXTEND = ("train", "--resume", "--out", "{tmp}/run", "--set", "train.epochs=5")
+DANGLING_LOGS = "{tmp}/run/logs: is a symbolic link to {tmp}/nowhere, which does not exist"
+CASES.update({
+    "logs a dangling link, extending a run": Case(EXTEND, DANGLING_LOGS,
+                                                  logged_run(link_to_nowhere)),
+    "logs a dangling link, resuming a run": Case(
+        ("train", "--resume", "--out", "{tmp}/run"), DANGLING_LOGS,
+        interrupted(logged_run(link_to_nowhere))),
+    "logs a file": Case(EXTEND, "{tmp}/run/logs: is a file, not a folder",
+                        logged_run(a_file_at)),
 })
 
 

@@ -9,9 +9,11 @@ run with ``pytest -m slow``; blocks marked skip never run here, and say why in t
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,3 +133,59 @@ def test_a_mark_without_a_reason_is_an_error(tmp_path: Path) -> None:
     page.write_text("<!-- docs-test: skip -->\n```bash\ntrue\n```\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"page.md:1: a docs-test mark must read"):
         blocks(page)
+
+
+# ------------------------------------------------------------------ the reliability catalogue
+RELIABILITY = REPO / "docs" / "reliability.md"
+CATALOGUE_FILE = "tests/test_bad_inputs.py"  # where the page's bare test names live
+
+
+def _catalogue_tests() -> list[tuple[str, str, str | None]]:
+    """(file, function, parameter id or None) of every test the page's tables name: the
+    backquoted ``[tests/PATH.py::]test_NAME[ID]`` items of each row's last cell."""
+    named = []
+    for line in RELIABILITY.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("|") or line.startswith("|---"):
+            continue
+        for item in re.findall(r"`([^`]*\btest_[^`]*)`", line.rstrip(" |").split("|")[-1]):
+            found = re.fullmatch(r"(?:(tests/[\w/]+\.py)::)?(test_\w+)(?:\[(.*)\])?", item)
+            assert found, f"docs/reliability.md names a test as {item!r}"
+            path, function, param = found.groups()
+            named.append((path or CATALOGUE_FILE, function, param))
+    return named
+
+
+def test_every_test_the_reliability_catalogue_names_exists() -> None:
+    """Each test of docs/reliability.md's tables is a function of the file named (its
+    parameter an id of the catalogue's cases), and every command-line and API case of the
+    catalogue is in the page, whose count of command-line cases is theirs, and each
+    command-line case's row quotes the error its test expects."""
+    from tests import test_bad_inputs as catalogue
+
+    named = _catalogue_tests()
+    assert len(named) > 150
+    functions: dict[str, set[str]] = {}
+    for path, function, param in named:
+        if path not in functions:
+            tree = ast.parse((REPO / path).read_text(encoding="utf-8"))
+            functions[path] = {node.name for node in ast.walk(tree)
+                               if isinstance(node, ast.FunctionDef)}
+        assert function in functions[path], f"docs/reliability.md: no {function} in {path}"
+        ids = {"test_cli_error": catalogue.CASES,
+               "test_measure_value_error": catalogue.API_CASES}.get(function)
+        if param is not None and path == CATALOGUE_FILE and ids is not None:
+            assert param in ids, f"docs/reliability.md: {function}[{param}] is not a case"
+    listed = {(function, param) for path, function, param in named if path == CATALOGUE_FILE}
+    missing = [f"test_cli_error[{name}]" for name in catalogue.CASES
+               if ("test_cli_error", name) not in listed]
+    missing += [f"test_measure_value_error[{name}]" for name in catalogue.API_CASES
+                if ("test_measure_value_error", name) not in listed]
+    assert missing == [], f"docs/reliability.md lacks {missing}"
+    page = RELIABILITY.read_text(encoding="utf-8")
+    assert f"a catalogue of {len(catalogue.CASES)} command-line cases" in page
+    for line in page.splitlines():  # each case's row quotes its error as the test expects it
+        found = re.search(r"`test_cli_error\[(.*)\]`", line)
+        if found:
+            expected = line.split("|")[3]
+            culprit = catalogue.CASES[found.group(1)].culprit.replace("{tmp}/", "")
+            assert culprit in expected, f"docs/reliability.md, {found.group(1)}: {culprit!r}"

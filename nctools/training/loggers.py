@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from nctools.config.schema import LOGGERS
+from nctools.errors import RunError
 from nctools.runs.layout import LOGS_DIR, PENULTIMATE, SWEEP_RUNS_DIR
 from nctools.runs.sweeps import is_sweep
 
@@ -73,6 +74,23 @@ def open_loggers(
             raise ValueError(f"train.loggers: unknown logger {name!r} (one of {LOGGERS})")
         sinks.append(openers[name](logs, config, run_name))
     return Loggers(sinks)
+
+
+def check_logs_folder(run_dir: str | os.PathLike) -> None:
+    """RunError unless ``RUN/logs`` can take the loggers' files: absent, a folder, or a
+    link to a folder. A link that leads nowhere (its scratch disk cleaned, say) or a file
+    there would fail only once the run folder is rewritten (``config.yaml`` of an extended
+    run, ``run.json`` saying ``running``), so :func:`nctools.training.loop.train` calls this
+    before it changes anything."""
+    logs = Path(run_dir) / LOGS_DIR
+    if logs.is_symlink() and not logs.exists():
+        raise RunError(f"{logs}: is a symbolic link to {logs.readlink()}, which does not "
+                       "exist; train.loggers write there: create the folder it leads to, or "
+                       "remove the link")
+    if logs.exists() and not logs.is_dir():
+        what = f"a symbolic link to {logs.readlink()}, " if logs.is_symlink() else ""
+        raise RunError(f"{logs}: is {what}a file, not a folder; train.loggers write there: "
+                       "move the file away")
 
 
 def _tensorboard(logs: Path, config: Mapping[str, Any], run_name: str) -> Sink:

@@ -63,7 +63,12 @@ from nctools.training.distributed import (
     shard_rows,
     sum_over_ranks,
 )
-from nctools.training.loggers import Loggers, open_loggers, snapshot_metrics
+from nctools.training.loggers import (
+    Loggers,
+    check_logs_folder,
+    open_loggers,
+    snapshot_metrics,
+)
 from nctools.training.progress import PROGRESS, EpochProgress
 from nctools.training.run_state import (
     Run,
@@ -127,17 +132,20 @@ def _train(config: Config, run_dir: Path, resume: bool, dist: DistInfo,
            device: torch.device, progress: str = "bar") -> Path:
     """:func:`train` once the process group (if any) exists: the epochs, and how they end."""
     opened, checkpoint = open_run(run_dir, config, resume)
+    if opened is not None and opened.train.loggers:
+        check_logs_folder(run_dir)  # every rank, before the run folder changes at all
     barrier()  # every rank has read the run directory before rank 0 writes to it
     if opened is None:
         return run_dir
     run = build_run(opened, run_dir, dist, device)
     start = _start(run, checkpoint)
     loggers = Loggers()
-    if dist.is_main and opened.train.loggers:
-        loggers = open_loggers(opened.train.loggers, run_dir, config_to_dict(opened), opened.name)
     with StopOnSignal(at_epoch_end=dist.distributed) as stop, \
             EpochProgress(opened, start, progress, dist.is_main) as shown:
         try:
+            if dist.is_main and opened.train.loggers:  # one that fails: run.json says why
+                loggers = open_loggers(opened.train.loggers, run_dir, config_to_dict(opened),
+                                       opened.name)
             for epoch in shown.epochs:
                 report(epoch, run_epoch(run, epoch, stop, loggers), loggers, shown)
                 if stop.should_stop:  # a signal during the evaluation or the writes

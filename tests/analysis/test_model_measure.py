@@ -228,21 +228,34 @@ def test_layers_returning_model_outputs_are_measured_on_their_hidden_states():
     got = nctools.measure_model(model, data, layers=["vit"], pool="flatten")
     assert got["vit"]["nc1"] == pytest.approx(flat["nc1"], rel=1e-9)
 
-    class DictOut(nn.Module):  # a layer returning a dict, then a tuple
-        def __init__(self):
+    class Body(nn.Module):  # an inner layer returning a dict (or a tuple), as backbones do
+        def __init__(self, as_tuple: bool):
             super().__init__()
-            self.body = nn.Conv2d(3, 4, 3)
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.as_tuple = as_tuple
+
+        def forward(self, x):
+            maps = self.conv(x)
+            return (maps, 1) if self.as_tuple else {"maps": maps, "extra": 1}
+
+    class Net(nn.Module):
+        def __init__(self, as_tuple: bool):
+            super().__init__()
+            self.body = Body(as_tuple)
             self.head = nn.Linear(4, 3)
 
         def forward(self, x):
-            out = {"maps": self.body(x), "extra": 1}
-            return self.head(out["maps"].mean((2, 3))), out
+            out = self.body(x)
+            return self.head((out[0] if isinstance(out, tuple) else out["maps"]).mean((2, 3)))
 
-    net = DictOut()
-    got = nctools.measure_model(net, data, layers=["body", "head"])
-    maps = own_features(net.body, data, "")[0]
-    assert got["body"]["nc1"] == pytest.approx(
-        nctools.measure(maps, labels, num_classes=3)["nc1"], rel=1e-9)
+    for as_tuple in (False, True):
+        torch.manual_seed(0)
+        net = Net(as_tuple)
+        got = nctools.measure_model(net, data, layers=["body", "head"])
+        maps = own_features(net.body.conv, data, "")[0]  # the conv's maps, averaged
+        want = nctools.measure(maps, labels, num_classes=3)["nc1"]
+        assert got["body"]["nc1"] == pytest.approx(want, rel=1e-9)
+        assert got["head"]["nc1"] == pytest.approx(want, rel=1e-9)  # the head reads them
 
 
 def test_the_default_pool_follows_the_head():

@@ -157,6 +157,7 @@ def test_a_run_stopped_by_a_missing_logger_restarts_without_it(capsys, monkeypat
     assert capsys.readouterr().err.splitlines()[-1] == (
         'nctools: mlflow is not installed: pip install "nctools-collapse[mlflow]"')
     assert store.read_manifest(run)["epochs_done"] == 0
+    assert store.read_manifest(run)["status"] == "failed"  # not left saying "running"
     monkeypatch.undo()
     assert main(["train", "demo", "--out", str(run), *TINY]) == 0
     manifest = store.read_manifest(run)

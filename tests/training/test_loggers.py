@@ -2,6 +2,7 @@
 snapshot.measure, each snapshot's metrics equal to what `nctools analyze` reports."""
 
 import dataclasses
+import shutil
 
 import pandas as pd
 import pytest
@@ -9,12 +10,12 @@ from mlflow.tracking import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from nctools import analyze, train
-from nctools.config.schema import validate
-from nctools.errors import ConfigError
+from nctools.config.schema import load_config, validate
+from nctools.errors import ConfigError, RunError
 from nctools.runs import store
 from nctools.runs.layout import HISTORY_FILE, LOGS_DIR
 from nctools.training.loggers import mlflow_uri
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, tree_hashes
 
 
 def test_tensorboard_and_mlflow_receive_history_and_snapshot_metrics(tmp_path):
@@ -189,3 +190,31 @@ def test_the_runs_of_a_sweep_share_one_mlflow_store(tmp_path, monkeypatch):
     assert mlflow_uri(point) == f"sqlite:///{(tmp_path / 'sw' / 'mlflow.db').resolve()}"
     alone = tmp_path / "run"
     assert mlflow_uri(alone) == f"sqlite:///{(alone / LOGS_DIR / 'mlflow.db').resolve()}"
+
+
+def test_a_logs_link_to_nowhere_is_refused_before_the_run_folder_changes(tmp_path):
+    """RUN/logs a link to a cleaned scratch disk: one RunError naming the link and where it
+    leads, before anything is written (config.yaml of the extended run was rewritten and
+    run.json left saying "running"); once the folder exists, the run extends as usual."""
+    run = train(tiny_config(loggers=["tensorboard"], epochs=2), tmp_path / "run")
+    shutil.rmtree(run / LOGS_DIR)
+    scratch = tmp_path / "scratch" / "logs"
+    (run / LOGS_DIR).symlink_to(scratch)
+    before = tree_hashes(run)
+    extended = tiny_config(loggers=["tensorboard"], epochs=3)
+    with pytest.raises(RunError) as raised:
+        train(extended, run, resume=True)
+    assert str(raised.value).startswith(
+        f"{run / LOGS_DIR}: is a symbolic link to {scratch}, which does not exist")
+    assert "\n" not in str(raised.value)
+    assert tree_hashes(run) == before
+    assert store.read_manifest(run)["status"] == "completed"
+    assert load_config(run / "config.yaml").train.epochs == 2
+
+    scratch.mkdir(parents=True)
+    train(extended, run, resume=True)
+    events = EventAccumulator(str(run / LOGS_DIR))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train_loss")] == [3]
+    assert store.read_manifest(run)["status"] == "completed"
+    assert load_config(run / "config.yaml").train.epochs == 3

@@ -440,8 +440,8 @@ def test_snapshot_schedule_is_the_config_one(full_run):
 
 def test_a_run_that_failed_before_its_first_epoch_restarts_with_a_changed_config(
         tmp_path, monkeypatch):
-    """A logger library that cannot be opened stops the run before epoch 1 (run.json left
-    at "running", no epoch done): the folder then takes the corrected config, as a new
+    """A logger library that cannot be opened stops the run before epoch 1 (run.json says
+    "failed" and why, no epoch done): the folder then takes the corrected config, as a new
     run would, instead of refusing it as another run's."""
     def missing(*args, **kwargs):
         raise ImportError("No module named 'tensorboard'")
@@ -450,7 +450,8 @@ def test_a_run_that_failed_before_its_first_epoch_restarts_with_a_changed_config
     run = tmp_path / "run"
     with pytest.raises(ImportError, match="tensorboard"):
         T.train(tiny_config(loggers=["tensorboard"]), run)
-    assert store.read_manifest(run)["status"] == "running"
+    assert store.read_manifest(run)["status"] == "failed"
+    assert "No module named 'tensorboard'" in store.read_manifest(run)["error"]
     assert store.read_manifest(run)["epochs_done"] == 0
     monkeypatch.undo()
     fixed = helpers.tiny_config(epochs=2)  # also fewer epochs: a new run, not a shorter one
