@@ -42,7 +42,7 @@ from torch import Tensor
 
 from nctools.metrics import functional, vocab
 from nctools.metrics.decisions import DecisionTally
-from nctools.metrics.inputs import check_pass_rows
+from nctools.metrics.inputs import check_pass_classes, check_pass_rows
 from nctools.metrics.stats import ClassStats
 
 F64 = torch.float64
@@ -347,10 +347,16 @@ class Engine:
     def _close_second(self) -> None:
         for layer in self.layers.values():
             assert layer.stats is not None and layer.first is not None
-            first_rows = (layer.first.num_samples if self.remap is None else
-                          int(layer.first.counts[self.remap.to(layer.first.counts.device)
-                                                 >= 0].sum()))
-            check_pass_rows(first_rows, layer.stats.num_samples, self.source)
+            first = layer.first.counts.to(layer.stats.counts.dtype)
+            ids = torch.arange(first.numel(), device=first.device)
+            if self.remap is not None:  # the second pass counts the measured classes only
+                remap = self.remap.to(first.device)
+                kept = torch.nonzero(remap >= 0).flatten()
+                first = torch.zeros_like(layer.stats.counts).index_copy(0, remap[kept],
+                                                                         first[kept])
+                ids = torch.zeros_like(kept).index_copy(0, remap[kept], kept)
+            check_pass_rows(int(first.sum()), layer.stats.num_samples, self.source)
+            check_pass_classes(first, layer.stats.counts, ids, self.source)
             if self.sync and layer.tally is not None:
                 dist.all_reduce(layer.tally.tallied, op=dist.ReduceOp.SUM, group=self.group)
         if self.sync and self.sampler is not None:

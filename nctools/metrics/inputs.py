@@ -80,3 +80,20 @@ def check_pass_rows(first: int, again: int, source: str = "chunks") -> None:
         raise ValueError(f"{source} yielded {first} rows on the first pass and {again} on "
                          "the second: it must return the same rows on every call (an "
                          "exhausted iterator?)")
+
+
+def check_pass_classes(first: Tensor, again: Tensor, classes: Tensor,
+                       source: str = "chunks") -> None:
+    """ValueError when the two passes of a measurement counted other samples per class,
+    though as many in all: ``first`` and ``again`` are the (C',) counts of the classes
+    measured, ``classes`` (C',) their labels. The class means of the first pass would
+    then centre samples they were not taken from (a shuffled loader with
+    ``drop_last=True``, or a random sampler)."""
+    differ = torch.nonzero(first != again).flatten()
+    if differ.numel():
+        k = int(differ[torch.argmin(classes[differ])])  # the smallest label that differs
+        raise ValueError(f"{source} yielded other samples on its second pass: class "
+                         f"{int(classes[k])} had {int(first[k])} on the first and "
+                         f"{int(again[k])} on the second; it must return the same samples on "
+                         "every call (not a shuffled loader with drop_last=True, nor a "
+                         "random sampler)")

@@ -153,6 +153,61 @@ def test_a_loader_with_fewer_rows_on_its_second_pass_is_refused():
         nctools.measure_model(net, Shrinking(data), layers=["0", "4"])
 
 
+class ShuffledDropLast:
+    """A shuffled DataLoader with drop_last=True, as a two-pass source: each pass keeps
+    16 of the 24 samples, a different 16 (as many rows, other labels)."""
+
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor):
+        self.inputs, self.labels, self.calls = inputs, labels, 0
+
+    def __iter__(self):
+        order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(
+            self.calls))[:16]
+        self.calls += 1
+        yield self.inputs[order[:8]], self.labels[order[:8]]
+        yield self.inputs[order[8:]], self.labels[order[8:]]
+
+
+def test_a_loader_with_other_samples_on_its_second_pass_is_refused():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 4))
+    inputs, labels = torch.randn(24, 3, 6, 6), torch.arange(24) % 4
+    data = ShuffledDropLast(inputs, labels)
+    first = torch.bincount(labels[torch.randperm(24, generator=torch.Generator()
+                                                 .manual_seed(0))[:16]], minlength=4)
+    second = torch.bincount(labels[torch.randperm(24, generator=torch.Generator()
+                                                  .manual_seed(1))[:16]], minlength=4)
+    k = int(torch.nonzero(first != second)[0])
+    with pytest.raises(ValueError, match=rf"^data yielded other samples on its second pass: "
+                                         rf"class {k} had {int(first[k])} on the first and "
+                                         rf"{int(second[k])} on the second"):
+        nctools.measure_model(net, data, layers=["4"])
+
+
+def test_chunks_with_swapped_labels_on_the_second_pass_are_refused_naming_the_class():
+    """measure_chunks with a top_k filter: the class named is the label, not its index
+    among the classes kept."""
+    from nctools.metrics.measure import measure_chunks
+
+    torch.manual_seed(0)
+    labels = torch.tensor([0] * 2 + [1] * 6 + [2] * 4 + [3] * 8)
+    features = torch.randn(20, 5) + 3 * torch.eye(4, 5)[labels]
+    calls = []
+
+    def stream():
+        calls.append(1)
+        again = labels.clone()
+        if len(calls) == 2:
+            again[2], again[8] = 2, 1  # one sample of class 1 becomes class 2, one 2 a 1
+            again[3] = 3  # and one of class 1 a 3: class 1 has 5 on the second pass
+        yield features, again
+
+    with pytest.raises(ValueError, match=r"^chunks yielded other samples on its second pass: "
+                                         r"class 1 had 6 on the first and 5 on the second"):
+        measure_chunks(stream, num_classes=4, top_k=3)
+
+
 def test_a_float64_network_is_measured_in_its_own_precision():
     """Features 1e6 from the origin with a within-class spread of 1e-3: float32 keeps
     steps of 0.06 there, so a cast would leave no spread to measure."""
