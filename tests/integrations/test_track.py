@@ -164,6 +164,7 @@ def test_track_of_an_lm_names_what_is_wrong():
         with pytest.raises(ValueError, match=r"^labels: shape \(2, 5\), but the last forward "
                                              r"pass had \(B, T\) = \(2, 6\) token positions"):
             tracker.update(ids[:, :5])
+    assert isinstance(nctools.track(model, layer="lm_head"), TokenTracker)  # the LM head
     # another layer than the LM head: measured as a classifier's input, as for any model
     assert not isinstance(nctools.track(model, layer="transformer.ln_f", num_classes=VOCAB),
                           TokenTracker)
