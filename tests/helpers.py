@@ -1,6 +1,6 @@
 """What several test files share: tiny run configs, class clusters, free ports, forked
-gloo ranks, tree hashes, and a user network factory (``tests.helpers:make_net`` on the
-command line)."""
+gloo ranks, tree hashes, a user network factory (``tests.helpers:make_net`` on the
+command line), and language-model batches with their token samples built by hand."""
 
 from __future__ import annotations
 
@@ -171,3 +171,50 @@ def tiny_bert(num_classes: int = 3) -> nn.Module:
                         max_position_embeddings=8)
     return BertForSequenceClassification(config)
 
+
+
+IGNORE = -100  # the label Hugging Face's losses skip
+
+
+def lm_batches(vocab: int, masked: bool, count: int = 4, seed: int = 3
+               ) -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches (B = 3, T = 12), tokens from a small Zipf-like alphabet so that
+    classes repeat; some labels -100; a masked LM's labels on a random 40% of positions."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = 1.0 / torch.arange(1, vocab, dtype=torch.float64)  # not 0: BERT's zero pad row
+    out = []
+    for _ in range(count):
+        ids = 1 + torch.multinomial(weights, 36, replacement=True, generator=gen).view(3, 12)
+        mask = torch.ones(3, 12, dtype=torch.long)
+        mask[1, 9:] = 0
+        mask[2, 5:] = 0
+        labels = ids.masked_fill(mask == 0, IGNORE)
+        labels[0, 3] = IGNORE
+        if masked:
+            chosen = torch.rand(3, 12, generator=gen) < 0.4
+            labels = labels.masked_fill(~chosen, IGNORE)
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+def hand_token_samples(model: nn.Module, batches: list[dict[str, torch.Tensor]],
+                       causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (features, labels) pairs of a GPT-2 or BERT model's loss, by hand from its last
+    hidden states, position by position: a causal LM's position t labelled with the token
+    at t + 1, a masked LM's labelled positions; padding and -100 labels left out."""
+    feats, labs = [], []
+    for batch in batches:
+        with torch.no_grad():
+            hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           output_hidden_states=True).hidden_states[-1]
+            if not causal:  # BERT's head has a transform before the decoder: its input
+                hidden = model.cls.predictions.transform(hidden)
+        mask, labels = batch["attention_mask"], batch["labels"]
+        for b in range(labels.shape[0]):
+            for t in range(labels.shape[1] - 1 if causal else labels.shape[1]):
+                label = labels[b, t + 1] if causal else labels[b, t]
+                real = mask[b, t] and (mask[b, t + 1] if causal else True)
+                if real and label != IGNORE:
+                    feats.append(hidden[b, t])
+                    labs.append(int(label))
+    return torch.stack(feats), torch.tensor(labs)

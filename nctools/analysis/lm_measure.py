@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from nctools.metrics.measure import measure_chunks
+from nctools.metrics.vocab import VocabularyOptions
 from nctools.models.tokens import IGNORE_INDEX, Task, lm_head, lm_task, lm_token_samples
 
 Batches = Iterable[Mapping[str, Tensor]]
@@ -80,17 +81,17 @@ def measure_language_model(
     if task is None:
         raise ValueError(f"model: {type(model).__name__} is not a causal or masked LM "
                          "(*ForCausalLM, *LMHeadModel, *ForMaskedLM)")
+    options = VocabularyOptions(min_count=min_count, top_k=top_k, cdnv_power=cdnv_power,
+                                global_mean=global_mean, ncc_samples=ncc_samples,
+                                etf_without_simplex=etf_without_simplex)
     weight, bias = lm_head(model)
     fresh = _fresh(batches)
 
     def chunks() -> Iterator[tuple[Tensor, Tensor]]:
         return lm_token_samples(model, fresh(), task, ignore_index)
 
-    result, _ = measure_chunks(
-        chunks, weight, bias, device=device, group=group, global_mean=global_mean,
-        drop_empty=True, min_count=min_count, top_k=top_k, cdnv_power=cdnv_power,
-        ncc_samples=ncc_samples, argmax_all_classes=True,
-        etf_without_simplex=etf_without_simplex)
+    result, _ = measure_chunks(chunks, weight, bias, device=device, group=group,
+                               **options.measure_options())
     return result
 
 

@@ -2,7 +2,9 @@
 (:class:`Schedule`), which layer (:func:`resolve_layer`), the eval-mode no-grad hooked
 passes (:func:`evaluating`, :func:`feature_chunks`), how a batch splits into inputs and
 labels (:func:`split_batch`, as the ecosystems' loaders yield them), and the measurement of
-each split under its logged name (:func:`measure_splits`, :class:`SplitKeys`).
+each split under its logged name (:func:`measure_splits`, :class:`SplitKeys`). A language
+model is measured token by token instead (:func:`language_model`,
+:func:`measure_token_splits`; docs/language-models.md).
 
 Usage (by :mod:`nctools.integrations.lightning`, :mod:`nctools.integrations.hf` and
 :mod:`nctools.integrations.track`)::
@@ -16,11 +18,18 @@ Each split's features are the input of the classifier ``layer`` (W, b), taken wi
 forward pre-hook; measured in two streaming passes by ``measure_chunks`` (the first
 spilled to a temporary folder for the second: :mod:`nctools.integrations.spill`). Under
 DDP the statistics are summed over every process of the run.
+
+A Hugging Face language model (``*ForCausalLM``, ``*LMHeadModel``, ``*ForMaskedLM``, or a
+module holding one) has (B, T) token labels: its samples are the LM head's inputs paired
+with the tokens they predict, as its own loss pairs them
+(:func:`nctools.models.tokens.lm_token_samples`), measured with the vocabulary-scale
+conventions of :class:`nctools.metrics.vocab.VocabularyOptions`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -35,7 +44,16 @@ from torch import Tensor, nn
 from nctools.integrations.spill import spilled
 from nctools.metrics.engine import ReferenceMeans
 from nctools.metrics.measure import measure_chunks
+from nctools.metrics.vocab import VocabularyOptions
 from nctools.models.features import InputOf, last_linear
+from nctools.models.tokens import (
+    Task,
+    find_language_model,
+    lm_head,
+    lm_task,
+    lm_token_samples,
+    output_embeddings,
+)
 
 SplitChunks = Callable[[], Iterable[tuple[Tensor, Tensor]]]
 Unpack = Callable[[Any], tuple[Any, Tensor]]
@@ -44,7 +62,7 @@ LABEL_KEYS = ("labels", "label", "y")  # a dict batch's labels, the first key pr
 
 class UnmeasurableError(ValueError):
     """The model's batches give no (features (n, D), labels (n,)) pairs the suite measures
-    (a language model's (B, T) token labels, say): the callbacks warn and skip."""
+    (a token classifier's (B, T) labels, say): the callbacks warn and skip."""
 
 
 # --------------------------------------------------------------------------- the due rule
@@ -137,25 +155,34 @@ class LayerInput(InputOf):
 
 
 @contextlib.contextmanager
-def evaluating(model: nn.Module, layer: nn.Module, name: str) -> Iterator[LayerInput]:
-    """Eval mode, no grad and a hook at ``layer``'s input; the model's mode and the random
-    number generators' states restored after.
+def eval_mode(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Eval mode and no grad; the model's mode and the random number generators' states
+    (the CPU's, and ``device``'s when it is a GPU) restored after.
 
     The paper's metrics are those of the network as it is used at test time (batch-norm
     running statistics, no dropout). A loader's shuffling draws from torch's generator:
     restoring it leaves the training run's own draws (batches, dropout) as they would be
     without the measurement."""
     was_training = model.training
-    device = layer.weight.device if isinstance(layer, nn.Linear) else torch.device("cpu")
     model.eval()
-    hook = LayerInput(layer, name)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
                 torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module, layer: nn.Module, name: str) -> Iterator[LayerInput]:
+    """:func:`eval_mode` with a hook at ``layer``'s input, removed after."""
+    device = layer.weight.device if isinstance(layer, nn.Linear) else torch.device("cpu")
+    hook = LayerInput(layer, name)
+    try:
+        with eval_mode(model, device):
             yield hook
     finally:
         hook.remove()
-        model.train(was_training)
 
 
 def split_batch(batch: Any, label_key: str | None = None) -> tuple[Any, Tensor]:
@@ -206,6 +233,76 @@ def feature_chunks(model: nn.Module, hook: LayerInput, loaders: Any, unpack: Unp
             yield features, labels.to(device)
 
 
+# ------------------------------------------------------------------- language models
+@dataclass(frozen=True)
+class LanguageModel:
+    """A Hugging Face language model measured token by token: ``model`` runs on the dict
+    batches, its LM head (``get_output_embeddings()``) is the classifier."""
+
+    model: nn.Module
+    task: Task
+
+
+def language_model(model: nn.Module, layer: str | nn.Module | None) -> LanguageModel | None:
+    """The language model whose token samples a callback or ``track`` measures: ``model``
+    itself or its first submodule of a language-model class (:func:`lm_task`), when
+    ``layer`` is None or that model's LM head (by module name of ``model`` or itself);
+    None otherwise (``model`` is measured at the input of the classifier ``layer``)."""
+    found = find_language_model(model)
+    if found is None:
+        return None
+    if layer is not None:
+        chosen = dict(model.named_modules()).get(layer) if isinstance(layer, str) else layer
+        if chosen is not output_embeddings(found):
+            return None
+    task = lm_task(found)
+    assert task is not None, "find_language_model returns a model of a known task"
+    return LanguageModel(found, task)
+
+
+def measured_model(model: nn.Module, layer: str | nn.Linear | None,
+                   vocabulary_given: bool) -> LanguageModel | None:
+    """What a callback measures of ``model`` (checked when the training starts, so a wrong
+    ``layer`` fails before the first epoch): a language model's tokens, or None for the
+    input of the classifier ``layer`` (:func:`resolve_layer`). ``vocabulary_given``: the
+    callback was given vocabulary options, which only a language model takes."""
+    target = language_model(model, layer)
+    if target is None:
+        resolve_layer(model, layer)
+        if vocabulary_given:
+            raise ValueError(f"vocabulary: options of a language model's token samples, but "
+                             f"{type(model).__name__} is measured at the input of a "
+                             "classifier layer (leave vocabulary unset)")
+    return target
+
+
+def token_chunks(target: LanguageModel, loaders: Any) -> Iterator[tuple[Tensor, Tensor]]:
+    """(features (N, D), labels (N,)) of every batch of ``loaders`` (a loader or a list of
+    them): the token samples of :func:`nctools.models.tokens.lm_token_samples`."""
+    for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+        yield from lm_token_samples(target.model, loader, target.task)
+
+
+def measure_token_splits(
+    target: LanguageModel,
+    loaders: Mapping[str, Any],
+    keys: SplitKeys,
+    options: VocabularyOptions,
+    reuse_features: bool = True,
+    spill_dir: str | os.PathLike | None = None,
+) -> dict[str, float]:
+    """The metrics of the token samples of each split of ``loaders`` (in their order; a
+    loader or a list of them, whose batches are dicts of ``input_ids``, ``attention_mask``,
+    ``labels`` (B, T)), named by ``keys``: :func:`measure_splits` on the language model
+    run in :func:`eval_mode`, its LM head the classifier."""
+    weight, bias = lm_head(target.model)
+    with eval_mode(target.model, weight.device):
+        chunks = {split: functools.partial(token_chunks, target, loader)
+                  for split, loader in loaders.items()}
+        return measure_splits(chunks, (weight, bias), weight.device, keys, reuse_features,
+                              spill_dir, token_options=options)
+
+
 # ------------------------------------------------------------------- measuring the splits
 @dataclass(frozen=True)
 class SplitKeys:
@@ -234,38 +331,47 @@ class SplitKeys:
 
 def measure_splits(
     chunks: Mapping[str, SplitChunks],
-    layer: nn.Linear,
+    layer: nn.Linear | tuple[Tensor, Tensor | None],
     device: torch.device | str,
     keys: SplitKeys,
     reuse_features: bool = True,
     spill_dir: str | os.PathLike | None = None,
     train_means: ReferenceMeans | None = None,
+    token_options: VocabularyOptions | None = None,
 ) -> dict[str, float]:
     """The metrics of every split in ``chunks`` (in their order), named by ``keys``.
 
     Each value of ``chunks`` returns a fresh iterable of (features (n, D), labels (n,)) at
-    the input of ``layer``, the classifier W (C, D), b (C,). Splits after ``train`` take
-    its class means for NC4 (docs/metrics.md, "On other data"); ``train_means`` carries
-    them between calls. Under DDP each process passes its own shard and the statistics are
-    summed over every process of the run.
+    the input of ``layer``, the classifier W (C, D), b (C,) (the module, or the pair).
+    Splits after ``train`` take its class means for NC4 (docs/metrics.md, "On other
+    data"); ``train_means`` carries them between calls. Under DDP each process passes its
+    own shard and the statistics are summed over every process of the run.
+
+    ``token_options``: the chunks are a language model's token samples, measured with
+    these options; each split's NC4 then takes its own class means (the tokens measured
+    differ from split to split).
 
     With ``reuse_features`` each split's chunks are produced once and spilled to a temporary
     folder in ``spill_dir`` for the second pass; without, ``chunks[split]`` is called twice.
     """
     values: dict[str, float] = {}
     train_means = ReferenceMeans() if train_means is None else train_means
+    weight, bias = (layer.weight, layer.bias) if isinstance(layer, nn.Linear) else layer
+    options = {} if token_options is None else token_options.measure_options()
     for split, source in chunks.items():
         passes: AbstractContextManager[SplitChunks] = (
             spilled(source, spill_dir) if reuse_features else nullcontext(source))
         with passes as split_chunks:
             result, means = measure_chunks(
                 split_chunks,
-                layer.weight.detach(),
-                None if layer.bias is None else layer.bias.detach(),
-                class_means=train_means.for_split(split),
+                weight.detach(),
+                None if bias is None else bias.detach(),
+                class_means=None if token_options else train_means.for_split(split),
                 device=device,
                 group=dist.group.WORLD,  # None outside DDP: this process alone
+                **options,
             )
-        train_means.keep(split, means)
+        if token_options is None:
+            train_means.keep(split, means)
         values.update(keys.name(split, result))
     return values

@@ -29,8 +29,14 @@ row). Keys: ``nc/<metric>`` for the training split and ``eval_nc/<metric>`` for 
 split, as the Trainer names ``loss`` and ``eval_loss``; the integrations show them as
 ``train/nc/nc1`` and ``eval/nc/nc1``.
 
-A batch the suite cannot measure (a causal language model's (B, T) token labels) gets
-one warning and no measurement; the training goes on.
+A language model (``*ForCausalLM``, ``*LMHeadModel``, ``*ForMaskedLM``) is measured
+token by token (docs/language-models.md): its LM head is the classifier, each position of
+a dict batch (``input_ids``, ``attention_mask``, ``labels`` (B, T)) that its own loss
+counts is a sample, labelled with the token it predicts (:mod:`nctools.models.tokens`),
+with the vocabulary-scale options ``vocabulary`` (``min_count``, ``top_k``, ...). Each
+split's NC4 then takes its own class means. Other batches the suite cannot measure (a
+token classifier's (B, T) labels) get one warning and no measurement; the training goes
+on.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import functools
 import inspect
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -49,6 +55,7 @@ from transformers.trainer_callback import CallbackHandler
 from nctools.integrations import core
 from nctools.integrations.spill import check_reuse
 from nctools.metrics.engine import ReferenceMeans
+from nctools.metrics.vocab import VocabularyOptions
 
 HF_KEYS = core.SplitKeys({"train": "nc/", "eval": "eval_nc/"})
 Event = tuple[TrainingArguments, TrainerState, TrainerControl, dict[str, Any]]
@@ -72,6 +79,10 @@ class NeuralCollapseCallback(TrainerCallback):
             the second pass (N x D x itemsize bytes per split); False: run it twice.
         spill_dir: where the temporary spill folder goes (default: the system's
             temporary folder); only with ``reuse_features``.
+        vocabulary: a language model's options (a dict, or
+            :class:`~nctools.metrics.vocab.VocabularyOptions`): ``min_count``, ``top_k``,
+            ``cdnv_power``, ``global_mean``, ``ncc_samples``, ``etf_without_simplex``, as
+            ``measure_language_model`` takes them; only for a language model.
     """
 
     def __init__(
@@ -85,6 +96,7 @@ class NeuralCollapseCallback(TrainerCallback):
         label_key: str = "labels",
         reuse_features: bool = True,
         spill_dir: str | os.PathLike | None = None,
+        vocabulary: VocabularyOptions | Mapping[str, Any] | None = None,
     ) -> None:
         self.schedule = core.Schedule(None if epochs is None else frozenset(int(e) for e in epochs),
                                  every_n_epochs, every_n_steps)
@@ -96,6 +108,8 @@ class NeuralCollapseCallback(TrainerCallback):
         check_reuse(reuse_features, spill_dir)
         self.reuse_features, self.spill_dir = reuse_features, spill_dir
         self.layer, self.at_evaluate, self.label_key = layer, at_evaluate, label_key
+        self.vocabulary = VocabularyOptions.of("vocabulary", vocabulary)
+        self._vocabulary_given = vocabulary is not None
         self._handler: CallbackHandler | None = None
         self._active = True  # False: a duplicate of an earlier NeuralCollapseCallback
         self._skipped = False  # one warning for an input the suite cannot measure
@@ -110,7 +124,8 @@ class NeuralCollapseCallback(TrainerCallback):
             self._handler = handler  # twice, the same callback sees each event twice
             self._active = _first_of_kind(self, handler)
             self._done, self._skipped, self._train_means = (-1, set()), False, ReferenceMeans()
-        core.resolve_layer(kwargs["model"], self.layer)  # a wrong layer fails before training
+        # a wrong layer fails before training
+        core.measured_model(kwargs["model"], self.layer, self._vocabulary_given)
         never = self.schedule.unreachable(state.num_train_epochs if args.max_steps <= 0
                                           else None)
         if never:
@@ -139,7 +154,13 @@ class NeuralCollapseCallback(TrainerCallback):
     def measure(self, model: nn.Module, loaders: dict[str, Any]) -> dict[str, float]:
         """{``nc/<metric>`` and ``eval_nc/<metric>``: value} of the model as it is now,
         over ``loaders`` (``{"train": loader, "eval": loader}``, the chosen splits that
-        have one). The eval split's NC4 takes the train split's latest class means."""
+        have one). The eval split's NC4 takes the train split's latest class means (a
+        language model's, its own)."""
+        target = core.language_model(model, self.layer)
+        if target is not None:
+            chosen = {s: loaders[s] for s in self.splits if loaders.get(s) is not None}
+            return core.measure_token_splits(target, chosen, HF_KEYS, self.vocabulary,
+                                             self.reuse_features, self.spill_dir)
         name, layer = core.resolve_layer(model, self.layer)
         device = layer.weight.device
         unpack = functools.partial(core.split_batch, label_key=self.label_key)

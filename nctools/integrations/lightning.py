@@ -21,6 +21,14 @@ pads a split to a multiple of the world size counts its repeated samples twice).
 of the val split use the train split's class means for NC4 (docs/metrics.md, "On other data")
 when both are measured.
 
+A LightningModule that holds a Hugging Face language model (``*ForCausalLM``,
+``*LMHeadModel``, ``*ForMaskedLM``; its first such submodule) and is fed dict batches of
+``input_ids``, ``attention_mask``, ``labels`` (B, T) is measured token by token
+(docs/language-models.md): that model runs on each batch, its LM head is the classifier,
+each position its own loss counts is a sample labelled with the token it predicts
+(:mod:`nctools.models.tokens`), with the vocabulary-scale options ``vocabulary``; each
+split's NC4 takes its own class means. Its token features are not written as snapshots.
+
 With ``save_snapshots=True`` the callback also writes an nctools run directory, so that
 ``nctools analyze RUN`` and ``nctools plot RUN`` work on the Lightning run as on one of
 ``nctools train`` (:mod:`nctools.integrations.run_files`, through the same writers)::
@@ -49,7 +57,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,11 +76,15 @@ from nctools.integrations.core import (
     check_layer_arg,
     evaluating,
     feature_chunks,
+    language_model,
     measure_splits,
+    measure_token_splits,
+    measured_model,
     resolve_layer,
     split_batch,
 )
 from nctools.integrations.spill import check_reuse
+from nctools.metrics.vocab import VocabularyOptions
 from nctools.runs import snapshots
 from nctools.runs.layout import CONFIG_FILE
 from nctools.runs.resume import open_external_run
@@ -111,6 +123,10 @@ class NeuralCollapseCallback(pl.Callback):
             the second pass (N x D x itemsize bytes per split); False: run it twice.
         spill_dir: where the temporary spill folder goes (default: the system's
             temporary folder); only with ``reuse_features``.
+        vocabulary: a language model's options (a dict, or
+            :class:`~nctools.metrics.vocab.VocabularyOptions`): ``min_count``, ``top_k``,
+            ``cdnv_power``, ``global_mean``, ``ncc_samples``, ``etf_without_simplex``, as
+            ``measure_language_model`` takes them; only for a language model.
 
     Logged with ``pl_module.log_dict`` as ``nc/<split>/<metric>`` (docs/metrics.md keys).
     """
@@ -130,6 +146,7 @@ class NeuralCollapseCallback(pl.Callback):
         tpt_accuracy: float = 0.999,
         reuse_features: bool = True,
         spill_dir: str | os.PathLike | None = None,
+        vocabulary: VocabularyOptions | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         # Lightning's epochs are 0-based; the schedule counts epochs completed
@@ -155,13 +172,20 @@ class NeuralCollapseCallback(pl.Callback):
         self.run_dir: Path | None = None
         self._epoch_started = time.perf_counter()
         self.layer, self.unpack = layer, unpack
+        self.vocabulary = VocabularyOptions.of("vocabulary", vocabulary)
+        self._vocabulary_given = vocabulary is not None
 
     def due(self, epoch: int) -> bool:
         """Whether Lightning's (0-based) ``epoch`` is measured."""
         return self.schedule.epoch_due(epoch + 1)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        resolve_layer(pl_module, self.layer)  # a wrong layer fails now, not after an epoch
+        # a wrong layer fails now, not after an epoch
+        target = measured_model(pl_module, self.layer, self._vocabulary_given)
+        if target is not None and self.save_snapshots:
+            raise ValueError(f"save_snapshots: {type(target.model).__name__} is measured token "
+                             "by token, and token features are not written as snapshots; "
+                             "leave save_snapshots unset")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         total = trainer.max_epochs
@@ -206,6 +230,10 @@ class NeuralCollapseCallback(pl.Callback):
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """{``nc/<split>/<metric>``: value} for this epoch's model."""
+        target = language_model(pl_module, self.layer)
+        if target is not None:
+            return measure_token_splits(target, self._loaders(trainer), LIGHTNING_KEYS,
+                                        self.vocabulary, self.reuse_features, self.spill_dir)
         name, layer = resolve_layer(pl_module, self.layer)
         with evaluating(pl_module, layer, name) as hook:
             chunks = {split: functools.partial(feature_chunks, pl_module, hook, loader,

@@ -44,6 +44,7 @@ from nctools.metrics import functional, vocab
 from nctools.metrics.decisions import DecisionTally
 from nctools.metrics.inputs import check_pass_classes, check_pass_rows
 from nctools.metrics.stats import ClassStats
+from nctools.metrics.vocab import check_vocabulary_options
 
 F64 = torch.float64
 
@@ -74,8 +75,6 @@ CLASSIFIER_FREE_KEYS = (
     "equinorm_means", "equiangular_means", "maxangle_means", "etf_means",
     "gnc2_means", "gnc2_energy_means", "ncc_accuracy",
 )  # fmt: skip
-
-GLOBAL_MEANS = ("samples", "classes")
 
 # The keys whose target is the simplex ETF: C unit vectors with pairwise cosine -1/(C-1)
 # exist only in D >= C - 1 dimensions, so for C > D + 1 (a vocabulary) they can be left
@@ -571,19 +570,6 @@ class ReferenceMeans:
             full[classes] = means
             means = full
         self.means = means
-
-
-def check_vocabulary_options(min_count: int, top_k: int | None, cdnv_power: int,
-                             ncc_samples: int | None) -> None:
-    """The vocabulary-scale options of :class:`Engine`, each named when wrong."""
-    for name, value, low in (("min_count", min_count, 1), ("top_k", top_k, 1),
-                             ("ncc_samples", ncc_samples, 1)):
-        if value is None and name != "min_count":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if cdnv_power not in vocab.CDNV_POWERS:
-        raise ValueError(f"cdnv_power must be 1 or 2, got {cdnv_power!r}")
 
 
 class _Sampler:

@@ -28,7 +28,6 @@ from torch import Tensor
 from nctools.metrics.engine import (
     BEYOND_KEYS,
     CLASSIFIER_FREE_KEYS,
-    GLOBAL_MEANS,
     METRIC_KEYS,
     Engine,
     Layer,
@@ -41,6 +40,7 @@ from nctools.metrics.inputs import (
     dtype_name,
 )
 from nctools.metrics.stats import ClassStats
+from nctools.metrics.vocab import GLOBAL_MEANS
 
 __all__ = ["BEYOND_KEYS", "CLASSIFIER_FREE_KEYS", "METRIC_KEYS", "class_means", "measure",
            "measure_chunks"]

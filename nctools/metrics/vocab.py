@@ -6,6 +6,8 @@ Usage::
 
     kept = frequent_classes(counts, min_count=10)          # (C',) class ids, ascending
     value = cdnv(class_means[kept], class_variances[kept], power=2)
+    options = VocabularyOptions(min_count=10, global_mean="classes")
+    metrics, _ = measure_chunks(token_chunks, weight, bias, **options.measure_options())
 
 A vocabulary has tens of thousands of classes, most of them rare: a class seen a few times
 has no usable mean, so the paper measures the classes with enough samples. CDNV's pairs
@@ -15,14 +17,96 @@ are C^2 / 2 at C = 50,000 (1.25e9), so they are summed in row tiles of at most
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
 TILE_ELEMENTS = 1 << 21  # entries of one (rows, C) tile: 16 MiB of float64
 CDNV_POWERS = (1, 2)
+GLOBAL_MEANS = ("samples", "classes")
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabularyOptions:
+    """How a language model's token samples are measured (docs/language-models.md, "The
+    conventions"): the options every entry point of a language model shares
+    (``measure_language_model``, ``nctools measure --model hf:``, the training callbacks,
+    ``track``), each checked here and named when wrong.
+
+    Args:
+        min_count, top_k: measure only the tokens with at least ``min_count`` samples,
+            then the ``top_k`` most frequent (Wu & Papyan 2024's ``--min_per_class``).
+        cdnv_power: 1, or 2 as the Linguistic Collapse code (||mu_c - mu_c'||^4).
+        global_mean: ``"samples"`` (Papyan et al. 2020's mu_G) or ``"classes"`` (the mean
+            of the class means, Wu & Papyan's centre).
+        ncc_samples: NC4 on this many evenly spaced tokens (its cost is N x V x D).
+        etf_without_simplex: compute the simplex-ETF keys also when C > D + 1 (by
+            default NaN with a warning there: no simplex ETF exists).
+    """
+
+    min_count: int = 1
+    top_k: int | None = None
+    cdnv_power: int = 1
+    global_mean: str = "samples"
+    ncc_samples: int | None = None
+    etf_without_simplex: bool = False
+
+    def __post_init__(self) -> None:
+        check_vocabulary_options(self.min_count, self.top_k, self.cdnv_power,
+                                 self.ncc_samples)
+        if self.global_mean not in GLOBAL_MEANS:
+            raise ValueError(f"global_mean must be one of {GLOBAL_MEANS}, "
+                             f"got {self.global_mean!r}")
+        if not isinstance(self.etf_without_simplex, bool):
+            raise ValueError("etf_without_simplex must be True or False, "
+                             f"got {self.etf_without_simplex!r}")
+
+    @classmethod
+    def of(cls, name: str, given: VocabularyOptions | Mapping[str, Any] | None
+           ) -> VocabularyOptions:
+        """``given`` as options: itself, the defaults for None, or a mapping of the
+        fields (as a YAML config or LightningCLI gives it); a ValueError naming ``name``
+        and the unknown keys otherwise."""
+        if given is None:
+            return cls()
+        if isinstance(given, cls):
+            return given
+        if not isinstance(given, Mapping):
+            raise ValueError(f"{name} must be a mapping of {', '.join(cls.fields())}, "
+                             f"got {type(given).__name__}")
+        unknown = sorted(str(key) for key in given if key not in cls.fields())
+        if unknown:
+            raise ValueError(f"{name}: {', '.join(unknown)} not among the options of a "
+                             f"language model's token samples ({', '.join(cls.fields())})")
+        return cls(**given)
+
+    @classmethod
+    def fields(cls) -> tuple[str, ...]:
+        return tuple(field.name for field in dataclasses.fields(cls))
+
+    def measure_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``measure_chunks`` for token samples: these options,
+        the tokens that occur as labels as the classes (``drop_empty``), and the LM
+        head's argmax over the whole vocabulary as NC4's classifier."""
+        return {**dataclasses.asdict(self), "drop_empty": True, "argmax_all_classes": True}
+
+
+def check_vocabulary_options(min_count: int, top_k: int | None, cdnv_power: int,
+                             ncc_samples: int | None) -> None:
+    """The vocabulary-scale options of the measurement engine, each named when wrong."""
+    for name, value, low in (("min_count", min_count, 1), ("top_k", top_k, 1),
+                             ("ncc_samples", ncc_samples, 1)):
+        if value is None and name != "min_count":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if cdnv_power not in CDNV_POWERS:
+        raise ValueError(f"cdnv_power must be 1 or 2, got {cdnv_power!r}")
 
 
 def frequent_classes(counts: Tensor, min_count: int = 1, top_k: int | None = None) -> Tensor:

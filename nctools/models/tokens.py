@@ -40,6 +40,13 @@ def lm_task(model: nn.Module) -> Task | None:
     return task_of_class(type(model).__name__)
 
 
+def find_language_model(module: nn.Module) -> nn.Module | None:
+    """The language model in ``module``: ``module`` itself when :func:`lm_task` knows its
+    class, else its first submodule that is one (a LightningModule that holds a Hugging
+    Face ``*ForCausalLM``), else None."""
+    return next((m for m in module.modules() if lm_task(m) is not None), None)
+
+
 def task_of_class(name: str) -> Task | None:
     """The task of a model class name (as a Hugging Face config's ``architectures``)."""
     if name.endswith(("ForCausalLM", "LMHeadModel")):
@@ -55,13 +62,14 @@ def lm_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     The head is ``model.get_output_embeddings()``: GPT-2 ties it to the input embeddings
     and has no bias; BERT's decoder has a bias of its own.
     """
-    head = _output_embeddings(model)
+    head = output_embeddings(model)
     weight: Tensor = getattr(head, "weight")  # noqa: B009 (an nn.Module attribute to mypy)
     bias: Tensor | None = getattr(head, "bias", None)
     return weight.detach(), None if bias is None else bias.detach()
 
 
-def _output_embeddings(model: nn.Module) -> nn.Module:
+def output_embeddings(model: nn.Module) -> nn.Module:
+    """The LM head module, ``model.get_output_embeddings()``; ValueError if it has none."""
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
     if head is None or getattr(head, "weight", None) is None:
@@ -81,7 +89,8 @@ def token_samples(
 
     Args:
         hidden: (B, T, D) the LM head's input.
-        input_ids: (B, T) token ids fed to the model.
+        input_ids: (B, T) token ids fed to the model (any device: the labels and mask
+            are read on ``hidden``'s).
         task: ``"causal"``: position t's label is ``labels[:, t + 1]`` (``input_ids`` when
             no labels are given), the model's own shift; ``"masked"``: position t's label
             is ``labels[:, t]``, which a masked LM needs (``ignore_index`` where not masked).
@@ -91,8 +100,8 @@ def token_samples(
         ignore_index: the label value that is not a sample.
 
     Returns:
-        features (N, D) in ``hidden``'s dtype and labels (N,) int64, in row-major (b, t)
-        order, N <= B * T.
+        features (N, D) in ``hidden``'s dtype and labels (N,) int64 on its device, in
+        row-major (b, t) order, N <= B * T.
     """
     batch, length = input_ids.shape
     if hidden.shape[:2] != (batch, length):
@@ -100,9 +109,9 @@ def token_samples(
                          f"{tuple(input_ids.shape)}")
     if task == "masked" and labels is None:
         raise ValueError("labels: a masked LM needs labels (ignore_index where not masked)")
-    target = (input_ids if labels is None else labels).long()
+    target = (input_ids if labels is None else labels).to(hidden.device, torch.long)
     keep_mask = (torch.ones_like(target, dtype=torch.bool) if attention_mask is None
-                 else attention_mask.bool())
+                 else attention_mask.to(hidden.device).bool())
     if task == "causal":
         target = nn.functional.pad(target[:, 1:], (0, 1), value=ignore_index)
         keep_mask = keep_mask & nn.functional.pad(keep_mask[:, 1:], (0, 1), value=False)
@@ -138,7 +147,7 @@ class LMHeadInput(InputOf):
     """
 
     def __init__(self, model: nn.Module) -> None:
-        super().__init__(_output_embeddings(model))
+        super().__init__(output_embeddings(model))
 
     def _keep(self, _module: nn.Module, args: tuple) -> None:
         self.value = args[0].detach()  # not flattened: positions stay apart
@@ -168,8 +177,9 @@ def lm_token_samples(
             ``token_type_ids`` and ``labels`` (B, T) (a masked LM's batches need labels).
         task: as :func:`token_samples`; read from the model when None.
 
-    The labels are not passed to the model, so it computes no loss; the features are
-    moved to the CPU batch by batch, so memory holds one batch.
+    The labels are not passed to the model, so it computes no loss; the samples are
+    picked on the model's device and moved to the CPU batch by batch, so memory holds one
+    batch. A batch may come on any device (a Trainer's loader places it on the model's).
     """
     task = task or lm_task(model)
     if task is None:
@@ -177,8 +187,14 @@ def lm_token_samples(
     device = next(model.parameters()).device
     with LMHeadInput(model) as hook:
         for batch in batches:
+            if not isinstance(batch, Mapping) or "input_ids" not in batch:
+                kind = (f"a dict of {', '.join(map(str, batch))}"
+                        if isinstance(batch, Mapping) else f"a {type(batch).__name__}")
+                raise ValueError("batches: a language model's batch is a dict of input_ids "
+                                 f"(B, T) and optionally attention_mask, labels; got {kind}")
             inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
             model(**inputs)
-            yield token_samples(hook.take().cpu(), batch["input_ids"], task,
-                                batch.get("attention_mask"), batch.get("labels"),
-                                ignore_index)
+            features, labels = token_samples(hook.take(), batch["input_ids"], task,
+                                             batch.get("attention_mask"),
+                                             batch.get("labels"), ignore_index)
+            yield features.cpu(), labels.cpu()

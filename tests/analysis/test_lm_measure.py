@@ -21,6 +21,7 @@ import nctools
 from nctools.analysis.lm_measure import measure_language_model
 from nctools.metrics.ncmetric import NCMetric
 from nctools.models.tokens import IGNORE_INDEX
+from tests.helpers import hand_token_samples, lm_batches
 
 VOCAB, WIDTH = 60, 16
 
@@ -42,43 +43,11 @@ def bert() -> BertForMaskedLM:
 
 
 def _batches(masked: bool, count: int = 4) -> list[dict[str, torch.Tensor]]:
-    """Right-padded batches (B = 3, T = 12), tokens from a small Zipf-like alphabet so that
-    classes repeat; some labels -100; a masked LM's labels on a random 40% of positions."""
-    gen = torch.Generator().manual_seed(3)
-    weights = 1.0 / torch.arange(1, VOCAB, dtype=torch.float64)  # not 0: BERT's zero pad row
-    out = []
-    for _ in range(count):
-        ids = 1 + torch.multinomial(weights, 36, replacement=True, generator=gen).view(3, 12)
-        mask = torch.ones(3, 12, dtype=torch.long)
-        mask[1, 9:] = 0
-        mask[2, 5:] = 0
-        labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
-        labels[0, 3] = IGNORE_INDEX
-        if masked:
-            chosen = torch.rand(3, 12, generator=gen) < 0.4
-            labels = labels.masked_fill(~chosen, IGNORE_INDEX)
-        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
-    return out
+    return lm_batches(VOCAB, masked, count)
 
 
 def _flattened(model, batches, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (features, labels) pairs of the model's loss, by hand from its hidden states."""
-    feats, labs = [], []
-    for batch in batches:
-        with torch.no_grad():
-            hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           output_hidden_states=True).hidden_states[-1]
-        if not causal:  # BERT's head has a transform before the decoder: its input
-            hidden = model.cls.predictions.transform(hidden)
-        mask, labels = batch["attention_mask"], batch["labels"]
-        for b in range(labels.shape[0]):
-            for t in range(labels.shape[1] - 1 if causal else labels.shape[1]):
-                label = labels[b, t + 1] if causal else labels[b, t]
-                real = mask[b, t] and (mask[b, t + 1] if causal else True)
-                if real and label != IGNORE_INDEX:
-                    feats.append(hidden[b, t])
-                    labs.append(int(label))
-    return torch.stack(feats), torch.tensor(labs)
+    return hand_token_samples(model, batches, causal)
 
 
 def _assert_same(got: dict[str, float], want: dict[str, float]) -> None:

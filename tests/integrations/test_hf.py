@@ -1,17 +1,28 @@
 """The Hugging Face callback, passed as ``Trainer(callbacks=[...])``, logs nctools.measure's
 numbers of independently extracted features into the Trainer's log history and its
-report_to loggers, and never changes what the Trainer itself logs."""
+report_to loggers, and never changes what the Trainer itself logs; a language model's are
+those of measure_language_model on the same batches."""
 
+import math
 import warnings
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForTokenClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainingArguments,
+)
 
 from nctools import measure
+from nctools.analysis.lm_measure import measure_language_model
 from nctools.integrations.hf import NeuralCollapseCallback
-from tests.helpers import Tokens, tiny_bert
+from tests.helpers import Tokens, lm_batches, tiny_bert
 
 NUM_CLASSES = 3
 TIMED = ("_runtime", "_per_second", "flos")  # wall-clock keys: differ between any two runs
@@ -121,27 +132,92 @@ def test_added_twice_logs_each_row_once_and_warns(tmp_path):
     assert len(nc_rows(same)) == 2
 
 
-class Causal(torch.utils.data.Dataset):
-    """Token sequences whose labels are the inputs, as a causal language model trains."""
+class Rows(torch.utils.data.Dataset):
+    """The rows of dict batches, one item each, as a Trainer's dataset gives them."""
 
-    def __init__(self) -> None:
-        self.ids = torch.randint(0, 32, (16, 8), generator=torch.Generator().manual_seed(0))
+    def __init__(self, batches) -> None:
+        self.items = [{key: value[i] for key, value in batch.items()}
+                      for batch in batches for i in range(len(batch["input_ids"]))]
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.items)
 
     def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+        return self.items[i]
 
 
-def test_a_causal_language_model_is_skipped_with_one_warning_and_trains_on(tmp_path):
-    config = GPT2Config(vocab_size=32, n_positions=8, n_embd=16, n_layer=1, n_head=2)
+VOCAB = 50
+LM_OPTIONS = {"min_count": 2, "global_mean": "classes", "cdnv_power": 2}
+
+
+def tiny_lm(masked: bool) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(config)
+    if masked:
+        return BertForMaskedLM(BertConfig(
+            vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=32, max_position_embeddings=16))
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB,
+                                      n_positions=32))
+
+
+def fit_lm(tmp_path, masked, callbacks):
+    """Two epochs of 4 steps on 24 rows (batches of 6), evaluated at each epoch's end on
+    12 rows in the eval loader's batches of 3 (those of ``lm_batches``)."""
+    model = tiny_lm(masked)
+    train, evaluated = lm_batches(VOCAB, masked, count=8, seed=5), lm_batches(VOCAB, masked)
+    trainer = Trainer(model=model, args=arguments(
+        tmp_path, per_device_train_batch_size=6, per_device_eval_batch_size=3,
+        eval_strategy="epoch", logging_strategy="epoch"),
+        train_dataset=Rows(train), eval_dataset=Rows(evaluated), callbacks=callbacks)
+    trainer.train()
+    return trainer, model.eval(), train, evaluated
+
+
+def assert_same(got: dict, want: dict, prefix: str, rel: float) -> None:
+    assert [key for key in got if key.startswith(prefix)] == [prefix + key for key in want]
+    for key, value in want.items():
+        if math.isnan(value):
+            assert math.isnan(got[prefix + key]), key
+        else:
+            assert got[prefix + key] == pytest.approx(value, rel=rel, abs=rel * 1e-2), key
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["causal", "masked"])
+@pytest.mark.filterwarnings("ignore:C > D")
+def test_a_language_model_is_measured_token_by_token(tmp_path, masked):
+    callback = NeuralCollapseCallback(vocabulary=None if masked else LM_OPTIONS)
+    trainer, model, train, evaluated = fit_lm(tmp_path / "measured", masked, [callback])
+    rows = nc_rows(trainer)
+    assert [(row["step"], "nc/nc1" in row, "eval_nc/nc1" in row) for row in rows] == [
+        (4, True, False), (4, False, True), (8, True, True)]
+    options = {} if masked else LM_OPTIONS
+    final = rows[-1]
+    # the eval loader's batches are those of lm_batches, in order: the same float32
+    # features, so the same numbers to the last bit
+    assert_same(final, measure_language_model(model, evaluated, **options), "eval_nc/", 1e-12)
+    # the train loader shuffles its rows into other batches of float32 features
+    assert_same(final, measure_language_model(model, train, **options), "nc/", 1e-5)
+    assert final["eval_nc/classes_measured"] < VOCAB  # the tokens that occur as labels
+    if masked:
+        return
+    alone, *_ = fit_lm(tmp_path / "alone", masked, None)
+    theirs = [row for row in trainer.state.log_history if row not in rows]
+    assert untimed(theirs) == untimed(alone.state.log_history)  # loss for loss
+    assert [row["epoch"] for row in theirs if "eval_loss" in row] == [1.0, 2.0]
+
+
+def test_a_token_classifier_is_skipped_with_one_warning_and_trains_on(tmp_path):
+    config = BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=32, max_position_embeddings=8,
+                        num_labels=3)
+    torch.manual_seed(0)
+    model = BertForTokenClassification(config)
+    train = Rows([{"input_ids": torch.randint(0, 32, (16, 8)),
+                   "labels": torch.randint(0, 3, (16, 8))}])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer, _ = fit(tmp_path, [NeuralCollapseCallback(every_n_steps=1)], model=model,
-                         train=Causal(), evaluated=False)
+                         train=train, evaluated=False)
     ours = [w for w in caught if "NeuralCollapseCallback" in str(w.message)]
     assert len(ours) == 1 and "labels of shape (8, 8)" in str(ours[0].message)
     assert trainer.state.global_step == 4 and nc_rows(trainer) == []
@@ -158,6 +234,15 @@ def test_bad_arguments_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match=r"layer: BertForSequenceClassification has no module "
                                          r"'fc' \(its nn.Linear modules: .*classifier\)"):
         fit(tmp_path, [NeuralCollapseCallback(layer="fc")])
+    with pytest.raises(ValueError, match=r"^vocabulary: top_j not among the options of a "
+                                         r"language model's token samples \(min_count, top_k"):
+        NeuralCollapseCallback(vocabulary={"top_j": 5})
+    with pytest.raises(ValueError, match=r"^cdnv_power must be 1 or 2, got 3"):
+        NeuralCollapseCallback(vocabulary={"cdnv_power": 3})
+    with pytest.raises(ValueError, match=r"^vocabulary: options of a language model's token "
+                                         r"samples, but BertForSequenceClassification is "
+                                         r"measured at the input of a classifier layer"):
+        fit(tmp_path, [NeuralCollapseCallback(vocabulary={"min_count": 2})])
 
 
 def test_epochs_beyond_the_run_are_warned_about_when_it_starts(tmp_path):

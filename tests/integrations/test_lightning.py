@@ -14,10 +14,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from nctools import measure
+from nctools.analysis.lm_measure import measure_language_model
 from nctools.analysis.tables import analyze
 from nctools.integrations.core import split_batch
 from nctools.integrations.lightning import NeuralCollapseCallback
 from nctools.runs import snapshots
+from tests.helpers import lm_batches
 
 NUM_CLASSES, DIM = 3, 8
 
@@ -276,3 +278,64 @@ def test_a_layer_that_does_not_run_or_does_not_exist_is_named():
                                          r"modules: body.0, head\)"):
         trainer(Captured(), max_epochs=1, callbacks=[NeuralCollapseCallback(layer="fc")]).fit(
             Tiny(), train, val)
+
+
+VOCAB = 50
+
+
+class TinyLM(pl.LightningModule):
+    """A LightningModule holding a Hugging Face causal LM, fed its dict batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        self.lm = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB,
+                                             n_positions=32))
+
+    def training_step(self, batch, _):
+        return self.lm(**batch).loss
+
+    def validation_step(self, batch, _):
+        self.log("val_loss", self.lm(**batch).loss)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def lm_loaders():
+    """Loaders whose batches are those of ``lm_batches`` (B = 3, in order)."""
+    def rows(batches):
+        return [{key: value[i] for key, value in batch.items()}
+                for batch in batches for i in range(3)]
+
+    train, val = lm_batches(VOCAB, False, count=4, seed=5), lm_batches(VOCAB, False, count=2)
+    return (train, val, DataLoader(rows(train), batch_size=3),
+            DataLoader(rows(val), batch_size=3))
+
+
+@pytest.mark.filterwarnings("ignore:C > D")
+def test_a_module_holding_a_causal_lm_is_measured_token_by_token(tmp_path):
+    train, val, train_loader, val_loader = lm_loaders()
+    model, logger = TinyLM(), Captured()
+    options = {"min_count": 2, "top_k": 10, "ncc_samples": 25}
+    callback = NeuralCollapseCallback(epochs=[1], vocabulary=options)
+    trainer(logger, max_epochs=2, callbacks=[callback]).fit(model, train_loader, val_loader)
+    (row,) = [row for row in logger.rows if "nc/train/nc1" in row]
+    assert row["epoch"] == 1 and row["nc/train/classes_measured"] == 10  # top_k
+    model.lm.eval()
+    for prefix, batches in (("nc/train/", train), ("nc/val/", val)):
+        want = measure_language_model(model.lm, batches, **options)
+        assert want["classes_measured"] <= 10 and want["ncc_samples"] == 25
+        for key, value in want.items():  # Lightning logs float32 scalars
+            assert row[prefix + key] == pytest.approx(value, rel=1e-6, abs=1e-9,
+                                                      nan_ok=True), key
+    with pytest.raises(ValueError, match=r"^save_snapshots: GPT2LMHeadModel is measured token "
+                                         r"by token"):
+        trainer(Captured(), max_epochs=1, callbacks=[NeuralCollapseCallback(
+            save_snapshots=True, out=tmp_path / "run")]).fit(TinyLM(), train_loader)
+    with pytest.raises(ValueError, match=r"^vocabulary: options of a language model's token "
+                                         r"samples, but Tiny is measured at the input"):
+        trainer(Captured(), max_epochs=1, callbacks=[NeuralCollapseCallback(
+            vocabulary={"top_k": 5})]).fit(Tiny(), *loaders())

@@ -98,3 +98,22 @@ def test_cdnv_edge_cases() -> None:
         frequent_classes(torch.ones(3), min_count=0)
     with pytest.raises(ValueError, match=r"counts: expected shape \(C,\)"):
         frequent_classes(torch.ones(3, 1))
+
+
+def test_vocabulary_options_round_trip_and_name_what_is_wrong() -> None:
+    given = {"min_count": 3, "top_k": 7, "cdnv_power": 2, "global_mean": "classes",
+             "ncc_samples": 11, "etf_without_simplex": True}
+    options = vocab.VocabularyOptions.of("vocabulary", given)
+    assert vocab.VocabularyOptions.of("vocabulary", options) is options
+    assert options.measure_options() == {**given, "drop_empty": True,
+                                         "argmax_all_classes": True}
+    assert vocab.VocabularyOptions.of("vocabulary", None) == vocab.VocabularyOptions()
+    with pytest.raises(ValueError, match=r"^vocabulary: min_cont not among the options"):
+        vocab.VocabularyOptions.of("vocabulary", {"min_cont": 2})
+    with pytest.raises(ValueError, match=r"^vocabulary must be a mapping of min_count, top_k"):
+        vocab.VocabularyOptions.of("vocabulary", [("min_count", 2)])
+    for bad, message in (({"top_k": 0}, "top_k must be an integer >= 1, got 0"),
+                         ({"global_mean": "mean"}, "global_mean must be one of"),
+                         ({"etf_without_simplex": 1}, "etf_without_simplex must be True or")):
+        with pytest.raises(ValueError, match=f"^{message}"):
+            vocab.VocabularyOptions(**bad)
