@@ -189,3 +189,19 @@ def test_docs_and_imagenet_configs_state_imagenet_schedule_as_configured():
             text = path.read_text()
             comment = text[: text.index("epochs: papyan")].rsplit("snapshot:", 1)[1]
             assert "an extrapolation" in comment and "350-epoch run" in comment, path
+
+
+def test_the_cpu_protocol_config_is_the_papers_protocol_but_for_data_and_network():
+    """configs/papyan-protocol.yaml (results/papyan-protocol/) keeps every training and
+    measurement setting of a paper cell (MNIST-ResNet18); only the data size, the network
+    and its width, the learning rate (swept) and evaluation cadence differ."""
+    cpu = yaml.safe_load((ROOT / "configs" / "papyan-protocol.yaml").read_text())
+    paper = yaml.safe_load((ROOT / "configs" / "papyan2020" / "mnist-resnet18.yaml").read_text())
+    swept_or_cpu = {"lr", "eval_every", "channels_last"}
+    for key, value in paper["train"].items():
+        if key not in swept_or_cpu:
+            assert cpu["train"][key] == value, key
+    assert cpu["snapshot"] == paper["snapshot"]
+    resolved = load_config(ROOT / "configs" / "papyan-protocol.yaml")
+    assert resolved.data.augment is False and resolved.data.samples_per_class == 100
+    assert snapshot_epochs(resolved.snapshot.epochs, resolved.train.epochs) == PAPYAN_350
