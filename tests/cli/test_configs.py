@@ -19,7 +19,7 @@ def test_the_list_names_every_config_with_its_first_comment_line(capsys):
     assert main(["configs"]) == 0
     lines = capsys.readouterr().out.splitlines()
     names = [line.split()[0] for line in lines]
-    assert names == packaged_configs() and len(names) == 23
+    assert names == packaged_configs() and len(names) == 24
     assert {"demo", "minority-collapse", "papyan2020/cifar10-resnet18"} <= set(names)
     width = max(len(name) for name in names)
     by_name = dict(zip(names, lines, strict=True))
@@ -27,6 +27,8 @@ def test_the_list_names_every_config_with_its_first_comment_line(capsys):
         f"{'papyan2020/cifar10-resnet18':<{width}}  "
         "Papyan, Han & Donoho (PNAS 2020) grid: CIFAR10 x ResNet18")
     assert by_name["minority-collapse"].split(None, 1)[1].startswith("Minority collapse")
+    assert by_name["papyan-protocol"].split(None, 1)[1].startswith(
+        "The protocol of Papyan, Han & Donoho (PNAS 2020) on a CPU")
 
 
 @pytest.mark.parametrize("name", ["demo", "papyan2020/mnist-vgg11", "demo.yaml"])
