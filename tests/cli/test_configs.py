@@ -40,7 +40,8 @@ def test_show_prints_the_file_that_load_config_reads(capsys, name):
 
 @pytest.mark.parametrize("argv, message", [
     (["configs", "show", "nope"], "configs show nope: no such config; shipped configs: demo, "
-                                  "minority-collapse, papyan2020/cifar10-densenet40, "),
+                                  "minority-collapse, papyan-protocol, "
+                                  "papyan2020/cifar10-densenet40, "),
     (["configs", "show"], "configs show: give a NAME (`nctools configs` lists them)"),
     (["configs", "demo"], "configs demo: did you mean `nctools configs show demo`?"),
 ])  # fmt: skip
