@@ -133,11 +133,15 @@ def _plot(args: argparse.Namespace, layers: dict[str, dict[str, float]], split: 
     if args.plot is None:
         return
     if len(layers) < 2:
-        raise NctoolsError(f"--plot: draws metrics against depth and --layers {args.layers} "
-                           "is one layer; give several (--layers blocks)")
+        _one_layer(args.layers)
     title = f"{args.model} on {args.dataset}" + ("" if split == "text" else f" ({split})")
     out = plot_layers(measure_table(layers, split), args.plot, title=title)
     print(f"wrote {out}", file=sys.stderr)
+
+
+def _one_layer(layers: str) -> None:
+    raise NctoolsError(f"--plot: draws metrics against depth and --layers {layers} is one "
+                       "layer; give several (--layers blocks)")
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -149,6 +153,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         if not args.layers:
             raise NctoolsError("--plot needs --layers (e.g. --layers blocks): it draws the "
                                "metrics against depth")
+        if "," not in args.layers and args.layers not in ("blocks", "all"):
+            _one_layer(args.layers)
     if args.batch_size is not None and args.batch_size < 1:
         raise NctoolsError(f"--batch-size: must be an int >= 1, got {args.batch_size!r}")
     if args.num_classes is not None and args.num_classes < 2:
