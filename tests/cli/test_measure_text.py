@@ -147,7 +147,7 @@ def test_layers_print_one_row_per_layer_and_plot_them(folder, capsys, tmp_path) 
     # n_layer = 1: the embeddings, then GPT-2's last hidden state (after ln_f) = the head's input
     assert [r["layer"] for r in rows] == list(want) == ["embeddings", "lm_head"]
     assert list(rows[0])[:3] == ["model", "dataset", "layer"]
-    for row, (name, values) in zip(rows, want.items(), strict=True):
+    for row, values in zip(rows, want.values(), strict=True):
         got = {k: float(v) for k, v in row.items() if k in values}
         _same(got, values, rel=1e-12)
         assert all(row[k] == "" for k in row if k not in values and k not in
