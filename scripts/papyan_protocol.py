@@ -62,13 +62,14 @@ few samples in 1,000).
 
 Where they do not: the size, and when. The paper's NC1 falls by one to three orders of
 magnitude over the terminal phase and its other curves by several times; here the drops
-are 1.2x to 2.6x, and most of them happen before the first learning-rate drop (epoch 116). At the picked rate (0.25, the
-largest of the grid) two of the three seeds lose a fifth of their eval-mode training
-accuracy for a few epochs just before that drop, and that jolt undoes part of their
-collapse: NC1 ends above its value at epoch 101 in those seeds. After the drops the
-metrics barely move (the medians by at most 3.2% from epoch 225 to 350), where the\npaper's keep falling.
-100 digits per class and 64 features leave the last-layer geometry little to do once the
-training error is zero; the demo's MSE loss and strong weight decay (results/mnist5k-convnet)
+are 1.2x to 2.6x, and most of them happen before the first learning-rate drop (epoch
+116). At the picked rate (0.25, the largest of the grid) two of the three seeds lose a
+fifth of their eval-mode training accuracy for a few epochs just before that drop, and
+that jolt undoes part of their collapse: NC1 ends above its value at epoch 101 in those
+seeds. After the drops the metrics barely move (the medians by at most 3.2% from epoch
+225 to 350), where the paper's keep falling. 100 digits per class and 64 features leave
+the last-layer geometry little to do once the training error is zero; the demo's MSE
+loss and strong weight decay (results/mnist5k-convnet)
 are what make a CPU-sized run collapse far."""
 LR = "config.train.lr"
 

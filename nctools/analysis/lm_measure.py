@@ -8,6 +8,7 @@ Usage::
     tokenizer = load_tokenizer("path/to/gpt2")
     batches = lambda: text_batches(text_documents("text:corpus.txt"), tokenizer, 512)
     metrics = measure_language_model(model, batches, min_count=10)   # docs/metrics.md keys
+    by_layer = measure_language_model(model, batches, layers="all")  # {layer: metrics}
 
 Wu & Papyan (NeurIPS 2024, "Linguistic Collapse") read a language model as a classifier
 over its vocabulary: each position's LM-head input is a sample, the token it predicts its
@@ -16,22 +17,94 @@ streamed through the measurement engine's two passes (the model runs on every ba
 twice), so memory holds the class statistics (V x D) and one batch, never the features.
 Tokens that never occur as labels are not classes (``classes_measured``); the NC4 keys
 compare the nearest class mean with the model's own argmax over the whole vocabulary.
+With ``layers``, every hidden state the model returns (``output_hidden_states=True``) is
+measured against the same token labels in the same two passes; the LM head is the
+classifier of the last one only (docs/language-models.md, "Layer by layer").
 See docs/language-models.md for the conventions and their costs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import overload
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from nctools.metrics.engine import CLASSIFIER_FREE_KEYS, Engine, Layer
+from nctools.metrics.inputs import check_labels
 from nctools.metrics.measure import measure_chunks
 from nctools.metrics.vocab import VocabularyOptions
-from nctools.models.tokens import IGNORE_INDEX, Task, lm_head, lm_task, lm_token_samples
+from nctools.models.tokens import (
+    IGNORE_INDEX,
+    LM_HEAD,
+    Task,
+    lm_head,
+    lm_layer_names,
+    lm_layer_samples,
+    lm_task,
+    lm_token_samples,
+)
 
 Batches = Iterable[Mapping[str, Tensor]]
+
+
+@overload
+def measure_language_model(
+    model: nn.Module,
+    batches: Callable[[], Batches] | Batches,
+    *,
+    task: Task | None = None,
+    min_count: int = 1,
+    top_k: int | None = None,
+    cdnv_power: int = 1,
+    global_mean: str = "samples",
+    ncc_samples: int | None = None,
+    etf_without_simplex: bool = False,
+    ignore_index: int = IGNORE_INDEX,
+    device: torch.device | str | None = None,
+    group: dist.ProcessGroup | None = None,
+    layers: None = None,
+) -> dict[str, float]: ...
+
+
+@overload
+def measure_language_model(
+    model: nn.Module,
+    batches: Callable[[], Batches] | Batches,
+    *,
+    task: Task | None = None,
+    min_count: int = 1,
+    top_k: int | None = None,
+    cdnv_power: int = 1,
+    global_mean: str = "samples",
+    ncc_samples: int | None = None,
+    etf_without_simplex: bool = False,
+    ignore_index: int = IGNORE_INDEX,
+    device: torch.device | str | None = None,
+    group: dist.ProcessGroup | None = None,
+    layers: str | Sequence[str],
+) -> dict[str, dict[str, float]]: ...
+
+
+@overload
+def measure_language_model(
+    model: nn.Module,
+    batches: Callable[[], Batches] | Batches,
+    *,
+    task: Task | None = None,
+    min_count: int = 1,
+    top_k: int | None = None,
+    cdnv_power: int = 1,
+    global_mean: str = "samples",
+    ncc_samples: int | None = None,
+    etf_without_simplex: bool = False,
+    ignore_index: int = IGNORE_INDEX,
+    device: torch.device | str | None = None,
+    group: dist.ProcessGroup | None = None,
+    layers: str | Sequence[str] | None = None,
+) -> dict[str, float] | dict[str, dict[str, float]]: ...
 
 
 def measure_language_model(
@@ -48,7 +121,8 @@ def measure_language_model(
     ignore_index: int = IGNORE_INDEX,
     device: torch.device | str | None = None,
     group: dist.ProcessGroup | None = None,
-) -> dict[str, float]:
+    layers: str | Sequence[str] | None = None,
+) -> dict[str, float] | dict[str, dict[str, float]]:
     """The docs/metrics.md keys of ``model``'s token samples (Wu & Papyan 2024).
 
     Args:
@@ -72,10 +146,16 @@ def measure_language_model(
         device: where the statistics live (default: the LM head's device).
         group: under torch.distributed, the processes whose token streams are measured
             as one (statistics summed); None: this process's alone.
+        layers: None: the LM head's input alone; ``"all"`` (or ``"blocks"``): every layer
+            of :func:`nctools.models.tokens.lm_layer_names` (the embeddings, each block's
+            output, the LM head's input); or a list of those names.
 
     Returns:
         the metrics dict of :func:`nctools.measure` on the flattened token samples, with
-        ``classes_measured`` (and ``ncc_samples`` when asked).
+        ``classes_measured`` (and ``ncc_samples`` when asked); with ``layers``
+        ``{layer: metrics}`` in depth order, the full suite at ``"lm_head"``, the
+        classifier-free keys (``CLASSIFIER_FREE_KEYS``) at the others, the same classes
+        measured at every layer.
     """
     task = task or lm_task(model)
     if task is None:
@@ -86,6 +166,9 @@ def measure_language_model(
                                 etf_without_simplex=etf_without_simplex)
     weight, bias = lm_head(model)
     fresh = _fresh(batches)
+    if layers is not None:
+        return _measure_layers(model, fresh, task, _layer_names(model, layers), options,
+                               ignore_index, device, group)
 
     def chunks() -> Iterator[tuple[Tensor, Tensor]]:
         return lm_token_samples(model, fresh(), task, ignore_index)
@@ -93,6 +176,44 @@ def measure_language_model(
     result, _ = measure_chunks(chunks, weight, bias, device=device, group=group,
                                **options.measure_options())
     return result
+
+
+def _layer_names(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
+    """``layers`` as names of :func:`lm_layer_names`, in the order given."""
+    if isinstance(layers, str):
+        if layers not in ("all", "blocks"):
+            raise ValueError(f"layers: give 'all', 'blocks' or a list of layer names, "
+                             f"got {layers!r}")
+        return lm_layer_names(model)
+    names = list(layers)
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"layers: give distinct layer names, got {names}")
+    return names
+
+
+def _measure_layers(model: nn.Module, fresh: Callable[[], Batches], task: Task,
+                    names: list[str], options: VocabularyOptions, ignore_index: int,
+                    device: torch.device | str | None, group: dist.ProcessGroup | None
+                    ) -> dict[str, dict[str, float]]:
+    """Every layer of ``names`` in the engine's two passes over the token samples: the
+    LM head the classifier of ``"lm_head"``, the other layers classifier-free."""
+    weight, bias = lm_head(model)
+    device = torch.device(device if device is not None else weight.device)
+    weight = weight.to(device, torch.float64)
+    bias = None if bias is None else bias.to(device, torch.float64)
+    vocabulary = weight.shape[0]
+    engine = Engine(vocabulary, {name: Layer(weight, bias) if name == LM_HEAD else Layer()
+                                 for name in names},
+                    device=device, sync=group is not None, group=group,
+                    **options.measure_options())
+    for _ in range(2):
+        for features, labels in lm_layer_samples(model, fresh(), names, task, ignore_index):
+            check_labels(labels, vocabulary)
+            engine.update(features, labels)
+        engine.end_pass()
+    inner = (*CLASSIFIER_FREE_KEYS, "classes_measured", "ncc_samples")
+    return {name: values if name == LM_HEAD else {k: v for k, v in values.items() if k in inner}
+            for name, values in engine.results().items()}
 
 
 def _fresh(batches: Callable[[], Batches] | Batches) -> Callable[[], Batches]:

@@ -46,6 +46,8 @@ def add_parser(sub) -> None:
         "--split test --ood-dataset svhn",
         "nctools measure --model hf:./gpt2 --dataset text:corpus.txt --seq-len 512 "
         "--min-count 10 --cdnv-power 2 --global-mean classes",
+        "nctools measure --model hf:./gpt2 --dataset text:corpus.txt --layers blocks --csv "
+        "--plot depth.png",
     )
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--arch", help="an nctools network architecture, e.g. resnet18")
@@ -59,6 +61,9 @@ def add_parser(sub) -> None:
                    help="with --model: module names, or 'blocks' (every top-level block); "
                         "default: the input of the last nn.Linear")  # fmt: skip
     p.add_argument("--csv", action="store_true", help="with --model: print one CSV row per layer")
+    p.add_argument("--plot", metavar="FILE",
+                   help="with --layers: also draw the metrics against depth to FILE "
+                        "(.png, .pdf or .svg)")  # fmt: skip
     p.add_argument("--dataset", required=True,
                    help="data set name, e.g. cifar10, or folder:PATH (an ImageFolder)")
     p.add_argument("--split", choices=("train", "test"), default="train")
@@ -90,18 +95,24 @@ def run(args: argparse.Namespace) -> int:
     _check_flags(args)
     task = measure_text.lm_task_of(args)
     if task is not None:  # a language model: its token samples over the vocabulary
-        result = measure_text.measure(args, task)
+        layers = measure_text.measure(args, task)
         if dist_from_env().is_main:
-            as_csv = format_layers({"lm_head": result}, "csv")
-            print(as_csv if args.csv else format_metrics(result, as_json=args.json))
+            if args.layers:
+                where = {"model": args.model, "dataset": args.dataset}
+                print(format_layers(layers, _style(args), where))
+                _plot(args, layers, "text")
+            else:
+                (result,) = layers.values()  # the LM head's input
+                as_csv = format_layers(layers, "csv")
+                print(as_csv if args.csv else format_metrics(result, as_json=args.json))
         return 0
     args.batch_size = args.batch_size or IMAGE_BATCH
     if args.model is not None:
         layers = measure_spec.measure(args)
         if dist_from_env().is_main:  # every rank holds the result; rank 0 prints it
             where = {"model": args.model, "dataset": args.dataset, "split": args.split}
-            print(format_layers(layers, "json" if args.json else "csv" if args.csv else "table",
-                                where))
+            print(format_layers(layers, _style(args), where))
+            _plot(args, layers, args.split)
         return 0
     result = measure_arch.measure(args)
     if dist_from_env().is_main:
@@ -109,8 +120,41 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _style(args: argparse.Namespace) -> str:
+    return "json" if args.json else "csv" if args.csv else "table"
+
+
+def _plot(args: argparse.Namespace, layers: dict[str, dict[str, float]], split: str) -> None:
+    """``--plot``: the layers' metrics against depth, written atomically."""
+    import sys
+
+    from nctools.analysis.layer_plots import measure_table, plot_layers
+
+    if args.plot is None:
+        return
+    if len(layers) < 2:
+        _one_layer(args.layers)
+    title = f"{args.model} on {args.dataset}" + ("" if split == "text" else f" ({split})")
+    out = plot_layers(measure_table(layers, split), args.plot, title=title)
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def _one_layer(layers: str) -> None:
+    raise NctoolsError(f"--plot: draws metrics against depth and --layers {layers} is one "
+                       "layer; give several (--layers blocks)")
+
+
 def _check_flags(args: argparse.Namespace) -> None:
     """The flags of the other way of naming a network, and values argparse lets through."""
+    if args.plot is not None:
+        from nctools.analysis.plots import figure_format
+
+        figure_format(args.plot)  # an unknown extension fails before the measurement
+        if not args.layers:
+            raise NctoolsError("--plot needs --layers (e.g. --layers blocks): it draws the "
+                               "metrics against depth")
+        if "," not in args.layers and args.layers not in ("blocks", "all"):
+            _one_layer(args.layers)
     if args.batch_size is not None and args.batch_size < 1:
         raise NctoolsError(f"--batch-size: must be an int >= 1, got {args.batch_size!r}")
     if args.num_classes is not None and args.num_classes < 2:

@@ -17,7 +17,7 @@ import itertools
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from nctools.errors import ConfigError, NctoolsError
 
@@ -74,12 +74,14 @@ def lm_task_of(args: argparse.Namespace) -> Task | None:
     return task
 
 
-def measure(args: argparse.Namespace, task: Task) -> dict[str, float]:
-    """The metrics of the language model's token samples (every rank gets them)."""
+def measure(args: argparse.Namespace, task: Task) -> dict[str, dict[str, float]]:
+    """The metrics of the language model's token samples (every rank gets them), by layer:
+    ``{"lm_head": metrics}`` without ``--layers``."""
     import torch.distributed as dist
 
     from nctools.analysis.lm_measure import measure_language_model
     from nctools.cli.measure_data import device
+    from nctools.models.tokens import LM_HEAD
     from nctools.training import distributed
 
     _check(args)
@@ -89,19 +91,31 @@ def measure(args: argparse.Namespace, task: Task) -> dict[str, float]:
     dev = distributed.rank_device(device(args.device), info, key="--device")
     model.to(dev)
     batches = _batches(args, folder, task, info.rank, info.world_size)
+    layers = layer_names(args)
     with distributed.process_group(info, dev):
         group = dist.group.WORLD if info.distributed else None
         try:
-            return measure_language_model(
+            result = measure_language_model(
                 model, batches, task=task, min_count=args.min_count, top_k=args.top_k,
                 cdnv_power=args.cdnv_power, global_mean=args.global_mean,
-                ncc_samples=args.ncc_samples, group=group)
+                ncc_samples=args.ncc_samples, group=group, layers=layers)
         except ValueError as exc:
             raise NctoolsError(f"measure --model {args.model}: {exc}") from None
+    if layers is None:
+        return {LM_HEAD: cast("dict[str, float]", result)}
+    return cast("dict[str, dict[str, float]]", result)
+
+
+def layer_names(args: argparse.Namespace) -> str | list[str] | None:
+    """``--layers`` of a language model: None, ``all`` / ``blocks`` (every hidden state and
+    the LM head's input), or a list of names (``embeddings,block.3,lm_head``)."""
+    if not args.layers:
+        return None
+    return args.layers if args.layers in ("all", "blocks") else args.layers.split(",")
 
 
 def _check(args: argparse.Namespace) -> None:
-    for flag in ("layers", "ood_dataset", "layer", "weights", "num_classes"):
+    for flag in ("ood_dataset", "layer", "weights", "num_classes"):
         if getattr(args, flag, None):
             name = "--" + flag.replace("_", "-")
             raise ConfigError(f"{name}: not for a language model (measured at its LM head's "

@@ -187,14 +187,90 @@ def lm_token_samples(
     device = next(model.parameters()).device
     with LMHeadInput(model) as hook:
         for batch in batches:
-            if not isinstance(batch, Mapping) or "input_ids" not in batch:
-                kind = (f"a dict of {', '.join(map(str, batch))}"
-                        if isinstance(batch, Mapping) else f"a {type(batch).__name__}")
-                raise ValueError("batches: a language model's batch is a dict of input_ids "
-                                 f"(B, T) and optionally attention_mask, labels; got {kind}")
-            inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
-            model(**inputs)
+            model(**_model_inputs(batch, device))
             features, labels = token_samples(hook.take(), batch["input_ids"], task,
                                              batch.get("attention_mask"),
                                              batch.get("labels"), ignore_index)
             yield features.cpu(), labels.cpu()
+
+
+LM_HEAD = "lm_head"  # the layer name of the LM head's input
+
+
+@torch.no_grad()
+def lm_layer_names(model: nn.Module) -> list[str]:
+    """The layers of a language model that :func:`lm_layer_samples` measures, in depth order.
+
+    They are the hidden states the model returns with ``output_hidden_states=True`` (the
+    Hugging Face way): ``"embeddings"``, then ``"block.1"``, ``"block.2"``, ... (the output
+    of each transformer block), and last ``"lm_head"``, the LM head's input. Where the last
+    hidden state is the LM head's input (GPT-2 and Llama return it after their final
+    norm), it is ``"lm_head"``; where the head transforms it first (BERT), the last block
+    keeps its name and ``"lm_head"`` follows. One forward pass on two tokens tells which.
+    """
+    device = next(model.parameters()).device
+    ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+    with LMHeadInput(model) as hook:
+        hidden = _hidden_states(model, {"input_ids": ids})
+        head = hook.take()
+    blocks = len(hidden) - (1 if torch.equal(head, hidden[-1]) else 0)
+    return ["embeddings", *(f"block.{i}" for i in range(1, blocks)), LM_HEAD]
+
+
+@torch.no_grad()
+def lm_layer_samples(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Tensor]],
+    layers: list[str],
+    task: Task | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
+    """Run ``model`` on each batch and yield the token samples of several layers:
+    ``({layer: features (N, D)}, labels (N,))``, every layer's picked at the same
+    positions (:func:`token_samples`), on the model's device.
+
+    Args:
+        model, batches, task, ignore_index: as :func:`lm_token_samples`.
+        layers: names among :func:`lm_layer_names`'s (the hidden states, ``"lm_head"``
+            the LM head's input).
+    """
+    task = task or lm_task(model)
+    if task is None:
+        raise ValueError(f"model: {type(model).__name__} is not a causal or masked LM")
+    device = next(model.parameters()).device
+    names = lm_layer_names(model)
+    unknown = [name for name in layers if name not in names]
+    if unknown:
+        raise ValueError(f"layers: {unknown[0]!r} is not a layer of the model; its layers: "
+                         f"{', '.join(names)}")
+    with LMHeadInput(model) as hook:
+        for batch in batches:
+            hidden = _hidden_states(model, _model_inputs(batch, device))
+            states = {**dict(zip(names[:-1], hidden, strict=False)), LM_HEAD: hook.take()}
+            features, labels = {}, None
+            for name in layers:
+                features[name], labels = token_samples(
+                    states[name], batch["input_ids"], task, batch.get("attention_mask"),
+                    batch.get("labels"), ignore_index)
+            assert labels is not None
+            yield features, labels
+
+
+def _hidden_states(model: nn.Module, inputs: Mapping[str, Tensor]) -> tuple[Tensor, ...]:
+    """The hidden states (L + 1 of (B, T, D)) of one forward pass."""
+    hidden = getattr(model(**inputs, output_hidden_states=True), "hidden_states", None)
+    if not hidden:
+        raise ValueError(f"model: {type(model).__name__} returns no hidden_states with "
+                         "output_hidden_states=True")
+    return tuple(hidden)
+
+
+def _model_inputs(batch: object, device: torch.device) -> dict[str, Tensor]:
+    """A batch's model inputs (``MODEL_INPUTS``) on ``device``; a batch that is not a dict
+    of input_ids is refused."""
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        kind = (f"a dict of {', '.join(map(str, batch))}"
+                if isinstance(batch, Mapping) else f"a {type(batch).__name__}")
+        raise ValueError("batches: a language model's batch is a dict of input_ids "
+                         f"(B, T) and optionally attention_mask, labels; got {kind}")
+    return {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}

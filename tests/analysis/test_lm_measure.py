@@ -1,7 +1,8 @@
 """Token-level measurement of language models: `measure_language_model` streams the token
 samples of tiny float64 GPT-2 and BERT models through the engine and equals
 `nctools.measure` on the flattened samples built by hand (padding and -100 excluded);
-`NCMetric` over (B, T, D) chunks equals `measure` on the flattened tokens."""
+`NCMetric` over (B, T, D) chunks equals `measure` on the flattened tokens; layer by layer,
+each hidden state's numbers equal `measure` on its own hand-built token samples."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from transformers import (
 
 import nctools
 from nctools.analysis.lm_measure import measure_language_model
+from nctools.metrics.engine import CLASSIFIER_FREE_KEYS
 from nctools.metrics.ncmetric import NCMetric
-from nctools.models.tokens import IGNORE_INDEX
+from nctools.models.tokens import IGNORE_INDEX, lm_layer_names
 from tests.helpers import hand_token_samples, lm_batches
 
 VOCAB, WIDTH = 60, 16
@@ -127,3 +129,87 @@ def test_ncmetric_over_token_chunks_equals_measure_on_the_flattened_tokens() -> 
         assert value == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
     with pytest.raises(ValueError, match=r"^labels has shape \(3, 9\) but features has shape"):
         metric.update(features[0], labels[0, :, :9])
+
+
+def _hand_layer_samples(model, batches, causal: bool, state: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """As ``hand_token_samples``, from ``hidden_states[state]`` of each batch."""
+    feats, labs = [], []
+    for batch in batches:
+        with torch.no_grad():
+            hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           output_hidden_states=True).hidden_states[state]
+        mask, labels = batch["attention_mask"], batch["labels"]
+        for b in range(labels.shape[0]):
+            for t in range(labels.shape[1] - 1 if causal else labels.shape[1]):
+                label = labels[b, t + 1] if causal else labels[b, t]
+                real = mask[b, t] and (mask[b, t + 1] if causal else True)
+                if real and label != IGNORE_INDEX:
+                    feats.append(hidden[b, t])
+                    labs.append(int(label))
+    return torch.stack(feats), torch.tensor(labs)
+
+
+def _inner(values: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in values.items()
+            if k in (*CLASSIFIER_FREE_KEYS, "classes_measured", "ncc_samples")}
+
+
+LAYER_OPTIONS = [{}, {"min_count": 3, "global_mean": "classes", "cdnv_power": 2},
+                 {"top_k": 10, "ncc_samples": 25}]
+
+
+@pytest.mark.parametrize("options", LAYER_OPTIONS)
+@pytest.mark.filterwarnings("ignore:C > D")
+@pytest.mark.filterwarnings("ignore:gnc2_means, gnc2_energy_means undefined")
+def test_every_hidden_state_equals_measure_on_its_own_token_samples(gpt2, options) -> None:
+    batches = _batches(masked=False)
+    got = measure_language_model(gpt2, batches, layers="all", **options)
+    # GPT-2 returns its last hidden state after ln_f: the LM head's input
+    assert list(got) == lm_layer_names(gpt2) == ["embeddings", "block.1", "lm_head"]
+    common = dict(drop_empty=True, argmax_all_classes=True, etf_without_simplex=False)
+    kept = None
+    for state, name in enumerate(got):
+        features, labels = _hand_layer_samples(gpt2, batches, causal=True, state=state)
+        if name == "lm_head":
+            want = nctools.measure(features, labels, gpt2.lm_head.weight.detach(),
+                                   **common, **options)
+        else:
+            want = _inner(nctools.measure(features, labels, num_classes=VOCAB,
+                                          **common, **options))
+        _assert_same(got[name], want)
+        kept = kept or got[name]["classes_measured"]
+        assert got[name]["classes_measured"] == kept  # the same tokens at every layer
+    # the last layer is the single-layer measurement
+    _assert_same(got["lm_head"], measure_language_model(gpt2, batches, **options))
+
+
+@pytest.mark.filterwarnings("ignore:C > D")
+def test_a_masked_lm_s_head_input_follows_its_last_block(bert) -> None:
+    batches = _batches(masked=True)
+    got = measure_language_model(bert, batches, layers="blocks", min_count=2)
+    # BERT's head transforms its last hidden state: both are measured
+    assert list(got) == ["embeddings", "block.1", "block.2", "lm_head"]
+    for state, name in enumerate(["embeddings", "block.1", "block.2"]):
+        features, labels = _hand_layer_samples(bert, batches, causal=False, state=state)
+        want = nctools.measure(features, labels, num_classes=VOCAB, drop_empty=True,
+                               argmax_all_classes=True, etf_without_simplex=False, min_count=2)
+        _assert_same(got[name], _inner(want))
+    _assert_same(got["lm_head"], measure_language_model(bert, batches, min_count=2))
+
+
+@pytest.mark.filterwarnings("ignore:C > D")
+def test_named_layers_are_measured_in_the_order_given(gpt2) -> None:
+    batches = _batches(masked=False, count=2)
+    every = measure_language_model(gpt2, batches, layers="all")
+    some = measure_language_model(gpt2, batches, layers=["lm_head", "embeddings"])
+    assert list(some) == ["lm_head", "embeddings"]
+    for name in some:
+        _assert_same(some[name], every[name])
+    with pytest.raises(ValueError, match=r"^layers: 'block.7' is not a layer of the model; "
+                                         r"its layers: embeddings, block.1, lm_head$"):
+        measure_language_model(gpt2, batches, layers=["block.7"])
+    with pytest.raises(ValueError, match=r"^layers: give 'all', 'blocks' or a list"):
+        measure_language_model(gpt2, batches, layers="every")
+    with pytest.raises(ValueError, match=r"^layers: give distinct layer names"):
+        measure_language_model(gpt2, batches, layers=["lm_head", "lm_head"])

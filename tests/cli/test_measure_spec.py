@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import sys
 
 import pytest
@@ -249,3 +250,20 @@ def test_a_failing_factory_is_one_line_naming_it(capsys, tmp_path, monkeypatch):
     for spec, message in cases.items():
         assert main(["measure", "--model", spec, *DATA]) == 2
         assert capsys.readouterr().err == f"nctools: error: --model {spec!r}: {message}\n"
+
+
+def test_layers_plot_draws_the_measured_rows_against_depth(capsys, tmp_path):
+    from nctools.analysis.layer_plots import layer_figure, measure_table
+
+    out = tmp_path / "depth.svg"
+    assert main(["measure", "--model", "tests.helpers:make_net", *DATA, "--layers", "blocks",
+                 "--json", "--plot", str(out)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert list(got) == ["block1", "block2", "head"]
+    assert out.read_text().lstrip().startswith("<?xml") and "</svg>" in out.read_text()
+    # the figure drawn is that of the printed rows: its points are their values
+    fig = layer_figure(measure_table(got, "train"), title="make_net")
+    panel = next(ax for ax in fig.axes if ax.get_title().startswith("NC1: Tr"))
+    (line,) = [ln for ln in panel.get_lines() if ln.get_marker() == "o"]
+    assert list(line.get_ydata()) == [got[name]["nc1_ratio"] for name in got]
+    assert fig.get_suptitle() == "make_net (dotted: log-linear fit)"

@@ -1,10 +1,13 @@
 """``nctools measure --model hf:PATH --dataset text:FILE`` end to end, on a tiny GPT-2 folder
 saved here with a byte-level BPE trained on the test text (no download): the command's
 numbers are `measure_language_model`'s on the same batches; under torchrun (2 gloo
-processes) they equal one process's; bad combinations are one-line errors."""
+processes) they equal one process's; ``--layers blocks --plot`` prints every layer's row
+and draws them against depth; bad combinations are one-line errors."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -102,7 +105,13 @@ def test_two_processes_equal_one(folder, capsys, tmp_path) -> None:
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--layers", "blocks"], "--layers: not for a language model"),
+    (["--layers", "embeddings,block.9"], "layers: 'block.9' is not a layer of the model; its "
+                                      "layers: embeddings, lm_head"),
+    (["--plot", "depth.png"], "--plot needs --layers (e.g. --layers blocks)"),
+    (["--layers", "blocks", "--plot", "depth.gif"], "cannot save a figure as depth.gif: "
+                                                   "unknown extension '.gif'"),
+    (["--layers", "lm_head", "--plot", "depth.png"], "--plot: draws metrics against depth "
+                                                     "and --layers lm_head is one layer"),
     (["--ncc-samples", "0"], "--ncc-samples: must be an int >= 1, got 0"),
     (["--seq-len", "1"], "--seq-len: must be an int >= 2"),
     (["--stride", "17"], "--stride: must be in [1, --seq-len = 16], got 17"),
@@ -120,3 +129,50 @@ def test_text_needs_a_language_model_and_a_language_model_needs_text(folder, cap
     assert code == 2 and "text needs --model hf:PATH of a language model" in err
     code, _, err = _cli(capsys, "--model", f"hf:{folder / 'gpt2'}", "--dataset", "cifar10")
     assert code == 2 and "is a causal language model: --dataset must be text:FILE" in err
+
+
+def test_layers_print_one_row_per_layer_and_plot_them(folder, capsys, tmp_path) -> None:
+    out = tmp_path / "figs" / "depth.png"
+    code, printed, err = _cli(capsys, *_args(folder, "--layers", "blocks", "--csv",
+                                             "--min-count", "2", "--plot", str(out)))
+    assert code == 0 and err.strip().endswith(f"wrote {out}")
+    rows = list(csv.DictReader(io.StringIO(printed)))
+    model = GPT2LMHeadModel.from_pretrained(folder / "gpt2").eval()
+    tokenizer = load_tokenizer(folder / "gpt2")
+    with pytest.warns(RuntimeWarning, match=r"C > D \+ 1"):
+        want = measure_language_model(
+            model, lambda: text_batches(text_documents(f"text:{folder / 'corpus.txt'}"),
+                                        tokenizer, 16, None, 4),
+            min_count=2, layers="all")
+    # n_layer = 1: the embeddings, then GPT-2's last hidden state (after ln_f) = the head's input
+    assert [r["layer"] for r in rows] == list(want) == ["embeddings", "lm_head"]
+    assert list(rows[0])[:3] == ["model", "dataset", "layer"]
+    for row, values in zip(rows, want.values(), strict=True):
+        got = {k: float(v) for k, v in row.items() if k in values}
+        _same(got, values, rel=1e-12)
+        assert all(row[k] == "" for k in row if k not in values and k not in
+                   ("model", "dataset", "layer"))  # the head's keys: lm_head only
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(out) as image:
+        image.verify()
+        assert image.size[0] > 1000
+
+
+def test_a_language_model_s_figure_replaces_the_undefined_etf_panel(folder, capsys) -> None:
+    from nctools.analysis.layer_plots import layer_figure, measure_table
+
+    code, printed, _ = _cli(capsys, *_args(folder, "--layers", "all", "--json"))
+    assert code == 0
+    layers = {name: {k: math.nan if v is None else v for k, v in values.items()}
+              for name, values in json.loads(printed).items()}
+    assert math.isnan(layers["lm_head"]["etf_means"])  # C > D + 1: no simplex ETF
+    table = measure_table(layers, "text")
+    assert set(table["epoch"]) == {0} and len(table) == sum(map(len, layers.values()))
+    fig = layer_figure(table, title="tiny GPT-2")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert not any("ETF" in t for t in titles)
+    assert "GNC2: hyperspherical uniformity, class means" in titles
+    legend = fig.axes[0].get_legend().get_texts()[0].get_text()
+    assert legend.startswith("decay ratio")  # one measurement: no epoch
