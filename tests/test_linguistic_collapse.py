@@ -43,10 +43,9 @@ def script():
 
 
 def language():
-    lang = sys.modules["toy_language"] if "toy_language" in sys.modules else None
-    if lang is None:
-        script()
-        lang = sys.modules["toy_language"]
+    """scripts/toy_language.py (loaded by the script), its settings and its lexicon."""
+    script()
+    lang = sys.modules["toy_language"]
     spec = lang.LanguageSpec()
     return lang, spec, lang.Lexicon.build(spec)
 
