@@ -55,7 +55,8 @@ def _lm_measure(labels, rows_of, weight, bias, ncc_samples, dtype=None):
             yield (feats if dtype is None else feats.to(dtype)), labs
 
     result, _ = measure_chunks(stream, weight, bias, drop_empty=True, argmax_all_classes=True,
-                               etf_without_simplex=False, ncc_samples=ncc_samples)
+                               etf_without_simplex=False, ncc_samples=ncc_samples,
+                               pair_precision="float32")
     return result
 
 

@@ -18,10 +18,18 @@ Usage::
 3. ``nctools.metrics.measure`` on the GPU: N = 1,000,000 features of D = 512 in C = 1,000 classes
    (float32, 2 GB), after a warm-up call; a 20,000-row subset is also measured on the CPU
    and must agree to 1e-9 (relative; metrics above 1e-6).
+4. Language models (docs/language-models.md): a tiny GPT-2 (random weights, GPT-2's
+   vocabulary of 50,257 tokens, width 64, float64) measured token by token on the GPU
+   with NC4 on every token (``measure_language_model``, its float32 pair tiles), against
+   the same measurement on the CPU in float64 throughout (``pair_precision="float64"``):
+   every key within 1e-6 (relative), NC4's counts equal. Then GPT-2's scale on the GPU,
+   ``scripts/bench_lm.py``'s synthetic stream (C = 50,257, D = 768, 10^6 Zipf tokens) with
+   NC4 on every token, beside its baseline (one read + one tiled float32 Gram of the means).
 
-Prints the GPU name and the times. Without a CUDA device it only checks that the paper
-cell's config loads (the CPU-safe part), prints why it stops and exits with status 1.
-For several GPUs, train the same config under torchrun (the command is printed).
+Prints the GPU name and the times. Without a CUDA device it checks that the paper cell's
+config loads and runs the tiny GPT-2 check on the CPU (the CPU-safe parts), prints why it
+stops and exits with status 1. For several GPUs, train the same config under torchrun
+(the command is printed).
 """
 
 from __future__ import annotations
@@ -129,12 +137,122 @@ def measure_large(n: int = 1_000_000, dim: int = 512, num_classes: int = 1000) -
     return seconds
 
 
+LM_KEYS_EQUAL = ("ncc_mismatch", "accuracy", "ncc_accuracy", "classes_measured")
+
+
+def lm_tokens(device: str = "cuda", sequences: int = 64, seq_len: int = 128) -> float:
+    """Seconds of a tiny GPT-2's token measurement on ``device``, NC4 on every token;
+    checked against the CPU's float64 measurement of the same model (SystemExit if not).
+
+    The model runs in float64 on both, so the token features agree to rounding and any
+    difference is the measurement's: float32 pair tiles and float32 NC4 scores (whose
+    decisions are float64's, :class:`nctools.metrics.decisions.SureArgmax`) on ``device``.
+    Token ids are Zipf-distributed over the vocabulary, as in text; every key is defined.
+    """
+    import warnings
+
+    from synthetic import GPT2_VOCAB
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from nctools.analysis.lm_measure import measure_language_model
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=GPT2_VOCAB, n_positions=seq_len, n_embd=64, n_layer=2,
+                        n_head=2, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config).double().eval()
+    gen = torch.Generator().manual_seed(0)
+    zipf = torch.arange(1, GPT2_VOCAB + 1, dtype=torch.float64).reciprocal()
+    ranks = torch.multinomial(zipf, sequences * seq_len, replacement=True, generator=gen)
+    ids = torch.randperm(GPT2_VOCAB, generator=gen)[ranks].view(sequences, seq_len)
+    # a first token of its own for each sequence: no two positions share their context,
+    # so no two tokens' features (and no two singleton classes' means) coincide
+    ids[:, 0] = torch.arange(sequences)
+    batches = [{"input_ids": ids[i : i + 16]} for i in range(0, sequences, 16)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # C > D + 1: the ETF keys' NaN is expected
+        want = measure_language_model(model, batches, pair_precision="float64")
+        model.to(device)
+        measure_language_model(model, batches[:1])  # warm-up
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        got = measure_language_model(model, batches)  # floats out: the work is done
+        seconds = time.perf_counter() - start
+    undefined = [k for k in ("cdnv", "gnc2_means", "gnc2_weights", "nc1") if math.isnan(want[k])]
+    tokens = sequences * (seq_len - 1)  # a causal LM: the next token of each position
+    if undefined or "ncc_samples" in got or not got["classes_measured"] > tokens / 4:
+        raise SystemExit(f"gpu_check: the tiny GPT-2 measured {got.get('classes_measured')} "
+                         f"tokens, NC4 on {got.get('ncc_samples', 'every')} token, "
+                         f"{', '.join(undefined) or 'no key'} NaN")
+    for key, value in want.items():
+        same = (got[key] == value if key in LM_KEYS_EQUAL or not math.isfinite(value)
+                else math.isclose(got[key], value, rel_tol=1e-6, abs_tol=1e-12))
+        if not same and not (math.isnan(value) and math.isnan(got[key])):
+            raise SystemExit(f"gpu_check: {key} of the tiny GPT-2 differs on {device} "
+                             f"({got[key]!r}) and in float64 on the CPU ({value!r})")
+    return seconds
+
+
+def lm_vocabulary(tokens: int = 1_000_000, dim: int = 768, chunk: int = 65_536,
+                  device: str = "cuda") -> tuple[float, float, dict[str, float]]:
+    """Seconds of GPT-2's scale on the GPU, NC4 on every token, and of its baseline.
+
+    ``scripts/bench_lm.py``'s stream made on the GPU (class means 2 N(0, I), features mean
+    + N(0, I) from a tiled noise block, Zipf labels over 50,257 tokens, the classifier the
+    means plus 0.5 N(0, I)), measured as ``bench_lm.py`` measures it but with NC4 on every
+    token; the baseline is one read into class sums plus one tiled float32 Gram.
+    """
+    import warnings
+
+    from synthetic import GPT2_VOCAB, NOISE_ROWS
+
+    from nctools.metrics.measure import measure_chunks
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    means = torch.randn(GPT2_VOCAB, dim, generator=gen, device=device) * 2
+    zipf = torch.arange(1, GPT2_VOCAB + 1, dtype=torch.float64, device=device).reciprocal()
+    ranks = torch.multinomial(zipf, tokens, replacement=True, generator=gen)
+    labels = torch.randperm(GPT2_VOCAB, generator=gen, device=device)[ranks]
+    noise = torch.randn(NOISE_ROWS, dim, generator=gen, device=device)
+    weight = means + 0.5 * torch.randn(means.shape, generator=gen, device=device)
+
+    def chunks():
+        for start in range(0, tokens, chunk):
+            rows = torch.arange(start, min(start + chunk, tokens), device=device)
+            yield means[labels[rows]] + noise[rows % NOISE_ROWS], labels[rows]
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    sums = torch.zeros(GPT2_VOCAB, dim, device=device)
+    for feats, labs in chunks():
+        sums.index_add_(0, labs, feats)
+    class_means = sums / torch.bincount(labels, minlength=GPT2_VOCAB).clamp_min(1)[:, None]
+    total = torch.zeros((), device=device)
+    for row in range(0, GPT2_VOCAB, 2048):
+        total += (class_means[row : row + 2048] @ class_means.T).sum()
+    float(total)
+    baseline = time.perf_counter() - start
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # C > D + 1: the ETF keys' NaN is expected
+        start = time.perf_counter()
+        result, _ = measure_chunks(chunks, weight, drop_empty=True, argmax_all_classes=True,
+                                   etf_without_simplex=False, pair_precision="float32")
+        seconds = time.perf_counter() - start
+    if "ncc_samples" in result or not result["ncc_accuracy"] > 0.9:
+        raise SystemExit(f"gpu_check: NC4 at GPT-2's scale: {result}")
+    return seconds, baseline, result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="run directory to keep (default: temporary)")
     args = parser.parse_args()
     cell_config = paper_cell_config()  # on any machine: a config error shows without a GPU
     if not torch.cuda.is_available():
+        seconds = lm_tokens("cpu")
+        print(f"tiny GPT-2 (V = 50,257, D = 64), NC4 on every token, on the CPU: {seconds:.1f} s, "
+              "within 1e-6 of float64", flush=True)
         print("gpu_check: no CUDA device is visible to torch "
               f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); "
               "run this on a machine with an NVIDIA GPU", file=sys.stderr)
@@ -154,7 +272,15 @@ def main() -> None:
               f"{steady:.1f} s, {hours:.2f} GPU hours for all the cell's epochs at that pace; "
               f"{tflops:.1f} TFLOP/s sustained", flush=True)
         seconds = measure_large()
-        print(f"measure N=1,000,000 D=512 C=1,000 on the GPU: {seconds:.2f} s")
+        print(f"measure N=1,000,000 D=512 C=1,000 on the GPU: {seconds:.2f} s", flush=True)
+        seconds = lm_tokens()
+        print(f"tiny GPT-2 (V = 50,257, D = 64, 8,128 tokens), NC4 on every token, on the "
+              f"GPU: {seconds:.2f} s, within 1e-6 of float64 on the CPU", flush=True)
+        seconds, baseline, result = lm_vocabulary()
+        print(f"GPT-2's scale (C = 50,257, D = 768, 10^6 Zipf tokens, "
+              f"{int(result['classes_measured'])} measured), NC4 on every token, on the GPU: "
+              f"{seconds:.1f} s, {seconds / baseline:.1f}x one read + a float32 Gram "
+              f"({baseline:.2f} s)")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="centre on the mean of the tokens or of the class means (the paper)")
     g.add_argument("--ncc-samples", type=int, metavar="N",
                    help="NC4 on N evenly spaced tokens (its cost is N x vocabulary x D)")
+    g.add_argument("--pair-precision", choices=("float32", "float64"), default="float32",
+                   help="GNC2 and CDNV's pairs of tokens in float32 tiles summed in float64 "
+                        "(default; ~1e-7 relative) or all in float64")
 
 
 def lm_task_of(args: argparse.Namespace) -> Task | None:
@@ -98,7 +101,8 @@ def measure(args: argparse.Namespace, task: Task) -> dict[str, dict[str, float]]
             result = measure_language_model(
                 model, batches, task=task, min_count=args.min_count, top_k=args.top_k,
                 cdnv_power=args.cdnv_power, global_mean=args.global_mean,
-                ncc_samples=args.ncc_samples, group=group, layers=layers)
+                ncc_samples=args.ncc_samples, pair_precision=args.pair_precision,
+                group=group, layers=layers)
         except ValueError as exc:
             raise NctoolsError(f"measure --model {args.model}: {exc}") from None
     if layers is None:

@@ -32,10 +32,12 @@ class DecisionTally:
 
     - the classifier argmax_k w_k.h + b_k, from h itself;
     - the nearest class centre argmin_k ||h - m_k||^2, ranked by the equivalent
-      argmax_k x.(m_k - r) + (s_y - r).(m_k - r) - ||m_k - r||^2 / 2 for a common
-      reference r (the global mean), which keeps the dot products free of cancellation
-      against an offset. With a basis B whose span holds the centres, x.(m_k - r) is
-      (x @ B).(B^T (m_k - r)), an r-dimensional product.
+      argmax_k z.(m_k - r) - ||m_k - r||^2 / 2 with z = h - r (formed in float64) for a
+      common reference r (the global mean), which keeps the dot products free of
+      cancellation against an offset; the offset is the same for every row, so no
+      per-label table is formed (at a vocabulary's C, C x C x D work). With a basis B
+      whose span holds the centres, z.(m_k - r) is (B^T z).(B^T (m_k - r)), an
+      r-dimensional product, B^T z = x @ B + B^T (s_y - r).
 
     With a basis, the classifier is first tried in it too: w_k.h + b_k = (s_y.w_k + b_k)
     + (B^T w_k).(B^T x) + w_k.x_perp, where x_perp = x - B B^T x is what the basis leaves
@@ -80,10 +82,12 @@ class DecisionTally:
         centres = (shift if ncc_means is None else ncc_means) - reference
         self.in_basis = basis is not None and ncc_means is None
         self.classifier = None if weight is None or bias is None else SureArgmax(weight.T, bias)
-        # + (s_y - r).(m_k - r) - ||m_k - r||^2 / 2: row y for the samples of class y
-        self.centre_offset = PairOffsets(shift - reference, centres, -centres.square().sum(1) / 2)
+        self.reference = reference
+        # (C, r) B^T (m_k - r); in the basis, row y is also B^T (s_y - r) (m = s)
         coords = centres @ basis if self.in_basis and basis is not None else centres
-        self.ncc = SureArgmax(coords.T, self.centre_offset)
+        self.coords = coords if self.in_basis else None
+        self.ncc: SureArgmax | None = SureArgmax(coords.T, -centres.square().sum(1) / 2)
+        del centres
         self.tallied = torch.zeros(3, dtype=torch.int64, device=shift.device)
         self.num_classes = shift.shape[0]
         self.classifier_in_basis: SureArgmax | None = None
@@ -117,28 +121,27 @@ class DecisionTally:
         """Tally one block: labels (rows,) (or one int when the whole block is of one
         class), samples h (rows, D) in any float dtype, x = h - s_y (rows, D) float64, and
         when the statistics keep a basis B, x @ B (rows, r) and ||x||^2 (rows,) float64."""
+        if self.ncc is None:
+            raise ValueError("DecisionTally: released, it tallies no more blocks")
         if self.in_basis and projected is None:
             raise ValueError("DecisionTally: centres in a basis need blocks with x @ basis")
+        ncc = self.ncc
         # rows at a time so that the (rows, C) scores stay within SCORE_ELEMENTS
         step = max(1, SCORE_ELEMENTS // self.num_classes)
         for start in range(0, h.shape[0], step):
             part = slice(start, start + step)
             y = labels if isinstance(labels, int) else labels[part]
-            try_basis = projected is not None and x_sq is not None and self._try_basis()
-            in_basis = None
-            if projected is not None and (try_basis or self.in_basis):
-                # converted and normed once for both rules
-                p = projected[part]
-                p_sq = p.square().sum(1)
-                in_basis = Scored(p, p.float(), p_sq.sqrt().float())
-            if in_basis is not None and self.in_basis:
-                nearest = self.ncc(in_basis, y)
+            p = None if projected is None else projected[part]
+            if p is not None and self.coords is not None:  # B^T (h - r)
+                nearest = ncc(Scored.of(p + self.coords[y]), y)
             else:
-                nearest = self.ncc(Scored.of(x[part]), y)
+                nearest = ncc(Scored.of(h[part].to(F64) - self.reference), y)
             if self.classifier is None:
                 self.tallied[2] += (nearest == y).sum()
                 continue
-            if in_basis is not None and x_sq is not None and try_basis:
+            if p is not None and x_sq is not None and self._try_basis():
+                p_sq = p.square().sum(1)
+                in_basis = Scored(p, p.float(), p_sq.sqrt().float())
                 predicted = self._classify_in_basis(h[part], y, in_basis, p_sq, x_sq[part])
             else:
                 predicted = self.classifier(Scored.of(h[part]), y)
@@ -146,6 +149,12 @@ class DecisionTally:
                 predicted = self.classifier_ids[predicted]
             hits = torch.stack((predicted != nearest, predicted == y, nearest == y))
             self.tallied += hits.sum(1)
+
+    def release(self) -> None:
+        """Drop the classifier and the centres (several (C, D) matrices) once every block
+        is tallied: only :attr:`counts` is read after that; :meth:`add` then refuses."""
+        self.classifier = self.classifier_in_basis = self.coords = None
+        self.ncc = None
 
     def _try_basis(self) -> bool:
         """Whether the classifier in the basis is still worth trying."""
@@ -192,9 +201,13 @@ class PairOffsets:
     factors, float64 rows formed on demand.
 
     With few classes (C' x C <= ``TABLE_ELEMENTS``) the float32 rounding of the whole table
-    is kept for lookup; with many, each block's rows are formed when needed and rounded the
-    same way, so memory never grows as C^2 (C = 20,000 would need 1.6 GB as a table). The
-    table is filled, and max |o| found, in blocks of rows: no C x C float64 matrix exists.
+    is kept for lookup, filled in blocks of rows (no C x C float64 matrix exists), and
+    ``max_abs`` is max |o|; with many, each block's rows are formed when needed and rounded
+    the same way, so memory never grows as C^2 (C = 20,000 would need 1.6 GB as a table),
+    and ``max_abs`` is the bound max ||a_y|| max ||b_k|| + max |c_k| >= max |o| (Cauchy-
+    Schwarz): finding the max itself would form all C' x C offsets, C' x C x D work (at a
+    vocabulary's C more than every other step of a measurement). :class:`SureArgmax`
+    needs only a bound.
 
     Args:
         left: (C', D) float64 a_y.  right: (C, D) float64 b_k.  constant: (C,) float64 c_k.
@@ -204,22 +217,24 @@ class PairOffsets:
     TABLE_ELEMENTS = 1 << 24  # a float32 table up to this size (64 MiB) is kept
 
     def __init__(self, left: Tensor, right: Tensor, constant: Tensor) -> None:
-        self.left, self.right, self.constant = left, right.T.contiguous(), constant
+        self.left, self.right, self.constant = left, right.T, constant
         self.shape = (left.shape[0], right.shape[0])
         keep = self.shape[0] * self.shape[1] <= self.TABLE_ELEMENTS
         # kept transposed, (C, C'): a block's offsets are then gathered as the (C, rows)
         # columns its scores are laid out in
-        self.table32_t = (
-            torch.empty(self.shape[::-1], dtype=torch.float32, device=left.device)
-            if keep else None
-        )
+        self.table32_t: Tensor | None = None
+        if not keep:
+            self.max_abs = (float(left.norm(dim=1).max()) * float(right.norm(dim=1).max())
+                            + float(constant.abs().max()))
+            return
+        table = torch.empty(self.shape[::-1], dtype=torch.float32, device=left.device)
         self.max_abs = 0.0
         step = max(1, self.BLOCK_ELEMENTS // max(1, self.shape[1]))
         for start in range(0, self.shape[0], step):
             block = self.rows(torch.arange(start, min(start + step, self.shape[0])))
-            if self.table32_t is not None:
-                self.table32_t[:, start : start + step] = block.T
+            table[:, start : start + step] = block.T
             self.max_abs = max(self.max_abs, float(block.abs().max()))
+        self.table32_t = table
 
     def rows(self, labels: Tensor | int) -> Tensor:
         """(len(labels), C) float64 offsets of samples labelled ``labels`` ((1, C) for an int)."""
@@ -259,7 +274,7 @@ class SureArgmax:
     """
 
     def __init__(self, matrix: Tensor, offset: Tensor | PairOffsets) -> None:
-        self.matrix, self.offset = matrix.contiguous(), offset
+        self.matrix, self.offset = matrix, offset  # as given: a (C, D) weight's .T, no copy
         self.matrix32 = matrix.T.float().contiguous()  # (C, n): A^T x^T is MKL's fast shape
         self.per_label = isinstance(offset, PairOffsets)
         if isinstance(offset, PairOffsets):

@@ -115,7 +115,7 @@ class Layer:
             bias = weight.new_zeros(weight.shape[0])
         self.bias, self.mse = bias, mse_weight_decay
         self.stats: ClassStats | None = None  # the pass under way, then the second's
-        self.first: ClassStats | None = None  # counts and sums of the first pass
+        self.first_counts: Tensor | None = None  # (C,) the first pass's class counts
         self.means = self.centre = torch.empty(0, dtype=F64)  # mu_c (C, D), mu_G (D,)
         self.eig: tuple[Tensor, Tensor] | None = None
         self.tally: DecisionTally | None = None
@@ -155,6 +155,9 @@ class Engine:
             decision for a class not measured is wrong and disagrees with the NCC rule.
         etf_without_simplex: compute the ``ETF_KEYS`` also when C > D + 1 (where no
             simplex ETF exists); False: NaN with a warning, and their cost is saved.
+        pair_precision: ``"float64"``, or ``"float32"``: the tiles of GNC2 and CDNV's
+            C^2 / 2 class pairs in float32, their sums in float64
+            (:func:`functional.pair_statistics`; ~1e-7 relative at vocabulary scale).
     """
 
     def __init__(self, num_classes: int, layers: Mapping[str, Layer | tuple], *,
@@ -164,7 +167,7 @@ class Engine:
                  group: dist.ProcessGroup | None = None, min_count: int = 1,
                  top_k: int | None = None, cdnv_power: int = 1,
                  ncc_samples: int | None = None, argmax_all_classes: bool = False,
-                 etf_without_simplex: bool = True) -> None:
+                 etf_without_simplex: bool = True, pair_precision: str = "float64") -> None:
         self.num_classes, self.device = num_classes, torch.device(device)
         self.layers = {name: spec if isinstance(spec, Layer) else Layer(*spec)
                        for name, spec in layers.items()}
@@ -175,12 +178,13 @@ class Engine:
         self.group = group
         self.passes_done = 0
         self.remap: Tensor | None = None  # old -> new label once empty classes are dropped
-        check_vocabulary_options(min_count, top_k, cdnv_power, ncc_samples)
+        check_vocabulary_options(min_count, top_k, cdnv_power, ncc_samples, pair_precision)
         self.min_count, self.top_k, self.cdnv_power = min_count, top_k, cdnv_power
         self.filters = drop_empty or min_count > 1 or top_k is not None
         self.ncc_samples, self.argmax_all = ncc_samples, argmax_all_classes
         self.sampler: _Sampler | None = None
         self.etf_without_simplex = etf_without_simplex
+        self.pair_dtype = functional.PAIR_DTYPES[pair_precision]
 
     # ----------------------------------------------------------------- the passes
     def update(self, features: Tensor | Mapping[str, Tensor], labels: Tensor) -> None:
@@ -222,6 +226,7 @@ class Engine:
             self._agree_on_widths()
         first = next(iter(self.layers.values())).stats
         local_counts = None if first is None else first.counts.clone()  # before summing
+        del first  # not held through the next pass's setup
         for layer in self.layers.values():
             if layer.stats is None:
                 raise ValueError(f"{self._empty()} (no {self._part(plural=True)})")
@@ -259,6 +264,7 @@ class Engine:
                 what = "features" if self.source == "chunks" else "activations"
                 raise ValueError(f"{what} contain NaN or Inf values")
         kept = self._kept_classes(first.counts)
+        del first
         for layer in self.layers.values():
             self._second_setup(layer, kept)
 
@@ -302,12 +308,12 @@ class Engine:
         """NC4's sample: this process's share of ``ncc_samples``, in proportion to its
         samples of the classes measured."""
         assert self.ncc_samples is not None
-        first = next(iter(self.layers.values())).first  # the first pass's, summed
+        first = next(iter(self.layers.values())).first_counts  # the first pass's, summed
         assert first is not None
-        measured = (torch.ones_like(first.counts, dtype=torch.bool) if self.remap is None
-                    else self.remap.to(first.counts.device) >= 0)
+        measured = (torch.ones_like(first, dtype=torch.bool) if self.remap is None
+                    else self.remap.to(first.device) >= 0)
         local = 0 if local_counts is None else int(local_counts[measured].sum())
-        total = int(first.counts[measured].sum())
+        total = int(first[measured].sum())
         share = min(local, round(self.ncc_samples * local / total)) if total else 0
         return _Sampler(local, share)
 
@@ -317,7 +323,9 @@ class Engine:
         assert layer.stats is not None
         first, dim = layer.stats, layer.stats.dim
         pick = (lambda t: t) if kept is None else (lambda t: t[kept.to(t.device)])
-        layer.first, layer.means = first, pick(first.class_means())
+        # the first pass's sums are dropped once the means are taken (their counts are
+        # what the second pass is checked against): memory holds C x D float64 a few times
+        layer.first_counts, layer.means = first.counts, pick(first.class_means())
         if self.global_mean == "classes":
             layer.centre = layer.means.mean(0)
         elif kept is None:
@@ -325,6 +333,8 @@ class Engine:
         else:  # the mean of the samples measured: the left-out classes' are not
             counts = pick(first.counts).to(layer.means.dtype)
             layer.centre = counts @ layer.means / counts.sum()
+        layer.stats = None
+        del first
         deciding, classifier_ids = (layer.weight, layer.bias), None
         if layer.weight is not None and kept is not None:
             if self.argmax_all:  # all C rows decide; their ids mapped to the measured
@@ -338,15 +348,16 @@ class Engine:
         layer.eig = (eigvals, eigvecs)
         in_span = 0 < eigvecs.shape[1] < dim // 2 and layer.mse is None
         basis = eigvecs if in_span else None
-        layer.tally = DecisionTally(*deciding, layer.means, layer.centre,
-                                    layer.class_means, basis, classifier_ids)
         layer.stats = ClassStats(layer.means.shape[0], dim, shift=layer.means, basis=basis,
                                  device=layer.means.device)
+        layer.means = layer.stats.shift  # the same values: one (C, D) copy held, not two
+        layer.tally = DecisionTally(*deciding, layer.means, layer.centre,
+                                    layer.class_means, basis, classifier_ids)
 
     def _close_second(self) -> None:
         for layer in self.layers.values():
-            assert layer.stats is not None and layer.first is not None
-            first = layer.first.counts.to(layer.stats.counts.dtype)
+            assert layer.stats is not None and layer.first_counts is not None
+            first = layer.first_counts.to(layer.stats.counts.dtype)
             ids = torch.arange(first.numel(), device=first.device)
             if self.remap is not None:  # the second pass counts the measured classes only
                 remap = self.remap.to(first.device)
@@ -356,6 +367,8 @@ class Engine:
                 ids = torch.zeros_like(kept).index_copy(0, remap[kept], kept)
             check_pass_rows(int(first.sum()), layer.stats.num_samples, self.source)
             check_pass_classes(first, layer.stats.counts, ids, self.source)
+            if layer.tally is not None:
+                layer.tally.release()  # its counts are all that is read from now on
             if self.sync and layer.tally is not None:
                 dist.all_reduce(layer.tally.tallied, op=dist.ReduceOp.SUM, group=self.group)
         if self.sync and self.sampler is not None:
@@ -390,7 +403,8 @@ class Engine:
         assert layer.stats is not None and layer.eig is not None
         result = class_metrics(layer.stats, layer.weight, layer.centre, layer.eig,
                                cdnv_power=self.cdnv_power,
-                               etf_without_simplex=self.etf_without_simplex)
+                               etf_without_simplex=self.etf_without_simplex,
+                               pair_dtype=self.pair_dtype)
         if layer.tally is not None:
             total = (float(layer.stats.counts.sum()) if self.sampler is None
                      else float(self.sampler.taken))
@@ -438,7 +452,8 @@ def simplex_exists(num_classes: int, dim: int) -> bool:
 
 def class_metrics(stats: ClassStats, weight: Tensor | None, centre: Tensor,
                   eig: tuple[Tensor, Tensor] | None = None, *,
-                  cdnv_power: int = 1, etf_without_simplex: bool = True) -> dict[str, float]:
+                  cdnv_power: int = 1, etf_without_simplex: bool = True,
+                  pair_dtype: torch.dtype = F64) -> dict[str, float]:
     """NC1-NC3 and the class-statistics metrics of docs/metrics.md "Beyond the paper".
 
     NC1 = Tr(Sigma_W Sigma_B^+) / C (Papyan et al. 2020) is read along Sigma_B's
@@ -455,9 +470,10 @@ def class_metrics(stats: ClassStats, weight: Tensor | None, centre: Tensor,
         cdnv_power: the power of the class distance in CDNV (:func:`vocab.cdnv`).
         etf_without_simplex: False: with C > D + 1 the ``ETF_KEYS`` are NaN (no simplex
             ETF exists) and are not computed (their C x C pairs are a vocabulary's cost).
+        pair_dtype: of the tiles of GNC2 and CDNV's C^2 / 2 pairs (float64, or float32:
+            :func:`functional.pair_statistics`).
     """
-    means = stats.class_means()
-    centred = means - centre
+    centred = stats.class_means().sub_(centre)  # the means themselves are not kept
     eigvals, eigvecs = eig if eig is not None else functional.between_class_eig(centred)
     within = stats.within_class_cov()  # (D, D), or (r, r) in the basis V itself
     # v_k^T Sigma_W v_k for each eigenvector v_k: the diagonal when Sigma_W is kept in V
@@ -465,20 +481,24 @@ def class_metrics(stats: ClassStats, weight: Tensor | None, centre: Tensor,
              else ((within @ eigvecs) * eigvecs).sum(0))
     simplex = etf_without_simplex or simplex_exists(*centred.shape)
     geometry = functional.simplex_geometry(centred) if simplex else _no_simplex()
-    gnc2 = functional.gnc2(centred)
+    # GNC2 and CDNV of the means from one pass over their pairs (CDNV is translation
+    # invariant: the means centred on mu_G serve it as well as on their own mean)
+    pairs = functional.pair_statistics(centred, stats.class_variances(), cdnv_power,
+                                       pair_dtype)
     result = {
         "nc1": functional.nc1(along, eigvals, stats.num_classes),
         "nc1_ratio": functional.nc1_ratio(stats.within_class_trace(), centred),
-        "cdnv": vocab.cdnv(centred, stats.class_variances(), cdnv_power),
+        "cdnv": pairs["cdnv"],
         "equinorm_means": functional.equinorm(centred),
         "equiangular_means": geometry["equiangular"], "maxangle_means": geometry["maxangle"],
         "etf_means": geometry["etf"],
-        "separation_fuzziness": functional.separation_fuzziness(
-            within, stats.basis, means, stats.counts),
-        "gnc2_means": gnc2["variance"], "gnc2_energy_means": gnc2["energy"],
+        "separation_fuzziness": functional.separation_fuzziness(  # translation-invariant
+            within, stats.basis, centred, stats.counts),
+        "gnc2_means": pairs["variance"], "gnc2_energy_means": pairs["energy"],
     }
     if weight is not None:
-        result.update(_classifier_metrics(weight.to(stats.device, F64), centred, simplex))
+        result.update(_classifier_metrics(weight.to(stats.device, F64), centred, simplex,
+                                          pair_dtype))
     return result
 
 
@@ -486,11 +506,12 @@ def _no_simplex() -> dict[str, float]:
     return {"equiangular": math.nan, "maxangle": math.nan, "etf": math.nan}
 
 
-def _classifier_metrics(weight: Tensor, centred: Tensor, simplex: bool) -> dict[str, float]:
+def _classifier_metrics(weight: Tensor, centred: Tensor, simplex: bool,
+                        pair_dtype: torch.dtype = F64) -> dict[str, float]:
     """NC2 of the classifier rows and NC3 (self-duality) with the centred means (C, D);
-    the ``ETF_KEYS`` NaN unless ``simplex``."""
+    the ``ETF_KEYS`` NaN unless ``simplex``; GNC2's tiles in ``pair_dtype``."""
     geometry = functional.simplex_geometry(weight) if simplex else _no_simplex()
-    gnc2 = functional.gnc2(weight)
+    gnc2 = functional.gnc2(weight, pair_dtype)
     return {
         "equinorm_weights": functional.equinorm(weight),
         "equiangular_weights": geometry["equiangular"],

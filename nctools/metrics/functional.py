@@ -6,7 +6,9 @@ collapse during the terminal phase of deep learning training", PNAS 2020 (figure
 numbers below refer to that paper).
 
 Pairwise quantities (cosines, class distances, Gram matrices) are computed in row
-tiles, so memory is O(tile x C) rather than O(C^2) and thousands of classes fit.
+tiles, so memory is O(tile x C) rather than O(C^2) and thousands of classes fit; GNC2 and
+CDNV of the same vectors share one pass over their tiles (:func:`pair_statistics`), in
+float64 or, at vocabulary scale, in float32 tiles (docs/language-models.md).
 """
 
 from __future__ import annotations
@@ -20,6 +22,14 @@ EPS64 = torch.finfo(torch.float64).eps
 TILE_ELEMENTS = 1 << 21  # elements of one (tile, C) block: 16 MiB of float64
 CLOSE_DIST2 = 1e-4  # unit vectors this close: their distance from the difference itself
 COINCIDE_DIST2 = 64 * EPS64  # unit vectors this close coincide, to rounding (GNC2 undefined)
+# pair_statistics: entries of one (rows, C) tile (two such buffers are held), the squared
+# distance below which a float32 tile's pair is recomputed exactly (float32's cosine is
+# off by ~1e-7, so this keeps a pair's relative error under ~1e-5), and the number of such
+# pairs in a tile above which the whole tile is recomputed in float64 instead, pair by pair
+PAIR_TILE_ELEMENTS = 1 << 23
+CLOSE_DIST2_32 = 1e-2
+CLOSE_PAIRS_32 = 4096
+PAIR_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 def _tile_rows(num_classes: int) -> int:
@@ -29,8 +39,9 @@ def _tile_rows(num_classes: int) -> int:
 def between_class_eig(centred_means: Tensor) -> tuple[Tensor, Tensor]:
     """Non-zero eigenpairs of the between-class covariance Sigma_B (Papyan et al. 2020).
 
-    Sigma_B = M~^T M~ / C has rank at most C - 1, so its eigenvectors come from the thin
-    SVD of the C x D centred means rather than from a D x D eigendecomposition.
+    Sigma_B = M~^T M~ / C has rank at most C - 1, so its eigenvectors come from the
+    singular values and right singular vectors of the C x D centred means
+    (:func:`right_singular`) rather than from a D x D eigendecomposition.
     Eigenvalues below ``max_eig * D * eps`` count as zero (scipy.linalg.pinvh's cutoff).
 
     Args:
@@ -41,12 +52,29 @@ def between_class_eig(centred_means: Tensor) -> tuple[Tensor, Tensor]:
         eigvecs: (D, r) orthonormal eigenvectors, one per column.
     """
     num_classes, dim = centred_means.shape
-    _, singular, vh = torch.linalg.svd(centred_means, full_matrices=False)
+    singular, vh = right_singular(centred_means)
     eigvals = singular.square() / num_classes
     if eigvals.numel() == 0 or float(eigvals.max()) == 0.0:
         return eigvals[:0], vh[:0].T
     keep = eigvals > eigvals.max() * dim * EPS64
     return eigvals[keep], vh[keep].T
+
+
+def right_singular(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """Singular values (k,) descending and right singular vectors V^T (k, D) of a (C, D)
+    matrix, k = min(C, D): its thin SVD without the left factor.
+
+    A tall matrix (C > D, a vocabulary's class means) is first reduced to the D x D
+    triangle R of its Householder QR (A = QR, Q not formed): A and R have the same
+    singular values and right singular vectors, and both steps are backward stable, so
+    this is as exact as the SVD of A itself (Golub & Van Loan, Matrix Computations, 4th
+    ed., 2013, sec. 8.6.3, "R-bidiagonalization") at a fraction of its cost: the SVD's
+    C x D left factor is never formed.
+    """
+    if matrix.shape[0] > matrix.shape[1]:
+        matrix = torch.linalg.qr(matrix, mode="r")[1]
+    _, singular, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return singular, vh
 
 
 def nc1(within_var_along_eigvecs: Tensor, eigvals: Tensor, num_classes: int) -> float:
@@ -73,7 +101,7 @@ def nc1_ratio(within_trace: float, centred_means: Tensor) -> float:
         within_trace: Tr(Sigma_W).
         centred_means: (C, D) rows mu_c - mu_G; Tr(Sigma_B) = ||M~||_F^2 / C.
     """
-    between_trace = float(centred_means.square().sum()) / centred_means.shape[0]
+    between_trace = float(torch.linalg.vector_norm(centred_means)) ** 2 / centred_means.shape[0]
     return within_trace / between_trace if between_trace > 0 else math.nan
 
 
@@ -154,27 +182,25 @@ def self_duality(weight: Tensor, centred_means: Tensor) -> float:
         weight: (C, D) classifier rows w_c.
         centred_means: (C, D) rows mu_c - mu_G.
     """
-    diff = weight / weight.norm() - centred_means / centred_means.norm()
-    return float(diff.square().sum())
+    w_norm, m_norm = weight.norm(), centred_means.norm()
+    total = torch.zeros((), dtype=torch.float64, device=weight.device)
+    for part in _row_blocks(weight):  # no (C, D) temporaries at a vocabulary's C
+        total += (weight[part] / w_norm - centred_means[part] / m_norm).square().sum()
+    return float(total)
+
+
+def _row_blocks(matrix: Tensor) -> list[slice]:
+    """Slices of about ``TILE_ELEMENTS`` entries of the rows of a (C, D) matrix."""
+    step = max(1, TILE_ELEMENTS // max(1, matrix.shape[1]))
+    return [slice(start, start + step) for start in range(0, matrix.shape[0], step)]
+
+
+def _row_dots(a: Tensor, b: Tensor) -> Tensor:
+    """(C,) a_c.b_c of two (C, D) matrices, in blocks of rows (no (C, D) temporary)."""
+    return torch.cat([(a[part] * b[part]).sum(1) for part in _row_blocks(a)])
 
 
 # --------------------------------------------------------------------------- beyond the paper
-def _merge_moments(
-    state: tuple[int, float, float], values: Tensor
-) -> tuple[int, float, float]:
-    """(count, mean, M2) of a population merged with ``values`` (Chan et al. 1979), so a
-    variance over tiles is as exact as a two-pass one."""
-    count, mean, m2 = state
-    n = values.numel()
-    if n == 0:
-        return state
-    tile_mean = float(values.mean())
-    tile_m2 = float((values - tile_mean).square().sum())
-    delta = tile_mean - mean
-    total = count + n
-    return total, mean + delta * n / total, m2 + tile_m2 + delta * delta * count * n / total
-
-
 def separation_fuzziness(
     within_cov: Tensor, basis: Tensor | None, means: Tensor, counts: Tensor
 ) -> float:
@@ -197,7 +223,8 @@ def separation_fuzziness(
     weights = counts / counts.sum()
     mean_s = weights @ means
     scaled = weights.sqrt()[:, None] * (means - mean_s)
-    _, singular, vh = torch.linalg.svd(scaled, full_matrices=False)
+    singular, vh = right_singular(scaled)
+    del scaled
     eigvals = singular.square()
     if eigvals.numel() == 0 or float(eigvals.max()) == 0.0:
         return math.nan
@@ -208,7 +235,7 @@ def separation_fuzziness(
     return float((along / eigvals).sum())
 
 
-def gnc2(vectors: Tensor) -> dict[str, float]:
+def gnc2(vectors: Tensor, dtype: torch.dtype = torch.float64) -> dict[str, float]:
     """Generalised NC2 of C vectors: logarithmic energy of their directions on the sphere
     (Liu et al. 2023, "Generalizing and decoupling neural collapse via hyperspherical
     uniformity gap"), for any C, also C > D + 1 where no simplex ETF exists.
@@ -219,56 +246,211 @@ def gnc2(vectors: Tensor) -> dict[str, float]:
     - energy: mean of k_cc' (lower is more uniform)
     - variance: population variance of k_cc' (0 when all pairwise distances are equal)
 
-    Computed in row tiles of the upper triangle (``TILE_ELEMENTS`` values at a time), the
-    variance merged across tiles exactly; ||u_c - u_c'||^2 = 2 - 2 u_c.u_c'.
+    Computed in row tiles of the upper triangle (:func:`pair_statistics`, whose ``dtype``
+    this is), the variance merged across tiles exactly.
 
     Args:
         vectors: (C, D) float64 rows v_c (centred class means or classifier rows).
+        dtype: of the tiles: float64, or float32 (see :func:`pair_statistics`).
 
     Returns:
-        dict with keys ``energy`` and ``variance``: inf / NaN when two directions coincide
-        (to rounding: ||u_c - u_c'||^2 < ``COINCIDE_DIST2``), NaN when a vector is zero.
+        dict with keys ``energy`` and ``variance``: inf and NaN when two directions
+        coincide (to rounding: ||u_c - u_c'||^2 < ``COINCIDE_DIST2``), NaN when a vector
+        is zero.
     """
-    num_classes = vectors.shape[0]
-    units = vectors / vectors.norm(dim=1, keepdim=True)
-    state = (0, 0.0, 0.0)
-    step = _tile_rows(num_classes)
-    for start in range(0, num_classes - 1, step):
-        stop = min(start + step, num_classes - 1)
-        # the pairs (c, c') with start <= c < stop, c' > c: a triangle then a rectangle
-        tri = torch.triu(torch.ones(stop - start, stop - start + 1, dtype=torch.bool,
-                                    device=units.device), diagonal=1)
-        square = units[start:stop] @ units[start : stop + 1].T
-        state = _merge_moments(state, _log_inverse_distance(square[tri], units, start, tri))
-        if stop + 1 < num_classes:
-            rect = units[start:stop] @ units[stop + 1 :].T
-            state = _merge_moments(state, _log_inverse_distance(rect.flatten(), units, start,
-                                                                None, stop + 1))
-    count, mean, m2 = state
-    return {"energy": mean, "variance": m2 / count if count else math.nan}
+    pairs = pair_statistics(vectors, dtype=dtype)
+    return {"energy": pairs["energy"], "variance": pairs["variance"]}
 
 
-def _log_inverse_distance(
-    cos: Tensor, units: Tensor, start: int, tri: Tensor | None, first_col: int = 0
-) -> Tensor:
-    """log(1 / ||u_c - u_c'||) from the cosines of one block of pairs, in place.
+def pair_statistics(vectors: Tensor, variances: Tensor | None = None, power: int = 1,
+                    dtype: torch.dtype = torch.float64,
+                    tile_elements: int | None = None) -> dict[str, float]:
+    """GNC2 (:func:`gnc2`) of C vectors and, given their classes' variances, CDNV, in one
+    pass over the C(C-1)/2 pairs.
 
-    ``tri`` is the triangle mask of a (rows, rows + 1) block starting at column ``start``,
-    or None for a full (rows, C - first_col) block; pairs whose 2 - 2cos would cancel
-    (closer than ``CLOSE_DIST2``) take their distance from the difference of the units.
+    Every pair's squared distance of directions d_cc' = ||u_c - u_c'||^2 = 2 - 2 u_c.u_c'
+    comes from a row tile of the Gram matrix of the unit vectors (``tile_elements``
+    entries, default ``PAIR_TILE_ELEMENTS``: memory never holds a C x C matrix). Pairs
+    closer than ``CLOSE_DIST2`` (float64 tiles) or ``CLOSE_DIST2_32`` (float32 tiles),
+    where 2 - 2 cos cancels, take d from the difference of their units in float64. CDNV
+    (Galanti et al. 2022; ``power`` 2: Wu & Papyan 2024's code, see
+    :func:`nctools.metrics.vocab.cdnv`) reads the class distance from the same d:
+
+        ||v_c - v_c'||^2 = (||v_c|| - ||v_c'||)^2 + ||v_c|| ||v_c'|| d_cc',
+
+    a sum of two non-negative terms, so it is as exact as d itself (no cancellation
+    against the vectors' size).
+
+    ``dtype`` float32 forms the tiles and their element-wise work in float32 (on a CPU
+    about 3x faster than float64, and half the memory traffic) and adds each tile's row
+    sums in float64: a pair's d is then off by about 1e-7 (relative, at most ~1e-5 for
+    the closest pairs not recomputed), errors of either sign that the sums over C^2 / 2
+    pairs average out; GNC2 and CDNV come out within ~1e-7 (relative) of float64 on
+    vocabulary-scale data (C > D + 1: their pairwise distances cannot all be alike, so
+    the variance is not small next to that error; docs/language-models.md). A tile with
+    more than ``CLOSE_PAIRS_32`` close pairs is recomputed in float64. Use float64 for
+    nearly collapsed vectors, whose GNC2 variance may be of the size of float32's rounding.
+
+    Args:
+        vectors: (C, D) rows v_c (GNC2 reads their directions, so any scale).
+        variances: optional (C,) sigma_c^2, the mean squared distance of class c's
+            samples to its mean v_c (any common shift of the v_c; CDNV is translation
+            invariant, GNC2 is not).
+        power: of the class distance in CDNV, 1 or 2.
+        dtype: of the tiles, torch.float64 or torch.float32.
+        tile_elements: entries of one tile (default ``PAIR_TILE_ELEMENTS``).
+
+    Returns:
+        dict with ``energy`` and ``variance`` (GNC2: inf and NaN when two directions
+        coincide, NaN for a zero vector) and, given variances, ``cdnv``: the mean over
+        ordered pairs of (sigma_c^2 + sigma_c'^2) / (2 ||v_c - v_c'||^(2 power)), inf for
+        coinciding vectors (NaN if both variances are 0).
     """
-    dist2 = cos.mul_(-2.0).add_(2.0).clamp_min_(0.0)
-    close = torch.nonzero(dist2 < CLOSE_DIST2).flatten()
-    if close.numel():
-        if tri is None:
-            width = units.shape[0] - first_col
-            i, j = start + close // width, first_col + close % width
-        else:
-            where = torch.nonzero(tri)[close]
-            i, j = start + where[:, 0], start + where[:, 1]
-        exact = (units[i] - units[j]).square().sum(1)
-        dist2[close] = torch.where(exact < COINCIDE_DIST2, 0.0, exact)
-    return dist2.log_().mul_(-0.5)
+    num = vectors.shape[0]
+    vectors = vectors.to(torch.float64)
+    norms = torch.linalg.vector_norm(vectors, dim=1)
+    zero = norms == 0
+    # a zero vector has no direction (GNC2 NaN); its unit is taken as 0, so that CDNV's
+    # distance formula above still gives ||v_c'||^2
+    inverse = torch.where(zero, 0.0, 1.0 / torch.where(zero, 1.0, norms))
+    units = _Units(vectors, inverse, dtype)
+    # CDNV is scale-free: the tiles see norms scaled to at most 1 (no float32 underflow)
+    scale = float(norms.max()) if num else 0.0
+    scale = scale if scale > 0 else 1.0
+    # the scaled norms as a sum of two of the tiles' dtype, hi + lo: close norms then
+    # subtract exactly (hi_c - hi_c' is exact for hi within a factor 2, Sterbenz's lemma)
+    scaled = norms / scale
+    norms_hi = scaled.to(dtype)
+    norms_lo = (scaled - norms_hi.to(torch.float64)).to(dtype)
+    units_t = units.rounded
+    half_var, var_scale = None, 1.0
+    if variances is not None:  # halved, over the largest (no float32 underflow)
+        half_var = variances.to(device=vectors.device, dtype=torch.float64) / 2.0
+        var_scale = float(half_var.max()) if num and float(half_var.max()) > 0 else 1.0
+        half_var = (half_var / var_scale).to(dtype)
+    elements = tile_elements if tile_elements is not None else PAIR_TILE_ELEMENTS
+    step = max(1, min(num, elements // max(num, 1)))
+    device = vectors.device
+    dist = torch.empty(step * num, dtype=dtype, device=device)
+    # CDNV's buffers: the class distances and the ratios
+    aux = None if variances is None else (torch.empty_like(dist), torch.empty_like(dist))
+    # the entries (c, c') of a tile's first block with c' <= c: not pairs of it
+    lower = torch.ones(step, step, dtype=torch.bool, device=device).tril_()
+    close_below = CLOSE_DIST2 if dtype == torch.float64 else CLOSE_DIST2_32
+    count, mean, m2 = 0, 0.0, 0.0
+    cdnv_sum = torch.zeros((), dtype=torch.float64, device=device)
+    coincide = False
+    for start in range(0, num - 1, step):
+        stop = min(start + step, num - 1)
+        rows, cols = stop - start, num - start
+        d = dist[: rows * cols].view(rows, cols)  # (c, c'): start <= c < stop, c' >= start
+        torch.addmm(units_t.new_full((1, 1), 2.0), units_t[start:stop], units_t[start:].T,
+                    alpha=-2.0, out=d)
+        d.clamp_min_(0.0)
+        below = lower[:rows, :rows]
+        d[:, :rows].masked_fill_(below, 2.0)
+        if float(d.amin()) < close_below:
+            coincide |= _exact_close(d, units, start, close_below)
+        n_pairs = rows * cols - rows * (rows + 1) // 2
+        if half_var is not None and aux is not None:
+            cdnv_sum += _cdnv_tile(d, aux[0][: rows * cols].view(rows, cols),
+                                   aux[1][: rows * cols].view(rows, cols), norms_hi,
+                                   norms_lo, half_var, start, stop, power, below)
+        # k = -log(d) / 2: the moments of log d here, merged (Chan et al. 1979)
+        d.log_()
+        d[:, :rows].masked_fill_(below, 0.0)
+        tile_mean = float(d.sum(1, dtype=dtype).sum(dtype=torch.float64)) / n_pairs
+        rounded = d.new_tensor(tile_mean)
+        d.sub_(rounded)
+        d[:, :rows].masked_fill_(below, 0.0)
+        shift = tile_mean - float(rounded)  # sum (l - m)^2 = sum (l - m')^2 - n (m - m')^2
+        tile_m2 = float(d.square_().sum(1, dtype=dtype).sum(dtype=torch.float64)) \
+            - n_pairs * shift * shift
+        delta = tile_mean - mean
+        total = count + n_pairs
+        mean += delta * n_pairs / total
+        m2 += tile_m2 + delta * delta * count * n_pairs / total
+        count = total
+    if bool(zero.any()) or count == 0:
+        energy = variance = math.nan
+    elif coincide:
+        energy, variance = math.inf, math.nan
+    else:
+        energy, variance = -mean / 2, m2 / count / 4
+    result = {"energy": energy, "variance": variance}
+    if variances is not None:
+        result["cdnv"] = (2.0 * float(cdnv_sum) * var_scale / scale ** (2 * power)
+                          / (num * (num - 1)) if num > 1 else math.nan)
+    return result
+
+
+class _Units:
+    """The unit vectors u_c = v_c / ||v_c|| (0 for a zero v_c) of :func:`pair_statistics`:
+    ``rounded`` (C, D) in the tiles' dtype for their products; float64 rows and tiles
+    formed from the vectors when asked (a float32 measurement holds no float64 copy)."""
+
+    def __init__(self, vectors: Tensor, inverse: Tensor, dtype: torch.dtype) -> None:
+        self.vectors, self.inverse = vectors, inverse
+        if dtype == torch.float64:
+            self.rounded = vectors * inverse[:, None]
+        else:  # in blocks of rows: no float64 (C, D) temporary
+            self.rounded = torch.empty(vectors.shape, dtype=dtype, device=vectors.device)
+            step = max(1, PAIR_TILE_ELEMENTS // max(1, vectors.shape[1]))
+            for start in range(0, vectors.shape[0], step):
+                part = slice(start, start + step)
+                torch.mul(vectors[part], inverse[part, None], out=self.rounded[part])
+
+    def rows(self, index: Tensor) -> Tensor:
+        """(len(index), D) float64 u_c of the classes ``index``."""
+        return self.vectors[index] * self.inverse[index, None]
+
+    def dist_tile(self, start: int, stop: int) -> Tensor:
+        """(stop - start, C - start) float64 2 - 2 u_c.u_c', clamped at 0."""
+        cos = self.vectors[start:stop] @ self.vectors[start:].T
+        cos.mul_(self.inverse[start:stop, None]).mul_(self.inverse[None, start:])
+        return cos.mul_(-2.0).add_(2.0).clamp_min_(0.0)
+
+
+def _exact_close(d: Tensor, units: _Units, start: int, close_below: float) -> bool:
+    """Re-form the entries of tile ``d`` (rows, C - start) below ``close_below`` from the
+    float64 difference of the units (a float32 tile with many of them: the whole tile in
+    float64 first); whether any pair coincides (d < ``COINCIDE_DIST2``), the entry then
+    kept as its tiny value (CDNV reads it; GNC2 is undefined)."""
+    rows = d.shape[0]
+    close = torch.nonzero(d < close_below)
+    if d.dtype != torch.float64 and close.shape[0] > CLOSE_PAIRS_32:
+        exact = units.dist_tile(start, start + rows)
+        exact[:, :rows].masked_fill_(
+            torch.ones(rows, rows, dtype=torch.bool, device=d.device).tril_(), 2.0)
+        close = torch.nonzero(exact < CLOSE_DIST2)
+        d.copy_(exact)
+        del exact
+    coincide = False
+    for part in close.split(CLOSE_PAIRS_32):
+        i, j = part[:, 0], part[:, 1]
+        exact_d = (units.rows(start + i) - units.rows(start + j)).square().sum(1)
+        coincide |= bool((exact_d < COINCIDE_DIST2).any())
+        d[i, j] = exact_d.to(d.dtype)
+    return coincide
+
+
+def _cdnv_tile(d: Tensor, out: Tensor, tmp: Tensor, norms_hi: Tensor, norms_lo: Tensor,
+               half_var: Tensor, start: int, stop: int, power: int, below: Tensor) -> Tensor:
+    """The sum (float64 scalar) over the pairs of a tile of (sigma_c^2 + sigma_c'^2) / 2
+    over ||v_c - v_c'||^(2 power), from its squared distances of directions ``d`` (rows,
+    cols), in ``out`` and ``tmp`` (rows, cols) buffers of the tile's dtype; the norms
+    (hi + lo) and half the variances come scaled (the caller undoes it)."""
+    rows = d.shape[0]
+    n_rows, n_cols = norms_hi[start:stop, None], norms_hi[None, start:]
+    torch.sub(n_rows, n_cols, out=out)                     # |v_c| - |v_c'|, exactly
+    out.add_(torch.sub(norms_lo[start:stop, None], norms_lo[None, start:], out=tmp))
+    out.square_()                                          # (|v_c| - |v_c'|)^2
+    out.addcmul_(torch.mul(d, n_rows, out=tmp), n_cols)    # + |v_c| |v_c'| d
+    if power == 2:
+        out.square_()
+    out[:, :rows].masked_fill_(below, math.inf)           # not pairs: a ratio of 0
+    torch.add(half_var[start:stop, None], half_var[None, start:], out=tmp)
+    return tmp.div_(out).sum(1, dtype=tmp.dtype).sum(dtype=torch.float64)
 
 
 def duality(weight: Tensor, centred_means: Tensor) -> dict[str, float]:
@@ -281,7 +463,7 @@ def duality(weight: Tensor, centred_means: Tensor) -> dict[str, float]:
     Args:
         weight: (C, D) classifier rows.   centred_means: (C, D) rows mu_c - mu_G.
     """
-    cos = (weight * centred_means).sum(1) / (weight.norm(dim=1) * centred_means.norm(dim=1))
+    cos = _row_dots(weight, centred_means) / (weight.norm(dim=1) * centred_means.norm(dim=1))
     mean = float(cos.mean())
     spread = float(cos.std(correction=0))
     return {"duality_cos": mean, "unc3": spread / mean if mean != 0 else math.nan}

@@ -72,6 +72,7 @@ def measure(
     ncc_samples: int | None = None,
     argmax_all_classes: bool = False,
     etf_without_simplex: bool = True,
+    pair_precision: str = "float64",
 ) -> dict[str, float]:
     """Neural-collapse metrics (Papyan, Han & Donoho, PNAS 2020, and docs/metrics.md "Beyond
     the paper") of one set of features.
@@ -116,6 +117,11 @@ def measure(
         etf_without_simplex: compute the simplex-ETF keys (equiangular, maxangle, etf,
             self_duality_etf) also when C > D + 1, where no simplex ETF exists; False:
             NaN with a warning saying so, and their C x C cost saved (a vocabulary).
+        pair_precision: ``"float64"`` (exact to rounding), or ``"float32"``: GNC2 and
+            CDNV's C^2 / 2 class pairs in float32 tiles summed in float64, about 3x
+            faster on a CPU and within ~1e-7 (relative) at vocabulary scale (C > D + 1;
+            docs/language-models.md); not for nearly collapsed means, whose GNC2
+            variance can be as small as float32's rounding.
 
     Returns:
         dict of the defined ``METRIC_KEYS`` then ``BEYOND_KEYS`` (docs/metrics.md), as Python
@@ -159,7 +165,7 @@ def measure(
         ood = setup.checked_ood(ood)
     options = dict(min_count=min_count, top_k=top_k, cdnv_power=cdnv_power,
                    ncc_samples=ncc_samples, argmax_all_classes=argmax_all_classes,
-                   etf_without_simplex=etf_without_simplex)
+                   etf_without_simplex=etf_without_simplex, pair_precision=pair_precision)
     result, _ = _measure(lambda: [(features, labels)], setup, drop_empty,
                          None if ood is None else (lambda: [ood]), process_group, options)
     return result
@@ -185,6 +191,7 @@ def measure_chunks(
     ncc_samples: int | None = None,
     argmax_all_classes: bool = False,
     etf_without_simplex: bool = True,
+    pair_precision: str = "float64",
 ) -> tuple[dict[str, float], Tensor]:
     """`measure` over features that arrive in chunks, possibly sharded across processes.
 
@@ -199,8 +206,8 @@ def measure_chunks(
             one set (every process of it must call); None (the default): this process's
             chunks alone, no communication.
         global_mean, classes, drop_empty, mse_weight_decay, min_count, top_k,
-        cdnv_power, ncc_samples, argmax_all_classes, etf_without_simplex: as in
-            :func:`measure`.
+        cdnv_power, ncc_samples, argmax_all_classes, etf_without_simplex,
+            pair_precision: as in :func:`measure`.
         ood_features: (N', D) features, or a callable returning an iterable of (n', D)
             chunks of them (this process's shard); only their mean is used.
 
@@ -226,7 +233,7 @@ def measure_chunks(
 
     options = dict(min_count=min_count, top_k=top_k, cdnv_power=cdnv_power,
                    ncc_samples=ncc_samples, argmax_all_classes=argmax_all_classes,
-                   etf_without_simplex=etf_without_simplex)
+                   etf_without_simplex=etf_without_simplex, pair_precision=pair_precision)
     return _measure(checked, setup, drop_empty, None if ood_features is None else checked_ood,
                     group, options)
 
@@ -255,7 +262,7 @@ def _measure(
     """The engine's two passes over checked chunks, then the OOD features' mean; summed
     over the processes of ``group`` when one is given; ``options``: the engine's
     vocabulary-scale keyword arguments."""
-    layer = Layer(setup.weight, setup.bias, setup.class_means, setup.mse, ood=ood is not None)
+    layer = Layer(*setup.hand_over(), setup.mse, ood=ood is not None)
     engine = Engine(setup.measured, {"features": layer}, device=setup.device,
                     global_mean=setup.global_mean, drop_empty=drop_empty,
                     class_ids=setup.subset, sync=group is not None, group=group, **options)
@@ -309,6 +316,13 @@ class _Setup:
             self.remap = torch.full((self.total,), -1, dtype=torch.long)
             self.remap[self.subset] = torch.arange(self.measured)
 
+    def hand_over(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """(weight, bias, class_means) for the engine's layer, no longer held here: at a
+        vocabulary's C each is a (C, D) float64 matrix the engine frees when it can."""
+        held = (self.weight, self.bias, self.class_means)
+        self.weight = self.bias = self.class_means = None
+        return held
+
     def _given_means(self, class_means: Tensor | np.ndarray | None) -> Tensor | None:
         """The (C, D) ``class_means`` argument in float64 on the device, checked."""
         if class_means is None:
@@ -346,9 +360,8 @@ class _Setup:
 
     def _width_error(self, width: int) -> str:
         if self.dim_from == "weight":
-            assert self.weight is not None
             return (f"weight must have shape (C, D) with D = {width} (the features' width), "
-                    f"got {(self.total, self.weight.shape[1])}")
+                    f"got {(self.total, self.dim)}")
         if self.dim_from == "class_means":
             return (f"class_means must have shape (C, D) = {(self.total, width)}, "
                     f"got {(self.total, self.dim)}")

@@ -252,17 +252,19 @@ class ClassStats:
 
         Without second moments the shift buys no accuracy (a float64 sum of n values keeps
         the mean to ~n * 1e-16 of their size), so rows are summed as they come and
-        sum(h - s_c) = sum(h) - n_c s_c: no per-row gather of the shift.
+        sum(h - s_c) = sum(h) - n_c s_c: no per-row gather of the shift, and no (C, D)
+        temporary (at a vocabulary's C, 300 MB a chunk): the classes of the chunk only.
         """
-        raw = torch.zeros_like(self.sums)
         converted = torch.empty(block_rows, self.dim, dtype=F64, device=self.device)
         for start in range(0, h.shape[0], block_rows):
             rows = y[start : start + block_rows]
             x = converted[: rows.shape[0]]
             block = h[start : start + block_rows]
             x.copy_(block.float() if block.dtype in (torch.float16, torch.bfloat16) else block)
-            raw.index_add_(0, rows, x)
-        self.sums += raw - batch_counts[:, None] * self.shift
+            self.sums.index_add_(0, rows, x)
+        present = torch.nonzero(batch_counts).flatten()
+        self.sums.index_add_(0, present, self.shift[present] * batch_counts[present, None],
+                             alpha=-1.0)
 
     def _set_new_shifts(self, h: Tensor, y: Tensor) -> None:
         """A class seen for the first time takes its first sample as its shift.
@@ -405,12 +407,13 @@ class ClassStats:
     def class_variances(self) -> Tensor:
         """(C,) sigma_c^2 = (1/n_c) sum_{y_i = c} ||h_i - mu_c||^2."""
         n = self.counts
-        return (self.sq_norms - self.sums.square().sum(1) / n) / n
+        return (self.sq_norms - torch.linalg.vector_norm(self.sums, dim=1).square() / n) / n
 
     def within_class_trace(self) -> float:
         """Tr(Sigma_W) = (1/N) sum_i ||h_i - mu_{y_i}||^2."""
         n = self.counts
-        return float((self.sq_norms - self.sums.square().sum(1) / n).sum() / n.sum())
+        return float((self.sq_norms - torch.linalg.vector_norm(self.sums, dim=1).square() / n)
+                     .sum() / n.sum())
 
     def within_class_cov(self) -> Tensor:
         """Sigma_W = (1/N) sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T: (D, D), or with a

@@ -71,10 +71,16 @@ def test_causal_lm_equals_measure_on_its_token_samples(gpt2, options) -> None:
     assert features.shape[0] == 4 * (11 + 8 + 4 - 1)  # padding and -100 excluded
     weight = gpt2.lm_head.weight
     want = nctools.measure(features, labels, weight.detach(), drop_empty=True,
-                           argmax_all_classes=True, etf_without_simplex=False, **options)
+                           argmax_all_classes=True, etf_without_simplex=False,
+                           pair_precision="float32", **options)
     got = measure_language_model(gpt2, batches, **options)
     _assert_same(got, want)
     assert got["classes_measured"] < VOCAB  # tokens never predicted are not classes
+    # the float32 tiles of the token pairs (the default) against float64 throughout
+    exact = measure_language_model(gpt2, batches, pair_precision="float64", **options)
+    for key in ("gnc2_means", "gnc2_energy_means", "gnc2_weights", "cdnv"):
+        assert got[key] == pytest.approx(exact[key], rel=1e-6), key
+        assert got[key] != exact[key], key  # float32 rounding shows: the option is heard
 
 
 @pytest.mark.filterwarnings("ignore:C > D")
@@ -84,7 +90,7 @@ def test_masked_lm_equals_measure_on_its_masked_tokens(bert) -> None:
     decoder = bert.cls.predictions.decoder
     want = nctools.measure(features, labels, decoder.weight.detach(), decoder.bias.detach(),
                            drop_empty=True, argmax_all_classes=True, etf_without_simplex=False,
-                           ncc_samples=20)
+                           ncc_samples=20, pair_precision="float32")
     got = measure_language_model(bert, lambda: iter(batches), ncc_samples=20)
     _assert_same(got, want)
     assert got["ncc_samples"] == 20
@@ -167,7 +173,8 @@ def test_every_hidden_state_equals_measure_on_its_own_token_samples(gpt2, option
     got = measure_language_model(gpt2, batches, layers="all", **options)
     # GPT-2 returns its last hidden state after ln_f: the LM head's input
     assert list(got) == lm_layer_names(gpt2) == ["embeddings", "block.1", "lm_head"]
-    common = dict(drop_empty=True, argmax_all_classes=True, etf_without_simplex=False)
+    common = dict(drop_empty=True, argmax_all_classes=True, etf_without_simplex=False,
+                  pair_precision="float32")  # the language-model default
     kept = None
     for state, name in enumerate(got):
         features, labels = _hand_layer_samples(gpt2, batches, causal=True, state=state)
@@ -193,7 +200,8 @@ def test_a_masked_lm_s_head_input_follows_its_last_block(bert) -> None:
     for state, name in enumerate(["embeddings", "block.1", "block.2"]):
         features, labels = _hand_layer_samples(bert, batches, causal=False, state=state)
         want = nctools.measure(features, labels, num_classes=VOCAB, drop_empty=True,
-                               argmax_all_classes=True, etf_without_simplex=False, min_count=2)
+                               argmax_all_classes=True, etf_without_simplex=False, min_count=2,
+                               pair_precision="float32")
         _assert_same(got[name], _inner(want))
     _assert_same(got["lm_head"], measure_language_model(bert, batches, min_count=2))
 

@@ -85,6 +85,26 @@ def test_the_command_prints_measure_language_model_s_numbers(folder, capsys) -> 
     assert float(values["nc1"]) == want["nc1"]  # the CSV's exact repr
 
 
+def test_pair_precision_float64_is_passed_on(folder, capsys) -> None:
+    """``--pair-precision float64``: GNC2 and CDNV as measure_language_model's float64
+    ones (the default float32 tiles differ from them by rounding only)."""
+    code, out, _ = _cli(capsys, *_args(folder, "--json", "--pair-precision", "float64"))
+    assert code == 0
+    got = json.loads(out)
+    code, out, _ = _cli(capsys, *_args(folder, "--json"))
+    default = json.loads(out)
+    model = GPT2LMHeadModel.from_pretrained(folder / "gpt2").eval()
+    tokenizer = load_tokenizer(folder / "gpt2")
+    with pytest.warns(RuntimeWarning, match=r"C > D \+ 1"):
+        want = measure_language_model(
+            model, lambda: text_batches(text_documents(f"text:{folder / 'corpus.txt'}"),
+                                        tokenizer, 16, None, 4), pair_precision="float64")
+    for key in ("cdnv", "gnc2_means", "gnc2_weights"):
+        assert got[key] == pytest.approx(want[key], rel=1e-12), key
+        assert default[key] == pytest.approx(want[key], rel=1e-6), key
+        assert default[key] != got[key], key
+
+
 def _rank_measures(rank: int, folder: str, out: str) -> None:
     import contextlib
     import io

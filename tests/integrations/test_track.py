@@ -119,7 +119,8 @@ def test_track_of_a_causal_lm_equals_measure_on_its_shifted_tokens(options):
     features, labels = hand_token_samples(model, batches, causal=True)
     assert features.shape[0] == 4 * (11 + 8 + 4 - 1) == sum(map(len, tracker.labels))
     want = measure(features, labels, model.lm_head.weight.detach(), drop_empty=True,
-                   argmax_all_classes=True, etf_without_simplex=False, **options)
+                   argmax_all_classes=True, etf_without_simplex=False,
+                   pair_precision="float32", **options)  # the language-model default
     _assert_same(tracker.compute(), want)
     assert want["classes_measured"] < VOCAB
     model(input_ids=batches[0]["input_ids"])  # the hook is gone after the with block
@@ -139,7 +140,8 @@ def test_track_of_a_masked_lm_counts_only_the_masked_positions():
     features, labels = hand_token_samples(model, batches, causal=False)
     decoder = model.cls.predictions.decoder
     want = measure(features, labels, decoder.weight.detach(), decoder.bias.detach(),
-                   drop_empty=True, argmax_all_classes=True, etf_without_simplex=False)
+                   drop_empty=True, argmax_all_classes=True, etf_without_simplex=False,
+                   pair_precision="float32")
     _assert_same(tracker.compute(), want)
     tracker.reset()
     with pytest.raises(ValueError, match="no batch yet"):

@@ -374,10 +374,28 @@ def test_pair_offsets_without_a_table_decide_as_with_one(monkeypatch):
     assert pairs.table32_t is None
     torch.testing.assert_close(pairs.columns32(torch.tensor([3, 1])),
                                pairs.full()[[3, 1]].T.float())
+    # without a table, max |o| is bounded, not found (that would form every offset)
+    assert pairs.max_abs >= float(pairs.full().abs().max())
     without = measure(features, labels, weight, bias, class_means=given)
     want = reference_metrics(features, labels, weight, bias, class_means=given.numpy())
     for key in ("ncc_mismatch", "accuracy", "ncc_accuracy"):
         assert without[key] == with_table[key] == want[key], key
+
+
+def test_a_released_tally_keeps_its_counts_and_takes_no_more_blocks():
+    features, labels, weight, bias = clusters(5, 4, 20, seed=2)
+    h = torch.from_numpy(features)
+    y = torch.from_numpy(labels)
+    means = torch.stack([h[y == c].mean(0) for c in range(5)])
+    tally = decisions.DecisionTally(torch.from_numpy(weight), torch.from_numpy(bias), means,
+                                    h.mean(0))
+    tally.add(y, h, h - means[y])
+    counts = tally.counts.clone()
+    tally.release()
+    assert tally.classifier is None and tally.ncc is None
+    torch.testing.assert_close(tally.counts, counts)
+    with pytest.raises(ValueError, match="DecisionTally: released"):
+        tally.add(y, h, h - means[y])
 
 
 def test_an_exhausted_iterator_as_chunks_is_named():

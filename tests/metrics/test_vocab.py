@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import nctools
-from nctools.metrics import vocab
+from nctools.metrics import functional, vocab
 from nctools.metrics.vocab import cdnv, frequent_classes
 
 
@@ -102,7 +102,7 @@ def test_cdnv_edge_cases() -> None:
 
 def test_vocabulary_options_round_trip_and_name_what_is_wrong() -> None:
     given = {"min_count": 3, "top_k": 7, "cdnv_power": 2, "global_mean": "classes",
-             "ncc_samples": 11, "etf_without_simplex": True}
+             "ncc_samples": 11, "etf_without_simplex": True, "pair_precision": "float64"}
     options = vocab.VocabularyOptions.of("vocabulary", given)
     assert vocab.VocabularyOptions.of("vocabulary", options) is options
     assert options.measure_options() == {**given, "drop_empty": True,
@@ -114,6 +114,87 @@ def test_vocabulary_options_round_trip_and_name_what_is_wrong() -> None:
         vocab.VocabularyOptions.of("vocabulary", [("min_count", 2)])
     for bad, message in (({"top_k": 0}, "top_k must be an integer >= 1, got 0"),
                          ({"global_mean": "mean"}, "global_mean must be one of"),
-                         ({"etf_without_simplex": 1}, "etf_without_simplex must be True or")):
+                         ({"etf_without_simplex": 1}, "etf_without_simplex must be True or"),
+                         ({"pair_precision": "half"}, "pair_precision must be 'float64' or")):
         with pytest.raises(ValueError, match=f"^{message}"):
             vocab.VocabularyOptions(**bad)
+
+
+def numpy_gnc2(vectors: np.ndarray) -> tuple[float, float]:
+    """(energy, variance) of k = -log ||u_c - u_c'|| over the pairs c < c'."""
+    units = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    upper = np.triu_indices(len(units), 1)
+    k = -np.log(np.linalg.norm(units[:, None] - units[None], axis=-1)[upper])
+    return float(k.mean()), float(k.var())
+
+
+@pytest.mark.parametrize("power", [1, 2])
+def test_pair_statistics_in_float32_tiles_are_within_1e_6(power: int) -> None:
+    """C > D + 1 (a vocabulary's shape, no simplex): float32 tiles against a float64
+    NumPy reference, and the float64 tiles against it to rounding; several tiles."""
+    gen = torch.Generator().manual_seed(4)
+    vectors = torch.randn(700, 24, generator=gen, dtype=torch.float64) + 0.5
+    variances = torch.rand(700, generator=gen, dtype=torch.float64)
+    energy, variance = numpy_gnc2(vectors.numpy())
+    want_cdnv = numpy_cdnv(vectors.numpy(), variances.numpy(), power)
+    for dtype, rel in ((torch.float64, 1e-10), (torch.float32, 1e-6)):
+        got = functional.pair_statistics(vectors, variances, power, dtype,
+                                         tile_elements=90 * 700)
+        assert got["energy"] == pytest.approx(energy, rel=rel)
+        assert got["variance"] == pytest.approx(variance, rel=rel)
+        assert got["cdnv"] == pytest.approx(want_cdnv, rel=rel)
+        if dtype == torch.float32:  # rounding does show: the tiles were float32
+            assert got["variance"] != pytest.approx(variance, rel=1e-12)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_close_pairs_in_float32_tiles_are_recomputed_in_float64(dense: bool,
+                                                                monkeypatch) -> None:
+    """Directions closer than CLOSE_DIST2_32 (where 2 - 2 cos cancels in float32) take
+    their distance from the float64 difference: pair by pair, or, with more of them in
+    a tile than CLOSE_PAIRS_32, the whole tile in float64 first."""
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(60, 12, generator=gen, dtype=torch.float64)
+    vectors = torch.cat([base, base + 1e-4 * torch.randn(60, 12, generator=gen,
+                                                         dtype=torch.float64)])
+    variances = torch.rand(120, generator=gen, dtype=torch.float64)
+    energy, variance = numpy_gnc2(vectors.numpy())
+    want_cdnv = numpy_cdnv(vectors.numpy(), variances.numpy(), 2)
+    if dense:
+        monkeypatch.setattr(functional, "CLOSE_PAIRS_32", 5)
+    got = functional.pair_statistics(vectors, variances, 2, torch.float32,
+                                     tile_elements=40 * 120)
+    # without the recomputation, 2 - 2 cos ~ 1e-8 would be float32 noise of ~1e-7
+    assert got["energy"] == pytest.approx(energy, rel=1e-6)
+    assert got["variance"] == pytest.approx(variance, rel=1e-6)
+    assert got["cdnv"] == pytest.approx(want_cdnv, rel=1e-6)
+
+
+def test_pair_statistics_undefined_cases() -> None:
+    """A zero vector: GNC2 NaN, CDNV still its distances (||v_c'||); two coinciding
+    directions: energy inf, variance NaN; coinciding vectors: CDNV inf."""
+    vectors = torch.tensor([[0.0, 0.0], [3.0, 4.0], [-1.0, 2.0]], dtype=torch.float64)
+    variances = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    for dtype in (torch.float64, torch.float32):
+        got = functional.pair_statistics(vectors, variances, 1, dtype)
+        assert math.isnan(got["energy"]) and math.isnan(got["variance"])
+        want = numpy_cdnv(vectors.numpy(), variances.numpy(), 1)
+        assert got["cdnv"] == pytest.approx(want, rel=1e-6 if dtype == torch.float32 else 1e-14)
+        same_direction = torch.tensor([[1.0, 1.0], [2.0, 2.0], [1.0, -1.0]], dtype=torch.float64)
+        got = functional.pair_statistics(same_direction, variances, 1, dtype)
+        assert got["energy"] == math.inf and math.isnan(got["variance"])
+        assert math.isfinite(got["cdnv"])  # the vectors themselves differ
+        twins = torch.tensor([[1.0, 2.0], [1.0, 2.0], [0.0, 1.0]], dtype=torch.float64)
+        assert functional.pair_statistics(twins, variances, 1, dtype)["cdnv"] == math.inf
+
+
+def test_right_singular_of_a_tall_matrix_equals_the_svd() -> None:
+    """QR first (C > D): the same singular values and right singular vectors (up to sign)."""
+    gen = torch.Generator().manual_seed(6)
+    matrix = torch.randn(500, 40, generator=gen, dtype=torch.float64) * torch.logspace(
+        0, -6, 40, dtype=torch.float64)
+    singular, vh = functional.right_singular(matrix)
+    _, want_s, want_vh = torch.linalg.svd(matrix, full_matrices=False)
+    torch.testing.assert_close(singular, want_s, rtol=1e-12, atol=0)
+    torch.testing.assert_close((vh * want_vh).sum(1).abs(), torch.ones(40, dtype=torch.float64),
+                               rtol=0, atol=1e-9)

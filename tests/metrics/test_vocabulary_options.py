@@ -131,9 +131,29 @@ def test_ncc_samples_tally_an_evenly_spaced_sample_in_any_chunking():
     ({"top_k": 0}, "top_k must be an integer >= 1, got 0"),
     ({"ncc_samples": 1.5}, "ncc_samples must be an integer >= 1, got 1.5"),
     ({"cdnv_power": 3}, "cdnv_power must be 1 or 2, got 3"),
+    ({"pair_precision": "half"}, "pair_precision must be 'float64' or 'float32', got 'half'"),
     ({"min_count": 10**6}, "labels: only 0 class(es) have at least min_count = 1000000"),
 ])
 def test_bad_options_are_one_line_errors(option, message):
     h, y, w, b = _zipf_data()
     with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
         nctools.measure(h, y, w, b, **option)
+
+
+def test_float32_pairs_change_gnc2_and_cdnv_within_1e_6_and_nothing_else():
+    """``pair_precision="float32"`` at C > D + 1: GNC2 and CDNV within 1e-6 (relative) of
+    float64, every other key the same to rounding."""
+    h, y, w, b = _zipf_data(num_classes=300, dim=8, n=6000, seed=3)
+    options = dict(drop_empty=True, etf_without_simplex=False, cdnv_power=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # C > D + 1: the ETF keys' NaN
+        exact = nctools.measure(h, y, w, b, **options)
+        fast = nctools.measure(h, y, w, b, pair_precision="float32", **options)
+    paired = ("cdnv", "gnc2_means", "gnc2_energy_means", "gnc2_weights", "gnc2_energy_weights")
+    for key, value in exact.items():
+        if math.isnan(value):
+            assert math.isnan(fast[key]), key
+        elif key in paired:
+            assert fast[key] == pytest.approx(value, rel=1e-6), key
+        else:
+            assert fast[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key

@@ -150,3 +150,25 @@ def test_gpu_check_runs_the_shipped_paper_cell_on_cifar_shaped_data():
     assert (data.num_classes * data.train_per_class, data.num_classes * data.test_per_class) == (
         50_000, 10_000)  # CIFAR10's splits
     assert config.train.epochs == 3 and config.snapshot.epochs == [3]
+
+
+def test_gpu_check_s_tiny_gpt2_agrees_with_float64_on_the_cpu(monkeypatch):
+    """The language-model case of gpu_check on the CPU (its fallback without a GPU): the
+    float32 pair tiles and float32 NC4 scores on every token against float64 throughout;
+    and a disagreement is caught (one line, exit)."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # as `python scripts/gpu_check.py`
+    gpu_check = _script("gpu_check")
+    assert gpu_check.lm_tokens("cpu", sequences=32, seq_len=48) > 0
+    from nctools.analysis import lm_measure
+
+    measured = lm_measure.measure_language_model
+
+    def off(*args, **kwargs):
+        result = measured(*args, **kwargs)
+        if kwargs.get("pair_precision") != "float64":
+            result["cdnv"] *= 1 + 1e-5
+        return result
+
+    monkeypatch.setattr(lm_measure, "measure_language_model", off)
+    with pytest.raises(SystemExit, match="gpu_check: cdnv of the tiny GPT-2 differs on cpu"):
+        gpu_check.lm_tokens("cpu", sequences=32, seq_len=48)
