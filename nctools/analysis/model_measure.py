@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from nctools.metrics.engine import CLASSIFIER_FREE_KEYS, Engine, Layer
 from nctools.metrics.inputs import check_labels, check_not_meta
 from nctools.models.features import LayerTaps, last_linear, top_level_blocks
+from nctools.models.tokens import lm_task
 
 F64 = torch.float64
 FRAME_COLUMNS = ("layer", "kind", "at", "metric", "value")  # measure_model(as_frame=True)
@@ -96,6 +97,12 @@ def measure_model(
             process's shard.
         as_frame: return a tidy ``pandas.DataFrame`` instead (:func:`layers_frame`).
 
+    A Hugging Face causal or masked language model (``*ForCausalLM``, ``*LMHeadModel``,
+    ``*ForMaskedLM``) with dict batches of ``input_ids`` (B, T) is measured token by token
+    as :func:`nctools.analysis.lm_measure.measure_language_model` measures it (Wu & Papyan
+    2024; docs/language-models.md): ``layers`` None gives ``{"lm_head": metrics}``,
+    ``"blocks"`` every hidden state; the vocabulary options are that function's.
+
     Returns:
         ``{layer: {metric: value}}`` in the order of ``layers``; with ``as_frame`` one row
         per layer and metric, columns ``FRAME_COLUMNS``.
@@ -105,6 +112,15 @@ def measure_model(
         outside [0, C), an empty data set or class, NaN or Inf activations.
     """
     _check_reiterable(data)
+    if lm_task(model) is not None:
+        unused = {"classifier": classifier, "num_classes": num_classes, "reference": reference,
+                  "ood": ood, "pool": None if pool == "auto" else pool}
+        given = [name for name, value in unused.items() if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: not for a language model, whose classes "
+                             "are its vocabulary and classifier its LM head "
+                             "(docs/language-models.md)")
+        return _language_model(model, data, layers, device, group, as_frame)
     for name, tensor in (*model.named_parameters(), *model.named_buffers()):
         check_not_meta(f"model parameter {name}", tensor)
     modules = dict(model.named_modules())
@@ -151,6 +167,28 @@ def measure_model(
     result = {name: values if name == input_of else {k: values[k] for k in CLASSIFIER_FREE_KEYS}
               for name, values in results.items()}
     return layers_frame(model, result, input_of) if as_frame else result
+
+
+def _language_model(model: nn.Module, data: Any, layers: Sequence[str] | str | None,
+                    device: torch.device | str | None, group: dist.ProcessGroup | None,
+                    as_frame: bool) -> Any:
+    """``measure_model`` of a language model: its token samples, layer by layer."""
+    from nctools.analysis.lm_measure import measure_language_model
+    from nctools.models.tokens import LM_HEAD
+
+    if layers is None:
+        result = {LM_HEAD: measure_language_model(model, data, device=device, group=group)}
+    else:
+        result = measure_language_model(model, data, device=device, group=group,
+                                        layers=layers)
+    if not as_frame:
+        return result
+    import pandas as pd
+
+    kind = type(model).__name__
+    rows = [(name, kind, "input" if name == LM_HEAD else "output", key, value)
+            for name, values in result.items() for key, value in values.items()]
+    return pd.DataFrame(rows, columns=list(FRAME_COLUMNS))
 
 
 def layers_frame(model: nn.Module, result: dict[str, dict[str, float]],

@@ -221,3 +221,24 @@ def test_named_layers_are_measured_in_the_order_given(gpt2) -> None:
         measure_language_model(gpt2, batches, layers="every")
     with pytest.raises(ValueError, match=r"^layers: give distinct layer names"):
         measure_language_model(gpt2, batches, layers=["lm_head", "lm_head"])
+
+
+@pytest.mark.filterwarnings("ignore:C > D")
+def test_measure_model_of_a_language_model_is_its_token_measurement(gpt2, bert) -> None:
+    """nctools.measure_model routes a causal or masked LM to its token samples: the same
+    numbers as measure_language_model, as {layer: metrics} and as a frame."""
+    causal, masked = _batches(masked=False), _batches(masked=True)
+    got = nctools.measure_model(gpt2, causal)
+    assert list(got) == ["lm_head"]
+    _assert_same(got["lm_head"], measure_language_model(gpt2, causal))
+    every = nctools.measure_model(bert, masked, layers="blocks")
+    want = measure_language_model(bert, masked, layers="blocks")
+    assert list(every) == list(want) == ["embeddings", "block.1", "block.2", "lm_head"]
+    for name in want:
+        _assert_same(every[name], want[name])
+    frame = nctools.measure_model(bert, masked, layers="blocks", as_frame=True)
+    row = frame[(frame["layer"] == "lm_head") & (frame["metric"] == "unc3")].iloc[0]
+    assert row["at"] == "input" and row["kind"] == "BertForMaskedLM"
+    assert row["value"] == want["lm_head"]["unc3"]
+    with pytest.raises(ValueError, match=r"^num_classes, pool: not for a language model"):
+        nctools.measure_model(gpt2, causal, num_classes=7, pool="avg")
