@@ -152,6 +152,7 @@ def test_gpu_check_runs_the_shipped_paper_cell_on_cifar_shaped_data():
     assert config.train.epochs == 3 and config.snapshot.epochs == [3]
 
 
+@pytest.mark.slow  # a 50,257-token vocabulary in float64: about 12 s on 2 cores
 def test_gpu_check_s_tiny_gpt2_agrees_with_float64_on_the_cpu(monkeypatch):
     """The language-model case of gpu_check on the CPU (its fallback without a GPU): the
     float32 pair tiles and float32 NC4 scores on every token against float64 throughout;
