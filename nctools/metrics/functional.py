@@ -314,20 +314,9 @@ def pair_statistics(vectors: Tensor, variances: Tensor | None = None, power: int
     # distance formula above still gives ||v_c'||^2
     inverse = torch.where(zero, 0.0, 1.0 / torch.where(zero, 1.0, norms))
     units = _Units(vectors, inverse, dtype)
-    # CDNV is scale-free: the tiles see norms scaled to at most 1 (no float32 underflow)
-    scale = float(norms.max()) if num else 0.0
-    scale = scale if scale > 0 else 1.0
-    # the scaled norms as a sum of two of the tiles' dtype, hi + lo: close norms then
-    # subtract exactly (hi_c - hi_c' is exact for hi within a factor 2, Sterbenz's lemma)
-    scaled = norms / scale
-    norms_hi = scaled.to(dtype)
-    norms_lo = (scaled - norms_hi.to(torch.float64)).to(dtype)
+    scale, norms_hi, norms_lo = _split_norms(norms, dtype)
     units_t = units.rounded
-    half_var, var_scale = None, 1.0
-    if variances is not None:  # halved, over the largest (no float32 underflow)
-        half_var = variances.to(device=vectors.device, dtype=torch.float64) / 2.0
-        var_scale = float(half_var.max()) if num and float(half_var.max()) > 0 else 1.0
-        half_var = (half_var / var_scale).to(dtype)
+    half_var, var_scale = _halved_variances(variances, vectors.device, dtype)
     elements = tile_elements if tile_elements is not None else PAIR_TILE_ELEMENTS
     step = max(1, min(num, elements // max(num, 1)))
     device = vectors.device
@@ -357,19 +346,10 @@ def pair_statistics(vectors: Tensor, variances: Tensor | None = None, power: int
                                    aux[1][: rows * cols].view(rows, cols), norms_hi,
                                    norms_lo, half_var, start, stop, power, below)
         # k = -log(d) / 2: the moments of log d here, merged (Chan et al. 1979)
-        d.log_()
-        d[:, :rows].masked_fill_(below, 0.0)
-        tile_mean = float(d.sum(1, dtype=dtype).sum(dtype=torch.float64)) / n_pairs
-        rounded = d.new_tensor(tile_mean)
-        d.sub_(rounded)
-        d[:, :rows].masked_fill_(below, 0.0)
-        shift = tile_mean - float(rounded)  # sum (l - m)^2 = sum (l - m')^2 - n (m - m')^2
-        tile_m2 = float(d.square_().sum(1, dtype=dtype).sum(dtype=torch.float64)) \
-            - n_pairs * shift * shift
-        delta = tile_mean - mean
-        total = count + n_pairs
-        mean += delta * n_pairs / total
-        m2 += tile_m2 + delta * delta * count * n_pairs / total
+        tile_mean, tile_m2 = _tile_log_moments(d, below, n_pairs, dtype)
+        delta, total = tile_mean - mean, count + n_pairs
+        mean, m2 = (mean + delta * n_pairs / total,
+                    m2 + tile_m2 + delta * delta * count * n_pairs / total)
         count = total
     if bool(zero.any()) or count == 0:
         energy = variance = math.nan
@@ -382,6 +362,47 @@ def pair_statistics(vectors: Tensor, variances: Tensor | None = None, power: int
         result["cdnv"] = (2.0 * float(cdnv_sum) * var_scale / scale ** (2 * power)
                           / (num * (num - 1)) if num > 1 else math.nan)
     return result
+
+
+def _split_norms(norms: Tensor, dtype: torch.dtype) -> tuple[float, Tensor, Tensor]:
+    """(C,) float64 norms over their largest, as a sum hi + lo of two (C,) tensors of the
+    tiles' ``dtype``, and that largest (1 when all are 0). CDNV is scale-free, so the
+    tiles see norms of at most 1 (no float32 underflow); close norms then subtract
+    exactly (hi_c - hi_c' is exact for hi within a factor 2, Sterbenz's lemma)."""
+    largest = float(norms.max()) if norms.numel() else 0.0
+    scale = largest if largest > 0 else 1.0
+    scaled = norms / scale
+    norms_hi = scaled.to(dtype)
+    return scale, norms_hi, (scaled - norms_hi.to(torch.float64)).to(dtype)
+
+
+def _halved_variances(variances: Tensor | None, device: torch.device, dtype: torch.dtype
+                      ) -> tuple[Tensor | None, float]:
+    """CDNV's (C,) sigma_c^2 / 2 over their largest (no float32 underflow) in the tiles'
+    ``dtype``, and that largest (1 when there is none)."""
+    if variances is None:
+        return None, 1.0
+    half_var = variances.to(device=device, dtype=torch.float64) / 2.0
+    largest = float(half_var.max()) if half_var.numel() else 0.0
+    var_scale = largest if largest > 0 else 1.0
+    return (half_var / var_scale).to(dtype), var_scale
+
+
+def _tile_log_moments(d: Tensor, below: Tensor, n_pairs: int, dtype: torch.dtype
+                      ) -> tuple[float, float]:
+    """The mean of log d over a tile's ``n_pairs`` pairs and the sum of squared
+    deviations from it, summed in float64 (``below`` (r, r): the entries of the tile's
+    first block that are not pairs). ``d`` (r, C') is overwritten."""
+    rows = below.shape[0]
+    d.log_()
+    d[:, :rows].masked_fill_(below, 0.0)
+    tile_mean = float(d.sum(1, dtype=dtype).sum(dtype=torch.float64)) / n_pairs
+    rounded = d.new_tensor(tile_mean)
+    d.sub_(rounded)
+    d[:, :rows].masked_fill_(below, 0.0)
+    shift = tile_mean - float(rounded)  # sum (l - m)^2 = sum (l - m')^2 - n (m - m')^2
+    tile_m2 = float(d.square_().sum(1, dtype=dtype).sum(dtype=torch.float64))
+    return tile_mean, tile_m2 - n_pairs * shift * shift
 
 
 class _Units:
