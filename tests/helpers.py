@@ -198,16 +198,19 @@ def lm_batches(vocab: int, masked: bool, count: int = 4, seed: int = 3
 
 
 def hand_token_samples(model: nn.Module, batches: list[dict[str, torch.Tensor]],
-                       causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (features, labels) pairs of a GPT-2 or BERT model's loss, by hand from its last
-    hidden states, position by position: a causal LM's position t labelled with the token
-    at t + 1, a masked LM's labelled positions; padding and -100 labels left out."""
+                       causal: bool, state: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (features, labels) pairs of a GPT-2 or BERT model's loss, by hand from its LM
+    head's input (or, given ``state``, from ``hidden_states[state]``), position by
+    position: a causal LM's position t labelled with the token at t + 1, a masked LM's
+    labelled positions; padding and -100 labels left out."""
     feats, labs = [], []
     for batch in batches:
         with torch.no_grad():
             hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           output_hidden_states=True).hidden_states[-1]
-            if not causal:  # BERT's head has a transform before the decoder: its input
+                           output_hidden_states=True).hidden_states[
+                               -1 if state is None else state]
+            if state is None and not causal:  # BERT's head transforms before its decoder
                 hidden = model.cls.predictions.transform(hidden)
         mask, labels = batch["attention_mask"], batch["labels"]
         for b in range(labels.shape[0]):

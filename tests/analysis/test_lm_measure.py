@@ -139,21 +139,7 @@ def test_ncmetric_over_token_chunks_equals_measure_on_the_flattened_tokens() -> 
 
 def _hand_layer_samples(model, batches, causal: bool, state: int
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """As ``hand_token_samples``, from ``hidden_states[state]`` of each batch."""
-    feats, labs = [], []
-    for batch in batches:
-        with torch.no_grad():
-            hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           output_hidden_states=True).hidden_states[state]
-        mask, labels = batch["attention_mask"], batch["labels"]
-        for b in range(labels.shape[0]):
-            for t in range(labels.shape[1] - 1 if causal else labels.shape[1]):
-                label = labels[b, t + 1] if causal else labels[b, t]
-                real = mask[b, t] and (mask[b, t + 1] if causal else True)
-                if real and label != IGNORE_INDEX:
-                    feats.append(hidden[b, t])
-                    labs.append(int(label))
-    return torch.stack(feats), torch.tensor(labs)
+    return hand_token_samples(model, batches, causal, state=state)
 
 
 def _inner(values: dict[str, float]) -> dict[str, float]:
